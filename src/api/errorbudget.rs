@@ -1,0 +1,189 @@
+//! `ErrorBudget`: a service level objective, evaluated from Prometheus, with a policy.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::analysis::PrometheusConfig;
+use super::duration::Duration;
+
+/// "This service promises `objective` percent good events over `window`."
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[kube(
+    group = "sluice.dev",
+    version = "v1alpha1",
+    kind = "ErrorBudget",
+    namespaced,
+    status = "ErrorBudgetStatus",
+    shortname = "eb",
+    category = "sluice",
+    doc = "An ErrorBudget states a service level objective (the share of good events over a rolling window), evaluates it from Prometheus, publishes budget consumed, remaining and burn rates, and applies a policy (freeze promotions, roll back) as the budget runs out.",
+    derive = "PartialEq",
+    printcolumn(name = "Objective", type_ = "string", json_path = ".spec.objective"),
+    printcolumn(name = "Window", type_ = "string", json_path = ".spec.window"),
+    printcolumn(
+        name = "Remaining",
+        type_ = "number",
+        json_path = ".status.remainingPercent",
+        description = "Percent of the error budget left"
+    ),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(
+        name = "Message",
+        type_ = "string",
+        json_path = ".status.message",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("double(self.objective) > 0.0 && double(self.objective) < 100.0").message("objective is a percentage strictly between 0 and 100, e.g. \"99.9\""))]
+pub struct ErrorBudgetSpec {
+    /// Target percentage of good events, as a decimal string strictly between 0 and 100
+    /// (e.g. `"99.9"`). A string, because Kubernetes APIs avoid floats in specs.
+    #[schemars(regex(pattern = r"^[0-9]{1,2}(\.[0-9]{1,6})?$"))]
+    pub objective: String,
+    /// Rolling window the objective covers, e.g. `30d`.
+    pub window: Duration,
+    /// How to count events.
+    pub indicator: Indicator,
+    /// How often to evaluate. Default `5m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evaluation_interval: Option<Duration>,
+    /// Windows over which burn rates are published (and `maxBurnRate` metrics judge the
+    /// shortest). Default `5m`, `1h`, `6h`, `3d`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    pub burn_rate_windows: Vec<Duration>,
+    /// What to do as the budget is consumed. Default: FreezePromotions at 80, Rollback at 95.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["whenConsumed".into()]))]
+    pub policy: Vec<BudgetPolicy>,
+    /// Rollouts this budget protects (the `Rollback` action aborts their releases).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub targets: Vec<BudgetTarget>,
+    /// Where to query.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prometheus: Option<PrometheusConfig>,
+}
+
+/// The service level indicator.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Indicator {
+    /// Bad (or good) events over total events.
+    pub ratio: RatioIndicator,
+}
+
+/// A ratio of two PromQL queries. `{{window}}` in a query is replaced by the window being
+/// evaluated (e.g. `30d`, or `1h` for a burn rate).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.errors) != has(self.good)").message("ratio needs exactly one of errors or good"))]
+pub struct RatioIndicator {
+    /// Rate of bad events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 8192))]
+    pub errors: Option<String>,
+    /// Rate of good events (instead of `errors`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 8192))]
+    pub good: Option<String>,
+    /// Rate of all events.
+    #[schemars(length(min = 1, max = 8192))]
+    pub total: String,
+}
+
+/// An action taken once a share of the budget is consumed.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BudgetPolicy {
+    /// Percent of the budget consumed (0 to 100) at which the action applies.
+    #[schemars(range(min = 0, max = 100))]
+    pub when_consumed: i32,
+    /// What to do.
+    pub action: BudgetAction,
+}
+
+/// What an ErrorBudget policy does.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+pub enum BudgetAction {
+    /// Only an Event and the Warning phase.
+    Notify,
+    /// Pipelines will not promote into the stages this budget gates.
+    FreezePromotions,
+    /// Abort in-flight releases of the targets: traffic back to stable.
+    Rollback,
+}
+
+/// A Rollout protected by the budget.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BudgetTarget {
+    /// Name of the Rollout.
+    #[schemars(length(min = 1, max = 253))]
+    pub rollout: String,
+    /// Namespace of the Rollout; defaults to the ErrorBudget's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+}
+
+/// How healthy the budget is.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+pub enum BudgetPhase {
+    /// Below every policy threshold.
+    Healthy,
+    /// A `Notify` threshold is crossed.
+    Warning,
+    /// A `FreezePromotions` threshold is crossed.
+    Frozen,
+    /// The budget is spent, or a `Rollback` threshold is crossed.
+    Exhausted,
+    /// The last evaluation failed (Prometheus unreachable, bad query).
+    Unknown,
+    /// Prometheus answered, but with no events in the window yet.
+    InsufficientData,
+}
+
+/// What the last evaluation found.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ErrorBudgetStatus {
+    /// Healthy, Warning, Frozen, Exhausted, Unknown or InsufficientData.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<BudgetPhase>,
+    /// A sentence for humans.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Percent of the window's error budget consumed (may exceed 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consumed_percent: Option<f64>,
+    /// Percent of the budget left (never below 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remaining_percent: Option<f64>,
+    /// Burn rate per window: 1.0 spends exactly the budget over the full window.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub burn_rates: BTreeMap<String, f64>,
+    /// The policy action in force, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_action: Option<BudgetAction>,
+    /// When the budget was last evaluated successfully.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_evaluation_time: Option<Time>,
+    /// Standard conditions: `Ready`, `BudgetHealthy`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+}

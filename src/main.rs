@@ -1,0 +1,152 @@
+//! `sluice`: the operator binary.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use sluice::leader::LeaseSettings;
+use sluice::telemetry::{self, LogFormat};
+
+/// Sluice: progressive delivery for Kubernetes. Canary and blue-green releases judged by
+/// Prometheus, rolled back automatically, promoted through environments under gates.
+#[derive(Parser, Debug)]
+#[command(
+    name = "sluice",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the operator (controllers, leader election, /healthz, /readyz, /metrics).
+    Controller(ControllerArgs),
+    /// Write the CustomResourceDefinitions generated from the API types.
+    Crdgen(CrdgenArgs),
+    /// Print the version.
+    Version,
+}
+
+/// Every flag also reads an environment variable (shown in brackets), for container specs.
+#[derive(clap::Args, Debug)]
+struct ControllerArgs {
+    /// Address for /healthz, /readyz and /metrics.
+    #[arg(long, env = "SLUICE_LISTEN", default_value = "0.0.0.0:8080")]
+    listen: SocketAddr,
+
+    /// Log format: json for log pipelines, text for terminals.
+    #[arg(long, env = "SLUICE_LOG_FORMAT", value_enum, default_value = "json")]
+    log_format: LogFormat,
+
+    /// Log filter in RUST_LOG syntax, e.g. `info` or `sluice=debug,kube=info`.
+    #[arg(long, env = "SLUICE_LOG", default_value = "info")]
+    log: String,
+
+    /// Elect a leader through a Lease so that only one replica acts. Turn off only when a
+    /// single replica runs (e.g. `make run` against the local cluster).
+    #[arg(long, env = "SLUICE_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    leader_election: bool,
+
+    /// Name of the leader-election Lease.
+    #[arg(long, env = "SLUICE_LEASE_NAME", default_value = "sluice-controller")]
+    lease_name: String,
+
+    /// Namespace of the leader-election Lease (in a pod: its own namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "sluice-system")]
+    lease_namespace: String,
+
+    /// How long a Lease stays valid without renewal; a standby replica takes over after it.
+    #[arg(long, env = "SLUICE_LEASE_DURATION_SECONDS", default_value_t = 15)]
+    lease_duration_seconds: u64,
+
+    /// Identity in the Lease. Default: the pod (host) name with a random suffix.
+    #[arg(long, env = "SLUICE_IDENTITY")]
+    identity: Option<String>,
+
+    /// Prometheus address used when a Rollout or ErrorBudget does not name one,
+    /// e.g. http://prometheus.monitoring:9090.
+    #[arg(long, env = "SLUICE_PROMETHEUS_ADDRESS")]
+    prometheus_address: Option<String>,
+}
+
+#[derive(clap::Args, Debug)]
+struct CrdgenArgs {
+    /// Directory to write the YAML files into.
+    #[arg(long, default_value = "crds")]
+    out: PathBuf,
+
+    /// Do not write: exit non-zero if the files in --out differ from the generated ones.
+    #[arg(long)]
+    check: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Controller(args) => controller(args),
+        Command::Crdgen(args) => crdgen(args),
+        Command::Version => {
+            println!("sluice {}", sluice::VERSION);
+            Ok(())
+        }
+    }
+}
+
+fn controller(args: ControllerArgs) -> anyhow::Result<()> {
+    telemetry::init_logging(args.log_format, &args.log)?;
+    let lease = args.leader_election.then(|| LeaseSettings {
+        name: args.lease_name.clone(),
+        namespace: args.lease_namespace.clone(),
+        identity: args.identity.clone().unwrap_or_else(default_identity),
+        lease_duration: Duration::from_secs(args.lease_duration_seconds.max(2)),
+        retry_period: Duration::from_secs((args.lease_duration_seconds / 5).clamp(1, 5)),
+    });
+    let settings = sluice::operator::Settings {
+        listen: args.listen,
+        lease,
+        prometheus_address: args.prometheus_address,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(sluice::operator::run(settings))
+}
+
+/// `<hostname>-<random>`: the pod name says which pod leads; the suffix keeps a restarted
+/// container from mistaking its predecessor's Lease for its own.
+fn default_identity() -> String {
+    let host = std::env::var("POD_NAME")
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .or_else(|_| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string())
+        })
+        .unwrap_or_else(|_| "sluice".to_string());
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default();
+    format!("{host}-{:08x}", nanos ^ std::process::id())
+}
+
+fn crdgen(args: CrdgenArgs) -> anyhow::Result<()> {
+    if args.check {
+        let drifted = sluice::crdgen::drift(&args.out)?;
+        if drifted.is_empty() {
+            println!("CRDs in {} are up to date", args.out.display());
+            return Ok(());
+        }
+        for path in &drifted {
+            eprintln!("out of date: {}", path.display());
+        }
+        anyhow::bail!("CRDs drifted from src/api: run `make crds` and commit the result");
+    }
+    for path in sluice::crdgen::write_all(&args.out)? {
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
