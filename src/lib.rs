@@ -3,6 +3,7 @@
 //! `api` is the public contract (the CRD types); `operator` wires the `sluice controller`
 //! process; `controllers` holds the reconcilers it runs.
 
+pub mod analysis;
 pub mod api;
 pub mod controllers;
 pub mod crdgen;

@@ -80,7 +80,7 @@ pub struct RolloutSpec {
     #[schemars(range(min = 0))]
     pub replicas: Option<i32>,
     /// Label selector for the pods. Must match the template's labels; Sluice adds the
-    /// `rollouts.sluice.dev/pod-template-hash` label to tell revisions apart.
+    /// `sluice.dev/pod-template-hash` label to tell revisions apart.
     pub selector: LabelSelector,
     /// The pod template, exactly as in a Deployment. Changing it starts a release.
     pub template: PodTemplateSpec,

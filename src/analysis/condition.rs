@@ -1,0 +1,183 @@
+//! Success and failure conditions: CEL expressions over `result`.
+
+use std::sync::Arc;
+
+use cel::{Context, Program, Value};
+
+/// What a provider measured.
+#[derive(Clone, Debug, PartialEq)]
+pub enum MeasuredValue {
+    /// A scalar, or a vector with exactly one sample.
+    Number(f64),
+    /// A vector with several samples.
+    List(Vec<f64>),
+}
+
+impl MeasuredValue {
+    /// True when any number is NaN: such a result says nothing about the release.
+    pub fn has_nan(&self) -> bool {
+        match self {
+            Self::Number(n) => n.is_nan(),
+            Self::List(items) => items.iter().any(|n| n.is_nan()),
+        }
+    }
+
+    fn to_cel(&self) -> Value {
+        match self {
+            Self::Number(n) => Value::Float(*n),
+            Self::List(items) => {
+                Value::List(Arc::new(items.iter().map(|n| Value::Float(*n)).collect()))
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for MeasuredValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Number(n) => write!(f, "{}", format_number(*n)),
+            Self::List(items) => {
+                let parts: Vec<String> = items.iter().map(|n| format_number(*n)).collect();
+                write!(f, "[{}]", parts.join(", "))
+            }
+        }
+    }
+}
+
+fn format_number(n: f64) -> String {
+    if n.is_finite() && n.fract() == 0.0 && n.abs() < 1e15 {
+        format!("{n:.0}")
+    } else if n.is_finite() {
+        format!("{:.6}", n)
+            .trim_end_matches('0')
+            .trim_end_matches('.')
+            .to_string()
+    } else {
+        n.to_string()
+    }
+}
+
+/// A compiled condition.
+#[derive(Debug)]
+pub struct Condition {
+    source: String,
+    program: Program,
+}
+
+/// A condition that cannot be used: it does not parse, or it did not give a boolean.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ConditionError {
+    #[error("condition {expression:?} does not parse: {message}")]
+    Parse { expression: String, message: String },
+    #[error("condition {expression:?} failed on result {value}: {message}")]
+    Evaluate {
+        expression: String,
+        value: String,
+        message: String,
+    },
+    #[error("condition {expression:?} gave {got} instead of true or false")]
+    NotBoolean { expression: String, got: String },
+}
+
+impl Condition {
+    pub fn compile(source: &str) -> Result<Self, ConditionError> {
+        let program = Program::compile(source).map_err(|e| ConditionError::Parse {
+            expression: source.to_string(),
+            message: e.to_string(),
+        })?;
+        Ok(Self {
+            source: source.to_string(),
+            program,
+        })
+    }
+
+    /// Evaluates the condition with `result` bound to `value`.
+    pub fn evaluate(&self, value: &MeasuredValue) -> Result<bool, ConditionError> {
+        let mut context = Context::default();
+        context.add_variable_from_value("result", value.to_cel());
+        context.add_function("isNaN", |x: f64| x.is_nan());
+        context.add_function("isInf", |x: f64| x.is_infinite());
+        let outcome = self
+            .program
+            .execute(&context)
+            .map_err(|e| ConditionError::Evaluate {
+                expression: self.source.clone(),
+                value: value.to_string(),
+                message: e.to_string(),
+            })?;
+        match outcome {
+            Value::Bool(b) => Ok(b),
+            other => Err(ConditionError::NotBoolean {
+                expression: self.source.clone(),
+                got: format!("{other:?}"),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn eval(source: &str, value: MeasuredValue) -> Result<bool, ConditionError> {
+        Condition::compile(source)?.evaluate(&value)
+    }
+
+    #[test]
+    fn scalar_conditions() {
+        use MeasuredValue::Number;
+        let cases = [
+            ("result < 0.01", 0.005, true),
+            ("result < 0.01", 0.3, false),
+            ("result < 500", 120.0, true), // an integer literal against a float result
+            ("result >= 0.99 && result <= 1.0", 0.995, true),
+            ("isNaN(result)", f64::NAN, true),
+            ("isInf(result)", f64::INFINITY, true),
+            ("!isNaN(result) && result < 1.0", 0.5, true),
+        ];
+        for (source, value, expected) in cases {
+            assert_eq!(
+                eval(source, Number(value)),
+                Ok(expected),
+                "{source} with {value}"
+            );
+        }
+    }
+
+    #[test]
+    fn list_conditions() {
+        let list = MeasuredValue::List(vec![0.001, 0.002, 0.5]);
+        assert_eq!(eval("result.all(x, x < 0.01)", list.clone()), Ok(false));
+        assert_eq!(eval("result.exists(x, x > 0.1)", list.clone()), Ok(true));
+        assert_eq!(eval("size(result) == 3", list), Ok(true));
+    }
+
+    #[test]
+    fn bad_conditions_are_errors_not_verdicts() {
+        assert!(matches!(
+            eval("result <", MeasuredValue::Number(1.0)),
+            Err(ConditionError::Parse { .. })
+        ));
+        assert!(matches!(
+            eval("result + 1.0", MeasuredValue::Number(1.0)),
+            Err(ConditionError::NotBoolean { .. })
+        ));
+        assert!(matches!(
+            eval("result.all(x, x < 1.0)", MeasuredValue::Number(1.0)),
+            Err(ConditionError::Evaluate { .. })
+        ));
+    }
+
+    #[test]
+    fn nan_is_detected_in_lists() {
+        assert!(MeasuredValue::List(vec![1.0, f64::NAN]).has_nan());
+        assert!(!MeasuredValue::Number(1.0).has_nan());
+    }
+
+    #[test]
+    fn values_print_compactly() {
+        assert_eq!(MeasuredValue::Number(0.0123).to_string(), "0.0123");
+        assert_eq!(MeasuredValue::Number(500.0).to_string(), "500");
+        assert_eq!(MeasuredValue::List(vec![1.0, 0.5]).to_string(), "[1, 0.5]");
+    }
+}
