@@ -86,6 +86,7 @@ struct CrdgenArgs {
 }
 
 fn main() -> anyhow::Result<()> {
+    sluice::install_crypto_provider();
     let cli = Cli::parse();
     match cli.command {
         Command::Controller(args) => controller(args),

@@ -1,8 +1,10 @@
 //! Logging (JSON or text) and the operator's own Prometheus metrics.
 
 use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
@@ -39,11 +41,37 @@ struct BuildLabels {
     version: String,
 }
 
-/// The operator's metrics. Controllers add their own families to `registry` when they start.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RolloutLabels {
+    namespace: String,
+    name: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseLabels {
+    namespace: String,
+    name: String,
+    phase: String,
+}
+
+const PHASES: [&str; 4] = ["Healthy", "Progressing", "Paused", "Degraded"];
+
+/// The operator's metrics.
 pub struct Metrics {
     pub registry: Registry,
     /// 1 while this replica holds the leader Lease (or runs without leader election).
     pub leader: Gauge,
+    reconcile_duration: Histogram,
+    reconcile_errors: Family<KindLabel, Counter>,
+    measurements: Family<KindLabel, Counter>,
+    query_duration: Histogram,
+    rollout_phase: Family<PhaseLabels, Gauge>,
+    canary_weight: Family<RolloutLabels, Gauge>,
 }
 
 impl Metrics {
@@ -62,7 +90,103 @@ impl Metrics {
             "Whether this replica is the active (leader) controller",
             leader.clone(),
         );
-        Self { registry, leader }
+        let reconcile_duration = Histogram::new(exponential_buckets(0.005, 2.0, 12));
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time spent in one reconcile",
+            reconcile_duration.clone(),
+        );
+        let reconcile_errors = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "reconcile_errors",
+            "Failed reconciles by kind of error",
+            reconcile_errors.clone(),
+        );
+        let measurements = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "analysis_measurements",
+            "Analysis measurements by outcome",
+            measurements.clone(),
+        );
+        let query_duration = Histogram::new(exponential_buckets(0.002, 2.0, 13));
+        registry.register(
+            "prometheus_query_duration_seconds",
+            "Latency of analysis queries to Prometheus",
+            query_duration.clone(),
+        );
+        let rollout_phase = Family::<PhaseLabels, Gauge>::default();
+        registry.register(
+            "rollout_phase",
+            "1 for the phase each Rollout is in",
+            rollout_phase.clone(),
+        );
+        let canary_weight = Family::<RolloutLabels, Gauge>::default();
+        registry.register(
+            "rollout_canary_weight",
+            "Percent of traffic on each Rollout's canary",
+            canary_weight.clone(),
+        );
+        Self {
+            registry,
+            leader,
+            reconcile_duration,
+            reconcile_errors,
+            measurements,
+            query_duration,
+            rollout_phase,
+            canary_weight,
+        }
+    }
+
+    pub fn observe_reconcile(&self, took: std::time::Duration) {
+        self.reconcile_duration.observe(took.as_secs_f64());
+    }
+
+    pub fn reconcile_errors(&self, kind: &str) {
+        self.reconcile_errors
+            .get_or_create(&KindLabel {
+                kind: kind.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn measurement(&self, outcome: &str) {
+        self.measurements
+            .get_or_create(&KindLabel {
+                kind: outcome.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn observe_query(&self, took: std::time::Duration) {
+        self.query_duration.observe(took.as_secs_f64());
+    }
+
+    /// Records a Rollout's phase (one series per phase, 1 for the current) and weight.
+    pub fn rollout_state(
+        &self,
+        namespace: &str,
+        name: &str,
+        phase: Option<crate::api::rollout::RolloutPhase>,
+        weight: i32,
+    ) {
+        let current = phase.map(|p| format!("{p:?}")).unwrap_or_default();
+        for candidate in PHASES {
+            let labels = PhaseLabels {
+                namespace: namespace.into(),
+                name: name.into(),
+                phase: candidate.into(),
+            };
+            self.rollout_phase
+                .get_or_create(&labels)
+                .set(i64::from(candidate == current));
+        }
+        self.canary_weight
+            .get_or_create(&RolloutLabels {
+                namespace: namespace.into(),
+                name: name.into(),
+            })
+            .set(i64::from(weight));
     }
 
     /// The metrics in the OpenMetrics text format.

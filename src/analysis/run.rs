@@ -24,8 +24,8 @@ const DEFAULT_CONSECUTIVE_ERROR_LIMIT: i32 = 4;
 pub enum Source {
     /// A PromQL query, with the connection settings that apply to it.
     Prometheus {
-        metric: PrometheusMetric,
-        config: PrometheusConfig,
+        metric: Box<PrometheusMetric>,
+        config: Box<PrometheusConfig>,
     },
     /// An ErrorBudget's published status.
     ErrorBudget(ErrorBudgetMetric),
@@ -67,13 +67,13 @@ pub fn resolve(
         .filter_map(|m| {
             let source = match (&m.prometheus, &m.error_budget) {
                 (Some(p), _) => Source::Prometheus {
-                    config: PrometheusConfig {
+                    config: Box::new(PrometheusConfig {
                         address: p.address.clone().or(base.address.clone()),
                         timeout: p.timeout.clone().or(base.timeout.clone()),
                         headers: base.headers.iter().chain(&p.headers).cloned().collect(),
                         ..base.clone()
-                    },
-                    metric: p.clone(),
+                    }),
+                    metric: Box::new(p.clone()),
                 },
                 (None, Some(b)) => Source::ErrorBudget(b.clone()),
                 // Refused at admission; skipped rather than guessed at.

@@ -499,6 +499,10 @@ pub struct RolloutStatus {
     /// Person's request: start an aborted release again. `kubectl sluice retry`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<Intent>,
+    /// When the release of `canaryRevision` was aborted (by a person or by analysis). While
+    /// set, traffic stays on stable until `kubectl sluice retry` or a new template.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aborted_at: Option<Time>,
     /// The intents the operator has acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handled_intents: Option<HandledIntents>,

@@ -1,0 +1,888 @@
+//! The Rollout planner: given what the cluster looks like, what should it look like?
+//!
+//! Pure: no I/O, no clock. The reconciler observes the world into an [`Observed`], folds any
+//! new analysis measurements into its status, calls [`plan`], and applies the [`Plan`].
+
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+
+use super::steps::{self, Step};
+use crate::analysis::run::{self as analysis, ResolvedAnalysis};
+use crate::api::analysis::AnalysisPhase;
+use crate::api::rollout::{
+    CanaryStrategy, HandledIntents, PauseCondition, PauseReason, RolloutPhase, RolloutSpec,
+    RolloutStatus, TrafficWeights,
+};
+use crate::conditions;
+use crate::traffic::{Targets, TrafficState};
+
+const DEFAULT_SCALE_DOWN_DELAY: Duration = Duration::from_secs(30);
+const DEFAULT_PROGRESS_DEADLINE: i32 = 600;
+const IDLE_RESYNC: Duration = Duration::from_secs(300);
+const ACTIVE_RESYNC: Duration = Duration::from_secs(15);
+/// The background analysis run's name in status.
+pub const BACKGROUND: &str = "background";
+
+/// A ReplicaSet of this Rollout as observed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ObservedReplicaSet {
+    pub hash: String,
+    pub replicas: i32,
+    pub ready: i32,
+    pub available: i32,
+    pub scale_down_at: Option<Timestamp>,
+}
+
+/// What the router reported.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ObservedTraffic {
+    /// No router: weight follows replica counts.
+    None,
+    State(TrafficState),
+    /// The router's objects are missing or malformed.
+    Failed(String),
+}
+
+/// The world, as the reconciler saw it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Observed {
+    pub generation: Option<i64>,
+    pub spec: RolloutSpec,
+    pub status: RolloutStatus,
+    /// Hash of `spec.template`.
+    pub desired_hash: String,
+    pub replica_sets: Vec<ObservedReplicaSet>,
+    pub traffic: ObservedTraffic,
+    /// The canary strategy's analyses, resolved (`None` for a blue-green Rollout).
+    pub background: Option<ResolvedAnalysis>,
+    pub now: Timestamp,
+}
+
+/// A ReplicaSet as it should be.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplicaSetIntent {
+    pub hash: String,
+    pub replicas: i32,
+    /// When it will be scaled to zero (kept in an annotation so restarts keep the deadline).
+    pub scale_down_at: Option<Timestamp>,
+}
+
+/// The traffic split as it should be.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrafficIntent {
+    pub targets: Targets,
+    pub canary_weight: i32,
+}
+
+/// A Kubernetes Event to record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlannedEvent {
+    pub warning: bool,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// What the reconciler must do.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    pub replica_sets: Vec<ReplicaSetIntent>,
+    /// `None` without a router.
+    pub traffic: Option<TrafficIntent>,
+    pub status: RolloutStatus,
+    pub events: Vec<PlannedEvent>,
+    pub requeue_after: Duration,
+    /// Analysis runs that must be (re)started now, by name; the reconciler resolves them.
+    pub start_runs: Vec<String>,
+}
+
+fn add(t: Timestamp, d: Duration) -> Timestamp {
+    t.checked_add(SignedDuration::try_from(d).unwrap_or(SignedDuration::MAX))
+        .unwrap_or(Timestamp::MAX)
+}
+
+fn until(now: Timestamp, at: Timestamp) -> Duration {
+    Duration::try_from(at.duration_since(now)).unwrap_or(Duration::ZERO)
+}
+
+/// Canary pods for a traffic weight: rounded up, at least one when the weight is above zero.
+pub fn canary_replicas_for_weight(replicas: i32, weight: i32) -> i32 {
+    if weight <= 0 || replicas <= 0 {
+        return 0;
+    }
+    let scaled = (i64::from(replicas) * i64::from(weight.min(100)) + 99) / 100;
+    (scaled as i32).max(1)
+}
+
+struct Intents {
+    abort: Option<String>,
+    promote: Option<String>,
+    promote_full: Option<String>,
+    retry: Option<String>,
+}
+
+fn unhandled(status: &RolloutStatus) -> Intents {
+    let handled = status.handled_intents.clone().unwrap_or_default();
+    let fresh = |intent: &Option<crate::api::common::Intent>, seen: &Option<String>| {
+        intent
+            .as_ref()
+            .filter(|i| Some(&i.id) != seen.as_ref())
+            .map(|i| i.id.clone())
+    };
+    Intents {
+        abort: fresh(&status.abort, &handled.abort),
+        promote: fresh(&status.promote, &handled.promote),
+        promote_full: fresh(&status.promote_full, &handled.promote_full),
+        retry: fresh(&status.retry, &handled.retry),
+    }
+}
+
+struct Planner<'a> {
+    o: &'a Observed,
+    canary: CanaryStrategy,
+    status: RolloutStatus,
+    handled: HandledIntents,
+    events: Vec<PlannedEvent>,
+    start_runs: Vec<String>,
+    wakeups: Vec<Timestamp>,
+    replicas: i32,
+}
+
+impl Planner<'_> {
+    fn event(&mut self, warning: bool, reason: &'static str, message: String) {
+        self.events.push(PlannedEvent {
+            warning,
+            reason,
+            message,
+        });
+    }
+
+    fn rs(&self, hash: &str) -> Option<&ObservedReplicaSet> {
+        self.o.replica_sets.iter().find(|r| r.hash == hash)
+    }
+
+    fn available(&self, hash: &str) -> i32 {
+        self.rs(hash).map_or(0, |r| r.available)
+    }
+
+    fn reset_release(&mut self, canary: Option<String>) {
+        self.status.canary_revision = canary;
+        self.status.current_step_index = self.status.canary_revision.as_ref().map(|_| 0);
+        self.status.current_step_started_at = self
+            .status
+            .canary_revision
+            .as_ref()
+            .map(|_| Time(self.o.now));
+        self.status.pause_conditions.clear();
+        self.status.aborted_at = None;
+        self.status
+            .analysis_runs
+            .retain(|r| Some(&r.revision) == self.status.canary_revision.as_ref());
+        conditions::set(
+            &mut self.status.conditions,
+            "Aborted",
+            false,
+            "NotAborted",
+            "",
+            self.o.generation,
+            self.o.now,
+        );
+    }
+
+    fn abort(&mut self, reason: &'static str, message: String) {
+        self.status.aborted_at = Some(Time(self.o.now));
+        self.status.pause_conditions.clear();
+        conditions::set(
+            &mut self.status.conditions,
+            "Aborted",
+            true,
+            reason,
+            message.clone(),
+            self.o.generation,
+            self.o.now,
+        );
+        self.event(true, reason, message);
+    }
+
+    fn run_phase(&self, name: &str) -> Option<AnalysisPhase> {
+        let canary = self.status.canary_revision.as_deref()?;
+        self.status
+            .analysis_runs
+            .iter()
+            .find(|r| r.name == name && r.revision == canary)
+            .map(|r| r.phase)
+    }
+
+    fn ensure_run(&mut self, name: &str) {
+        if self.run_phase(name).is_none() && !self.start_runs.iter().any(|n| n == name) {
+            self.start_runs.push(name.to_string());
+        }
+    }
+
+    fn restart_run(&mut self, name: &str) {
+        self.status.analysis_runs.retain(|r| r.name != name);
+        self.ensure_run(name);
+    }
+
+    /// True when the newest word of the background analysis is "don't know": hold steps.
+    fn background_doubtful(&self) -> bool {
+        let (Some(analysis), Some(canary)) = (&self.o.background, &self.status.canary_revision)
+        else {
+            return false;
+        };
+        self.status
+            .analysis_runs
+            .iter()
+            .find(|r| r.name == BACKGROUND && &r.revision == canary)
+            .is_some_and(|run| analysis::latest_is_doubtful(run, analysis))
+    }
+
+    fn pause(&mut self, reason: PauseReason, since: Timestamp) {
+        if !self
+            .status
+            .pause_conditions
+            .iter()
+            .any(|p| p.reason == reason)
+        {
+            self.status.pause_conditions.push(PauseCondition {
+                reason,
+                start_time: Time(since),
+            });
+        }
+    }
+
+    fn traffic_at(&self, weight: i32, canary: &str) -> bool {
+        match &self.o.traffic {
+            ObservedTraffic::None => true,
+            ObservedTraffic::State(state) => {
+                state.canary_weight == Some(weight) && state.targets_match && !canary.is_empty()
+            }
+            ObservedTraffic::Failed(_) => false,
+        }
+    }
+}
+
+/// Plans one reconcile of a canary Rollout.
+pub fn plan(o: &Observed) -> Plan {
+    let canary = o.spec.strategy.canary.clone().unwrap_or_default();
+    let mut p = Planner {
+        o,
+        canary,
+        status: o.status.clone(),
+        handled: o.status.handled_intents.clone().unwrap_or_default(),
+        events: Vec::new(),
+        start_runs: Vec::new(),
+        wakeups: Vec::new(),
+        replicas: o.spec.replicas.unwrap_or(1).max(0),
+    };
+    let intents = unhandled(&o.status);
+    p.status.observed_generation = o.generation;
+
+    // The first revision goes straight to stable: there is nothing to compare it with.
+    let stable = match p.status.stable_revision.clone() {
+        Some(stable) => stable,
+        None => {
+            p.status.stable_revision = Some(o.desired_hash.clone());
+            p.event(
+                false,
+                "Deployed",
+                format!("first revision {} deployed as stable", o.desired_hash),
+            );
+            o.desired_hash.clone()
+        }
+    };
+
+    if o.desired_hash == stable {
+        if let Some(old) = p.status.canary_revision.clone() {
+            p.event(
+                false,
+                "ReleaseCancelled",
+                format!("template is back to stable {stable}; release of {old} cancelled"),
+            );
+            p.reset_release(None);
+        }
+    } else if p.status.canary_revision.as_deref() != Some(o.desired_hash.as_str()) {
+        match p.status.canary_revision.clone() {
+            Some(old) => p.event(
+                false,
+                "ReleaseSuperseded",
+                format!("revision {} supersedes {old}", o.desired_hash),
+            ),
+            None => p.event(
+                false,
+                "ReleaseStarted",
+                format!("releasing revision {} (stable {stable})", o.desired_hash),
+            ),
+        }
+        p.reset_release(Some(o.desired_hash.clone()));
+    }
+
+    let steps = steps::effective(&p.canary.steps);
+    let mut desired_weight = 0;
+    let mut promoted_to: Option<String> = None;
+
+    if let Some(canary_hash) = p.status.canary_revision.clone() {
+        if let Some(id) = intents.abort.clone() {
+            p.handled.abort = Some(id);
+            if p.status.aborted_at.is_none() {
+                let who = o
+                    .status
+                    .abort
+                    .as_ref()
+                    .and_then(|i| i.requested_by.clone())
+                    .unwrap_or_else(|| "a user".into());
+                p.abort(
+                    "AbortedByUser",
+                    format!(
+                        "release of {canary_hash} aborted by {who}; traffic back on stable {stable}"
+                    ),
+                );
+            }
+        }
+        if let Some(id) = intents.retry.clone() {
+            p.handled.retry = Some(id);
+            if p.status.aborted_at.is_some() {
+                p.reset_release(Some(canary_hash.clone()));
+                p.event(
+                    false,
+                    "Retried",
+                    format!("release of {canary_hash} started again"),
+                );
+            }
+        }
+        if p.status.aborted_at.is_none() {
+            for (name, phase) in p
+                .status
+                .analysis_runs
+                .clone()
+                .iter()
+                .filter(|r| r.revision == canary_hash)
+                .map(|r| (r.name.clone(), r.phase))
+            {
+                if phase == AnalysisPhase::Failed {
+                    let why = p
+                        .status
+                        .analysis_runs
+                        .iter()
+                        .find(|r| r.name == name)
+                        .and_then(|r| r.message.clone())
+                        .unwrap_or_default();
+                    p.abort("AnalysisFailed", format!("analysis {name} failed ({why}); release of {canary_hash} aborted, traffic back on stable {stable}"));
+                    break;
+                }
+            }
+        }
+
+        if p.status.aborted_at.is_none() {
+            if let Some(id) = intents.promote_full.clone() {
+                p.handled.promote_full = Some(id);
+                p.status.current_step_index = Some(steps.len() as i32);
+                p.status.current_step_started_at = Some(Time(o.now));
+                p.status.pause_conditions.clear();
+                p.event(
+                    false,
+                    "PromotedFull",
+                    format!("skipping the remaining steps of {canary_hash}"),
+                );
+            }
+            let mut promote = intents.promote.clone();
+            if o.background.as_ref().is_some_and(|a| !a.metrics.is_empty()) {
+                match p.run_phase(BACKGROUND) {
+                    Some(AnalysisPhase::Inconclusive | AnalysisPhase::Error) => {
+                        if let Some(id) = promote.take() {
+                            p.handled.promote = Some(id);
+                            p.restart_run(BACKGROUND);
+                            p.status
+                                .pause_conditions
+                                .retain(|c| c.reason != PauseReason::InconclusiveAnalysis);
+                            p.event(
+                                false,
+                                "AnalysisRestarted",
+                                "background analysis restarted by promote".into(),
+                            );
+                        } else {
+                            p.pause(PauseReason::InconclusiveAnalysis, o.now);
+                        }
+                    }
+                    None => p.ensure_run(BACKGROUND),
+                    _ => {}
+                }
+            }
+            if o.spec.paused == Some(true) {
+                p.pause(PauseReason::UserPause, o.now);
+            } else {
+                p.status
+                    .pause_conditions
+                    .retain(|c| c.reason != PauseReason::UserPause);
+            }
+
+            let mut index = p.status.current_step_index.unwrap_or(0).max(0) as usize;
+            let mut started = p
+                .status
+                .current_step_started_at
+                .as_ref()
+                .map_or(o.now, |t| t.0);
+            let held =
+                |p: &Planner| !p.status.pause_conditions.is_empty() || p.background_doubtful();
+            desired_weight = steps::weight_at(&steps, index);
+            while index < steps.len() {
+                let advance = match &steps[index] {
+                    Step::SetWeight(weight) => {
+                        desired_weight = *weight;
+                        let needed = steps::canary_replicas(&steps, index, p.replicas);
+                        let ready = p.available(&canary_hash)
+                            >= needed.max(if *weight > 0 { 1 } else { 0 });
+                        ready && p.traffic_at(*weight, &canary_hash)
+                    }
+                    Step::Pause(duration) => {
+                        if let Some(id) = promote.take() {
+                            p.handled.promote = Some(id);
+                            p.event(
+                                false,
+                                "Resumed",
+                                format!("pause at step {} ended by promote", index + 1),
+                            );
+                            true
+                        } else if let Some(d) = duration.filter(|d| add(started, *d) <= o.now) {
+                            let _ = d;
+                            true
+                        } else {
+                            if let Some(d) = duration {
+                                p.wakeups.push(add(started, *d));
+                            }
+                            p.pause(PauseReason::CanaryPauseStep, started);
+                            false
+                        }
+                    }
+                    Step::Analysis => {
+                        let name = format!("step-{index}");
+                        match p.run_phase(&name) {
+                            Some(AnalysisPhase::Successful) => true,
+                            Some(AnalysisPhase::Inconclusive | AnalysisPhase::Error) => {
+                                if let Some(id) = promote.take() {
+                                    p.handled.promote = Some(id);
+                                    p.restart_run(&name);
+                                    p.status
+                                        .pause_conditions
+                                        .retain(|c| c.reason != PauseReason::InconclusiveAnalysis);
+                                } else {
+                                    p.pause(PauseReason::InconclusiveAnalysis, o.now);
+                                }
+                                false
+                            }
+                            Some(_) => false,
+                            None => {
+                                p.ensure_run(&name);
+                                false
+                            }
+                        }
+                    }
+                    Step::SetCanaryScale(_) => true,
+                };
+                let is_pause_step = matches!(steps[index], Step::Pause(_));
+                if !advance
+                    || (!is_pause_step && held(&p))
+                    || (is_pause_step && p.background_doubtful())
+                {
+                    break;
+                }
+                p.status
+                    .pause_conditions
+                    .retain(|c| c.reason != PauseReason::CanaryPauseStep);
+                index += 1;
+                started = o.now;
+                let next = steps
+                    .get(index)
+                    .map_or_else(|| "full promotion".to_string(), |s| s.to_string());
+                p.event(
+                    false,
+                    "StepCompleted",
+                    format!("step {index}/{} done; next: {next}", steps.len()),
+                );
+            }
+            p.status.current_step_index = Some(index as i32);
+            p.status.current_step_started_at = Some(Time(started));
+
+            if index >= steps.len()
+                && p.status.pause_conditions.is_empty()
+                && !p.background_doubtful()
+            {
+                desired_weight = 100;
+                let full = p.available(&canary_hash) >= p.replicas;
+                if full && p.traffic_at(100, &canary_hash) {
+                    promoted_to = Some(canary_hash.clone());
+                }
+            }
+            if let Some(id) = promote {
+                // A promote with nothing to promote past is consumed, not kept for later.
+                p.handled.promote = Some(id);
+            }
+        }
+    }
+
+    if let Some(new_stable) = promoted_to {
+        p.event(
+            false,
+            "Promoted",
+            format!("revision {new_stable} is now stable (was {stable})"),
+        );
+        for run in p
+            .status
+            .analysis_runs
+            .iter_mut()
+            .filter(|r| r.revision == new_stable && r.phase == AnalysisPhase::Running)
+        {
+            run.phase = AnalysisPhase::Successful;
+            run.message = Some("release promoted".into());
+            run.finished_at = Some(Time(o.now));
+        }
+        p.status.stable_revision = Some(new_stable);
+        p.status.canary_revision = None;
+        p.status.current_step_index = None;
+        p.status.current_step_started_at = None;
+        p.status.pause_conditions.clear();
+        desired_weight = 0;
+    }
+
+    finish(p, &steps, desired_weight)
+}
+
+fn finish(mut p: Planner, steps: &[Step], desired_weight: i32) -> Plan {
+    let o = p.o;
+    let stable = p.status.stable_revision.clone().unwrap_or_default();
+    let canary = p.status.canary_revision.clone();
+    let aborted = p.status.aborted_at.is_some();
+    let index = p.status.current_step_index.unwrap_or(0).max(0) as usize;
+    let routed = !matches!(o.traffic, ObservedTraffic::None);
+
+    // Traffic: never to a canary without available pods, never to an aborted one.
+    let canary_available = canary.as_deref().map_or(0, |c| p.available(c));
+    let weight = if aborted || canary.is_none() || canary_available == 0 {
+        0
+    } else {
+        desired_weight.clamp(0, 100)
+    };
+    let traffic = routed.then(|| TrafficIntent {
+        targets: Targets {
+            stable: stable.clone(),
+            canary: canary.clone().unwrap_or_else(|| stable.clone()),
+        },
+        canary_weight: weight,
+    });
+
+    // Replica counts.
+    let canary_target = match (&canary, aborted) {
+        (Some(_), false) if index >= steps.len() => p.replicas,
+        (Some(_), false) => steps::canary_replicas(steps, index, p.replicas),
+        _ => 0,
+    };
+    let stable_target = if routed || canary.is_none() || aborted {
+        p.replicas
+    } else {
+        (p.replicas - canary_target).max(0)
+    };
+    let scale_down_delay = p
+        .canary
+        .scale_down_delay
+        .as_ref()
+        .map_or(DEFAULT_SCALE_DOWN_DELAY, |d| d.as_std());
+    let abort_delay = p
+        .canary
+        .abort_scale_down_delay
+        .as_ref()
+        .map_or(DEFAULT_SCALE_DOWN_DELAY, |d| d.as_std());
+    let mut replica_sets = vec![ReplicaSetIntent {
+        hash: stable.clone(),
+        replicas: stable_target,
+        scale_down_at: None,
+    }];
+    if let Some(c) = &canary {
+        let intent = if aborted {
+            let at = add(
+                p.status.aborted_at.as_ref().map_or(o.now, |t| t.0),
+                abort_delay,
+            );
+            if at <= o.now {
+                ReplicaSetIntent {
+                    hash: c.clone(),
+                    replicas: 0,
+                    scale_down_at: None,
+                }
+            } else {
+                p.wakeups.push(at);
+                ReplicaSetIntent {
+                    hash: c.clone(),
+                    replicas: p.rs(c).map_or(canary_target, |r| r.replicas),
+                    scale_down_at: Some(at),
+                }
+            }
+        } else {
+            ReplicaSetIntent {
+                hash: c.clone(),
+                replicas: canary_target,
+                scale_down_at: None,
+            }
+        };
+        replica_sets.push(intent);
+    }
+    for old in o
+        .replica_sets
+        .iter()
+        .filter(|r| r.hash != stable && Some(&r.hash) != canary.as_ref())
+    {
+        let intent = match old.scale_down_at {
+            _ if old.replicas == 0 => ReplicaSetIntent {
+                hash: old.hash.clone(),
+                replicas: 0,
+                scale_down_at: None,
+            },
+            Some(at) if at <= o.now => ReplicaSetIntent {
+                hash: old.hash.clone(),
+                replicas: 0,
+                scale_down_at: None,
+            },
+            Some(at) => {
+                p.wakeups.push(at);
+                ReplicaSetIntent {
+                    hash: old.hash.clone(),
+                    replicas: old.replicas,
+                    scale_down_at: Some(at),
+                }
+            }
+            None => {
+                let at = add(o.now, scale_down_delay);
+                p.wakeups.push(at);
+                ReplicaSetIntent {
+                    hash: old.hash.clone(),
+                    replicas: old.replicas,
+                    scale_down_at: Some(at),
+                }
+            }
+        };
+        replica_sets.push(intent);
+    }
+
+    // Counts and weights as observed.
+    let sum = |f: fn(&ObservedReplicaSet) -> i32| o.replica_sets.iter().map(f).sum::<i32>();
+    p.status.replicas = Some(sum(|r| r.replicas));
+    p.status.ready_replicas = Some(sum(|r| r.ready));
+    p.status.available_replicas = Some(sum(|r| r.available));
+    p.status.updated_replicas = Some(
+        o.replica_sets
+            .iter()
+            .filter(|r| r.hash == o.desired_hash)
+            .map(|r| r.replicas)
+            .sum(),
+    );
+    p.status.weights = Some(match &o.traffic {
+        ObservedTraffic::State(TrafficState {
+            canary_weight: Some(w),
+            ..
+        }) => TrafficWeights {
+            stable: 100 - w,
+            canary: *w,
+            verified: Some(*w == weight),
+        },
+        ObservedTraffic::None => {
+            let canary_ready = canary
+                .as_deref()
+                .and_then(|c| p.rs(c))
+                .map_or(0, |r| r.available);
+            let stable_ready = p.rs(&stable).map_or(0, |r| r.available);
+            let total = canary_ready + stable_ready;
+            let w = if total == 0 {
+                0
+            } else {
+                (canary_ready * 100 + total / 2) / total
+            };
+            TrafficWeights {
+                stable: 100 - w,
+                canary: w,
+                verified: None,
+            }
+        }
+        _ => TrafficWeights {
+            stable: 100 - weight,
+            canary: weight,
+            verified: Some(false),
+        },
+    });
+    p.status.step_progress = canary
+        .as_ref()
+        .map(|_| format!("{}/{}", index.min(steps.len()), steps.len()));
+
+    // Phase, message, conditions.
+    let deadline = Duration::from_secs(
+        o.spec
+            .progress_deadline_seconds
+            .unwrap_or(DEFAULT_PROGRESS_DEADLINE)
+            .max(1) as u64,
+    );
+    let waiting_for_pods = canary.is_some()
+        && !aborted
+        && matches!(steps.get(index), Some(Step::SetWeight(_)))
+        && canary_available < canary_target;
+    let started = p
+        .status
+        .current_step_started_at
+        .as_ref()
+        .map_or(o.now, |t| t.0);
+    let stalled = waiting_for_pods && add(started, deadline) <= o.now;
+    let stable_available = p.available(&stable);
+    let (phase, message) = if aborted {
+        let why = conditions::message(&p.status.conditions, "Aborted")
+            .unwrap_or("release aborted")
+            .to_string();
+        (RolloutPhase::Degraded, why)
+    } else if let ObservedTraffic::Failed(why) = &o.traffic {
+        (RolloutPhase::Degraded, format!("traffic routing: {why}"))
+    } else if stalled {
+        (
+            RolloutPhase::Degraded,
+            format!(
+                "progress deadline exceeded: canary {} has {canary_available}/{canary_target} available pods after {}s",
+                canary.clone().unwrap_or_default(),
+                deadline.as_secs()
+            ),
+        )
+    } else if let Some(pause) = p.status.pause_conditions.first() {
+        let message = match pause.reason {
+            PauseReason::CanaryPauseStep => format!("paused at step {}/{}", index + 1, steps.len()),
+            PauseReason::InconclusiveAnalysis => {
+                let why = p
+                    .status
+                    .analysis_runs
+                    .iter()
+                    .find(|r| matches!(r.phase, AnalysisPhase::Inconclusive | AnalysisPhase::Error))
+                    .and_then(|r| r.message.clone())
+                    .unwrap_or_default();
+                format!(
+                    "paused: analysis inconclusive ({why}); fix it, then `kubectl sluice promote`"
+                )
+            }
+            PauseReason::UserPause => "paused by spec.paused".to_string(),
+            PauseReason::BlueGreenPause => "waiting for promotion".to_string(),
+        };
+        (RolloutPhase::Paused, message)
+    } else if let Some(c) = &canary {
+        (
+            RolloutPhase::Progressing,
+            format!(
+                "releasing {c}: step {}/{}, canary weight {weight}",
+                index.min(steps.len()),
+                steps.len()
+            ),
+        )
+    } else if stable_available < p.replicas {
+        (
+            RolloutPhase::Progressing,
+            format!(
+                "stable {stable}: {stable_available}/{} pods available",
+                p.replicas
+            ),
+        )
+    } else {
+        (
+            RolloutPhase::Healthy,
+            format!(
+                "stable {stable}: {stable_available}/{} pods available",
+                p.replicas
+            ),
+        )
+    };
+    if p.status.phase != Some(phase) && phase == RolloutPhase::Paused {
+        let message = message.clone();
+        p.event(false, "Paused", message);
+    }
+    p.status.phase = Some(phase);
+    p.status.message = Some(message.clone());
+    let generation = o.generation;
+    conditions::set(
+        &mut p.status.conditions,
+        "Available",
+        stable_available >= p.replicas,
+        if stable_available >= p.replicas {
+            "MinimumReplicasAvailable"
+        } else {
+            "MinimumReplicasUnavailable"
+        },
+        format!("{stable_available}/{} stable pods available", p.replicas),
+        generation,
+        o.now,
+    );
+    conditions::set(
+        &mut p.status.conditions,
+        "Progressing",
+        phase == RolloutPhase::Progressing,
+        match phase {
+            RolloutPhase::Progressing => "ReleaseProgressing",
+            RolloutPhase::Paused => "ReleasePaused",
+            RolloutPhase::Degraded if stalled => "ProgressDeadlineExceeded",
+            RolloutPhase::Degraded => "ReleaseDegraded",
+            RolloutPhase::Healthy => "ReleaseComplete",
+        },
+        message,
+        generation,
+        o.now,
+    );
+    conditions::set(
+        &mut p.status.conditions,
+        "Paused",
+        phase == RolloutPhase::Paused,
+        if phase == RolloutPhase::Paused {
+            "Paused"
+        } else {
+            "NotPaused"
+        },
+        "",
+        generation,
+        o.now,
+    );
+    if !p.status.conditions.iter().any(|c| c.type_ == "Aborted") {
+        conditions::set(
+            &mut p.status.conditions,
+            "Aborted",
+            false,
+            "NotAborted",
+            "",
+            generation,
+            o.now,
+        );
+    }
+    p.status.handled_intents = Some(p.handled.clone());
+    // Intents belong to the person who wrote them: the operator never writes them back.
+    p.status.abort = None;
+    p.status.promote = None;
+    p.status.promote_full = None;
+    p.status.retry = None;
+
+    if let Some(analysis) = &o.background {
+        for run in &p.status.analysis_runs {
+            if let Some(at) = analysis::earliest_due(analysis, run) {
+                p.wakeups.push(at);
+            }
+        }
+    }
+    let resync = if canary.is_some() || !p.start_runs.is_empty() {
+        ACTIVE_RESYNC
+    } else {
+        IDLE_RESYNC
+    };
+    let requeue_after = p
+        .wakeups
+        .iter()
+        .map(|at| until(o.now, *at))
+        .min()
+        .map_or(resync, |d| d.min(resync))
+        .max(Duration::from_millis(200));
+
+    Plan {
+        replica_sets,
+        traffic,
+        status: p.status,
+        events: p.events,
+        requeue_after,
+        start_runs: p.start_runs,
+    }
+}

@@ -1,0 +1,99 @@
+//! Revisions: a pod template's identity (its hash) and the labels that tell revisions apart.
+
+use k8s_openapi::api::core::v1::PodTemplateSpec;
+
+/// Label on ReplicaSets and pods (and in selectors) naming the revision.
+pub const HASH_LABEL: &str = "sluice.dev/pod-template-hash";
+/// Label on ReplicaSets naming their Rollout.
+pub const ROLLOUT_LABEL: &str = "sluice.dev/rollout";
+/// Annotation on ReplicaSets: the revision number (1, 2, ...), for `undo`.
+pub const REVISION_ANNOTATION: &str = "sluice.dev/revision";
+/// Annotation on ReplicaSets: when an old revision is to be scaled to zero (RFC 3339).
+pub const SCALE_DOWN_AT_ANNOTATION: &str = "sluice.dev/scale-down-at";
+
+/// A short, stable hash of the pod template as the user wrote it.
+///
+/// FNV-1a over the canonical JSON, rendered in the alphabet Kubernetes uses for generated
+/// names (no vowels, so hashes never spell words). `collisions` is mixed in when a ReplicaSet
+/// with the same name but another template already exists.
+pub fn template_hash(template: &PodTemplateSpec, collisions: u32) -> String {
+    // serde_json output is deterministic: struct fields in declaration order, maps sorted.
+    let json = serde_json::to_vec(template).unwrap_or_default();
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in json
+        .iter()
+        .chain(collisions.to_le_bytes().iter().filter(|_| collisions > 0))
+    {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    safe_encode(hash)
+}
+
+fn safe_encode(mut value: u64) -> String {
+    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    let mut out = Vec::with_capacity(10);
+    for _ in 0..10 {
+        out.push(ALPHABET[(value % ALPHABET.len() as u64) as usize]);
+        value /= ALPHABET.len() as u64;
+    }
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// The ReplicaSet name of a revision.
+pub fn replica_set_name(rollout: &str, hash: &str) -> String {
+    // ReplicaSet names are DNS subdomains (253), but pod names add a suffix and must stay
+    // label-safe (63): keep the rollout part short enough.
+    let max_prefix = 63 - 1 - hash.len() - 6;
+    let prefix: String = rollout.chars().take(max_prefix).collect();
+    format!("{}-{hash}", prefix.trim_end_matches('-'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{Container, PodSpec};
+
+    fn template(image: &str) -> PodTemplateSpec {
+        PodTemplateSpec {
+            metadata: None,
+            spec: Some(PodSpec {
+                containers: vec![Container {
+                    name: "app".into(),
+                    image: Some(image.into()),
+                    ..Container::default()
+                }],
+                ..PodSpec::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn same_template_same_hash_other_template_other_hash() {
+        assert_eq!(
+            template_hash(&template("a:1"), 0),
+            template_hash(&template("a:1"), 0)
+        );
+        assert_ne!(
+            template_hash(&template("a:1"), 0),
+            template_hash(&template("a:2"), 0)
+        );
+        assert_ne!(
+            template_hash(&template("a:1"), 0),
+            template_hash(&template("a:1"), 1)
+        );
+        assert_eq!(template_hash(&template("a:1"), 0).len(), 10);
+    }
+
+    #[test]
+    fn names_stay_label_safe() {
+        let long = "x".repeat(80);
+        let name = replica_set_name(&long, "bcdfghjklm");
+        assert!(name.len() <= 57, "{name}");
+        assert!(name.ends_with("-bcdfghjklm"));
+        assert_eq!(
+            replica_set_name("checkout", "bcdfghjklm"),
+            "checkout-bcdfghjklm"
+        );
+    }
+}

@@ -1,0 +1,345 @@
+//! Traffic routers: how a Rollout's canary weight reaches the mesh or gateway.
+//!
+//! One trait, one file per router. A router points the stable and canary destinations at
+//! their revisions, sets the canary weight, and reads both back so the planner can verify
+//! what it wrote and notice when someone else changed it (drift).
+
+pub mod istio;
+
+use k8s_openapi::api::core::v1::Service;
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use serde_json::json;
+
+use crate::api::rollout::{CanaryStrategy, IstioRouting};
+use crate::rollout::revision::HASH_LABEL;
+use istio::DestinationKey;
+
+/// The revisions the stable and canary destinations must select.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Targets {
+    pub stable: String,
+    pub canary: String,
+}
+
+/// What a router found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrafficState {
+    /// The canary weight, or `None` when the managed routes disagree or are not 100 in total.
+    pub canary_weight: Option<i32>,
+    /// Whether the destinations select the target revisions.
+    pub targets_match: bool,
+}
+
+/// Why routing failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    /// The user's routing objects are missing or do not have the expected shape.
+    #[error("{0}")]
+    Misconfigured(String),
+    /// Someone else wrote the object between our read and our write; retried next reconcile.
+    #[error("{0} changed while Sluice was updating it; retrying")]
+    Conflict(String),
+    #[error(transparent)]
+    Kube(#[from] kube::Error),
+}
+
+/// A traffic router.
+pub trait TrafficRouter {
+    /// Reads the current weight and where the destinations point.
+    fn observe(
+        &self,
+        targets: &Targets,
+    ) -> impl Future<Output = Result<TrafficState, RouterError>> + Send;
+    /// Points the destinations at `targets` first, then sets the canary weight, so traffic
+    /// never reaches a revision it should not.
+    fn apply(
+        &self,
+        targets: &Targets,
+        canary_weight: i32,
+    ) -> impl Future<Output = Result<(), RouterError>> + Send;
+}
+
+/// The router a Rollout asks for.
+pub enum Router {
+    Istio(IstioRouter),
+}
+
+impl Router {
+    /// The router configured in a canary strategy, if any.
+    pub fn for_canary(client: &Client, namespace: &str, canary: &CanaryStrategy) -> Option<Self> {
+        let routing = canary.traffic_routing.as_ref()?;
+        let istio = routing.istio.as_ref()?;
+        Some(Router::Istio(IstioRouter::new(
+            client.clone(),
+            namespace,
+            istio,
+            canary,
+        )))
+    }
+
+    pub async fn observe(&self, targets: &Targets) -> Result<TrafficState, RouterError> {
+        match self {
+            Router::Istio(r) => r.observe(targets).await,
+        }
+    }
+
+    pub async fn apply(&self, targets: &Targets, canary_weight: i32) -> Result<(), RouterError> {
+        match self {
+            Router::Istio(r) => r.apply(targets, canary_weight).await,
+        }
+    }
+}
+
+/// Istio VirtualService (and DestinationRule) router.
+pub struct IstioRouter {
+    client: Client,
+    namespace: String,
+    virtual_services: Vec<(String, String, Vec<String>)>,
+    destination_rule: Option<(String, String, String)>,
+    services: Option<(String, String)>,
+    key: DestinationKey,
+}
+
+fn gvk(group: &str, version: &str, kind: &str) -> ApiResource {
+    ApiResource::from_gvk(&GroupVersionKind::gvk(group, version, kind))
+}
+
+/// `name` or `name.namespace`.
+fn split_name(reference: &str, default_namespace: &str) -> (String, String) {
+    match reference.split_once('.') {
+        Some((name, namespace)) => (name.to_string(), namespace.to_string()),
+        None => (reference.to_string(), default_namespace.to_string()),
+    }
+}
+
+impl IstioRouter {
+    pub fn new(
+        client: Client,
+        namespace: &str,
+        istio: &IstioRouting,
+        canary: &CanaryStrategy,
+    ) -> Self {
+        let refs = istio.virtual_service.iter().chain(&istio.virtual_services);
+        let virtual_services = refs
+            .map(|r| {
+                let (name, ns) = split_name(&r.name, namespace);
+                (name, ns, r.routes.clone())
+            })
+            .collect();
+        let destination_rule = istio.destination_rule.as_ref().map(|d| {
+            (
+                d.name.clone(),
+                d.stable_subset.clone(),
+                d.canary_subset.clone(),
+            )
+        });
+        let key = match &istio.destination_rule {
+            Some(d) => DestinationKey::Subset {
+                stable: d.stable_subset.clone(),
+                canary: d.canary_subset.clone(),
+            },
+            None => DestinationKey::Host {
+                stable: canary.stable_service.clone().unwrap_or_default(),
+                canary: canary.canary_service.clone().unwrap_or_default(),
+            },
+        };
+        let services = canary
+            .stable_service
+            .clone()
+            .zip(canary.canary_service.clone());
+        Self {
+            client: client.clone(),
+            namespace: namespace.to_string(),
+            virtual_services,
+            destination_rule,
+            services,
+            key,
+        }
+    }
+
+    fn virtual_service_api(&self, namespace: &str) -> Api<DynamicObject> {
+        Api::namespaced_with(
+            self.client.clone(),
+            namespace,
+            &gvk("networking.istio.io", "v1", "VirtualService"),
+        )
+    }
+
+    fn destination_rule_api(&self) -> Api<DynamicObject> {
+        Api::namespaced_with(
+            self.client.clone(),
+            &self.namespace,
+            &gvk("networking.istio.io", "v1", "DestinationRule"),
+        )
+    }
+
+    async fn get(
+        api: &Api<DynamicObject>,
+        name: &str,
+        what: &str,
+        namespace: &str,
+    ) -> Result<DynamicObject, RouterError> {
+        api.get_opt(name).await?.ok_or_else(|| {
+            RouterError::Misconfigured(format!("{what} {namespace}/{name} not found"))
+        })
+    }
+
+    async fn replace(
+        api: &Api<DynamicObject>,
+        object: &DynamicObject,
+        what: &str,
+    ) -> Result<(), RouterError> {
+        let name = object.metadata.name.clone().unwrap_or_default();
+        match api
+            .replace(
+                &name,
+                &PostParams {
+                    field_manager: Some(crate::FIELD_MANAGER.into()),
+                    ..PostParams::default()
+                },
+                object,
+            )
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(status)) if status.code == 409 => {
+                Err(RouterError::Conflict(format!("{what} {name}")))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+impl TrafficRouter for IstioRouter {
+    async fn observe(&self, targets: &Targets) -> Result<TrafficState, RouterError> {
+        let mut weights = Vec::new();
+        for (name, namespace, routes) in &self.virtual_services {
+            let vs = Self::get(
+                &self.virtual_service_api(namespace),
+                name,
+                "VirtualService",
+                namespace,
+            )
+            .await?;
+            let spec = vs.data.get("spec").cloned().unwrap_or_default();
+            weights.push(istio::read_canary_weight(
+                &spec,
+                routes,
+                &self.key,
+                &format!("{namespace}/{name}"),
+            )?);
+        }
+        let canary_weight = weights
+            .first()
+            .copied()
+            .flatten()
+            .filter(|w| weights.iter().all(|x| *x == Some(*w)));
+        let targets_match = match (&self.destination_rule, &self.services) {
+            (Some((name, stable, canary)), _) => {
+                let dr = Self::get(
+                    &self.destination_rule_api(),
+                    name,
+                    "DestinationRule",
+                    &self.namespace,
+                )
+                .await?;
+                let spec = dr.data.get("spec").cloned().unwrap_or_default();
+                istio::read_subsets(&spec, stable, canary)
+                    == (Some(targets.stable.clone()), Some(targets.canary.clone()))
+            }
+            (None, Some((stable, canary))) => {
+                service_selects(&self.client, &self.namespace, stable, &targets.stable).await?
+                    && service_selects(&self.client, &self.namespace, canary, &targets.canary)
+                        .await?
+            }
+            (None, None) => true,
+        };
+        Ok(TrafficState {
+            canary_weight,
+            targets_match,
+        })
+    }
+
+    async fn apply(&self, targets: &Targets, canary_weight: i32) -> Result<(), RouterError> {
+        if let Some((name, stable, canary)) = &self.destination_rule {
+            let api = self.destination_rule_api();
+            let mut dr = Self::get(&api, name, "DestinationRule", &self.namespace).await?;
+            if let Some(spec) = dr.data.get_mut("spec")
+                && istio::point_subsets(
+                    spec,
+                    stable,
+                    canary,
+                    targets,
+                    &format!("{}/{name}", self.namespace),
+                )?
+            {
+                Self::replace(&api, &dr, "DestinationRule").await?;
+            }
+        }
+        if let Some((stable, canary)) = &self.services {
+            point_service(&self.client, &self.namespace, stable, &targets.stable).await?;
+            point_service(&self.client, &self.namespace, canary, &targets.canary).await?;
+        }
+        for (name, namespace, routes) in &self.virtual_services {
+            let api = self.virtual_service_api(namespace);
+            let mut vs = Self::get(&api, name, "VirtualService", namespace).await?;
+            let label = format!("{namespace}/{name}");
+            let spec = vs.data.get_mut("spec").ok_or_else(|| {
+                RouterError::Misconfigured(format!("VirtualService {label} has no spec"))
+            })?;
+            if istio::set_weights(spec, routes, &self.key, canary_weight, &label)? {
+                Self::replace(&api, &vs, "VirtualService").await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether a Service's selector names `hash`.
+pub async fn service_selects(
+    client: &Client,
+    namespace: &str,
+    service: &str,
+    hash: &str,
+) -> Result<bool, RouterError> {
+    let api: Api<Service> = Api::namespaced(client.clone(), namespace);
+    let svc = api.get_opt(service).await?.ok_or_else(|| {
+        RouterError::Misconfigured(format!("Service {namespace}/{service} not found"))
+    })?;
+    Ok(svc
+        .spec
+        .and_then(|s| s.selector)
+        .and_then(|s| s.get(HASH_LABEL).cloned())
+        .as_deref()
+        == Some(hash))
+}
+
+/// Adds the revision to a Service's selector. Server-side apply of that one key: the user
+/// keeps ownership of the rest of the selector and of the Service.
+pub async fn point_service(
+    client: &Client,
+    namespace: &str,
+    service: &str,
+    hash: &str,
+) -> Result<(), RouterError> {
+    let api: Api<Service> = Api::namespaced(client.clone(), namespace);
+    if api.get_opt(service).await?.is_none() {
+        return Err(RouterError::Misconfigured(format!(
+            "Service {namespace}/{service} not found"
+        )));
+    }
+    let patch = json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": service, "namespace": namespace},
+        "spec": {"selector": {HASH_LABEL: hash}},
+    });
+    api.patch(
+        service,
+        &PatchParams::apply(crate::FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}

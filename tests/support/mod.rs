@@ -1,0 +1,207 @@
+//! Helpers for the cluster tests: clients, namespaces, objects, waiting, Prometheus.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::{ReplicaSet, ReplicaSetSpec};
+use k8s_openapi::api::core::v1::{Container, Namespace, PodSpec, PodTemplateSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use kube::Client;
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, PostParams};
+use serde_json::{Value, json};
+
+pub async fn client() -> Client {
+    sluice::install_crypto_provider();
+    Client::try_default()
+        .await
+        .expect("KUBECONFIG points at the local cluster (make cluster-up)")
+}
+
+/// `kubectl` matching the cluster: `$KUBECTL`, else the one on PATH.
+pub fn kubectl() -> String {
+    std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into())
+}
+
+pub fn prometheus_url() -> String {
+    std::env::var("SLUICE_PROMETHEUS_URL").unwrap_or_else(|_| "http://127.0.0.1:19090".into())
+}
+
+/// A namespace of its own for each test.
+pub struct TestNamespace {
+    pub name: String,
+    pub client: Client,
+}
+
+impl TestNamespace {
+    pub async fn new(prefix: &str) -> Self {
+        let client = client().await;
+        let suffix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos()
+            % 100_000;
+        let name = format!("t-{prefix}-{suffix}");
+        let api: Api<Namespace> = Api::all(client.clone());
+        let ns = Namespace {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                labels: Some(BTreeMap::from([("sluice.dev/test".into(), "true".into())])),
+                ..ObjectMeta::default()
+            },
+            ..Namespace::default()
+        };
+        api.create(&PostParams::default(), &ns)
+            .await
+            .expect("create the test namespace");
+        Self { name, client }
+    }
+
+    pub async fn delete(&self) {
+        let api: Api<Namespace> = Api::all(self.client.clone());
+        let _ = api.delete(&self.name, &DeleteParams::default()).await;
+    }
+}
+
+fn resource_for(object: &Value) -> ApiResource {
+    let api_version = object["apiVersion"].as_str().unwrap_or_default();
+    let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+    let kind = object["kind"].as_str().unwrap_or_default();
+    ApiResource::from_gvk(&GroupVersionKind::gvk(group, version, kind))
+}
+
+/// Creates any object; `Err` carries the apiserver's message.
+pub async fn create(ns: &TestNamespace, object: &Value) -> Result<(), String> {
+    let resource = resource_for(object);
+    let namespace = object["metadata"]["namespace"]
+        .as_str()
+        .unwrap_or(&ns.name)
+        .to_string();
+    if object["kind"] == "Namespace" {
+        return Ok(());
+    }
+    let api: Api<DynamicObject> = Api::namespaced_with(ns.client.clone(), &namespace, &resource);
+    let mut object = object.clone();
+    object["metadata"]["namespace"] = json!(namespace);
+    let dynamic: DynamicObject = serde_json::from_value(object).map_err(|e| e.to_string())?;
+    match api.create(&PostParams::default(), &dynamic).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) => Err(status.message),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+pub fn virtual_service_resource() -> ApiResource {
+    ApiResource::from_gvk(&GroupVersionKind::gvk(
+        "networking.istio.io",
+        "v1",
+        "VirtualService",
+    ))
+}
+
+/// Polls `check` until it returns `Some`, or panics after `timeout` naming `what`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// The value of an instant query with one result.
+pub async fn prometheus_value(query: &str) -> Option<f64> {
+    sluice::install_crypto_provider();
+    let client = prometheus_http_query::Client::try_from(prometheus_url().as_str()).ok()?;
+    let response = client.query(query).get().await.ok()?;
+    let vector = response.data().as_vector()?;
+    let value = vector.first()?.sample().value();
+    value.is_finite().then_some(value)
+}
+
+pub fn pod_template(app: &str, annotations: &[(&str, &str)], image: &str) -> PodTemplateSpec {
+    PodTemplateSpec {
+        metadata: Some(ObjectMeta {
+            labels: Some(BTreeMap::from([("app".to_string(), app.to_string())])),
+            annotations: Some(
+                annotations
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+            ..ObjectMeta::default()
+        }),
+        spec: Some(PodSpec {
+            containers: vec![Container {
+                name: app.into(),
+                image: Some(image.into()),
+                ..Container::default()
+            }],
+            ..PodSpec::default()
+        }),
+    }
+}
+
+/// A bare ReplicaSet of `app` at revision `hash` (pods labelled as Sluice labels them).
+pub fn replica_set(
+    namespace: &str,
+    app: &str,
+    hash: &str,
+    replicas: i32,
+    annotations: &[(&str, &str)],
+) -> ReplicaSet {
+    let labels = BTreeMap::from([
+        ("app".to_string(), app.to_string()),
+        ("sluice.dev/pod-template-hash".to_string(), hash.to_string()),
+    ]);
+    let mut template = pod_template(app, annotations, "registry.example/web:1");
+    template.metadata.as_mut().unwrap().labels = Some(labels.clone());
+    ReplicaSet {
+        metadata: ObjectMeta {
+            name: Some(format!("{app}-{hash}")),
+            namespace: Some(namespace.into()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(ReplicaSetSpec {
+            replicas: Some(replicas),
+            selector: LabelSelector {
+                match_labels: Some(labels),
+                ..LabelSelector::default()
+            },
+            template: Some(template),
+            ..ReplicaSetSpec::default()
+        }),
+        status: None,
+    }
+}
+
+pub fn service(namespace: &str, name: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": namespace},
+           "spec": {"selector": {"app": name}, "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}})
+}
+
+pub fn destination_rule(namespace: &str, host: &str, stable: &str, canary: &str) -> Value {
+    json!({"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+           "metadata": {"name": host, "namespace": namespace},
+           "spec": {"host": host, "subsets": [
+               {"name": "stable", "labels": {"app": host, "sluice.dev/pod-template-hash": stable}},
+               {"name": "canary", "labels": {"app": host, "sluice.dev/pod-template-hash": canary}}]}})
+}
+
+pub fn virtual_service(namespace: &str, host: &str, stable_weight: i32) -> Value {
+    json!({"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+           "metadata": {"name": host, "namespace": namespace},
+           "spec": {"hosts": [host], "http": [{"name": "primary", "route": [
+               {"destination": {"host": host, "subset": "stable"}, "weight": stable_weight},
+               {"destination": {"host": host, "subset": "canary"}, "weight": 100 - stable_weight}]}]}})
+}
