@@ -886,3 +886,279 @@ fn finish(mut p: Planner, steps: &[Step], desired_weight: i32) -> Plan {
         start_runs: p.start_runs,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::common::Intent;
+    use crate::api::rollout::{CanaryStep, PauseStep, RolloutStrategy};
+    use proptest::prelude::*;
+
+    const OLD: &str = "old";
+    const NEW: &str = "new";
+
+    fn t(secs: i64) -> Timestamp {
+        Timestamp::from_second(1_700_000_000 + secs).unwrap()
+    }
+
+    fn spec(steps: Vec<CanaryStep>, replicas: i32) -> RolloutSpec {
+        serde_json::from_value::<RolloutSpec>(serde_json::json!({
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {"metadata": {"labels": {"app": "web"}}, "spec": {"containers": [{"name": "web", "image": "web:1"}]}},
+            "strategy": {"canary": {}}
+        }))
+        .map(|mut s| {
+            s.strategy = RolloutStrategy { canary: Some(CanaryStrategy { steps, ..CanaryStrategy::default() }), blue_green: None };
+            s
+        })
+        .unwrap()
+    }
+
+    fn weight(w: i32) -> CanaryStep {
+        CanaryStep { set_weight: Some(w), pause: None, analysis: None, set_canary_scale: None }
+    }
+
+    fn pause(secs: Option<u64>) -> CanaryStep {
+        CanaryStep { set_weight: None, pause: Some(PauseStep { duration: secs.map(Duration::from_secs).map(|d| crate::api::Duration::from_secs(d.as_secs())) }), analysis: None, set_canary_scale: None }
+    }
+
+    fn rs(hash: &str, replicas: i32, available: i32) -> ObservedReplicaSet {
+        ObservedReplicaSet { hash: hash.into(), replicas, ready: available, available, scale_down_at: None }
+    }
+
+    fn releasing(index: i32) -> RolloutStatus {
+        RolloutStatus {
+            stable_revision: Some(OLD.into()),
+            canary_revision: Some(NEW.into()),
+            current_step_index: Some(index),
+            current_step_started_at: Some(Time(t(0))),
+            ..RolloutStatus::default()
+        }
+    }
+
+    fn observed(steps: Vec<CanaryStep>, status: RolloutStatus, canary_available: i32, weight: Option<i32>) -> Observed {
+        Observed {
+            generation: Some(1),
+            spec: spec(steps, 4),
+            status,
+            desired_hash: NEW.into(),
+            replica_sets: vec![rs(OLD, 4, 4), rs(NEW, canary_available, canary_available)],
+            traffic: ObservedTraffic::State(TrafficState { canary_weight: weight, targets_match: true }),
+            background: None,
+            now: t(10),
+        }
+    }
+
+    fn intent(id: &str) -> Option<Intent> {
+        Some(Intent { id: id.into(), requested_at: Time(t(5)), requested_by: Some("alice".into()), reason: None })
+    }
+
+    #[test]
+    fn first_revision_goes_straight_to_stable() {
+        let mut o = observed(vec![weight(50)], RolloutStatus::default(), 0, Some(0));
+        o.replica_sets.clear();
+        let plan = plan(&o);
+        assert_eq!(plan.status.stable_revision.as_deref(), Some(NEW));
+        assert_eq!(plan.status.canary_revision, None);
+        assert_eq!(plan.replica_sets[0], ReplicaSetIntent { hash: NEW.into(), replicas: 4, scale_down_at: None });
+        assert_eq!(plan.traffic.unwrap().canary_weight, 0);
+    }
+
+    #[test]
+    fn a_new_template_starts_a_release_at_step_zero() {
+        let status = RolloutStatus { stable_revision: Some(OLD.into()), ..RolloutStatus::default() };
+        let plan = plan(&observed(vec![weight(25)], status, 0, Some(0)));
+        assert_eq!(plan.status.canary_revision.as_deref(), Some(NEW));
+        assert_eq!(plan.status.current_step_index, Some(0));
+        assert!(plan.events.iter().any(|e| e.reason == "ReleaseStarted"));
+        // Canary pods first (25% of 4 = 1), no traffic until they are available.
+        assert!(plan.replica_sets.contains(&ReplicaSetIntent { hash: NEW.into(), replicas: 1, scale_down_at: None }));
+        assert_eq!(plan.traffic.unwrap().canary_weight, 0);
+    }
+
+    #[test]
+    fn weight_is_set_once_pods_are_available_and_step_advances_once_verified() {
+        let steps = vec![weight(25), pause(None)];
+        let plan1 = plan(&observed(steps.clone(), releasing(0), 1, Some(0)));
+        assert_eq!(plan1.traffic.as_ref().unwrap().canary_weight, 25);
+        assert_eq!(plan1.status.current_step_index, Some(0), "not verified yet");
+        let plan2 = plan(&observed(steps, releasing(0), 1, Some(25)));
+        assert_eq!(plan2.status.current_step_index, Some(1));
+        assert_eq!(plan2.status.phase, Some(RolloutPhase::Paused));
+        assert_eq!(plan2.traffic.unwrap().canary_weight, 25);
+    }
+
+    #[test]
+    fn timed_pauses_count_from_the_step_start_in_status() {
+        let steps = vec![weight(25), pause(Some(20))];
+        let mut o = observed(steps, releasing(1), 1, Some(25));
+        let waiting = plan(&o);
+        assert_eq!(waiting.status.current_step_index, Some(1));
+        assert_eq!(waiting.requeue_after, Duration::from_secs(10), "started at 0, now 10, 20s pause");
+        o.now = t(20);
+        let done = plan(&o);
+        assert_eq!(done.status.current_step_index, Some(2));
+        assert_eq!(done.traffic.unwrap().canary_weight, 100, "after the last step: full weight");
+    }
+
+    #[test]
+    fn promote_passes_an_indefinite_pause_once() {
+        let steps = vec![weight(25), pause(None), weight(50), pause(None)];
+        let mut status = releasing(1);
+        status.promote = intent("p1");
+        let plan1 = plan(&observed(steps.clone(), status, 2, Some(25)));
+        assert_eq!(plan1.status.current_step_index, Some(2));
+        assert_eq!(plan1.status.handled_intents.as_ref().unwrap().promote.as_deref(), Some("p1"));
+        assert_eq!(plan1.status.promote, None, "the operator never writes the person's field");
+        // The same intent seen again (handled) does not pass the next pause.
+        let mut status = plan1.status.clone();
+        status.promote = intent("p1");
+        status.current_step_index = Some(3);
+        let plan2 = plan(&observed(steps, status, 2, Some(50)));
+        assert_eq!(plan2.status.current_step_index, Some(3));
+    }
+
+    #[test]
+    fn abort_sends_traffic_to_stable_and_retry_starts_over() {
+        let steps = vec![weight(50), pause(None)];
+        let mut status = releasing(1);
+        status.abort = intent("a1");
+        let aborted = plan(&observed(steps.clone(), status, 2, Some(50)));
+        assert_eq!(aborted.traffic.as_ref().unwrap().canary_weight, 0);
+        assert_eq!(aborted.status.phase, Some(RolloutPhase::Degraded));
+        assert!(aborted.status.aborted_at.is_some());
+        let mut status = aborted.status.clone();
+        status.retry = intent("r1");
+        let retried = plan(&observed(steps, status, 2, Some(0)));
+        assert_eq!(retried.status.aborted_at, None);
+        assert_eq!(retried.status.current_step_index, Some(0));
+        assert_eq!(retried.traffic.unwrap().canary_weight, 50);
+    }
+
+    #[test]
+    fn promote_full_skips_to_full_weight_then_promotes() {
+        let steps = vec![weight(10), pause(None), weight(50)];
+        let mut status = releasing(1);
+        status.promote_full = intent("f1");
+        let full = plan(&observed(steps.clone(), status, 1, Some(10)));
+        assert_eq!(full.status.current_step_index, Some(3));
+        assert_eq!(full.traffic.as_ref().unwrap().canary_weight, 100);
+        assert!(full.replica_sets.contains(&ReplicaSetIntent { hash: NEW.into(), replicas: 4, scale_down_at: None }));
+        let promoted = plan(&observed(steps, full.status.clone(), 4, Some(100)));
+        assert_eq!(promoted.status.stable_revision.as_deref(), Some(NEW));
+        assert_eq!(promoted.status.canary_revision, None);
+        assert_eq!(promoted.traffic.as_ref().unwrap().targets, Targets { stable: NEW.into(), canary: NEW.into() });
+        assert_eq!(promoted.traffic.unwrap().canary_weight, 0);
+    }
+
+    #[test]
+    fn template_back_to_stable_cancels_the_release() {
+        let mut o = observed(vec![weight(50)], releasing(0), 2, Some(50));
+        o.desired_hash = OLD.into();
+        let plan = plan(&o);
+        assert_eq!(plan.status.canary_revision, None);
+        assert_eq!(plan.traffic.unwrap().canary_weight, 0);
+        assert!(plan.events.iter().any(|e| e.reason == "ReleaseCancelled"));
+    }
+
+    #[test]
+    fn a_third_template_supersedes_the_canary() {
+        let mut o = observed(vec![weight(50)], releasing(1), 2, Some(50));
+        o.desired_hash = "third".into();
+        let plan = plan(&o);
+        assert_eq!(plan.status.canary_revision.as_deref(), Some("third"));
+        assert_eq!(plan.status.current_step_index, Some(0));
+        assert_eq!(plan.traffic.unwrap().canary_weight, 0, "the new canary has no pods yet");
+        let superseded = plan.replica_sets.iter().find(|r| r.hash == NEW).unwrap();
+        assert!(superseded.scale_down_at.is_some(), "the superseded canary is scaled down after the delay");
+    }
+
+    #[test]
+    fn without_a_router_stable_shrinks_as_the_canary_grows() {
+        let mut o = observed(vec![weight(50), pause(None)], releasing(0), 2, None);
+        o.traffic = ObservedTraffic::None;
+        let plan = plan(&o);
+        assert!(plan.traffic.is_none());
+        assert!(plan.replica_sets.contains(&ReplicaSetIntent { hash: NEW.into(), replicas: 2, scale_down_at: None }));
+        assert!(plan.replica_sets.contains(&ReplicaSetIntent { hash: OLD.into(), replicas: 2, scale_down_at: None }));
+        assert_eq!(plan.status.current_step_index, Some(1));
+    }
+
+    #[test]
+    fn missing_routing_objects_degrade_without_touching_stable() {
+        let mut o = observed(vec![weight(50)], releasing(0), 2, None);
+        o.traffic = ObservedTraffic::Failed("VirtualService shop/web not found".into());
+        let plan = plan(&o);
+        assert_eq!(plan.status.phase, Some(RolloutPhase::Degraded));
+        assert!(plan.status.message.unwrap().contains("VirtualService shop/web not found"));
+        assert!(plan.replica_sets.contains(&ReplicaSetIntent { hash: OLD.into(), replicas: 4, scale_down_at: None }));
+        assert_eq!(plan.status.current_step_index, Some(0));
+    }
+
+    fn arb_step() -> impl Strategy<Value = CanaryStep> {
+        prop_oneof![
+            (0..=100i32).prop_map(weight),
+            proptest::option::of(0..120u64).prop_map(pause),
+        ]
+    }
+
+    prop_compose! {
+        fn arb_world()(
+            steps in proptest::collection::vec(arb_step(), 0..6),
+            index in 0..8i32,
+            replicas in 0..8i32,
+            canary_available in 0..8i32,
+            observed_weight in proptest::option::of(0..=100i32),
+            aborted in any::<bool>(),
+            abort in any::<bool>(),
+            promote in any::<bool>(),
+            promote_full in any::<bool>(),
+            routed in any::<bool>(),
+            elapsed in 0..200i64,
+        ) -> (Observed, bool) {
+            let mut status = releasing(index);
+            if aborted { status.aborted_at = Some(Time(t(0))); }
+            if abort { status.abort = intent("a"); }
+            if promote { status.promote = intent("p"); }
+            if promote_full { status.promote_full = intent("f"); }
+            let mut o = observed(steps, status, canary_available, observed_weight);
+            o.spec.replicas = Some(replicas);
+            o.now = t(elapsed);
+            if !routed { o.traffic = ObservedTraffic::None; }
+            (o, aborted || abort)
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn weights_stay_in_range_and_sum_to_100((o, _) in arb_world()) {
+            let plan = plan(&o);
+            if let Some(traffic) = &plan.traffic {
+                prop_assert!((0..=100).contains(&traffic.canary_weight));
+            }
+            if let Some(w) = &plan.status.weights {
+                prop_assert!((0..=100).contains(&w.canary) && (0..=100).contains(&w.stable));
+                prop_assert_eq!(w.canary + w.stable, 100);
+            }
+            prop_assert!(plan.replica_sets.iter().all(|r| r.replicas >= 0));
+        }
+
+        #[test]
+        fn no_traffic_to_a_canary_without_available_pods((mut o, _) in arb_world()) {
+            o.replica_sets = vec![rs(OLD, 4, 4), rs(NEW, 1, 0)];
+            let plan = plan(&o);
+            prop_assert_eq!(plan.traffic.map_or(0, |t| t.canary_weight), 0);
+        }
+
+        #[test]
+        fn aborted_never_promotes_without_a_person((mut o, aborted) in arb_world()) {
+            prop_assume!(aborted);
+            o.status.retry = None;
+            let plan = plan(&o);
+            prop_assert_eq!(plan.status.stable_revision.as_deref(), Some(OLD));
+            prop_assert_eq!(plan.traffic.map_or(0, |t| t.canary_weight), 0);
+            prop_assert_eq!(plan.status.phase, Some(RolloutPhase::Degraded));
+        }
+    }
+}
