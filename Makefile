@@ -4,7 +4,7 @@ CARGO ?= cargo
 CARGO_FLAGS ?= --locked
 
 .DEFAULT_GOAL := help
-.PHONY: help build release fmt fmt-check lint unit crds crds-check test run demo
+.PHONY: help build release fmt fmt-check lint unit crds crds-check test cluster-test run demo
 
 ## help: list the targets
 help:
@@ -27,11 +27,11 @@ fmt-check:
 
 ## lint: rustfmt check and clippy with warnings as errors
 lint: fmt-check
-	$(CARGO) clippy $(CARGO_FLAGS) --all-targets -- -D warnings
+	$(CARGO) clippy $(CARGO_FLAGS) --workspace --all-targets -- -D warnings
 
 ## unit: unit tests and schema tests (no cluster needed)
 unit:
-	$(CARGO) test $(CARGO_FLAGS)
+	$(CARGO) test $(CARGO_FLAGS) --workspace
 
 ## crds: regenerate crds/ from src/api
 crds:
@@ -41,8 +41,23 @@ crds:
 crds-check:
 	$(CARGO) run $(CARGO_FLAGS) --quiet --bin sluice -- crdgen --out crds --check
 
-## test: everything CI runs: lint, unit tests, CRD drift check
+## test: everything CI runs: lint, unit tests, CRD drift check, then the cluster tests on a
+##       local cluster it starts (tools are built once and cached) and stops again
 test: lint unit crds-check
+	@$(MAKE) --no-print-directory cluster-up
+	@status=0; $(MAKE) --no-print-directory cluster-test || status=$$?; \
+	  e2e/simulator/run.sh stop >/dev/null 2>&1 || true; \
+	  $(MAKE) --no-print-directory cluster-down; \
+	  if [ $$status -ne 0 ]; then echo "cluster tests failed; logs were in e2e/.work/logs (run 'make cluster-up cluster-test' to keep them)"; fi; \
+	  exit $$status
+
+## cluster-test: the tests that need the local cluster (make cluster-up first); keeps it up
+cluster-test:
+	e2e/simulator/run.sh start "$$($(MAKE) -s kubeconfig)"
+	KUBECONFIG=$$($(MAKE) -s kubeconfig) \
+	  KUBECTL=$$(e2e/tools/build.sh --print-bin-dir)/kubectl \
+	  SLUICE_PROMETHEUS_URL=$$($(MAKE) -s prometheus-url) \
+	  $(CARGO) test $(CARGO_FLAGS) -p sluice --test cluster --test rollout -- --ignored --test-threads=2
 
 ## run: run the operator against the local cluster (make cluster-up first)
 run:

@@ -10,6 +10,7 @@ pub mod controllers;
 pub mod crdgen;
 pub mod leader;
 pub mod operator;
+pub mod plugin;
 pub mod rollout;
 pub mod server;
 pub mod telemetry;

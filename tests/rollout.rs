@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::events::v1::Event;
-use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use sluice::api::rollout::{Rollout, RolloutPhase};
 use support::*;
@@ -16,6 +16,10 @@ use tokio::sync::watch;
 
 /// Starts the Rollout controller; it stops when the returned sender is dropped or set.
 async fn start_controller() -> watch::Sender<bool> {
+    start_controller_with(prometheus_url()).await
+}
+
+async fn start_controller_with(prometheus: String) -> watch::Sender<bool> {
     let client = client().await;
     let (stop_tx, stop_rx) = watch::channel(false);
     let health = Arc::new(sluice::server::Health::new(
@@ -24,7 +28,7 @@ async fn start_controller() -> watch::Sender<bool> {
     let settings = sluice::operator::Settings {
         listen: "127.0.0.1:0".parse().unwrap(),
         lease: None,
-        prometheus_address: Some(prometheus_url()),
+        prometheus_address: Some(prometheus),
     };
     let ctx = Arc::new(sluice::operator::Context {
         client,
@@ -97,7 +101,8 @@ async fn canary_happy_path_moves_weights_step_by_step_and_promotes() {
     let ns = TestNamespace::new("happy").await;
     let _controller = start_controller().await;
     routing(&ns).await;
-    let steps = json!([{"setWeight": 10}, {"pause": {"duration": "1s"}}, {"setWeight": 25}, {"pause": {"duration": "1s"}},
+    let steps = json!([{"setCanaryScale": {"replicas": 4}}, {"setWeight": 10}, {"pause": {"duration": "1s"}},
+                       {"setWeight": 25}, {"pause": {"duration": "1s"}},
                        {"setWeight": 50}, {"pause": {"duration": "1s"}}, {"setWeight": 75}, {"pause": {"duration": "1s"}}]);
     create(
         &ns,
@@ -118,12 +123,14 @@ async fn canary_happy_path_moves_weights_step_by_step_and_promotes() {
 
     set_template(&api, "web:2", json!({})).await;
     let mut seen: Vec<i64> = Vec::new();
+    let mut changed_at: Vec<Instant> = Vec::new();
     let started = Instant::now();
     let second = loop {
         if let Some(w) = canary_weight(&ns).await
             && seen.last() != Some(&w)
         {
             seen.push(w);
+            changed_at.push(Instant::now());
         }
         let s = status(&api).await.unwrap_or_default();
         if let Some(stable) = s.stable_revision.filter(|r| *r != first) {
@@ -198,32 +205,50 @@ async fn a_bad_canary_is_rolled_back_by_analysis() {
     .await;
 
     set_template(&api, "web:2", json!({"sim.sluice.dev/error-rate": "0.3"})).await;
-    wait_for("30% on the canary", Duration::from_secs(60), || async {
-        (canary_weight(&ns).await? == 30).then_some(())
-    })
-    .await;
-    let aborted = wait_for("the release aborted", Duration::from_secs(90), || async {
-        let s = status(&api).await?;
-        s.aborted_at.is_some().then_some(s)
-    })
-    .await;
-    wait_for("weights back to 100/0", Duration::from_secs(10), || async {
-        (canary_weight(&ns).await? == 0).then_some(())
-    })
-    .await;
-    let failed_at = aborted
-        .analysis_runs
-        .iter()
-        .find(|r| r.name == "background")
-        .and_then(|r| r.finished_at.clone())
-        .unwrap();
+    let mut reaction = Vec::new();
+    for cycle in 0..3 {
+        wait_for("30% on the canary", Duration::from_secs(60), || async {
+            (canary_weight(&ns).await? == 30).then_some(())
+        })
+        .await;
+        // Poll both the verdict and the route: from the failing measurement being recorded to
+        // the route back at 100/0.
+        let mut failed_seen: Option<Instant> = None;
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let stable_at = loop {
+            assert!(Instant::now() < deadline, "cycle {cycle}: not rolled back");
+            if failed_seen.is_none()
+                && let Some(s) = status(&api).await
+                && s.analysis_runs
+                    .iter()
+                    .any(|r| r.phase == sluice::api::analysis::AnalysisPhase::Failed)
+            {
+                failed_seen = Some(Instant::now());
+            }
+            if canary_weight(&ns).await == Some(0) {
+                break Instant::now();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let failed_seen = failed_seen.unwrap_or(stable_at);
+        reaction.push(stable_at.saturating_duration_since(failed_seen));
+        let aborted = status(&api).await.unwrap();
+        assert!(aborted.aborted_at.is_some(), "cycle {cycle}: not aborted");
+        assert_eq!(aborted.phase, Some(RolloutPhase::Degraded));
+        assert_eq!(aborted.stable_revision.as_deref(), Some(stable.as_str()));
+        // Aborted stays aborted: no re-promotion without a person.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(canary_weight(&ns).await, Some(0));
+        assert!(status(&api).await.unwrap().aborted_at.is_some());
+        if cycle < 2 {
+            plugin(&["retry", &format!("{}/web", ns.name)]);
+        }
+    }
+    let (median, max) = median_max(reaction.clone());
     println!(
-        "failing measurement at {}, aborted at {}",
-        failed_at.0,
-        aborted.aborted_at.clone().unwrap().0
+        "MEASURE failing measurement -> 100% stable: median {median:?}, max {max:?} over {} aborts ({reaction:?})",
+        reaction.len()
     );
-    assert_eq!(aborted.phase, Some(RolloutPhase::Degraded));
-    assert_eq!(aborted.stable_revision, Some(stable));
     let events: Api<Event> = Api::namespaced(ns.client.clone(), &ns.name);
     let reasons: Vec<String> = events
         .list(&ListParams::default())
@@ -237,10 +262,325 @@ async fn a_bad_canary_is_rolled_back_by_analysis() {
         reasons.iter().any(|r| r == "AnalysisFailed"),
         "events: {reasons:?}"
     );
-    // Aborted stays aborted: no re-promotion without a person.
+    assert!(
+        reasons.iter().any(|r| r == "Retried"),
+        "events: {reasons:?}"
+    );
+    ns.delete().await;
+}
+
+fn background_analysis(interval: &str) -> Value {
+    let query = r#"sum(rate(istio_requests_total{destination_service_namespace="{{rollout.namespace}}",destination_version="{{canary.revision}}",response_code=~"5.."}[10s])) / sum(rate(istio_requests_total{destination_service_namespace="{{rollout.namespace}}",destination_version="{{canary.revision}}"}[10s]))"#;
+    json!({"interval": interval, "failureLimit": 0, "inconclusiveLimit": 50, "consecutiveErrorLimit": 2,
+           "metrics": [{"name": "error-rate", "prometheus": {"query": query}, "successCondition": "result < 0.05"}]})
+}
+
+async fn healthy(api: &Api<Rollout>) -> String {
+    wait_for("Healthy", Duration::from_secs(60), || async {
+        let s = status(api).await?;
+        (s.phase == Some(RolloutPhase::Healthy)).then_some(s.stable_revision?)
+    })
+    .await
+}
+
+async fn at_step(api: &Api<Rollout>, index: i32, phase: RolloutPhase) {
+    wait_for(
+        &format!("step {index} {phase:?}"),
+        Duration::from_secs(60),
+        || async {
+            let s = status(api).await?;
+            (s.current_step_index == Some(index) && s.phase == Some(phase)).then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+#[ignore = "needs the local cluster: make test"]
+async fn prometheus_outage_pauses_the_release_and_promote_continues_it() {
+    let ns = TestNamespace::new("outage").await;
+    let mut prometheus = Outage::start(0).await;
+    let _controller = start_controller_with(prometheus.url()).await;
+    routing(&ns).await;
+    let steps =
+        json!([{"setWeight": 20}, {"pause": {"duration": "3s"}}, {"setWeight": 50}, {"pause": {}}]);
+    create(
+        &ns,
+        &rollout(
+            &ns.name,
+            "web:1",
+            json!({}),
+            background_analysis("2s"),
+            steps,
+        ),
+    )
+    .await
+    .unwrap();
+    let api: Api<Rollout> = Api::namespaced(ns.client.clone(), &ns.name);
+    let stable = healthy(&api).await;
+    set_template(&api, "web:2", json!({})).await;
+    wait_for("20% on the canary", Duration::from_secs(60), || async {
+        (canary_weight(&ns).await? == 20).then_some(())
+    })
+    .await;
+
+    prometheus.stop();
+    wait_for(
+        "paused as inconclusive",
+        Duration::from_secs(60),
+        || async {
+            let s = status(&api).await?;
+            s.pause_conditions
+                .iter()
+                .any(|p| p.reason == sluice::api::rollout::PauseReason::InconclusiveAnalysis)
+                .then_some(())
+        },
+    )
+    .await;
+    // Nothing promotes and nothing rolls back while Prometheus is away.
     tokio::time::sleep(Duration::from_secs(5)).await;
-    assert_eq!(canary_weight(&ns).await, Some(0));
-    assert!(status(&api).await.unwrap().aborted_at.is_some());
-    let _ = PostParams::default();
+    let s = status(&api).await.unwrap();
+    assert_eq!(s.phase, Some(RolloutPhase::Paused), "{:?}", s.message);
+    assert!(s.aborted_at.is_none());
+    assert_eq!(s.stable_revision.as_deref(), Some(stable.as_str()));
+    assert!(
+        s.current_step_index.unwrap() <= 1,
+        "moved on without analysis: {:?}",
+        s.current_step_index
+    );
+    assert_eq!(canary_weight(&ns).await, Some(20));
+
+    let mut prometheus = Outage::start(prometheus.port).await;
+    plugin(&["promote", &format!("{}/web", ns.name)]);
+    at_step(&api, 3, RolloutPhase::Paused).await;
+    assert_eq!(canary_weight(&ns).await, Some(50));
+    plugin(&["promote", "--full", &format!("{}/web", ns.name)]);
+    wait_for("promoted", Duration::from_secs(60), || async {
+        let s = status(&api).await?;
+        (s.stable_revision? != stable && s.phase == Some(RolloutPhase::Healthy)).then_some(())
+    })
+    .await;
+    prometheus.stop();
+    ns.delete().await;
+}
+
+#[tokio::test]
+#[ignore = "needs the local cluster: make test"]
+async fn the_operator_restarted_mid_step_resumes_where_it_was() {
+    let ns = TestNamespace::new("restart").await;
+    let controller = start_controller().await;
+    routing(&ns).await;
+    let steps =
+        json!([{"setWeight": 25}, {"pause": {"duration": "6s"}}, {"setWeight": 60}, {"pause": {}}]);
+    create(
+        &ns,
+        &rollout(&ns.name, "web:1", json!({}), json!(null), steps),
+    )
+    .await
+    .unwrap();
+    let api: Api<Rollout> = Api::namespaced(ns.client.clone(), &ns.name);
+    healthy(&api).await;
+    set_template(&api, "web:2", json!({})).await;
+    at_step(&api, 1, RolloutPhase::Paused).await;
+    let pause_seen = Instant::now();
+    let before = status(&api).await.unwrap();
+    controller.send_replace(true);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // While it is down nothing moves.
+    assert_eq!(status(&api).await.unwrap().current_step_index, Some(1));
+    let _controller = start_controller().await;
+    at_step(&api, 3, RolloutPhase::Paused).await;
+    let after = status(&api).await.unwrap();
+    assert_eq!(after.canary_revision, before.canary_revision);
+    assert_eq!(after.stable_revision, before.stable_revision);
+    assert!(
+        pause_seen.elapsed() >= Duration::from_secs(4),
+        "the timed pause restarted or was skipped"
+    );
+    assert_eq!(canary_weight(&ns).await, Some(60));
+    ns.delete().await;
+}
+
+#[tokio::test]
+#[ignore = "needs the local cluster: make test"]
+async fn people_steer_the_release_with_the_plugin() {
+    let ns = TestNamespace::new("plugin").await;
+    let _controller = start_controller().await;
+    routing(&ns).await;
+    let steps = json!([{"setWeight": 25}, {"pause": {}}, {"setWeight": 50}, {"pause": {}}]);
+    create(
+        &ns,
+        &rollout(&ns.name, "web:1", json!({}), json!(null), steps),
+    )
+    .await
+    .unwrap();
+    let api: Api<Rollout> = Api::namespaced(ns.client.clone(), &ns.name);
+    let first = healthy(&api).await;
+    let name = format!("{}/web", ns.name);
+    set_template(&api, "web:2", json!({})).await;
+    at_step(&api, 1, RolloutPhase::Paused).await;
+    let text = plugin(&["status", &name]);
+    assert!(text.contains("  =>  2. pause until promoted"), "{text}");
+
+    plugin(&["promote", &name]);
+    at_step(&api, 3, RolloutPhase::Paused).await;
+    assert_eq!(canary_weight(&ns).await, Some(50));
+
+    plugin(&["abort", &name, "--reason", "looks wrong"]);
+    wait_for("back on stable", Duration::from_secs(30), || async {
+        (canary_weight(&ns).await? == 0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        status(&api).await.unwrap().phase,
+        Some(RolloutPhase::Degraded)
+    );
+
+    plugin(&["retry", &name]);
+    at_step(&api, 1, RolloutPhase::Paused).await;
+    assert_eq!(canary_weight(&ns).await, Some(25));
+
+    // A template change mid-release supersedes the canary.
+    let superseded = status(&api).await.unwrap().canary_revision.unwrap();
+    set_template(&api, "web:3", json!({})).await;
+    let third = wait_for("a new canary", Duration::from_secs(30), || async {
+        let c = status(&api).await?.canary_revision?;
+        (c != superseded).then_some(c)
+    })
+    .await;
+    at_step(&api, 1, RolloutPhase::Paused).await;
+    let rs_api: Api<ReplicaSet> = Api::namespaced(ns.client.clone(), &ns.name);
+    wait_for(
+        "superseded canary scaled down",
+        Duration::from_secs(30),
+        || async {
+            (rs_api
+                .get(&format!("web-{superseded}"))
+                .await
+                .ok()?
+                .spec?
+                .replicas?
+                == 0)
+                .then_some(())
+        },
+    )
+    .await;
+
+    plugin(&["promote", "--full", &name]);
+    wait_for("promoted", Duration::from_secs(60), || async {
+        let s = status(&api).await?;
+        (s.stable_revision.as_deref() == Some(third.as_str())
+            && s.phase == Some(RolloutPhase::Healthy))
+        .then_some(())
+    })
+    .await;
+    assert_ne!(third, first);
+    let list = plugin(&["list", "-n", &ns.name]);
+    assert!(list.contains("Healthy"), "{list}");
+    ns.delete().await;
+}
+
+#[tokio::test]
+#[ignore = "needs the local cluster: make test"]
+async fn host_level_routing_leaves_other_routes_alone_and_puts_drift_back() {
+    let ns = TestNamespace::new("host").await;
+    let _controller = start_controller().await;
+    for svc in ["web-stable", "web-canary"] {
+        let mut s = service(&ns.name, svc);
+        s["spec"]["selector"] = json!({"app": "web"});
+        create(&ns, &s).await.unwrap();
+    }
+    let vs = json!({"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+        "metadata": {"name": "web", "namespace": ns.name},
+        "spec": {"hosts": ["web"], "http": [
+            {"name": "header", "match": [{"headers": {"x-canary": {"exact": "yes"}}}],
+             "route": [{"destination": {"host": "web-canary"}}], "timeout": "3s"},
+            {"name": "reviews", "route": [{"destination": {"host": "reviews", "port": {"number": 9080}}, "weight": 100}],
+             "retries": {"attempts": 3, "perTryTimeout": "2s"}},
+            {"name": "primary", "route": [{"destination": {"host": "web-stable"}, "weight": 100},
+                                          {"destination": {"host": "web-canary"}, "weight": 0}]}]}});
+    create(&ns, &vs).await.unwrap();
+    let mut r = rollout(
+        &ns.name,
+        "web:1",
+        json!({}),
+        json!(null),
+        json!([{"setWeight": 30}, {"pause": {}}]),
+    );
+    r["spec"]["strategy"]["canary"]["stableService"] = json!("web-stable");
+    r["spec"]["strategy"]["canary"]["canaryService"] = json!("web-canary");
+    r["spec"]["strategy"]["canary"]["trafficRouting"] =
+        json!({"istio": {"virtualService": {"name": "web", "routes": ["primary"]}}});
+    create(&ns, &r).await.unwrap();
+    let api: Api<Rollout> = Api::namespaced(ns.client.clone(), &ns.name);
+    let stable = healthy(&api).await;
+    let vs_api: Api<DynamicObject> =
+        Api::namespaced_with(ns.client.clone(), &ns.name, &virtual_service_resource());
+    let weight = || async {
+        let vs = vs_api.get("web").await.ok()?;
+        vs.data["spec"]["http"][2]["route"][1]["weight"].as_i64()
+    };
+    let others = vs_api.get("web").await.unwrap().data["spec"]["http"]
+        .as_array()
+        .unwrap()[..2]
+        .to_vec();
+
+    set_template(&api, "web:2", json!({})).await;
+    at_step(&api, 1, RolloutPhase::Paused).await;
+    assert_eq!(weight().await, Some(30));
+    let canary = status(&api).await.unwrap().canary_revision.unwrap();
+    let services: Api<k8s_openapi::api::core::v1::Service> =
+        Api::namespaced(ns.client.clone(), &ns.name);
+    let selector = |svc: k8s_openapi::api::core::v1::Service| svc.spec.unwrap().selector.unwrap();
+    assert_eq!(
+        selector(services.get("web-stable").await.unwrap()).get("sluice.dev/pod-template-hash"),
+        Some(&stable)
+    );
+    assert_eq!(
+        selector(services.get("web-canary").await.unwrap()).get("sluice.dev/pod-template-hash"),
+        Some(&canary)
+    );
+    assert_eq!(
+        selector(services.get("web-canary").await.unwrap())
+            .get("app")
+            .map(String::as_str),
+        Some("web")
+    );
+    let live = vs_api.get("web").await.unwrap();
+    assert_eq!(
+        live.data["spec"]["http"].as_array().unwrap()[..2].to_vec(),
+        others,
+        "other routes changed"
+    );
+
+    // Someone edits the weights by hand: Sluice puts its own back.
+    let mut edited = vs_api.get("web").await.unwrap();
+    edited.data["spec"]["http"][2]["route"][0]["weight"] = json!(50);
+    edited.data["spec"]["http"][2]["route"][1]["weight"] = json!(50);
+    vs_api
+        .replace("web", &PostParams::default(), &edited)
+        .await
+        .unwrap();
+    let drift_fixed = Instant::now();
+    wait_for("drift corrected", Duration::from_secs(20), || async {
+        (weight().await? == 30).then_some(())
+    })
+    .await;
+    println!("MEASURE drift corrected in {:?}", drift_fixed.elapsed());
+
+    // Deleting the Rollout puts all traffic back on stable first.
+    api.delete("web", &DeleteParams::default()).await.unwrap();
+    wait_for(
+        "weights back to stable on deletion",
+        Duration::from_secs(30),
+        || async { (weight().await? == 0).then_some(()) },
+    )
+    .await;
+    let live = vs_api.get("web").await.unwrap();
+    assert_eq!(
+        live.data["spec"]["http"].as_array().unwrap()[..2].to_vec(),
+        others,
+        "other routes changed"
+    );
     ns.delete().await;
 }

@@ -429,7 +429,8 @@ pub struct HandledIntents {
 }
 
 /// What the operator observed and decided. Written only by the operator, except the intent
-/// fields (`abort`, `promote`, `promoteFull`, `retry`), which only `kubectl sluice` writes.
+/// fields (`abort`, `promote`, `promoteFull`, `retry`, `pause`, `resume`), which only
+/// `kubectl sluice` writes.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RolloutStatus {
@@ -503,6 +504,13 @@ pub struct RolloutStatus {
     /// set, traffic stays on stable until `kubectl sluice retry` or a new template.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aborted_at: Option<Time>,
+    /// Person's request: hold the release where it is. `kubectl sluice pause`. In force while
+    /// it is newer than `resume`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause: Option<Intent>,
+    /// Person's request: lift a `kubectl sluice pause`. `kubectl sluice resume`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume: Option<Intent>,
     /// The intents the operator has acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handled_intents: Option<HandledIntents>,

@@ -2,12 +2,24 @@
 //!
 //! Installed on PATH as `kubectl-sluice`, kubectl runs it for `kubectl sluice ...`.
 
-use clap::{Parser, Subcommand};
+use std::time::Duration;
 
-/// Watch and steer Sluice rollouts, error budgets and pipelines.
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+use k8s_openapi::api::apps::v1::ReplicaSet;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+use sluice::api::rollout::Rollout;
+use sluice::plugin::{self, RolloutIntent};
+use sluice::rollout::revision::{REVISION_ANNOTATION, ROLLOUT_LABEL};
+
+/// Watch and steer Sluice rollouts.
 ///
-/// Commands that change something (promote, abort, approve, ...) record a request in the
-/// object's status, never in its spec, so GitOps tools such as ArgoCD never revert them.
+/// Commands that change something (promote, abort, retry, pause, resume) record a request in
+/// the Rollout's status, never in its spec, so GitOps tools such as ArgoCD never revert them.
+/// Rollouts are named NAMESPACE/NAME, or NAME with -n.
 #[derive(Parser, Debug)]
 #[command(
     name = "kubectl sluice",
@@ -16,19 +28,234 @@ use clap::{Parser, Subcommand};
     max_term_width = 100
 )]
 struct Cli {
+    /// Namespace of the Rollout when it is not written as NAMESPACE/NAME.
+    #[arg(short, long, global = true)]
+    namespace: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Steps, weights, revisions with their pods, and analysis measurements.
+    Status {
+        rollout: String,
+        /// Redraw every second until interrupted.
+        #[arg(short, long)]
+        watch: bool,
+    },
+    /// Every Rollout in the namespace (or all namespaces with -A).
+    List {
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
+    },
+    /// Go past the current pause (or an inconclusive analysis); --full skips every remaining step.
+    Promote {
+        rollout: String,
+        #[arg(long)]
+        full: bool,
+    },
+    /// Put all traffic back on stable now.
+    Abort {
+        rollout: String,
+        /// Why (recorded in Events).
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Start an aborted release again from its first step.
+    Retry { rollout: String },
+    /// Hold the release where it is.
+    Pause { rollout: String },
+    /// Lift a `kubectl sluice pause`.
+    Resume { rollout: String },
+    /// Roll the pod template back to an earlier revision. This edits the spec: with GitOps,
+    /// revert the commit instead.
+    Undo {
+        rollout: String,
+        /// The revision to return to (see `status`); default: the one before the current.
+        #[arg(long)]
+        to_revision: Option<i64>,
+    },
     /// Print the plugin version.
     Version,
 }
 
-fn main() {
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    sluice::install_crypto_provider();
     let cli = Cli::parse();
-    match cli.command {
-        Command::Version => println!("kubectl-sluice {}", env!("CARGO_PKG_VERSION")),
+    if let Err(e) = run(cli).await {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
     }
+}
+
+fn split(reference: &str, namespace: Option<&str>, default: &str) -> (String, String) {
+    match reference.split_once('/') {
+        Some((ns, name)) => (ns.to_string(), name.to_string()),
+        None => (
+            namespace.unwrap_or(default).to_string(),
+            reference.to_string(),
+        ),
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Version = cli.command {
+        println!("kubectl-sluice {}", sluice::VERSION);
+        return Ok(());
+    }
+    let config = kube::Config::infer()
+        .await
+        .context("no usable kubeconfig (set KUBECONFIG)")?;
+    let default_ns = config.default_namespace.clone();
+    let user = std::env::var("USER").ok();
+    let client = Client::try_from(config)?;
+    let target = |r: &str| split(r, cli.namespace.as_deref(), &default_ns);
+    match cli.command {
+        Command::Status { rollout, watch } => {
+            let (ns, name) = target(&rollout);
+            loop {
+                let text = status_text(&client, &ns, &name).await?;
+                if watch {
+                    print!("\x1b[2J\x1b[H{text}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                } else {
+                    print!("{text}");
+                    return Ok(());
+                }
+            }
+        }
+        Command::List { all_namespaces } => {
+            let api: Api<Rollout> = if all_namespaces {
+                Api::all(client)
+            } else {
+                Api::namespaced(client, cli.namespace.as_deref().unwrap_or(&default_ns))
+            };
+            println!(
+                "{:<16} {:<24} {:<12} {:<6} {:<7} {:<12} CANARY",
+                "NAMESPACE", "NAME", "PHASE", "STEP", "WEIGHT", "STABLE"
+            );
+            for rollout in api.list(&ListParams::default()).await? {
+                println!("{}", plugin::render_row(&rollout));
+            }
+            Ok(())
+        }
+        Command::Promote { rollout, full } => {
+            let kind = if full {
+                RolloutIntent::PromoteFull
+            } else {
+                RolloutIntent::Promote
+            };
+            record(&client, target(&rollout), kind, user, None).await
+        }
+        Command::Abort { rollout, reason } => {
+            record(
+                &client,
+                target(&rollout),
+                RolloutIntent::Abort,
+                user,
+                reason,
+            )
+            .await
+        }
+        Command::Retry { rollout } => {
+            record(&client, target(&rollout), RolloutIntent::Retry, user, None).await
+        }
+        Command::Pause { rollout } => {
+            record(&client, target(&rollout), RolloutIntent::Pause, user, None).await
+        }
+        Command::Resume { rollout } => {
+            record(&client, target(&rollout), RolloutIntent::Resume, user, None).await
+        }
+        Command::Undo {
+            rollout,
+            to_revision,
+        } => undo(&client, target(&rollout), to_revision).await,
+        Command::Version => Ok(()),
+    }
+}
+
+async fn get(api: &Api<Rollout>, ns: &str, name: &str) -> anyhow::Result<Rollout> {
+    api.get_opt(name).await?.with_context(|| {
+        format!("Rollout {ns}/{name} not found (kubectl sluice list -A shows them all)")
+    })
+}
+
+async fn status_text(client: &Client, ns: &str, name: &str) -> anyhow::Result<String> {
+    let api: Api<Rollout> = Api::namespaced(client.clone(), ns);
+    let rollout = get(&api, ns, name).await?;
+    let sets: Api<ReplicaSet> = Api::namespaced(client.clone(), ns);
+    let owned = sets
+        .list(&ListParams::default().labels(&format!("{ROLLOUT_LABEL}={name}")))
+        .await?
+        .items;
+    Ok(plugin::render_status(&rollout, &owned, Timestamp::now()))
+}
+
+async fn record(
+    client: &Client,
+    (ns, name): (String, String),
+    kind: RolloutIntent,
+    user: Option<String>,
+    reason: Option<String>,
+) -> anyhow::Result<()> {
+    let api: Api<Rollout> = Api::namespaced(client.clone(), &ns);
+    get(&api, &ns, &name).await?;
+    let intent = plugin::new_intent(Timestamp::now(), user, reason);
+    let patch = plugin::intent_patch(kind, &intent);
+    api.patch_status(
+        &name,
+        &PatchParams::apply(plugin::FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .with_context(|| format!("could not record {kind:?} on Rollout {ns}/{name}"))?;
+    println!(
+        "{kind:?} requested for Rollout {ns}/{name}; `kubectl sluice status {ns}/{name}` shows the effect"
+    );
+    Ok(())
+}
+
+async fn undo(
+    client: &Client,
+    (ns, name): (String, String),
+    to_revision: Option<i64>,
+) -> anyhow::Result<()> {
+    let api: Api<Rollout> = Api::namespaced(client.clone(), &ns);
+    get(&api, &ns, &name).await?;
+    let sets: Api<ReplicaSet> = Api::namespaced(client.clone(), &ns);
+    let mut owned: Vec<(i64, ReplicaSet)> = sets
+        .list(&ListParams::default().labels(&format!("{ROLLOUT_LABEL}={name}")))
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|rs| {
+            rs.annotations()
+                .get(REVISION_ANNOTATION)
+                .and_then(|r| r.parse().ok())
+                .map(|r| (r, rs))
+        })
+        .collect();
+    owned.sort_by_key(|(r, _)| *r);
+    let target = match to_revision {
+        Some(r) => owned.iter().find(|(rev, _)| *rev == r),
+        None => owned.iter().rev().nth(1),
+    };
+    let Some((revision, rs)) = target else {
+        bail!(
+            "Rollout {ns}/{name} has no such earlier revision; `kubectl sluice status {ns}/{name}` lists them"
+        );
+    };
+    let template = plugin::template_for_undo(rs).context("that ReplicaSet has no template")?;
+    api.patch(
+        &name,
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"spec": {"template": template}})),
+    )
+    .await?;
+    println!(
+        "Rollout {ns}/{name} template set back to revision {revision}; a release of it starts now"
+    );
+    Ok(())
 }

@@ -322,6 +322,11 @@ async fn apply(rollout: Arc<Rollout>, ctx: Arc<Context>) -> Result<Action, Error
     }
 
     apply_replica_sets(&ctx, &rollout, &owned, &plan, &desired_hash).await?;
+    let selector = selector_string(&rollout.spec.selector);
+    plan.status.selector = Some(selector);
+    // The decision is recorded before traffic moves: a crash in between leaves a status from
+    // which the next reconcile makes the same move.
+    write_status(&ctx, &rollout, &plan.status).await?;
     if let (Some(router), Some(intent)) = (&router, &plan.traffic) {
         let current = match &traffic {
             ObservedTraffic::State(s) => {
@@ -339,9 +344,6 @@ async fn apply(rollout: Arc<Rollout>, ctx: Arc<Context>) -> Result<Action, Error
             }
         }
     }
-    let selector = selector_string(&rollout.spec.selector);
-    plan.status.selector = Some(selector);
-    write_status(&ctx, &rollout, &plan.status).await?;
     publish_events(&ctx, &rollout, &plan).await;
     ctx.health.metrics.rollout_state(
         &namespace,

@@ -176,9 +176,8 @@ impl Planner<'_> {
             .map(|_| Time(self.o.now));
         self.status.pause_conditions.clear();
         self.status.aborted_at = None;
-        self.status
-            .analysis_runs
-            .retain(|r| Some(&r.revision) == self.status.canary_revision.as_ref());
+        // A new, cancelled or retried release starts without verdicts.
+        self.status.analysis_runs.clear();
         conditions::set(
             &mut self.status.conditions,
             "Aborted",
@@ -409,7 +408,12 @@ pub fn plan(o: &Observed) -> Plan {
                     _ => {}
                 }
             }
-            if o.spec.paused == Some(true) {
+            let paused_by_person = match (&o.status.pause, &o.status.resume) {
+                (Some(pause), Some(resume)) => pause.requested_at.0 > resume.requested_at.0,
+                (Some(_), None) => true,
+                _ => false,
+            };
+            if o.spec.paused == Some(true) || paused_by_person {
                 p.pause(PauseReason::UserPause, o.now);
             } else {
                 p.status
@@ -761,7 +765,10 @@ fn finish(mut p: Planner, steps: &[Step], desired_weight: i32) -> Plan {
                     "paused: analysis inconclusive ({why}); fix it, then `kubectl sluice promote`"
                 )
             }
-            PauseReason::UserPause => "paused by spec.paused".to_string(),
+            PauseReason::UserPause => {
+                "paused (spec.paused or `kubectl sluice pause`); `kubectl sluice resume` continues"
+                    .to_string()
+            }
             PauseReason::BlueGreenPause => "waiting for promotion".to_string(),
         };
         (RolloutPhase::Paused, message)
@@ -856,6 +863,8 @@ fn finish(mut p: Planner, steps: &[Step], desired_weight: i32) -> Plan {
     p.status.promote = None;
     p.status.promote_full = None;
     p.status.retry = None;
+    p.status.pause = None;
+    p.status.resume = None;
 
     if let Some(analysis) = &o.background {
         for run in &p.status.analysis_runs {
@@ -916,15 +925,35 @@ mod tests {
     }
 
     fn weight(w: i32) -> CanaryStep {
-        CanaryStep { set_weight: Some(w), pause: None, analysis: None, set_canary_scale: None }
+        CanaryStep {
+            set_weight: Some(w),
+            pause: None,
+            analysis: None,
+            set_canary_scale: None,
+        }
     }
 
     fn pause(secs: Option<u64>) -> CanaryStep {
-        CanaryStep { set_weight: None, pause: Some(PauseStep { duration: secs.map(Duration::from_secs).map(|d| crate::api::Duration::from_secs(d.as_secs())) }), analysis: None, set_canary_scale: None }
+        CanaryStep {
+            set_weight: None,
+            pause: Some(PauseStep {
+                duration: secs
+                    .map(Duration::from_secs)
+                    .map(|d| crate::api::Duration::from_secs(d.as_secs())),
+            }),
+            analysis: None,
+            set_canary_scale: None,
+        }
     }
 
     fn rs(hash: &str, replicas: i32, available: i32) -> ObservedReplicaSet {
-        ObservedReplicaSet { hash: hash.into(), replicas, ready: available, available, scale_down_at: None }
+        ObservedReplicaSet {
+            hash: hash.into(),
+            replicas,
+            ready: available,
+            available,
+            scale_down_at: None,
+        }
     }
 
     fn releasing(index: i32) -> RolloutStatus {
@@ -937,21 +966,34 @@ mod tests {
         }
     }
 
-    fn observed(steps: Vec<CanaryStep>, status: RolloutStatus, canary_available: i32, weight: Option<i32>) -> Observed {
+    fn observed(
+        steps: Vec<CanaryStep>,
+        status: RolloutStatus,
+        canary_available: i32,
+        weight: Option<i32>,
+    ) -> Observed {
         Observed {
             generation: Some(1),
             spec: spec(steps, 4),
             status,
             desired_hash: NEW.into(),
             replica_sets: vec![rs(OLD, 4, 4), rs(NEW, canary_available, canary_available)],
-            traffic: ObservedTraffic::State(TrafficState { canary_weight: weight, targets_match: true }),
+            traffic: ObservedTraffic::State(TrafficState {
+                canary_weight: weight,
+                targets_match: true,
+            }),
             background: None,
             now: t(10),
         }
     }
 
     fn intent(id: &str) -> Option<Intent> {
-        Some(Intent { id: id.into(), requested_at: Time(t(5)), requested_by: Some("alice".into()), reason: None })
+        Some(Intent {
+            id: id.into(),
+            requested_at: Time(t(5)),
+            requested_by: Some("alice".into()),
+            reason: None,
+        })
     }
 
     #[test]
@@ -961,19 +1003,33 @@ mod tests {
         let plan = plan(&o);
         assert_eq!(plan.status.stable_revision.as_deref(), Some(NEW));
         assert_eq!(plan.status.canary_revision, None);
-        assert_eq!(plan.replica_sets[0], ReplicaSetIntent { hash: NEW.into(), replicas: 4, scale_down_at: None });
+        assert_eq!(
+            plan.replica_sets[0],
+            ReplicaSetIntent {
+                hash: NEW.into(),
+                replicas: 4,
+                scale_down_at: None
+            }
+        );
         assert_eq!(plan.traffic.unwrap().canary_weight, 0);
     }
 
     #[test]
     fn a_new_template_starts_a_release_at_step_zero() {
-        let status = RolloutStatus { stable_revision: Some(OLD.into()), ..RolloutStatus::default() };
+        let status = RolloutStatus {
+            stable_revision: Some(OLD.into()),
+            ..RolloutStatus::default()
+        };
         let plan = plan(&observed(vec![weight(25)], status, 0, Some(0)));
         assert_eq!(plan.status.canary_revision.as_deref(), Some(NEW));
         assert_eq!(plan.status.current_step_index, Some(0));
         assert!(plan.events.iter().any(|e| e.reason == "ReleaseStarted"));
         // Canary pods first (25% of 4 = 1), no traffic until they are available.
-        assert!(plan.replica_sets.contains(&ReplicaSetIntent { hash: NEW.into(), replicas: 1, scale_down_at: None }));
+        assert!(plan.replica_sets.contains(&ReplicaSetIntent {
+            hash: NEW.into(),
+            replicas: 1,
+            scale_down_at: None
+        }));
         assert_eq!(plan.traffic.unwrap().canary_weight, 0);
     }
 
@@ -995,11 +1051,19 @@ mod tests {
         let mut o = observed(steps, releasing(1), 1, Some(25));
         let waiting = plan(&o);
         assert_eq!(waiting.status.current_step_index, Some(1));
-        assert_eq!(waiting.requeue_after, Duration::from_secs(10), "started at 0, now 10, 20s pause");
+        assert_eq!(
+            waiting.requeue_after,
+            Duration::from_secs(10),
+            "started at 0, now 10, 20s pause"
+        );
         o.now = t(20);
         let done = plan(&o);
         assert_eq!(done.status.current_step_index, Some(2));
-        assert_eq!(done.traffic.unwrap().canary_weight, 100, "after the last step: full weight");
+        assert_eq!(
+            done.traffic.unwrap().canary_weight,
+            100,
+            "after the last step: full weight"
+        );
     }
 
     #[test]
@@ -1009,8 +1073,20 @@ mod tests {
         status.promote = intent("p1");
         let plan1 = plan(&observed(steps.clone(), status, 2, Some(25)));
         assert_eq!(plan1.status.current_step_index, Some(2));
-        assert_eq!(plan1.status.handled_intents.as_ref().unwrap().promote.as_deref(), Some("p1"));
-        assert_eq!(plan1.status.promote, None, "the operator never writes the person's field");
+        assert_eq!(
+            plan1
+                .status
+                .handled_intents
+                .as_ref()
+                .unwrap()
+                .promote
+                .as_deref(),
+            Some("p1")
+        );
+        assert_eq!(
+            plan1.status.promote, None,
+            "the operator never writes the person's field"
+        );
         // The same intent seen again (handled) does not pass the next pause.
         let mut status = plan1.status.clone();
         status.promote = intent("p1");
@@ -1032,6 +1108,10 @@ mod tests {
         status.retry = intent("r1");
         let retried = plan(&observed(steps, status, 2, Some(0)));
         assert_eq!(retried.status.aborted_at, None);
+        assert!(
+            retried.status.analysis_runs.is_empty(),
+            "old verdicts must not abort the retry"
+        );
         assert_eq!(retried.status.current_step_index, Some(0));
         assert_eq!(retried.traffic.unwrap().canary_weight, 50);
     }
@@ -1044,12 +1124,40 @@ mod tests {
         let full = plan(&observed(steps.clone(), status, 1, Some(10)));
         assert_eq!(full.status.current_step_index, Some(3));
         assert_eq!(full.traffic.as_ref().unwrap().canary_weight, 100);
-        assert!(full.replica_sets.contains(&ReplicaSetIntent { hash: NEW.into(), replicas: 4, scale_down_at: None }));
+        assert!(full.replica_sets.contains(&ReplicaSetIntent {
+            hash: NEW.into(),
+            replicas: 4,
+            scale_down_at: None
+        }));
         let promoted = plan(&observed(steps, full.status.clone(), 4, Some(100)));
         assert_eq!(promoted.status.stable_revision.as_deref(), Some(NEW));
         assert_eq!(promoted.status.canary_revision, None);
-        assert_eq!(promoted.traffic.as_ref().unwrap().targets, Targets { stable: NEW.into(), canary: NEW.into() });
+        assert_eq!(
+            promoted.traffic.as_ref().unwrap().targets,
+            Targets {
+                stable: NEW.into(),
+                canary: NEW.into()
+            }
+        );
         assert_eq!(promoted.traffic.unwrap().canary_weight, 0);
+    }
+
+    #[test]
+    fn a_person_pauses_and_resumes() {
+        let steps = vec![weight(25), pause(Some(1))];
+        let mut status = releasing(0);
+        status.pause = intent("x");
+        let paused = plan(&observed(steps.clone(), status.clone(), 1, Some(25)));
+        assert_eq!(paused.status.phase, Some(RolloutPhase::Paused));
+        assert_eq!(paused.status.current_step_index, Some(0));
+        status.resume = Some(Intent {
+            id: "y".into(),
+            requested_at: Time(t(6)),
+            requested_by: None,
+            reason: None,
+        });
+        let resumed = plan(&observed(steps, status, 1, Some(25)));
+        assert_eq!(resumed.status.current_step_index, Some(1));
     }
 
     #[test]
@@ -1069,9 +1177,16 @@ mod tests {
         let plan = plan(&o);
         assert_eq!(plan.status.canary_revision.as_deref(), Some("third"));
         assert_eq!(plan.status.current_step_index, Some(0));
-        assert_eq!(plan.traffic.unwrap().canary_weight, 0, "the new canary has no pods yet");
+        assert_eq!(
+            plan.traffic.unwrap().canary_weight,
+            0,
+            "the new canary has no pods yet"
+        );
         let superseded = plan.replica_sets.iter().find(|r| r.hash == NEW).unwrap();
-        assert!(superseded.scale_down_at.is_some(), "the superseded canary is scaled down after the delay");
+        assert!(
+            superseded.scale_down_at.is_some(),
+            "the superseded canary is scaled down after the delay"
+        );
     }
 
     #[test]
@@ -1080,8 +1195,16 @@ mod tests {
         o.traffic = ObservedTraffic::None;
         let plan = plan(&o);
         assert!(plan.traffic.is_none());
-        assert!(plan.replica_sets.contains(&ReplicaSetIntent { hash: NEW.into(), replicas: 2, scale_down_at: None }));
-        assert!(plan.replica_sets.contains(&ReplicaSetIntent { hash: OLD.into(), replicas: 2, scale_down_at: None }));
+        assert!(plan.replica_sets.contains(&ReplicaSetIntent {
+            hash: NEW.into(),
+            replicas: 2,
+            scale_down_at: None
+        }));
+        assert!(plan.replica_sets.contains(&ReplicaSetIntent {
+            hash: OLD.into(),
+            replicas: 2,
+            scale_down_at: None
+        }));
         assert_eq!(plan.status.current_step_index, Some(1));
     }
 
@@ -1091,8 +1214,17 @@ mod tests {
         o.traffic = ObservedTraffic::Failed("VirtualService shop/web not found".into());
         let plan = plan(&o);
         assert_eq!(plan.status.phase, Some(RolloutPhase::Degraded));
-        assert!(plan.status.message.unwrap().contains("VirtualService shop/web not found"));
-        assert!(plan.replica_sets.contains(&ReplicaSetIntent { hash: OLD.into(), replicas: 4, scale_down_at: None }));
+        assert!(
+            plan.status
+                .message
+                .unwrap()
+                .contains("VirtualService shop/web not found")
+        );
+        assert!(plan.replica_sets.contains(&ReplicaSetIntent {
+            hash: OLD.into(),
+            replicas: 4,
+            scale_down_at: None
+        }));
         assert_eq!(plan.status.current_step_index, Some(0));
     }
 

@@ -315,8 +315,9 @@ pub async fn service_selects(
         == Some(hash))
 }
 
-/// Adds the revision to a Service's selector. Server-side apply of that one key: the user
-/// keeps ownership of the rest of the selector and of the Service.
+/// Adds the revision to a Service's selector. `spec.selector` is an atomic map, so a
+/// server-side apply would take the whole selector from its owner: a merge patch adds the one
+/// key and leaves the user's keys alone.
 pub async fn point_service(
     client: &Client,
     namespace: &str,
@@ -329,17 +330,11 @@ pub async fn point_service(
             "Service {namespace}/{service} not found"
         )));
     }
-    let patch = json!({
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": service, "namespace": namespace},
-        "spec": {"selector": {HASH_LABEL: hash}},
-    });
-    api.patch(
-        service,
-        &PatchParams::apply(crate::FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
+    let patch = json!({"spec": {"selector": {HASH_LABEL: hash}}});
+    let params = PatchParams {
+        field_manager: Some(crate::FIELD_MANAGER.into()),
+        ..PatchParams::default()
+    };
+    api.patch(service, &params, &Patch::Merge(&patch)).await?;
     Ok(())
 }

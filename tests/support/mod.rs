@@ -205,3 +205,73 @@ pub fn virtual_service(namespace: &str, host: &str, stable_weight: i32) -> Value
                {"destination": {"host": host, "subset": "stable"}, "weight": stable_weight},
                {"destination": {"host": host, "subset": "canary"}, "weight": 100 - stable_weight}]}]}})
 }
+
+/// A TCP forwarder to Prometheus that a test can stop and start again on the same port,
+/// so the operator sees Prometheus go away (connection refused) and come back.
+pub struct Outage {
+    pub port: u16,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Outage {
+    pub async fn start(port: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .expect("bind the Prometheus forwarder");
+        let port = listener.local_addr().unwrap().port();
+        let upstream = prometheus_url().trim_start_matches("http://").to_string();
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => break,
+                    accepted = listener.accept() => {
+                        let Ok((mut inbound, _)) = accepted else { continue };
+                        let upstream = upstream.clone();
+                        tokio::spawn(async move {
+                            if let Ok(mut outbound) = tokio::net::TcpStream::connect(&upstream).await {
+                                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                            }
+                        });
+                    }
+                }
+            }
+        });
+        Self {
+            port,
+            stop: Some(stop),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Prometheus goes away: the listener closes, new connections are refused.
+    pub fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Runs `kubectl sluice ARGS` (the plugin built with the tests) and returns its stdout.
+pub fn plugin(args: &[&str]) -> String {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_kubectl-sluice"))
+        .args(args)
+        .output()
+        .expect("plugin runs");
+    assert!(
+        output.status.success(),
+        "kubectl sluice {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The median and the maximum of some durations.
+pub fn median_max(mut samples: Vec<Duration>) -> (Duration, Duration) {
+    samples.sort();
+    let median = samples.get(samples.len() / 2).copied().unwrap_or_default();
+    (median, samples.last().copied().unwrap_or_default())
+}

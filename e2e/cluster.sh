@@ -1,0 +1,584 @@
+#!/usr/bin/env bash
+# Local Kubernetes control plane for Sluice's e2e tests: real etcd,
+# kube-apiserver, kube-controller-manager and kube-scheduler built from Go
+# modules (e2e/tools/build.sh), kwok simulating 3 Nodes and their Pods, and
+# Debian's Prometheus. No container engine; everything listens on 127.0.0.1.
+#
+# Usage: e2e/cluster.sh up|down|status|kubeconfig|prometheus-url|env
+#
+#   up              start everything (idempotent: exits 0 at once if already up)
+#   down            stop everything, delete etcd/prometheus data (keeps certs)
+#   status          show processes and health; exit 0 only if all is healthy
+#   kubeconfig      print the admin kubeconfig path
+#   prometheus-url  print the Prometheus base URL
+#   env             print `export ...` lines for eval: KUBECONFIG, PATH (bin dir),
+#                   SLUICE_PROMETHEUS_URL
+#
+# Ports (127.0.0.1): etcd 12379 (peer 12380), kube-apiserver 16443,
+# kube-controller-manager 16257, kube-scheduler 16259, kwok 16280,
+# Prometheus 19090 (scrapes job istio-sim at 127.0.0.1:19100 every 2s).
+# State, logs and pid files: e2e/.work/ (override: SLUICE_E2E_WORK_DIR).
+set -euo pipefail
+
+E2E_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO_DIR="$(cd "${E2E_DIR}/.." && pwd)"
+WORK="${SLUICE_E2E_WORK_DIR:-${E2E_DIR}/.work}"
+LOGS="${WORK}/logs"
+PIDS="${WORK}/pids"
+PKI="${WORK}/pki"
+KUBECONFIG_FILE="${WORK}/kubeconfig"
+BUILD_SH="${E2E_DIR}/tools/build.sh"
+
+HOST=127.0.0.1
+ETCD_PORT=12379
+ETCD_PEER_PORT=12380
+APISERVER_PORT=16443
+KCM_PORT=16257
+SCHEDULER_PORT=16259
+KWOK_PORT=16280
+PROM_PORT=19090
+SIM_PORT=19100
+SERVICE_CIDR=10.96.0.0/16
+# Only written into the `kubernetes` Service's Endpoints, which may not hold a
+# loopback IP; nothing listens or routes there (the apiserver itself binds to
+# 127.0.0.1 only, and --external-hostname keeps discovery on 127.0.0.1).
+ADVERTISE_ADDRESS="${SLUICE_APISERVER_ADVERTISE_ADDRESS:-10.255.255.1}"
+CLUSTER_NAME=sluice-local
+APISERVER_URL="https://${HOST}:${APISERVER_PORT}"
+PROM_URL="http://${HOST}:${PROM_PORT}"
+
+# Start order; `down` stops in reverse.
+COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler kwok prometheus)
+
+log() { echo "cluster.sh: $*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+# ---------------------------------------------------------------- processes
+
+pid_of() { cat "${PIDS}/$1.pid" 2>/dev/null || true; }
+
+# alive PID: exists and is not a zombie (an exited daemon stays a zombie until
+# whatever adopted it reaps it).
+alive() {
+  local state=""
+  kill -0 "$1" 2>/dev/null || return 1
+  read -r _ _ state _ < "/proc/$1/stat" 2>/dev/null || return 1
+  [[ "${state}" != Z ]]
+}
+
+# running NAME: the pid file names a live process whose command line mentions
+# NAME (guards against pid reuse).
+running() {
+  local pid
+  pid="$(pid_of "$1")"
+  [[ -n "${pid}" ]] && alive "${pid}" &&
+    tr '\0' ' ' < "/proc/${pid}/cmdline" 2>/dev/null | grep -q -- "$1"
+}
+
+# start NAME BINARY ARGS...: run detached (own session), log to logs/NAME.log.
+start() {
+  local name="$1"; shift
+  [[ -f "${LOGS}/${name}.log" ]] && mv -f "${LOGS}/${name}.log" "${LOGS}/${name}.log.prev"
+  log "starting ${name} (log: ${LOGS}/${name}.log)"
+  # 8>&-: daemons must not inherit the cluster lock (fd 8) held by `up`.
+  setsid "$@" </dev/null >"${LOGS}/${name}.log" 2>&1 8>&- &
+  echo $! > "${PIDS}/${name}.pid"
+}
+
+# stop NAME: SIGTERM, wait up to 10s, then SIGKILL.
+stop() {
+  local name="$1" pid i
+  pid="$(pid_of "${name}")"
+  if [[ -n "${pid}" ]] && running "${name}"; then
+    log "stopping ${name} (pid ${pid})"
+    kill -TERM "${pid}" 2>/dev/null || true
+    for ((i = 0; i < 100; i++)); do
+      alive "${pid}" || break
+      sleep 0.1
+    done
+    if alive "${pid}"; then
+      log "${name} did not exit after 10s; sending SIGKILL"
+      kill -KILL "${pid}" 2>/dev/null || true
+    fi
+  fi
+  rm -f "${PIDS}/${name}.pid"
+}
+
+stop_all() {
+  local i
+  for ((i = ${#COMPONENTS[@]} - 1; i >= 0; i--)); do
+    stop "${COMPONENTS[i]}"
+  done
+}
+
+# wait_for DESC TIMEOUT_S LOGNAME CMD...: poll CMD every 0.5s; on timeout, or if
+# LOGNAME's process died, print its log tail and fail.
+wait_for() {
+  local desc="$1" timeout="$2" name="$3" deadline
+  shift 3
+  deadline=$(( $(date +%s) + timeout ))
+  until "$@" >/dev/null 2>&1; do
+    if [[ -n "${name}" && -f "${PIDS}/${name}.pid" ]] && ! running "${name}"; then
+      fail "${name} exited while waiting for ${desc}" "${name}"
+    fi
+    if (( $(date +%s) >= deadline )); then
+      fail "timed out after ${timeout}s waiting for ${desc}" "${name}"
+    fi
+    sleep 0.5
+  done
+  log "ok: ${desc}"
+}
+
+# fail MSG [LOGNAME]: print the log tail, stop what `up` started, exit 1.
+# Outside a starting `up` (STARTING=0) it only reports and exits 1.
+STARTING=0
+fail() {
+  log "ERROR: $1"
+  if [[ -n "${2:-}" && -f "${LOGS}/$2.log" ]]; then
+    log "---- last 40 lines of ${LOGS}/$2.log ----"
+    tail -n 40 "${LOGS}/$2.log" >&2 || true
+    log "----"
+  fi
+  trap - EXIT
+  [[ "${STARTING}" == 1 ]] || exit 1
+  log "cleaning up (logs are kept in ${LOGS})"
+  stop_all
+  exit 1
+}
+
+# ------------------------------------------------------------------ prereqs
+
+APT_UPDATED=0
+# need CMD DEBIAN_PACKAGE: install the package with apt if CMD is missing.
+need() {
+  command -v "$1" >/dev/null && return 0
+  if [[ "$(id -u)" != 0 ]]; then
+    die "'$1' is missing: run 'sudo apt-get install -y --no-install-recommends $2' (only this step needs root)"
+  fi
+  log "installing $2 with apt-get (missing: $1)"
+  if [[ "${APT_UPDATED}" == 0 ]]; then
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
+    APT_UPDATED=1
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$2" >&2
+  command -v "$1" >/dev/null || die "installed $2 but '$1' is still not on PATH"
+}
+
+bin_dir() { "${BUILD_SH}" --print-bin-dir; }
+
+# ---------------------------------------------------------------------- PKI
+
+# ca NAME CN: self-signed CA (kept across down/up).
+ca() {
+  [[ -f "${PKI}/$1.crt" && -f "${PKI}/$1.key" ]] && return 0
+  openssl req -x509 -new -newkey rsa:2048 -nodes -days 3650 -sha256 \
+    -keyout "${PKI}/$1.key" -out "${PKI}/$1.crt" -subj "/CN=$2" \
+    -addext "basicConstraints=critical,CA:TRUE" \
+    -addext "keyUsage=critical,keyCertSign,cRLSign,digitalSignature" 2>/dev/null
+}
+
+# cert NAME CN ORG [SAN] [CA]: client (or, with SAN, serving) cert signed by
+# CA (default: ca).
+cert() {
+  local name="$1" cn="$2" org="$3" san="${4:-}" signer="${5:-ca}" ext="${PKI}/$1.ext"
+  [[ -f "${PKI}/${name}.crt" && -f "${PKI}/${name}.key" ]] && return 0
+  local subj="/CN=${cn}"
+  [[ -n "${org}" ]] && subj="/O=${org}${subj}"
+  {
+    echo "basicConstraints=critical,CA:FALSE"
+    echo "keyUsage=critical,digitalSignature,keyEncipherment"
+    if [[ -n "${san}" ]]; then
+      echo "extendedKeyUsage=serverAuth,clientAuth"
+      echo "subjectAltName=${san}"
+    else
+      echo "extendedKeyUsage=clientAuth"
+    fi
+  } > "${ext}"
+  openssl req -new -newkey rsa:2048 -nodes -keyout "${PKI}/${name}.key" \
+    -subj "${subj}" -out "${PKI}/${name}.csr" 2>/dev/null
+  openssl x509 -req -in "${PKI}/${name}.csr" -CA "${PKI}/${signer}.crt" -CAkey "${PKI}/${signer}.key" \
+    -CAcreateserial -days 3650 -sha256 -extfile "${ext}" -out "${PKI}/${name}.crt" 2>/dev/null
+  rm -f "${PKI}/${name}.csr" "${ext}"
+}
+
+gen_pki() {
+  mkdir -p "${PKI}"
+  chmod 700 "${PKI}"
+  if [[ ! -f "${PKI}/ca.crt" || ! -f "${PKI}/ca.key" ]]; then
+    log "generating PKI in ${PKI}"
+    rm -f "${PKI}"/*.crt "${PKI}"/*.key
+  fi
+  ca ca sluice-local-ca
+  # Front proxy (request-header authn) for aggregated API servers; also keeps
+  # the controller-manager/scheduler from logging a missing requestheader CA.
+  ca front-proxy-ca sluice-local-front-proxy-ca
+  cert front-proxy-client front-proxy-client "" "" front-proxy-ca
+  # 10.96.0.1 is the `kubernetes` Service ClusterIP (first IP of SERVICE_CIDR).
+  cert apiserver kube-apiserver "" \
+    "IP:127.0.0.1,DNS:localhost,IP:10.96.0.1,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
+  cert admin sluice-admin system:masters
+  cert kube-controller-manager system:kube-controller-manager ""
+  cert kube-scheduler system:kube-scheduler ""
+  # kwok plays every kubelet (node status, leases, pod status): give it admin.
+  cert kwok system:kwok-controller system:masters
+  if [[ ! -f "${PKI}/sa.key" ]]; then
+    openssl genrsa -out "${PKI}/sa.key" 2048 2>/dev/null
+    openssl rsa -in "${PKI}/sa.key" -pubout -out "${PKI}/sa.pub" 2>/dev/null
+  fi
+}
+
+# kubeconfig FILE CERT_NAME USER: self-contained kubeconfig (embedded certs).
+kubeconfig() {
+  local file="$1" name="$2" user="$3"
+  cat > "${file}.tmp" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: ${CLUSTER_NAME}
+  cluster:
+    server: ${APISERVER_URL}
+    certificate-authority-data: $(base64 -w0 < "${PKI}/ca.crt")
+users:
+- name: ${user}
+  user:
+    client-certificate-data: $(base64 -w0 < "${PKI}/${name}.crt")
+    client-key-data: $(base64 -w0 < "${PKI}/${name}.key")
+contexts:
+- name: ${CLUSTER_NAME}
+  context:
+    cluster: ${CLUSTER_NAME}
+    user: ${user}
+current-context: ${CLUSTER_NAME}
+preferences: {}
+EOF
+  chmod 600 "${file}.tmp"
+  mv -f "${file}.tmp" "${file}"
+}
+
+# ------------------------------------------------------------------- checks
+
+KCTL=()
+kctl() { "${KCTL[@]}" "$@"; }
+
+curl_api() {
+  curl -fsS --max-time 5 --cacert "${PKI}/ca.crt" --cert "${PKI}/admin.crt" \
+    --key "${PKI}/admin.key" "${APISERVER_URL}$1"
+}
+etcd_healthy() { curl -fsS --max-time 3 "http://${HOST}:${ETCD_PORT}/health" 2>/dev/null | grep -q '"health":"true"'; }
+apiserver_ready() { [[ "$(curl_api /readyz 2>/dev/null)" == ok ]]; }
+healthz_ok() { [[ "$(curl -fsSk --max-time 3 "https://${HOST}:$1/healthz" 2>/dev/null)" == ok ]]; }
+kwok_ok() { curl -fsS --max-time 3 "http://${HOST}:${KWOK_PORT}/healthz" >/dev/null 2>&1; }
+prom_ready() { curl -fsS --max-time 3 "${PROM_URL}/-/ready" >/dev/null 2>&1; }
+default_sa() { kctl -n default get serviceaccount default; }
+nodes_ready() {
+  local n
+  n="$(kctl get nodes -l type=kwok \
+    -o jsonpath='{range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}' | grep -c '^True$')"
+  [[ "${n}" -ge 3 ]]
+}
+
+all_healthy() {
+  local c
+  for c in "${COMPONENTS[@]}"; do running "${c}" || return 1; done
+  [[ -f "${WORK}/.up" ]] && etcd_healthy && apiserver_ready && prom_ready
+}
+
+# check_ports: fail early if another process already listens on our ports.
+check_ports() {
+  local port busy=()
+  for port in "${ETCD_PORT}" "${ETCD_PEER_PORT}" "${APISERVER_PORT}" "${KCM_PORT}" \
+    "${SCHEDULER_PORT}" "${KWOK_PORT}" "${PROM_PORT}"; do
+    if (exec 3<>"/dev/tcp/${HOST}/${port}") 2>/dev/null; then
+      busy+=("${port}")
+    fi
+  done
+  if [[ ${#busy[@]} -gt 0 ]]; then
+    die "port(s) ${busy[*]} on ${HOST} already in use (see: ss -ltnp | grep -E '$(IFS='|'; echo "${busy[*]}")')"
+  fi
+}
+
+# -------------------------------------------------------------- components
+
+start_etcd() {
+  mkdir -p "${WORK}/etcd-data"
+  chmod 700 "${WORK}/etcd-data"
+  start etcd "${BIN}/etcd" \
+    --name=sluice-local \
+    --data-dir="${WORK}/etcd-data" \
+    --listen-client-urls="http://${HOST}:${ETCD_PORT}" \
+    --advertise-client-urls="http://${HOST}:${ETCD_PORT}" \
+    --listen-peer-urls="http://${HOST}:${ETCD_PEER_PORT}" \
+    --initial-advertise-peer-urls="http://${HOST}:${ETCD_PEER_PORT}" \
+    --initial-cluster="sluice-local=http://${HOST}:${ETCD_PEER_PORT}" \
+    --initial-cluster-state=new \
+    --unsafe-no-fsync \
+    --log-level=warn
+  wait_for "etcd /health" 30 etcd etcd_healthy
+}
+
+start_apiserver() {
+  start kube-apiserver "${BIN}/kube-apiserver" \
+    --etcd-servers="http://${HOST}:${ETCD_PORT}" \
+    --bind-address="${HOST}" \
+    --advertise-address="${ADVERTISE_ADDRESS}" \
+    --external-hostname="${HOST}" \
+    --secure-port="${APISERVER_PORT}" \
+    --tls-cert-file="${PKI}/apiserver.crt" \
+    --tls-private-key-file="${PKI}/apiserver.key" \
+    --client-ca-file="${PKI}/ca.crt" \
+    --requestheader-client-ca-file="${PKI}/front-proxy-ca.crt" \
+    --requestheader-allowed-names=front-proxy-client \
+    --requestheader-username-headers=X-Remote-User \
+    --requestheader-group-headers=X-Remote-Group \
+    --requestheader-extra-headers-prefix=X-Remote-Extra- \
+    --proxy-client-cert-file="${PKI}/front-proxy-client.crt" \
+    --proxy-client-key-file="${PKI}/front-proxy-client.key" \
+    --authorization-mode=Node,RBAC \
+    --service-account-issuer=https://kubernetes.default.svc.cluster.local \
+    --service-account-key-file="${PKI}/sa.pub" \
+    --service-account-signing-key-file="${PKI}/sa.key" \
+    --service-cluster-ip-range="${SERVICE_CIDR}" \
+    --allow-privileged=true \
+    --profiling=false
+  wait_for "kube-apiserver /readyz" 120 kube-apiserver apiserver_ready
+}
+
+start_controller_manager() {
+  start kube-controller-manager "${BIN}/kube-controller-manager" \
+    --kubeconfig="${WORK}/kube-controller-manager.kubeconfig" \
+    --authentication-kubeconfig="${WORK}/kube-controller-manager.kubeconfig" \
+    --authorization-kubeconfig="${WORK}/kube-controller-manager.kubeconfig" \
+    --bind-address="${HOST}" \
+    --secure-port="${KCM_PORT}" \
+    --leader-elect=false \
+    --use-service-account-credentials=true \
+    --service-account-private-key-file="${PKI}/sa.key" \
+    --root-ca-file="${PKI}/ca.crt" \
+    --cluster-signing-cert-file="${PKI}/ca.crt" \
+    --cluster-signing-key-file="${PKI}/ca.key" \
+    --service-cluster-ip-range="${SERVICE_CIDR}" \
+    --cluster-name="${CLUSTER_NAME}" \
+    --profiling=false
+}
+
+start_scheduler() {
+  start kube-scheduler "${BIN}/kube-scheduler" \
+    --kubeconfig="${WORK}/kube-scheduler.kubeconfig" \
+    --authentication-kubeconfig="${WORK}/kube-scheduler.kubeconfig" \
+    --authorization-kubeconfig="${WORK}/kube-scheduler.kubeconfig" \
+    --bind-address="${HOST}" \
+    --secure-port="${SCHEDULER_PORT}" \
+    --leader-elect=false \
+    --profiling=false
+}
+
+start_kwok() {
+  start kwok "${BIN}/kwok" \
+    --kubeconfig="${WORK}/kwok.kubeconfig" \
+    --config="${E2E_DIR}/kwok/node-stages.yaml" \
+    --config="${E2E_DIR}/kwok/pod-stages.yaml" \
+    --manage-all-nodes=false \
+    --manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake \
+    --node-lease-duration-seconds=40 \
+    --cidr=10.244.0.1/16 \
+    --node-ip=127.0.1.254 \
+    --server-address="${HOST}:${KWOK_PORT}"
+}
+
+start_prometheus() {
+  mkdir -p "${WORK}/prometheus-data"
+  cat > "${WORK}/prometheus.yml" <<EOF
+# Generated by e2e/cluster.sh up. Edit, then reload without a restart:
+#   curl -X POST ${PROM_URL}/-/reload
+global:
+  scrape_interval: 2s
+  scrape_timeout: 2s
+  evaluation_interval: 2s
+scrape_configs:
+  # Sluice's traffic simulator (serves Istio-style metrics).
+  - job_name: istio-sim
+    scrape_interval: 2s
+    static_configs:
+      - targets: ['${HOST}:${SIM_PORT}']
+  - job_name: prometheus
+    scrape_interval: 2s
+    static_configs:
+      - targets: ['${HOST}:${PROM_PORT}']
+EOF
+  start prometheus prometheus \
+    --config.file="${WORK}/prometheus.yml" \
+    --storage.tsdb.path="${WORK}/prometheus-data" \
+    --storage.tsdb.retention.time=1d \
+    --web.listen-address="${HOST}:${PROM_PORT}" \
+    --web.enable-lifecycle
+}
+
+# apply_crds [DIR...]: server-side apply the Istio, Gateway API and crds/ CRDs
+# (or just DIRs), then wait until all CRDs are Established.
+apply_crds() {
+  local dir files=("$@")
+  if [[ ${#files[@]} == 0 ]]; then
+    while IFS= read -r dir; do
+      files+=("${dir}")
+    done < <("${BUILD_SH}" --print-crd-dirs)
+    # Our own CRDs (filled by the operator work), if any.
+    if compgen -G "${REPO_DIR}/crds/*.y*ml" >/dev/null; then
+      files+=("${REPO_DIR}/crds")
+    fi
+  fi
+  for dir in "${files[@]}"; do
+    log "applying CRDs from ${dir}"
+    kctl apply --server-side --force-conflicts --field-manager=sluice-cluster-sh -f "${dir}" >/dev/null ||
+      fail "applying CRDs from ${dir} failed" kube-apiserver
+  done
+  kctl wait --for=condition=Established crd --all --timeout=60s >/dev/null ||
+    fail "CRDs not Established within 60s" kube-apiserver
+  log "ok: $(kctl get crd --no-headers | wc -l) CRDs Established"
+}
+
+# --------------------------------------------------------------- commands
+
+cmd_up() {
+  local t0 c
+  t0=$(date +%s)
+  mkdir -p "${WORK}" "${LOGS}" "${PIDS}"
+  exec 8>"${WORK}/.cluster.lock"
+  flock 8
+
+  if all_healthy; then
+    log "already up"
+    # Re-apply crds/ if it changed since the cluster came up.
+    if [[ -n "$(find "${REPO_DIR}/crds" -newer "${WORK}/.up" -name '*.y*ml' 2>/dev/null | head -n 1)" ]]; then
+      BIN="$(bin_dir)"
+      KCTL=("${BIN}/kubectl" --kubeconfig="${KUBECONFIG_FILE}")
+      apply_crds "${REPO_DIR}/crds"
+      touch "${WORK}/.up"
+    fi
+    print_usage
+    return 0
+  fi
+  for c in "${COMPONENTS[@]}"; do
+    if running "${c}"; then
+      log "found a partial cluster; restarting it"
+      cmd_down_locked
+      break
+    fi
+  done
+  rm -f "${WORK}/.up"
+  check_ports
+
+  need curl curl
+  need openssl openssl
+  need prometheus prometheus
+  need flock util-linux
+  need setsid util-linux
+
+  log "building/checking tools (e2e/tools/build.sh)"
+  BIN="$("${BUILD_SH}" | tail -n 1)"
+  [[ -x "${BIN}/kube-apiserver" ]] || die "build.sh did not produce ${BIN}/kube-apiserver"
+  KCTL=("${BIN}/kubectl" --kubeconfig="${KUBECONFIG_FILE}")
+
+  gen_pki
+  kubeconfig "${KUBECONFIG_FILE}" admin sluice-admin
+  kubeconfig "${WORK}/kube-controller-manager.kubeconfig" kube-controller-manager system:kube-controller-manager
+  kubeconfig "${WORK}/kube-scheduler.kubeconfig" kube-scheduler system:kube-scheduler
+  kubeconfig "${WORK}/kwok.kubeconfig" kwok system:kwok-controller
+
+  # From here on, any unexpected error tears down what was started.
+  STARTING=1
+  trap 'fail "unexpected error (line ${LINENO})"' EXIT
+
+  start_etcd
+  start_apiserver
+  start_controller_manager
+  start_scheduler
+  start_kwok
+  start_prometheus
+
+  wait_for "kube-controller-manager /healthz" 60 kube-controller-manager healthz_ok "${KCM_PORT}"
+  wait_for "kube-scheduler /healthz" 60 kube-scheduler healthz_ok "${SCHEDULER_PORT}"
+  wait_for "kwok /healthz" 60 kwok kwok_ok
+  kctl apply -f "${E2E_DIR}/kwok/nodes.yaml" >/dev/null || fail "creating nodes failed" kube-apiserver
+  wait_for "3 kwok nodes Ready" 60 kwok nodes_ready
+  wait_for "ServiceAccount default/default" 60 kube-controller-manager default_sa
+  apply_crds
+  wait_for "prometheus /-/ready" 60 prometheus prom_ready
+
+  trap - EXIT
+  STARTING=0
+  touch "${WORK}/.up"
+  log "cluster up in $(( $(date +%s) - t0 ))s"
+  print_usage
+}
+
+print_usage() {
+  cat >&2 <<EOF
+
+Local cluster '${CLUSTER_NAME}' is up (Kubernetes $("${BUILD_SH}" --print-bin-dir | sed -n 's#.*/k8s-\(v[^/]*\)/bin#\1#p'), 3 kwok nodes).
+  export KUBECONFIG=${KUBECONFIG_FILE}
+  export PATH=$(bin_dir):\$PATH        # kubectl, helm, etcd, kwok of matching versions
+  # or: eval "\$(e2e/cluster.sh env)"
+  kubectl get nodes
+  Prometheus: ${PROM_URL}   (scrapes job istio-sim at ${HOST}:${SIM_PORT} every 2s)
+  Logs: ${LOGS}/   status: e2e/cluster.sh status   stop: make cluster-down
+EOF
+}
+
+cmd_down_locked() {
+  stop_all
+  rm -rf "${WORK}/etcd-data" "${WORK}/prometheus-data" "${WORK}/.up"
+}
+
+cmd_down() {
+  if [[ ! -d "${WORK}" ]]; then
+    log "nothing to do"
+    return 0
+  fi
+  mkdir -p "${PIDS}"
+  exec 8>"${WORK}/.cluster.lock"
+  flock 8
+  cmd_down_locked
+  log "cluster down (certs kept in ${PKI}, logs in ${LOGS})"
+}
+
+cmd_status() {
+  local c pid ok=0 state
+  for c in "${COMPONENTS[@]}"; do
+    pid="$(pid_of "${c}")"
+    if running "${c}"; then state="running"; else state="stopped"; ok=1; fi
+    printf '%-24s %-8s pid=%-8s log=%s\n' "${c}" "${state}" "${pid:--}" "${LOGS}/${c}.log"
+  done
+  printf '%-24s %s\n' "etcd /health" "$(etcd_healthy && echo ok || echo FAIL)"
+  printf '%-24s %s\n' "apiserver /readyz" "$([[ -f "${PKI}/admin.crt" ]] && apiserver_ready && echo ok || echo FAIL)"
+  printf '%-24s %s\n' "controller-manager" "$(healthz_ok "${KCM_PORT}" && echo ok || echo FAIL)"
+  printf '%-24s %s\n' "scheduler" "$(healthz_ok "${SCHEDULER_PORT}" && echo ok || echo FAIL)"
+  printf '%-24s %s\n' "kwok" "$(kwok_ok && echo ok || echo FAIL)"
+  printf '%-24s %s\n' "prometheus /-/ready" "$(prom_ready && echo ok || echo FAIL)"
+  if apiserver_ready 2>/dev/null && [[ -x "$(bin_dir)/kubectl" ]]; then
+    KCTL=("$(bin_dir)/kubectl" --kubeconfig="${KUBECONFIG_FILE}")
+    kctl get nodes -o wide 2>&1 || true
+  else
+    ok=1
+  fi
+  echo "kubeconfig: ${KUBECONFIG_FILE}"
+  echo "prometheus: ${PROM_URL}"
+  return "${ok}"
+}
+
+cmd_env() {
+  echo "export KUBECONFIG='${KUBECONFIG_FILE}'"
+  # shellcheck disable=SC2016 # $PATH is expanded by the shell that evals this.
+  printf 'export PATH='\''%s'\'':"$PATH"\n' "$(bin_dir)"
+  echo "export SLUICE_PROMETHEUS_URL='${PROM_URL}'"
+}
+
+case "${1:-}" in
+  up) cmd_up ;;
+  down) cmd_down ;;
+  status) cmd_status ;;
+  kubeconfig) echo "${KUBECONFIG_FILE}" ;;
+  prometheus-url) echo "${PROM_URL}" ;;
+  env) cmd_env ;;
+  -h|--help|help) sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//' ;;
+  *) echo "usage: $0 up|down|status|kubeconfig|prometheus-url|env" >&2; exit 2 ;;
+esac

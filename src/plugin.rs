@@ -1,0 +1,283 @@
+//! The pure half of `kubectl sluice`: what to write for an intent, and how a Rollout reads
+//! on a terminal.
+
+use std::fmt::Write;
+
+use k8s_openapi::api::apps::v1::ReplicaSet;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
+use serde_json::{Value, json};
+
+use crate::api::common::Intent;
+use crate::api::rollout::Rollout;
+use crate::rollout::revision::{HASH_LABEL, REVISION_ANNOTATION};
+use crate::rollout::steps;
+
+/// The field manager of every write the plugin makes (never the operator's).
+pub const FIELD_MANAGER: &str = "kubectl-sluice";
+
+/// The intents the plugin can record on a Rollout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RolloutIntent {
+    Abort,
+    Promote,
+    PromoteFull,
+    Retry,
+    Pause,
+    Resume,
+}
+
+impl RolloutIntent {
+    fn field(self) -> &'static str {
+        match self {
+            Self::Abort => "abort",
+            Self::Promote => "promote",
+            Self::PromoteFull => "promoteFull",
+            Self::Retry => "retry",
+            Self::Pause => "pause",
+            Self::Resume => "resume",
+        }
+    }
+}
+
+/// A fresh intent: its id is the request time, unique enough for one person's commands.
+pub fn new_intent(now: Timestamp, requested_by: Option<String>, reason: Option<String>) -> Intent {
+    Intent {
+        id: now.to_string(),
+        requested_at: Time(now),
+        requested_by,
+        reason,
+    }
+}
+
+/// The server-side apply body that records `intent` in the status subresource.
+pub fn intent_patch(kind: RolloutIntent, intent: &Intent) -> Value {
+    json!({
+        "apiVersion": "sluice.dev/v1alpha1",
+        "kind": "Rollout",
+        "status": { kind.field(): intent },
+    })
+}
+
+fn age(since: Option<&Time>, now: Timestamp) -> String {
+    let Some(since) = since else {
+        return "-".into();
+    };
+    let secs = now.duration_since(since.0).as_secs().max(0);
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
+    }
+}
+
+/// The `kubectl sluice status` view.
+pub fn render_status(rollout: &Rollout, replica_sets: &[ReplicaSet], now: Timestamp) -> String {
+    let mut out = String::new();
+    let status = rollout.status.clone().unwrap_or_default();
+    let ns = rollout.namespace().unwrap_or_default();
+    let phase = status
+        .phase
+        .map_or("Unknown".to_string(), |p| format!("{p:?}"));
+    let _ = writeln!(out, "Rollout     {ns}/{}", rollout.name_any());
+    let _ = writeln!(out, "Phase       {phase}");
+    if let Some(message) = &status.message {
+        let _ = writeln!(out, "Message     {message}");
+    }
+    let strategy = if rollout.spec.strategy.canary.is_some() {
+        "Canary"
+    } else {
+        "BlueGreen"
+    };
+    let _ = writeln!(out, "Strategy    {strategy}");
+    if let Some(w) = &status.weights {
+        let verified = match w.verified {
+            Some(true) => " (verified)",
+            Some(false) => " (not yet verified)",
+            None => " (by replica counts)",
+        };
+        let _ = writeln!(
+            out,
+            "Weights     stable {}%  canary {}%{verified}",
+            w.stable, w.canary
+        );
+    }
+    let _ = writeln!(
+        out,
+        "Stable      {}",
+        status.stable_revision.as_deref().unwrap_or("-")
+    );
+    let _ = writeln!(
+        out,
+        "Canary      {}",
+        status.canary_revision.as_deref().unwrap_or("-")
+    );
+
+    if let Some(canary) = &rollout.spec.strategy.canary {
+        let steps = steps::effective(&canary.steps);
+        let current = status.current_step_index.map(|i| i.max(0) as usize);
+        let _ = writeln!(out, "\nSteps");
+        for (i, step) in steps.iter().enumerate() {
+            let marker = match current {
+                Some(c) if status.canary_revision.is_some() && i < c => "done",
+                Some(c) if status.canary_revision.is_some() && i == c => "  =>",
+                _ => "    ",
+            };
+            let _ = writeln!(out, "  {marker} {:>2}. {step}", i + 1);
+        }
+        let last = if matches!(current, Some(c) if c >= steps.len() && status.canary_revision.is_some())
+        {
+            "  =>"
+        } else {
+            "    "
+        };
+        let _ = writeln!(out, "  {last}     promote (100%)");
+    }
+
+    let _ = writeln!(out, "\nRevisions");
+    let _ = writeln!(out, "  REV  HASH         ROLE     DESIRED   READY     AGE");
+    let mut sets: Vec<&ReplicaSet> = replica_sets.iter().collect();
+    sets.sort_by_key(|rs| {
+        std::cmp::Reverse(
+            rs.annotations()
+                .get(REVISION_ANNOTATION)
+                .and_then(|r| r.parse::<i64>().ok())
+                .unwrap_or(0),
+        )
+    });
+    for rs in sets {
+        let hash = rs.labels().get(HASH_LABEL).cloned().unwrap_or_default();
+        let role = if Some(&hash) == status.stable_revision.as_ref() {
+            "stable"
+        } else if Some(&hash) == status.canary_revision.as_ref() {
+            "canary"
+        } else {
+            "old"
+        };
+        let desired = rs.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0);
+        let ready = rs
+            .status
+            .as_ref()
+            .and_then(|s| s.ready_replicas)
+            .unwrap_or(0);
+        let revision = rs
+            .annotations()
+            .get(REVISION_ANNOTATION)
+            .cloned()
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "  {:<4} {:<12} {:<8} {:<9} {:<9} {}",
+            revision,
+            hash,
+            role,
+            desired,
+            ready,
+            age(rs.metadata.creation_timestamp.as_ref(), now)
+        );
+    }
+
+    if !status.analysis_runs.is_empty() {
+        let _ = writeln!(out, "\nAnalysis");
+        for run in &status.analysis_runs {
+            let message = run
+                .message
+                .as_deref()
+                .map(|m| format!(" - {m}"))
+                .unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "  {} ({}) {:?}{message}",
+                run.name, run.revision, run.phase
+            );
+            for metric in &run.metrics {
+                let recent: Vec<String> = metric
+                    .measurements
+                    .iter()
+                    .rev()
+                    .take(5)
+                    .map(|m| format!("{}:{:?}", m.value.as_deref().unwrap_or("-"), m.phase))
+                    .collect();
+                let _ = writeln!(
+                    out,
+                    "    {:<16} {:?}  ok {} failed {} inconclusive {} error {}  latest {}",
+                    metric.name,
+                    metric.phase,
+                    metric.successful,
+                    metric.failed,
+                    metric.inconclusive,
+                    metric.error,
+                    recent.join(" ")
+                );
+            }
+        }
+    }
+    out
+}
+
+/// One line of `kubectl sluice list`.
+pub fn render_row(rollout: &Rollout) -> String {
+    let status = rollout.status.clone().unwrap_or_default();
+    format!(
+        "{:<16} {:<24} {:<12} {:<6} {:<7} {:<12} {}",
+        rollout.namespace().unwrap_or_default(),
+        rollout.name_any(),
+        status.phase.map_or("Unknown".into(), |p| format!("{p:?}")),
+        status.step_progress.as_deref().unwrap_or("-"),
+        status
+            .weights
+            .as_ref()
+            .map_or("-".into(), |w| format!("{}%", w.canary)),
+        status.stable_revision.as_deref().unwrap_or("-"),
+        status.canary_revision.as_deref().unwrap_or("-"),
+    )
+}
+
+/// The template of a ReplicaSet, as the user wrote it (the revision label removed), for `undo`.
+pub fn template_for_undo(rs: &ReplicaSet) -> Option<Value> {
+    let mut template = serde_json::to_value(rs.spec.as_ref()?.template.as_ref()?).ok()?;
+    if let Some(labels) = template
+        .pointer_mut("/metadata/labels")
+        .and_then(Value::as_object_mut)
+    {
+        labels.remove(HASH_LABEL);
+    }
+    Some(template)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn intent_patch_touches_only_its_own_field() {
+        let intent = new_intent(
+            Timestamp::from_second(1_700_000_000).unwrap(),
+            Some("alice".into()),
+            None,
+        );
+        let patch = intent_patch(RolloutIntent::PromoteFull, &intent);
+        assert_eq!(patch["status"].as_object().unwrap().len(), 1);
+        assert_eq!(patch["status"]["promoteFull"]["requestedBy"], "alice");
+        assert!(patch.get("spec").is_none(), "never the spec that git owns");
+    }
+
+    #[test]
+    fn status_marks_the_current_step() {
+        let mut rollout: Rollout = serde_json::from_value(json!({
+            "apiVersion": "sluice.dev/v1alpha1", "kind": "Rollout",
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"selector": {}, "template": {}, "strategy": {"canary": {"steps": [{"setWeight": 20}, {"pause": {}}]}}}
+        })).unwrap();
+        rollout.status = serde_json::from_value(json!({
+            "phase": "Paused", "currentStepIndex": 1, "stableRevision": "aaa", "canaryRevision": "bbb",
+            "weights": {"stable": 80, "canary": 20, "verified": true}
+        })).unwrap();
+        let text = render_status(&rollout, &[], Timestamp::now());
+        assert!(text.contains("done  1. setWeight 20"), "{text}");
+        assert!(text.contains("  =>  2. pause until promoted"), "{text}");
+        assert!(text.contains("stable 80%  canary 20% (verified)"), "{text}");
+    }
+}
