@@ -68,6 +68,10 @@ struct ControllerArgs {
     #[arg(long, env = "SLUICE_IDENTITY")]
     identity: Option<String>,
 
+    /// Watch only this namespace instead of the whole cluster (then a Role is enough).
+    #[arg(long, env = "SLUICE_WATCH_NAMESPACE")]
+    watch_namespace: Option<String>,
+
     /// Prometheus address used when a Rollout or ErrorBudget does not name one,
     /// e.g. http://prometheus.monitoring:9090.
     #[arg(long, env = "SLUICE_PROMETHEUS_ADDRESS")]
@@ -111,6 +115,7 @@ fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         listen: args.listen,
         lease,
         prometheus_address: args.prometheus_address,
+        namespace: args.watch_namespace,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

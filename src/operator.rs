@@ -21,6 +21,8 @@ pub struct Settings {
     pub lease: Option<LeaseSettings>,
     /// Prometheus address used when a Rollout or ErrorBudget does not name one.
     pub prometheus_address: Option<String>,
+    /// Watch only this namespace (`None`: the whole cluster).
+    pub namespace: Option<String>,
 }
 
 /// Shared by every controller's reconcile.

@@ -15,11 +15,12 @@ use support::*;
 use tokio::sync::watch;
 
 /// Starts the Rollout controller; it stops when the returned sender is dropped or set.
-async fn start_controller() -> watch::Sender<bool> {
-    start_controller_with(prometheus_url()).await
+/// Each test's controller watches only its own namespace, so parallel tests never share one.
+async fn start_controller(ns: &str) -> watch::Sender<bool> {
+    start_controller_with(ns, prometheus_url()).await
 }
 
-async fn start_controller_with(prometheus: String) -> watch::Sender<bool> {
+async fn start_controller_with(ns: &str, prometheus: String) -> watch::Sender<bool> {
     let client = client().await;
     let (stop_tx, stop_rx) = watch::channel(false);
     let health = Arc::new(sluice::server::Health::new(
@@ -29,6 +30,7 @@ async fn start_controller_with(prometheus: String) -> watch::Sender<bool> {
         listen: "127.0.0.1:0".parse().unwrap(),
         lease: None,
         prometheus_address: Some(prometheus),
+        namespace: Some(ns.to_string()),
     };
     let ctx = Arc::new(sluice::operator::Context {
         client,
@@ -99,7 +101,7 @@ async fn set_template(api: &Api<Rollout>, image: &str, annotations: Value) {
 #[ignore = "needs the local cluster: make test"]
 async fn canary_happy_path_moves_weights_step_by_step_and_promotes() {
     let ns = TestNamespace::new("happy").await;
-    let _controller = start_controller().await;
+    let _controller = start_controller(&ns.name).await;
     routing(&ns).await;
     let steps = json!([{"setCanaryScale": {"replicas": 4}}, {"setWeight": 10}, {"pause": {"duration": "1s"}},
                        {"setWeight": 25}, {"pause": {"duration": "1s"}},
@@ -180,7 +182,7 @@ async fn canary_happy_path_moves_weights_step_by_step_and_promotes() {
 #[ignore = "needs the local cluster: make test"]
 async fn a_bad_canary_is_rolled_back_by_analysis() {
     let ns = TestNamespace::new("bad").await;
-    let _controller = start_controller().await;
+    let _controller = start_controller(&ns.name).await;
     routing(&ns).await;
     let window = "[10s]";
     let query = format!(
@@ -270,7 +272,7 @@ async fn a_bad_canary_is_rolled_back_by_analysis() {
 }
 
 fn background_analysis(interval: &str) -> Value {
-    let query = r#"sum(rate(istio_requests_total{destination_service_namespace="{{rollout.namespace}}",destination_version="{{canary.revision}}",response_code=~"5.."}[10s])) / sum(rate(istio_requests_total{destination_service_namespace="{{rollout.namespace}}",destination_version="{{canary.revision}}"}[10s]))"#;
+    let query = r#"(sum(rate(istio_requests_total{destination_service_namespace="{{rollout.namespace}}",destination_version="{{canary.revision}}",response_code=~"5.."}[10s])) or vector(0)) / sum(rate(istio_requests_total{destination_service_namespace="{{rollout.namespace}}",destination_version="{{canary.revision}}"}[10s]))"#;
     json!({"interval": interval, "failureLimit": 0, "inconclusiveLimit": 50, "consecutiveErrorLimit": 2,
            "metrics": [{"name": "error-rate", "prometheus": {"query": query}, "successCondition": "result < 0.05"}]})
 }
@@ -300,7 +302,7 @@ async fn at_step(api: &Api<Rollout>, index: i32, phase: RolloutPhase) {
 async fn prometheus_outage_pauses_the_release_and_promote_continues_it() {
     let ns = TestNamespace::new("outage").await;
     let mut prometheus = Outage::start(0).await;
-    let _controller = start_controller_with(prometheus.url()).await;
+    let _controller = start_controller_with(&ns.name, prometheus.url()).await;
     routing(&ns).await;
     let steps =
         json!([{"setWeight": 20}, {"pause": {"duration": "3s"}}, {"setWeight": 50}, {"pause": {}}]);
@@ -368,7 +370,7 @@ async fn prometheus_outage_pauses_the_release_and_promote_continues_it() {
 #[ignore = "needs the local cluster: make test"]
 async fn the_operator_restarted_mid_step_resumes_where_it_was() {
     let ns = TestNamespace::new("restart").await;
-    let controller = start_controller().await;
+    let controller = start_controller(&ns.name).await;
     routing(&ns).await;
     let steps =
         json!([{"setWeight": 25}, {"pause": {"duration": "6s"}}, {"setWeight": 60}, {"pause": {}}]);
@@ -388,7 +390,7 @@ async fn the_operator_restarted_mid_step_resumes_where_it_was() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     // While it is down nothing moves.
     assert_eq!(status(&api).await.unwrap().current_step_index, Some(1));
-    let _controller = start_controller().await;
+    let _controller = start_controller(&ns.name).await;
     at_step(&api, 3, RolloutPhase::Paused).await;
     let after = status(&api).await.unwrap();
     assert_eq!(after.canary_revision, before.canary_revision);
@@ -405,7 +407,7 @@ async fn the_operator_restarted_mid_step_resumes_where_it_was() {
 #[ignore = "needs the local cluster: make test"]
 async fn people_steer_the_release_with_the_plugin() {
     let ns = TestNamespace::new("plugin").await;
-    let _controller = start_controller().await;
+    let _controller = start_controller(&ns.name).await;
     routing(&ns).await;
     let steps = json!([{"setWeight": 25}, {"pause": {}}, {"setWeight": 50}, {"pause": {}}]);
     create(
@@ -484,7 +486,7 @@ async fn people_steer_the_release_with_the_plugin() {
 #[ignore = "needs the local cluster: make test"]
 async fn host_level_routing_leaves_other_routes_alone_and_puts_drift_back() {
     let ns = TestNamespace::new("host").await;
-    let _controller = start_controller().await;
+    let _controller = start_controller(&ns.name).await;
     for svc in ["web-stable", "web-canary"] {
         let mut s = service(&ns.name, svc);
         s["spec"]["selector"] = json!({"app": "web"});

@@ -62,8 +62,13 @@ impl Error {
 /// Runs the Rollout controller until `stop`.
 pub async fn run(ctx: Arc<Context>, mut stop: watch::Receiver<bool>) {
     let client = ctx.client.clone();
-    let rollouts: Api<Rollout> = Api::all(client.clone());
-    let replica_sets: Api<ReplicaSet> = Api::all(client.clone());
+    let (rollouts, replica_sets): (Api<Rollout>, Api<ReplicaSet>) = match &ctx.settings.namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+        ),
+        None => (Api::all(client.clone()), Api::all(client.clone())),
+    };
     let mut controller = Controller::new(rollouts, watcher::Config::default()).owns(
         replica_sets,
         watcher::Config::default().labels(ROLLOUT_LABEL),
@@ -78,7 +83,10 @@ pub async fn run(ctx: Arc<Context>, mut stop: watch::Receiver<bool>) {
             tracing::info!(kind, "not served by this cluster; not watching it");
             continue;
         }
-        let api: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
+        let api: Api<DynamicObject> = match &ctx.settings.namespace {
+            Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
+            None => Api::all_with(client.clone(), &resource),
+        };
         let store = store.clone();
         let kind_name = kind.to_string();
         controller = controller.watches_with(
@@ -202,10 +210,18 @@ async fn cleanup(rollout: Arc<Rollout>, ctx: Arc<Context>) -> Result<Action, Err
     Ok(Action::await_change())
 }
 
-async fn apply(rollout: Arc<Rollout>, ctx: Arc<Context>) -> Result<Action, Error> {
+async fn apply(cached: Arc<Rollout>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let name = cached.name_any();
+    let namespace = cached.namespace().unwrap_or_default();
+    // The watch cache can lag our own last status write (a VirtualService event may arrive
+    // before the Rollout's); planning on a stale status would undo the last decision, so the
+    // plan starts from a fresh read.
+    let api: Api<Rollout> = Api::namespaced(ctx.client.clone(), &namespace);
+    let Some(rollout) = api.get_opt(&name).await? else {
+        return Ok(Action::await_change());
+    };
+    let rollout = Arc::new(rollout);
     let now = Timestamp::now();
-    let name = rollout.name_any();
-    let namespace = rollout.namespace().unwrap_or_default();
     let rs_api: Api<ReplicaSet> = Api::namespaced(ctx.client.clone(), &namespace);
     let uid = rollout.uid().unwrap_or_default();
     let owned: Vec<ReplicaSet> = rs_api
