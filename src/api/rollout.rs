@@ -1,7 +1,7 @@
 //! `Rollout`: a pod template that is released progressively (canary or blue-green).
 
 use k8s_openapi::api::core::v1::PodTemplateSpec;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, MicroTime, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -449,9 +449,9 @@ pub struct RolloutStatus {
     /// `current/total`, for the printer column.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step_progress: Option<String>,
-    /// When the current step started.
+    /// When the current step started (microseconds: a 1s pause must not end early).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub current_step_started_at: Option<Time>,
+    pub current_step_started_at: Option<MicroTime>,
     /// Pod-template hash of the revision that serves users.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stable_revision: Option<String>,

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
 use super::steps::{self, Step};
@@ -173,7 +173,7 @@ impl Planner<'_> {
             .status
             .canary_revision
             .as_ref()
-            .map(|_| Time(self.o.now));
+            .map(|_| MicroTime(self.o.now));
         self.status.pause_conditions.clear();
         self.status.aborted_at = None;
         // A new, cancelled or retried release starts without verdicts.
@@ -377,7 +377,7 @@ pub fn plan(o: &Observed) -> Plan {
             if let Some(id) = intents.promote_full.clone() {
                 p.handled.promote_full = Some(id);
                 p.status.current_step_index = Some(steps.len() as i32);
-                p.status.current_step_started_at = Some(Time(o.now));
+                p.status.current_step_started_at = Some(MicroTime(o.now));
                 p.status.pause_conditions.clear();
                 p.event(
                     false,
@@ -506,7 +506,7 @@ pub fn plan(o: &Observed) -> Plan {
                 );
             }
             p.status.current_step_index = Some(index as i32);
-            p.status.current_step_started_at = Some(Time(started));
+            p.status.current_step_started_at = Some(MicroTime(started));
 
             if index >= steps.len()
                 && p.status.pause_conditions.is_empty()
@@ -961,7 +961,7 @@ mod tests {
             stable_revision: Some(OLD.into()),
             canary_revision: Some(NEW.into()),
             current_step_index: Some(index),
-            current_step_started_at: Some(Time(t(0))),
+            current_step_started_at: Some(MicroTime(t(0))),
             ..RolloutStatus::default()
         }
     }
