@@ -65,10 +65,8 @@ run:
 		--log-format text --leader-election=false --listen 127.0.0.1:8080 \
 		--prometheus-address $$($(MAKE) -s prometheus-url)
 
-## demo: the guided walkthrough (arrives with the Rollout controller; see README)
+## demo: on the local cluster: a canary promoted step by step, a bad one rolled back
 demo:
-	@echo "The demo (a canary promoted, a bad canary rolled back) arrives with the Rollout"
-	@echo "controller. Today: 'make cluster-up' starts the local cluster, 'make run' the operator."
-	@exit 1
+	@e2e/demo.sh run
 
 include e2e/cluster.mk
