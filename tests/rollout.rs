@@ -613,3 +613,82 @@ async fn host_level_routing_leaves_other_routes_alone_and_puts_drift_back() {
     );
     ns.delete().await;
 }
+
+#[tokio::test]
+#[ignore = "needs the local cluster: make test"]
+async fn gateway_api_canary_sets_backend_weights_and_leaves_the_rest() {
+    let ns = TestNamespace::new("gateway").await;
+    let _controller = start_controller(&ns.name).await;
+    for svc in ["web-stable", "web-canary"] {
+        let mut s = service(&ns.name, svc);
+        s["spec"]["selector"] = json!({"app": "web"});
+        create(&ns, &s).await.unwrap();
+    }
+    let route = json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": {"name": "web", "namespace": ns.name},
+        "spec": {"parentRefs": [{"name": "gw"}], "rules": [
+            {"name": "admin", "matches": [{"path": {"type": "PathPrefix", "value": "/admin"}}],
+             "filters": [{"type": "RequestHeaderModifier", "requestHeaderModifier": {"add": [{"name": "x-admin", "value": "1"}]}}],
+             "backendRefs": [{"name": "admin", "port": 80}]},
+            {"name": "main",
+             "filters": [{"type": "ResponseHeaderModifier", "responseHeaderModifier": {"set": [{"name": "x-served-by", "value": "web"}]}}],
+             "backendRefs": [{"name": "web-stable", "port": 80, "weight": 100}, {"name": "web-canary", "port": 80, "weight": 0}]}]}});
+    create(&ns, &route).await.unwrap();
+    let mut r = rollout(
+        &ns.name,
+        "web:1",
+        json!({}),
+        json!(null),
+        json!([{"setWeight": 30}, {"pause": {}}]),
+    );
+    r["spec"]["strategy"]["canary"]["stableService"] = json!("web-stable");
+    r["spec"]["strategy"]["canary"]["canaryService"] = json!("web-canary");
+    r["spec"]["strategy"]["canary"]["trafficRouting"] =
+        json!({"gatewayAPI": {"httpRoute": {"name": "web", "rules": ["main"]}}});
+    create(&ns, &r).await.unwrap();
+    let api: Api<Rollout> = Api::namespaced(ns.client.clone(), &ns.name);
+    let first = healthy(&api).await;
+    let resource = kube::api::ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(
+        "gateway.networking.k8s.io",
+        "v1",
+        "HTTPRoute",
+    ));
+    let routes: Api<DynamicObject> = Api::namespaced_with(ns.client.clone(), &ns.name, &resource);
+    let weights = || async {
+        let r = routes.get("web").await.ok()?;
+        let refs = r.data["spec"]["rules"][1]["backendRefs"]
+            .as_array()?
+            .clone();
+        Some((refs[0]["weight"].as_i64()?, refs[1]["weight"].as_i64()?))
+    };
+    let untouched = |r: &DynamicObject| {
+        (
+            r.data["spec"]["rules"][0].clone(),
+            r.data["spec"]["rules"][1]["filters"].clone(),
+            r.data["spec"]["parentRefs"].clone(),
+        )
+    };
+    let before = untouched(&routes.get("web").await.unwrap());
+
+    set_template(&api, "web:2", json!({})).await;
+    at_step(&api, 1, RolloutPhase::Paused).await;
+    assert_eq!(weights().await, Some((70, 30)));
+    plugin(&["promote", "--full", &format!("{}/web", ns.name)]);
+    wait_for("promoted", Duration::from_secs(60), || async {
+        let s = status(&api).await?;
+        (s.stable_revision? != first && s.phase == Some(RolloutPhase::Healthy)).then_some(())
+    })
+    .await;
+    wait_for(
+        "all traffic on the new stable",
+        Duration::from_secs(20),
+        || async { (weights().await? == (100, 0)).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        untouched(&routes.get("web").await.unwrap()),
+        before,
+        "other rules, filters or parents changed"
+    );
+    ns.delete().await;
+}

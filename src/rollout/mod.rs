@@ -77,6 +77,7 @@ pub async fn run(ctx: Arc<Context>, mut stop: watch::Receiver<bool>) {
     for (group, kind) in [
         ("networking.istio.io", "VirtualService"),
         ("networking.istio.io", "DestinationRule"),
+        ("gateway.networking.k8s.io", "HTTPRoute"),
     ] {
         let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(group, "v1", kind));
         if !served(&client, &resource).await {
@@ -123,21 +124,23 @@ async fn served(client: &kube::Client, resource: &ApiResource) -> bool {
     api.list(&ListParams::default().limit(1)).await.is_ok()
 }
 
-/// Whether a Rollout routes through the named VirtualService or DestinationRule.
+/// Whether a Rollout routes through the named VirtualService, DestinationRule or HTTPRoute.
 fn refers_to(rollout: &Rollout, kind: &str, name: &str, namespace: &str) -> bool {
     let own_namespace = rollout.namespace().unwrap_or_default();
-    let Some(istio) = rollout
-        .spec
-        .strategy
+    let strategy = &rollout.spec.strategy;
+    let routing = strategy
         .canary
         .as_ref()
         .and_then(|c| c.traffic_routing.as_ref())
-        .and_then(|t| t.istio.as_ref())
-    else {
-        return false;
-    };
-    match kind {
-        "VirtualService" => istio
+        .or_else(|| {
+            strategy
+                .blue_green
+                .as_ref()
+                .and_then(|b| b.traffic_routing.as_ref())
+        });
+    let Some(routing) = routing else { return false };
+    match (kind, &routing.istio, &routing.gateway_api) {
+        ("VirtualService", Some(istio), _) => istio
             .virtual_service
             .iter()
             .chain(&istio.virtual_services)
@@ -148,10 +151,14 @@ fn refers_to(rollout: &Rollout, kind: &str, name: &str, namespace: &str) -> bool
                     .unwrap_or((vs.name.as_str(), own_namespace.as_str()));
                 n == name && ns == namespace
             }),
-        _ => istio
+        ("DestinationRule", Some(istio), _) => istio
             .destination_rule
             .as_ref()
             .is_some_and(|dr| dr.name == name && own_namespace == namespace),
+        ("HTTPRoute", _, Some(gateway)) => {
+            gateway.http_route.name == name && own_namespace == namespace
+        }
+        _ => false,
     }
 }
 

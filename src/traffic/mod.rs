@@ -4,6 +4,7 @@
 //! their revisions, sets the canary weight, and reads both back so the planner can verify
 //! what it wrote and notice when someone else changed it (drift).
 
+pub mod gateway_api;
 pub mod istio;
 
 use k8s_openapi::api::core::v1::Service;
@@ -11,7 +12,7 @@ use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams
 use kube::{Api, Client};
 use serde_json::json;
 
-use crate::api::rollout::{CanaryStrategy, IstioRouting};
+use crate::api::rollout::{CanaryStrategy, GatewayApiRouting, IstioRouting, TrafficRouting};
 use crate::rollout::revision::HASH_LABEL;
 use istio::DestinationKey;
 
@@ -63,17 +64,47 @@ pub trait TrafficRouter {
 /// The router a Rollout asks for.
 pub enum Router {
     Istio(IstioRouter),
+    GatewayApi(GatewayApiRouter),
 }
 
 impl Router {
     /// The router configured in a canary strategy, if any.
     pub fn for_canary(client: &Client, namespace: &str, canary: &CanaryStrategy) -> Option<Self> {
-        let routing = canary.traffic_routing.as_ref()?;
-        let istio = routing.istio.as_ref()?;
-        Some(Router::Istio(IstioRouter::new(
+        let services = canary
+            .stable_service
+            .clone()
+            .zip(canary.canary_service.clone());
+        Self::new(
+            client,
+            namespace,
+            canary.traffic_routing.as_ref()?,
+            services,
+        )
+    }
+
+    /// A router over `routing`, with the two Services (stable/canary, or active/preview) that
+    /// host-level routing points at the revisions.
+    pub fn new(
+        client: &Client,
+        namespace: &str,
+        routing: &TrafficRouting,
+        services: Option<(String, String)>,
+    ) -> Option<Self> {
+        if let Some(istio) = &routing.istio {
+            return Some(Router::Istio(IstioRouter::new(
+                client.clone(),
+                namespace,
+                istio,
+                services,
+            )));
+        }
+        let gateway = routing.gateway_api.as_ref()?;
+        let (stable, canary) = services?;
+        Some(Router::GatewayApi(GatewayApiRouter::new(
             client.clone(),
             namespace,
-            istio,
+            gateway,
+            stable,
             canary,
         )))
     }
@@ -81,12 +112,14 @@ impl Router {
     pub async fn observe(&self, targets: &Targets) -> Result<TrafficState, RouterError> {
         match self {
             Router::Istio(r) => r.observe(targets).await,
+            Router::GatewayApi(r) => r.observe(targets).await,
         }
     }
 
     pub async fn apply(&self, targets: &Targets, canary_weight: i32) -> Result<(), RouterError> {
         match self {
             Router::Istio(r) => r.apply(targets, canary_weight).await,
+            Router::GatewayApi(r) => r.apply(targets, canary_weight).await,
         }
     }
 }
@@ -118,7 +151,7 @@ impl IstioRouter {
         client: Client,
         namespace: &str,
         istio: &IstioRouting,
-        canary: &CanaryStrategy,
+        services: Option<(String, String)>,
     ) -> Self {
         let refs = istio.virtual_service.iter().chain(&istio.virtual_services);
         let virtual_services = refs
@@ -139,15 +172,11 @@ impl IstioRouter {
                 stable: d.stable_subset.clone(),
                 canary: d.canary_subset.clone(),
             },
-            None => DestinationKey::Host {
-                stable: canary.stable_service.clone().unwrap_or_default(),
-                canary: canary.canary_service.clone().unwrap_or_default(),
-            },
+            None => {
+                let (stable, canary) = services.clone().unwrap_or_default();
+                DestinationKey::Host { stable, canary }
+            }
         };
-        let services = canary
-            .stable_service
-            .clone()
-            .zip(canary.canary_service.clone());
         Self {
             client: client.clone(),
             namespace: namespace.to_string(),
@@ -291,6 +320,115 @@ impl TrafficRouter for IstioRouter {
             if istio::set_weights(spec, routes, &self.key, canary_weight, &label)? {
                 Self::replace(&api, &vs, "VirtualService").await?;
             }
+        }
+        Ok(())
+    }
+}
+
+/// Gateway API HTTPRoute router (host-level: the two Services select the revisions).
+pub struct GatewayApiRouter {
+    client: Client,
+    namespace: String,
+    route: String,
+    rules: Vec<String>,
+    stable_service: String,
+    canary_service: String,
+}
+
+impl GatewayApiRouter {
+    pub fn new(
+        client: Client,
+        namespace: &str,
+        gateway: &GatewayApiRouting,
+        stable_service: String,
+        canary_service: String,
+    ) -> Self {
+        Self {
+            client,
+            namespace: namespace.to_string(),
+            route: gateway.http_route.name.clone(),
+            rules: gateway.http_route.rules.clone(),
+            stable_service,
+            canary_service,
+        }
+    }
+
+    fn api(&self) -> Api<DynamicObject> {
+        Api::namespaced_with(
+            self.client.clone(),
+            &self.namespace,
+            &gvk("gateway.networking.k8s.io", "v1", "HTTPRoute"),
+        )
+    }
+
+    fn backends(&self) -> gateway_api::Backends<'_> {
+        gateway_api::Backends {
+            stable: &self.stable_service,
+            canary: &self.canary_service,
+            namespace: &self.namespace,
+        }
+    }
+
+    fn label(&self) -> String {
+        format!("{}/{}", self.namespace, self.route)
+    }
+}
+
+impl TrafficRouter for GatewayApiRouter {
+    async fn observe(&self, targets: &Targets) -> Result<TrafficState, RouterError> {
+        let route =
+            IstioRouter::get(&self.api(), &self.route, "HTTPRoute", &self.namespace).await?;
+        let spec = route.data.get("spec").cloned().unwrap_or_default();
+        let canary_weight =
+            gateway_api::read_canary_weight(&spec, &self.rules, &self.backends(), &self.label())?;
+        let targets_match = service_selects(
+            &self.client,
+            &self.namespace,
+            &self.stable_service,
+            &targets.stable,
+        )
+        .await?
+            && service_selects(
+                &self.client,
+                &self.namespace,
+                &self.canary_service,
+                &targets.canary,
+            )
+            .await?;
+        Ok(TrafficState {
+            canary_weight,
+            targets_match,
+        })
+    }
+
+    async fn apply(&self, targets: &Targets, canary_weight: i32) -> Result<(), RouterError> {
+        point_service(
+            &self.client,
+            &self.namespace,
+            &self.stable_service,
+            &targets.stable,
+        )
+        .await?;
+        point_service(
+            &self.client,
+            &self.namespace,
+            &self.canary_service,
+            &targets.canary,
+        )
+        .await?;
+        let api = self.api();
+        let mut route = IstioRouter::get(&api, &self.route, "HTTPRoute", &self.namespace).await?;
+        let spec = route.data.get_mut("spec").ok_or_else(|| {
+            RouterError::Misconfigured(format!("HTTPRoute {} has no spec", self.label()))
+        })?;
+        if gateway_api::set_weights(
+            spec,
+            &self.rules,
+            &self.backends(),
+            canary_weight,
+            &self.label(),
+        )? {
+            IstioRouter::replace(&api, &route, "HTTPRoute").await?;
         }
         Ok(())
     }
