@@ -692,3 +692,232 @@ async fn gateway_api_canary_sets_backend_weights_and_leaves_the_rest() {
     );
     ns.delete().await;
 }
+
+fn blue_green(ns: &str, extra: Value) -> Value {
+    let mut bg =
+        json!({"activeService": "web", "previewService": "web-preview", "scaleDownDelay": "4s"});
+    for (k, v) in extra.as_object().unwrap() {
+        bg[k] = v.clone();
+    }
+    json!({
+        "apiVersion": "sluice.dev/v1alpha1", "kind": "Rollout",
+        "metadata": {"name": "web", "namespace": ns},
+        "spec": {
+            "replicas": 3,
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {"metadata": {"labels": {"app": "web"}}, "spec": {"containers": [{"name": "web", "image": "web:1"}]}},
+            "strategy": {"blueGreen": bg}
+        }
+    })
+}
+
+/// Active and preview Services, each with a VirtualService so the simulator sends them
+/// traffic (users on the active one, smoke tests on the preview one).
+async fn blue_green_services(ns: &TestNamespace) {
+    for svc in ["web", "web-preview"] {
+        create(ns, &service(&ns.name, svc).tap_selector())
+            .await
+            .unwrap();
+        let vs = json!({"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+            "metadata": {"name": svc, "namespace": ns.name},
+            "spec": {"hosts": [svc], "http": [{"route": [{"destination": {"host": svc}}]}]}});
+        create(ns, &vs).await.unwrap();
+    }
+}
+
+trait TapSelector {
+    fn tap_selector(self) -> Self;
+}
+
+impl TapSelector for Value {
+    /// Services of a blue-green Rollout select the app; Sluice adds the revision.
+    fn tap_selector(mut self) -> Self {
+        self["spec"]["selector"] = json!({"app": "web"});
+        self
+    }
+}
+
+async fn selects(ns: &TestNamespace, service: &str) -> Option<String> {
+    let api: Api<k8s_openapi::api::core::v1::Service> =
+        Api::namespaced(ns.client.clone(), &ns.name);
+    api.get(service)
+        .await
+        .ok()?
+        .spec?
+        .selector?
+        .get("sluice.dev/pod-template-hash")
+        .cloned()
+}
+
+fn error_rate_analysis(count: i32) -> Value {
+    let query = r#"(sum(rate(istio_requests_total{destination_service_namespace="{{rollout.namespace}}",destination_version="{{canary.revision}}",response_code=~"5.."}[10s])) or vector(0)) / sum(rate(istio_requests_total{destination_service_namespace="{{rollout.namespace}}",destination_version="{{canary.revision}}"}[10s]))"#;
+    json!({"interval": "2s", "initialDelay": "6s", "count": count, "inconclusiveLimit": 10,
+           "metrics": [{"name": "error-rate", "prometheus": {"query": query}, "successCondition": "result < 0.05"}]})
+}
+
+#[tokio::test]
+#[ignore = "needs the local cluster: make test"]
+async fn blue_green_previews_checks_switches_and_switches_back() {
+    let ns = TestNamespace::new("bluegreen").await;
+    let _controller = start_controller(&ns.name).await;
+    blue_green_services(&ns).await;
+    let extra = json!({"prePromotionAnalysis": error_rate_analysis(2), "postPromotionAnalysis": error_rate_analysis(4)});
+    create(&ns, &blue_green(&ns.name, extra)).await.unwrap();
+    let api: Api<Rollout> = Api::namespaced(ns.client.clone(), &ns.name);
+    let v1 = healthy(&api).await;
+    assert_eq!(selects(&ns, "web").await.as_deref(), Some(v1.as_str()));
+    let name = format!("{}/web", ns.name);
+
+    // A good release: previewed, checked, switched by a person, the old one kept briefly.
+    set_template(&api, "web:2", json!({})).await;
+    let v2 = wait_for(
+        "v2 ready in preview, pre-promotion analysis passed",
+        Duration::from_secs(90),
+        || async {
+            let s = status(&api).await?;
+            let passed = s.analysis_runs.iter().any(|r| {
+                r.name == "pre-promotion"
+                    && r.phase == sluice::api::analysis::AnalysisPhase::Successful
+            });
+            (s.phase == Some(RolloutPhase::Paused) && passed).then_some(s.canary_revision?)
+        },
+    )
+    .await;
+    assert_eq!(
+        selects(&ns, "web").await.as_deref(),
+        Some(v1.as_str()),
+        "users still on v1 before promotion"
+    );
+    assert_eq!(
+        selects(&ns, "web-preview").await.as_deref(),
+        Some(v2.as_str())
+    );
+    plugin(&["promote", &name]);
+    wait_for("active switched to v2", Duration::from_secs(30), || async {
+        (selects(&ns, "web").await? == v2).then_some(())
+    })
+    .await;
+    let rs_api: Api<ReplicaSet> = Api::namespaced(ns.client.clone(), &ns.name);
+    assert_eq!(
+        rs_api
+            .get(&format!("web-{v1}"))
+            .await
+            .unwrap()
+            .spec
+            .unwrap()
+            .replicas,
+        Some(3),
+        "v1 kept warm"
+    );
+    wait_for(
+        "post-promotion passed and v1 scaled down",
+        Duration::from_secs(90),
+        || async {
+            let s = status(&api).await?;
+            (s.previous_revision.is_none()
+                && s.phase == Some(RolloutPhase::Healthy)
+                && rs_api
+                    .get(&format!("web-{v1}"))
+                    .await
+                    .ok()?
+                    .spec?
+                    .replicas?
+                    == 0)
+                .then_some(())
+        },
+    )
+    .await;
+
+    // A bad release forced past the pre-promotion check: post-promotion analysis fails and
+    // traffic switches straight back to v2, which is still up.
+    set_template(&api, "web:3", json!({"sim.sluice.dev/error-rate": "0.5"})).await;
+    let v3 = wait_for("v3 in preview", Duration::from_secs(60), || async {
+        let s = status(&api).await?;
+        s.canary_revision.filter(|c| *c != v2)
+    })
+    .await;
+    wait_for("v3 ready", Duration::from_secs(60), || async {
+        (rs_api
+            .get(&format!("web-{v3}"))
+            .await
+            .ok()?
+            .status?
+            .available_replicas?
+            >= 3)
+            .then_some(())
+    })
+    .await;
+    plugin(&["promote", "--full", &name]);
+    wait_for("switched to v3", Duration::from_secs(30), || async {
+        (selects(&ns, "web").await? == v3).then_some(())
+    })
+    .await;
+    let switched = Instant::now();
+    wait_for("switched back to v2", Duration::from_secs(60), || async {
+        (selects(&ns, "web").await? == v2).then_some(())
+    })
+    .await;
+    println!(
+        "MEASURE blue-green: on v3 for {:?} before post-promotion analysis switched back",
+        switched.elapsed()
+    );
+    let s = status(&api).await.unwrap();
+    assert_eq!(s.stable_revision.as_deref(), Some(v2.as_str()));
+    assert_eq!(s.phase, Some(RolloutPhase::Degraded));
+    ns.delete().await;
+}
+
+#[tokio::test]
+#[ignore = "needs the local cluster: make test"]
+async fn blue_green_auto_promotes_after_the_delay_and_abort_keeps_the_active() {
+    let ns = TestNamespace::new("autobg").await;
+    let _controller = start_controller(&ns.name).await;
+    blue_green_services(&ns).await;
+    create(
+        &ns,
+        &blue_green(
+            &ns.name,
+            json!({"autoPromotion": {"enabled": true, "after": "3s"}}),
+        ),
+    )
+    .await
+    .unwrap();
+    let api: Api<Rollout> = Api::namespaced(ns.client.clone(), &ns.name);
+    let v1 = healthy(&api).await;
+    set_template(&api, "web:2", json!({})).await;
+    let v2 = wait_for("v2 in preview", Duration::from_secs(60), || async {
+        status(&api).await?.canary_revision
+    })
+    .await;
+    let previewing = Instant::now();
+    wait_for("auto-promoted to v2", Duration::from_secs(60), || async {
+        (selects(&ns, "web").await? == v2).then_some(())
+    })
+    .await;
+    assert!(
+        previewing.elapsed() >= Duration::from_secs(2),
+        "promoted before the delay"
+    );
+
+    // Abort before the switch: the active revision stays.
+    api.patch(
+        "web",
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"spec": {"strategy": {"blueGreen": {"autoPromotion": null}}}})),
+    )
+    .await
+    .unwrap();
+    set_template(&api, "web:3", json!({})).await;
+    wait_for("v3 in preview", Duration::from_secs(60), || async {
+        status(&api).await?.canary_revision.filter(|c| *c != v2)
+    })
+    .await;
+    plugin(&["abort", &format!("{}/web", ns.name)]);
+    wait_for("aborted", Duration::from_secs(30), || async {
+        status(&api).await?.aborted_at.map(|_| ())
+    })
+    .await;
+    assert_eq!(selects(&ns, "web").await.as_deref(), Some(v2.as_str()));
+    assert_ne!(v1, v2);
+    ns.delete().await;
+}

@@ -378,7 +378,12 @@ fn metric_phase(status: &MetricStatus, metric: &ResolvedMetric) -> AnalysisPhase
     } else if status.inconclusive > metric.inconclusive_limit {
         AnalysisPhase::Inconclusive
     } else if metric.count.is_some_and(|count| status.count >= count) {
-        AnalysisPhase::Successful
+        // A run that never once got an answer proves nothing: it must not pass a gate.
+        if status.successful > 0 {
+            AnalysisPhase::Successful
+        } else {
+            AnalysisPhase::Inconclusive
+        }
     } else {
         AnalysisPhase::Running
     }
@@ -657,6 +662,25 @@ mod tests {
             measure(&mut run, &a, Ok(0.001), i * 30);
         }
         assert_eq!(run.phase, AnalysisPhase::Successful);
+    }
+
+    #[test]
+    fn a_counted_run_without_a_single_answer_is_inconclusive() {
+        let a = analysis(0, 10, Some(2));
+        let mut run = start("pre-promotion", "abc", &a, t(0));
+        measure(
+            &mut run,
+            &a,
+            Err(ProviderFailure::NoData("empty".into())),
+            0,
+        );
+        measure(
+            &mut run,
+            &a,
+            Err(ProviderFailure::NoData("empty".into())),
+            30,
+        );
+        assert_eq!(run.phase, AnalysisPhase::Inconclusive);
     }
 
     #[test]

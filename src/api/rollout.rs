@@ -500,6 +500,10 @@ pub struct RolloutStatus {
     /// Person's request: start an aborted release again. `kubectl sluice retry`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<Intent>,
+    /// Blue-green: the revision that served before the last switch, kept running for an
+    /// instant switch back until post-promotion analysis passes and `scaleDownDelay` ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_revision: Option<String>,
     /// When the release of `canaryRevision` was aborted (by a person or by analysis). While
     /// set, traffic stays on stable until `kubectl sluice retry` or a new template.
     #[serde(default, skip_serializing_if = "Option::is_none")]

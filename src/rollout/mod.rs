@@ -1,5 +1,6 @@
 //! The Rollout controller: observe -> plan (pure, in `plan`) -> apply.
 
+pub mod bluegreen;
 pub mod plan;
 pub mod revision;
 pub mod steps;
@@ -241,21 +242,19 @@ async fn apply(cached: Arc<Rollout>, ctx: Arc<Context>) -> Result<Action, Error>
     let desired_hash = revision::template_hash(&rollout.spec.template, 0);
     let status = rollout.status.clone().unwrap_or_default();
 
-    let Some(canary) = rollout.spec.strategy.canary.clone() else {
-        // Blue-green is planned by its own planner (not part of this controller yet).
-        let message = "blue-green strategy is not implemented yet; nothing was changed".to_string();
-        let status = RolloutStatus {
-            phase: Some(crate::api::rollout::RolloutPhase::Degraded),
-            message: Some(message),
-            observed_generation: rollout.metadata.generation,
-            ..RolloutStatus::default()
-        };
-        write_status(&ctx, &rollout, &status).await?;
-        return Ok(Action::requeue(Duration::from_secs(300)));
-    };
-
     // Observe traffic.
-    let router = Router::for_canary(&ctx.client, &namespace, &canary);
+    let strategy = &rollout.spec.strategy;
+    let router = match (&strategy.canary, &strategy.blue_green) {
+        (Some(canary), _) => Router::for_canary(&ctx.client, &namespace, canary),
+        (None, Some(bg)) => bg.traffic_routing.as_ref().and_then(|routing| {
+            let services = bg
+                .preview_service
+                .clone()
+                .map(|preview| (bg.active_service.clone(), preview));
+            Router::new(&ctx.client, &namespace, routing, services)
+        }),
+        (None, None) => None,
+    };
     let stable = status
         .stable_revision
         .clone()
@@ -277,31 +276,33 @@ async fn apply(cached: Arc<Rollout>, ctx: Arc<Context>) -> Result<Action, Error>
     };
 
     // Measure what is due, and fold the results into the status the planner sees.
-    let prometheus = canary.prometheus.as_ref();
-    let background = canary
-        .analysis
-        .as_ref()
-        .map(|a| analysis::resolve(a, None, prometheus));
+    let background = strategy.canary.as_ref().and_then(|c| {
+        c.analysis
+            .as_ref()
+            .map(|a| analysis::resolve(a, None, c.prometheus.as_ref()))
+    });
     let mut status = status;
     let provider_ctx = ProviderContext {
         client: ctx.client.clone(),
         namespace: namespace.clone(),
         default_prometheus: ctx.settings.prometheus_address.clone(),
     };
-    let vars = TemplateVars {
-        rollout_name: name.clone(),
-        rollout_namespace: namespace.clone(),
-        canary_revision: status.canary_revision.clone().unwrap_or_default(),
-        stable_revision: stable.clone(),
-        window: None,
-    };
     let mut analysis_wakeups = Vec::new();
     for run in status.analysis_runs.iter_mut() {
-        if Some(&run.revision) != status.canary_revision.as_ref() {
+        if !matches!(run.phase, AnalysisPhase::Pending | AnalysisPhase::Running) {
             continue;
         }
-        let Some(resolved) = resolve_run(&run.name, &canary, background.as_ref()) else {
+        let Some(resolved) = resolve_run(&run.name, strategy, background.as_ref()) else {
             continue;
+        };
+        // `{{canary.revision}}` is the revision being judged (after a blue-green switch, the
+        // new active one).
+        let vars = TemplateVars {
+            rollout_name: name.clone(),
+            rollout_namespace: namespace.clone(),
+            canary_revision: run.revision.clone(),
+            stable_revision: stable.clone(),
+            window: None,
         };
         for metric in analysis::due(&resolved, run, now) {
             let outcome = measure(&provider_ctx, metric, &vars, &ctx).await;
@@ -327,19 +328,26 @@ async fn apply(cached: Arc<Rollout>, ctx: Arc<Context>) -> Result<Action, Error>
         background: background.clone(),
         now,
     };
-    let mut plan = plan::plan(&observed);
+    let mut plan = if strategy.canary.is_some() {
+        plan::plan(&observed)
+    } else {
+        bluegreen::plan(&observed)
+    };
     for run_name in std::mem::take(&mut plan.start_runs) {
-        if let (Some(resolved), Some(canary_hash)) = (
-            resolve_run(&run_name, &canary, background.as_ref()),
-            plan.status.canary_revision.clone(),
+        // Post-promotion analysis judges the new active revision; every other run the new one.
+        let revision = if run_name == bluegreen::POST_PROMOTION {
+            plan.status.stable_revision.clone()
+        } else {
+            plan.status.canary_revision.clone()
+        };
+        if let (Some(resolved), Some(revision)) = (
+            resolve_run(&run_name, strategy, background.as_ref()),
+            revision,
         ) {
             plan.status.analysis_runs.retain(|r| r.name != run_name);
-            plan.status.analysis_runs.push(analysis::start(
-                &run_name,
-                &canary_hash,
-                &resolved,
-                now,
-            ));
+            plan.status
+                .analysis_runs
+                .push(analysis::start(&run_name, &revision, &resolved, now));
             analysis_wakeups.push(now);
         }
     }
@@ -350,21 +358,51 @@ async fn apply(cached: Arc<Rollout>, ctx: Arc<Context>) -> Result<Action, Error>
     // The decision is recorded before traffic moves: a crash in between leaves a status from
     // which the next reconcile makes the same move.
     write_status(&ctx, &rollout, &plan.status).await?;
-    if let (Some(router), Some(intent)) = (&router, &plan.traffic) {
-        let current = match &traffic {
-            ObservedTraffic::State(s) => {
-                s.canary_weight == Some(intent.canary_weight) && s.targets_match
-            }
-            _ => false,
-        };
-        if !current {
-            match router.apply(&intent.targets, intent.canary_weight).await {
-                Ok(()) => tracing::info!(weight = intent.canary_weight, "canary weight set"),
-                Err(RouterError::Misconfigured(why)) => {
-                    tracing::warn!(%why, "cannot route traffic")
+    if let Some(intent) = &plan.traffic {
+        match (&router, &strategy.blue_green) {
+            (Some(router), _) => {
+                let current = match &traffic {
+                    ObservedTraffic::State(s) => {
+                        s.canary_weight == Some(intent.canary_weight) && s.targets_match
+                    }
+                    _ => false,
+                };
+                if !current {
+                    match router.apply(&intent.targets, intent.canary_weight).await {
+                        Ok(()) => {
+                            tracing::info!(weight = intent.canary_weight, "canary weight set")
+                        }
+                        Err(RouterError::Misconfigured(why)) => {
+                            tracing::warn!(%why, "cannot route traffic")
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
                 }
-                Err(e) => return Err(e.into()),
             }
+            // Blue-green without a router: the Services' selectors are the switch.
+            (None, Some(bg)) => {
+                let mut services =
+                    vec![(bg.active_service.as_str(), intent.targets.stable.as_str())];
+                if let Some(preview) = &bg.preview_service {
+                    services.push((preview.as_str(), intent.targets.canary.as_str()));
+                }
+                for (service, hash) in services {
+                    match crate::traffic::service_selects(&ctx.client, &namespace, service, hash)
+                        .await
+                    {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            crate::traffic::point_service(&ctx.client, &namespace, service, hash)
+                                .await?
+                        }
+                        Err(RouterError::Misconfigured(why)) => {
+                            tracing::warn!(%why, "cannot switch Services")
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+            (None, None) => {}
         }
     }
     publish_events(&ctx, &rollout, &plan).await;
@@ -384,12 +422,23 @@ async fn apply(cached: Arc<Rollout>, ctx: Arc<Context>) -> Result<Action, Error>
     Ok(Action::requeue(next))
 }
 
-/// The resolved analysis of a run name: `background` or `step-<index>`.
+/// The resolved analysis of a run name: `background` or `step-<index>` (canary),
+/// `pre-promotion` or `post-promotion` (blue-green).
 fn resolve_run(
     name: &str,
-    canary: &crate::api::rollout::CanaryStrategy,
+    strategy: &crate::api::rollout::RolloutStrategy,
     background: Option<&ResolvedAnalysis>,
 ) -> Option<ResolvedAnalysis> {
+    if let Some(bg) = &strategy.blue_green {
+        let spec = match name {
+            bluegreen::PRE_PROMOTION => bg.pre_promotion_analysis.as_ref()?,
+            bluegreen::POST_PROMOTION => bg.post_promotion_analysis.as_ref()?,
+            _ => return None,
+        };
+        // A gate must end: without a count, three measurements decide.
+        return Some(analysis::resolve(spec, Some(3), bg.prometheus.as_ref()));
+    }
+    let canary = strategy.canary.as_ref()?;
     if name == plan::BACKGROUND {
         return background.cloned();
     }

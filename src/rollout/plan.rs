@@ -97,12 +97,12 @@ pub struct Plan {
     pub start_runs: Vec<String>,
 }
 
-fn add(t: Timestamp, d: Duration) -> Timestamp {
+pub(super) fn add(t: Timestamp, d: Duration) -> Timestamp {
     t.checked_add(SignedDuration::try_from(d).unwrap_or(SignedDuration::MAX))
         .unwrap_or(Timestamp::MAX)
 }
 
-fn until(now: Timestamp, at: Timestamp) -> Duration {
+pub(super) fn until(now: Timestamp, at: Timestamp) -> Duration {
     Duration::try_from(at.duration_since(now)).unwrap_or(Duration::ZERO)
 }
 
@@ -115,14 +115,14 @@ pub fn canary_replicas_for_weight(replicas: i32, weight: i32) -> i32 {
     (scaled as i32).max(1)
 }
 
-struct Intents {
-    abort: Option<String>,
-    promote: Option<String>,
-    promote_full: Option<String>,
-    retry: Option<String>,
+pub(super) struct Intents {
+    pub(super) abort: Option<String>,
+    pub(super) promote: Option<String>,
+    pub(super) promote_full: Option<String>,
+    pub(super) retry: Option<String>,
 }
 
-fn unhandled(status: &RolloutStatus) -> Intents {
+pub(super) fn unhandled(status: &RolloutStatus) -> Intents {
     let handled = status.handled_intents.clone().unwrap_or_default();
     let fresh = |intent: &Option<crate::api::common::Intent>, seen: &Option<String>| {
         intent
@@ -260,6 +260,21 @@ impl Planner<'_> {
             ObservedTraffic::Failed(_) => false,
         }
     }
+}
+
+/// Pod counts over every revision, as observed.
+pub(super) fn record_counts(status: &mut RolloutStatus, o: &Observed) {
+    let sum = |f: fn(&ObservedReplicaSet) -> i32| o.replica_sets.iter().map(f).sum::<i32>();
+    status.replicas = Some(sum(|r| r.replicas));
+    status.ready_replicas = Some(sum(|r| r.ready));
+    status.available_replicas = Some(sum(|r| r.available));
+    status.updated_replicas = Some(
+        o.replica_sets
+            .iter()
+            .filter(|r| r.hash == o.desired_hash)
+            .map(|r| r.replicas)
+            .sum(),
+    );
 }
 
 /// Plans one reconcile of a canary Rollout.
@@ -668,17 +683,7 @@ fn finish(mut p: Planner, steps: &[Step], desired_weight: i32) -> Plan {
     }
 
     // Counts and weights as observed.
-    let sum = |f: fn(&ObservedReplicaSet) -> i32| o.replica_sets.iter().map(f).sum::<i32>();
-    p.status.replicas = Some(sum(|r| r.replicas));
-    p.status.ready_replicas = Some(sum(|r| r.ready));
-    p.status.available_replicas = Some(sum(|r| r.available));
-    p.status.updated_replicas = Some(
-        o.replica_sets
-            .iter()
-            .filter(|r| r.hash == o.desired_hash)
-            .map(|r| r.replicas)
-            .sum(),
-    );
+    record_counts(&mut p.status, o);
     p.status.weights = Some(match &o.traffic {
         ObservedTraffic::State(TrafficState {
             canary_weight: Some(w),

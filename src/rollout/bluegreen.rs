@@ -1,0 +1,828 @@
+//! The blue-green planner: the new revision comes up beside the active one, is checked, and
+//! takes all traffic at once; a failing post-promotion analysis switches straight back.
+//!
+//! Pure, like the canary planner. The phases live in status:
+//! - `canaryRevision` set: the new revision is in preview (`currentStepStartedAt`: when it
+//!   became ready, for auto-promotion);
+//! - `previousRevision` set: the switch happened (`currentStepStartedAt`: when), and the old
+//!   revision stays up for an instant rollback.
+
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
+
+use super::plan::{
+    Observed, ObservedTraffic, Plan, PlannedEvent, ReplicaSetIntent, TrafficIntent, add,
+    record_counts, unhandled, until,
+};
+use crate::api::analysis::AnalysisPhase;
+use crate::api::rollout::{PauseCondition, PauseReason, RolloutPhase, TrafficWeights};
+use crate::conditions;
+use crate::traffic::Targets;
+
+/// Run names in status.
+pub const PRE_PROMOTION: &str = "pre-promotion";
+pub const POST_PROMOTION: &str = "post-promotion";
+
+const DEFAULT_SCALE_DOWN_DELAY: Duration = Duration::from_secs(30);
+const RESYNC: Duration = Duration::from_secs(15);
+const IDLE_RESYNC: Duration = Duration::from_secs(300);
+
+/// Plans one reconcile of a blue-green Rollout.
+pub fn plan(o: &Observed) -> Plan {
+    let bg = o
+        .spec
+        .strategy
+        .blue_green
+        .clone()
+        .expect("a blue-green Rollout");
+    let replicas = o.spec.replicas.unwrap_or(1).max(0);
+    let intents = unhandled(&o.status);
+    let mut status = o.status.clone();
+    let mut handled = status.handled_intents.clone().unwrap_or_default();
+    let mut events = Vec::new();
+    let mut start_runs = Vec::new();
+    let mut wakeups = Vec::new();
+    let mut event = |warning: bool, reason: &'static str, message: String| {
+        events.push(PlannedEvent {
+            warning,
+            reason,
+            message,
+        })
+    };
+    let available = |hash: &str| {
+        o.replica_sets
+            .iter()
+            .find(|r| r.hash == hash)
+            .map_or(0, |r| r.available)
+    };
+    let run_phase = |status: &crate::api::rollout::RolloutStatus, name: &str, revision: &str| {
+        status
+            .analysis_runs
+            .iter()
+            .find(|r| r.name == name && r.revision == revision)
+            .map(|r| r.phase)
+    };
+    let scale_down_delay = bg
+        .scale_down_delay
+        .as_ref()
+        .map_or(DEFAULT_SCALE_DOWN_DELAY, |d| d.as_std());
+    status.observed_generation = o.generation;
+
+    let stable = match status.stable_revision.clone() {
+        Some(s) => s,
+        None => {
+            event(
+                false,
+                "Deployed",
+                format!("first revision {} deployed as active", o.desired_hash),
+            );
+            status.stable_revision = Some(o.desired_hash.clone());
+            o.desired_hash.clone()
+        }
+    };
+    let mut stable = stable;
+
+    // A new template: preview it (unless it is the active one, or the one just switched from).
+    if o.desired_hash != stable
+        && status.canary_revision.as_deref() != Some(o.desired_hash.as_str())
+    {
+        match status.canary_revision.clone() {
+            Some(old) => event(
+                false,
+                "ReleaseSuperseded",
+                format!("revision {} supersedes {old}", o.desired_hash),
+            ),
+            None => event(
+                false,
+                "ReleaseStarted",
+                format!("previewing revision {} (active {stable})", o.desired_hash),
+            ),
+        }
+        if let Some(previous) = status.previous_revision.take() {
+            // A new release ends the last one's rollback window.
+            event(
+                false,
+                "PreviousScaledDown",
+                format!("{previous} scaled down: a new release started"),
+            );
+        }
+        status.canary_revision = Some(o.desired_hash.clone());
+        status.current_step_index = None;
+        status.current_step_started_at = None;
+        status.aborted_at = None;
+        status.pause_conditions.clear();
+        status.analysis_runs.clear();
+    } else if o.desired_hash == stable
+        && status.canary_revision.is_some()
+        && status.previous_revision.is_none()
+    {
+        event(
+            false,
+            "ReleaseCancelled",
+            format!("template is back to active {stable}; preview cancelled"),
+        );
+        status.canary_revision = None;
+        status.current_step_index = None;
+        status.aborted_at = None;
+        status.pause_conditions.clear();
+    }
+
+    if let Some(id) = intents.retry.clone() {
+        handled.retry = Some(id);
+        if status.aborted_at.take().is_some() {
+            status.analysis_runs.clear();
+            status.current_step_index = None;
+            event(false, "Retried", "preview started again".into());
+        }
+    }
+
+    let mut switch_to: Option<String> = None;
+    let mut switch_back = None;
+    let mut desired_weight = 0;
+
+    // After a switch: post-promotion analysis, instant rollback, then the old revision goes.
+    if let Some(previous) = status.previous_revision.clone() {
+        let switched = status
+            .current_step_started_at
+            .as_ref()
+            .map_or(o.now, |t| t.0);
+        let has_post = bg
+            .post_promotion_analysis
+            .as_ref()
+            .is_some_and(|a| !a.metrics.is_empty());
+        let post = run_phase(&status, POST_PROMOTION, &stable);
+        if has_post && post.is_none() {
+            start_runs.push(POST_PROMOTION.to_string());
+        }
+        if let Some(id) = intents.abort.clone() {
+            handled.abort = Some(id);
+            switch_back = Some((
+                "AbortedByUser",
+                format!("switched back to {previous} by a user"),
+            ));
+        } else if post == Some(AnalysisPhase::Failed) {
+            let why = status
+                .analysis_runs
+                .iter()
+                .find(|r| r.name == POST_PROMOTION)
+                .and_then(|r| r.message.clone())
+                .unwrap_or_default();
+            switch_back = Some((
+                "AnalysisFailed",
+                format!("post-promotion analysis failed ({why}); switched back to {previous}"),
+            ));
+        } else if matches!(
+            post,
+            Some(AnalysisPhase::Inconclusive | AnalysisPhase::Error)
+        ) {
+            if let Some(id) = intents.promote.clone() {
+                handled.promote = Some(id);
+                status.analysis_runs.retain(|r| r.name != POST_PROMOTION);
+                start_runs.push(POST_PROMOTION.to_string());
+            } else if !status
+                .pause_conditions
+                .iter()
+                .any(|c| c.reason == PauseReason::InconclusiveAnalysis)
+            {
+                status.pause_conditions.push(PauseCondition {
+                    reason: PauseReason::InconclusiveAnalysis,
+                    start_time: Time(o.now),
+                });
+            }
+        } else {
+            let checked = !has_post || post == Some(AnalysisPhase::Successful);
+            let delay_over = add(switched, scale_down_delay) <= o.now;
+            if checked && delay_over {
+                status.previous_revision = None;
+                status.current_step_started_at = None;
+                event(
+                    false,
+                    "PreviousScaledDown",
+                    format!("{previous} scaled down; the switch to {stable} is final"),
+                );
+            } else if !delay_over {
+                wakeups.push(add(switched, scale_down_delay));
+            }
+        }
+        if let Some((reason, message)) = switch_back {
+            status.canary_revision = Some(stable.clone());
+            status.stable_revision = Some(previous.clone());
+            status.previous_revision = None;
+            status.aborted_at = Some(Time(o.now));
+            status.pause_conditions.clear();
+            conditions::set(
+                &mut status.conditions,
+                "Aborted",
+                true,
+                reason,
+                message.clone(),
+                o.generation,
+                o.now,
+            );
+            event(true, reason, message);
+            stable = previous;
+        }
+    }
+
+    // Before a switch: preview, pre-promotion analysis, promotion.
+    if status.previous_revision.is_none()
+        && let Some(preview) = status.canary_revision.clone()
+    {
+        if let Some(id) = intents.abort.clone() {
+            handled.abort = Some(id);
+            if status.aborted_at.is_none() {
+                status.aborted_at = Some(Time(o.now));
+                let message =
+                    format!("preview of {preview} aborted by a user; {stable} stays active");
+                conditions::set(
+                    &mut status.conditions,
+                    "Aborted",
+                    true,
+                    "AbortedByUser",
+                    message.clone(),
+                    o.generation,
+                    o.now,
+                );
+                event(true, "AbortedByUser", message);
+            }
+        }
+        if status.aborted_at.is_none() {
+            let preview_size = bg.preview_replica_count.unwrap_or(replicas).min(replicas);
+            let ready = available(&preview) >= preview_size.max(1);
+            if ready && status.current_step_started_at.is_none() {
+                status.current_step_index = Some(0);
+                status.current_step_started_at = Some(MicroTime(o.now));
+            }
+            let has_pre = bg
+                .pre_promotion_analysis
+                .as_ref()
+                .is_some_and(|a| !a.metrics.is_empty());
+            let pre = run_phase(&status, PRE_PROMOTION, &preview);
+            if ready && has_pre && pre.is_none() {
+                start_runs.push(PRE_PROMOTION.to_string());
+            }
+            let checked = match pre {
+                _ if !has_pre => true,
+                Some(AnalysisPhase::Successful) => true,
+                Some(AnalysisPhase::Failed) => {
+                    let why = status
+                        .analysis_runs
+                        .iter()
+                        .find(|r| r.name == PRE_PROMOTION)
+                        .and_then(|r| r.message.clone())
+                        .unwrap_or_default();
+                    let message = format!(
+                        "pre-promotion analysis of {preview} failed ({why}); {stable} stays active"
+                    );
+                    status.aborted_at = Some(Time(o.now));
+                    conditions::set(
+                        &mut status.conditions,
+                        "Aborted",
+                        true,
+                        "AnalysisFailed",
+                        message.clone(),
+                        o.generation,
+                        o.now,
+                    );
+                    event(true, "AnalysisFailed", message);
+                    false
+                }
+                Some(AnalysisPhase::Inconclusive | AnalysisPhase::Error) => {
+                    if let Some(id) = intents.promote.clone() {
+                        handled.promote = Some(id);
+                        status.analysis_runs.retain(|r| r.name != PRE_PROMOTION);
+                        start_runs.push(PRE_PROMOTION.to_string());
+                    } else if !status
+                        .pause_conditions
+                        .iter()
+                        .any(|c| c.reason == PauseReason::InconclusiveAnalysis)
+                    {
+                        status.pause_conditions.push(PauseCondition {
+                            reason: PauseReason::InconclusiveAnalysis,
+                            start_time: Time(o.now),
+                        });
+                    }
+                    false
+                }
+                _ => false,
+            };
+            let ready_since = status.current_step_started_at.as_ref().map(|t| t.0);
+            let auto = bg.auto_promotion.as_ref().filter(|a| a.enabled);
+            let auto_due = match (auto, ready_since) {
+                (Some(a), Some(since)) => {
+                    let due = add(
+                        since,
+                        a.after.as_ref().map_or(Duration::ZERO, |d| d.as_std()),
+                    );
+                    if due > o.now {
+                        wakeups.push(due);
+                    }
+                    due <= o.now
+                }
+                _ => false,
+            };
+            let requested = intents.promote.is_some() || intents.promote_full.is_some();
+            let promote = status.aborted_at.is_none()
+                && ready
+                && (requested || auto_due)
+                && (checked || intents.promote_full.is_some());
+            if promote {
+                handled.promote = intents.promote.clone().or(handled.promote.clone());
+                handled.promote_full = intents
+                    .promote_full
+                    .clone()
+                    .or(handled.promote_full.clone());
+                status
+                    .pause_conditions
+                    .retain(|c| c.reason != PauseReason::BlueGreenPause);
+                // Full size first, then the switch.
+                let full = available(&preview) >= replicas;
+                let routed = !matches!(o.traffic, ObservedTraffic::None);
+                let at_full_weight = match &o.traffic {
+                    ObservedTraffic::State(s) => s.canary_weight == Some(100) && s.targets_match,
+                    _ => !routed,
+                };
+                if full {
+                    desired_weight = 100;
+                    if at_full_weight {
+                        switch_to = Some(preview.clone());
+                    }
+                }
+                // Remember the request until the switch happens (the planner runs again).
+                if switch_to.is_none() {
+                    status.current_step_index = Some(1);
+                }
+            } else if status.current_step_index == Some(1) && status.aborted_at.is_none() {
+                // Promotion already requested and in progress.
+                desired_weight = 100;
+                let full = available(&preview) >= replicas;
+                let at_full_weight = match &o.traffic {
+                    ObservedTraffic::State(s) => s.canary_weight == Some(100) && s.targets_match,
+                    ObservedTraffic::None => true,
+                    ObservedTraffic::Failed(_) => false,
+                };
+                if full && at_full_weight {
+                    switch_to = Some(preview.clone());
+                }
+            } else if ready
+                && status.aborted_at.is_none()
+                && !status
+                    .pause_conditions
+                    .iter()
+                    .any(|c| c.reason == PauseReason::BlueGreenPause)
+                && auto.is_none()
+            {
+                status.pause_conditions.push(PauseCondition {
+                    reason: PauseReason::BlueGreenPause,
+                    start_time: Time(o.now),
+                });
+            }
+        }
+    }
+    if intents.promote.is_some() && handled.promote != intents.promote {
+        handled.promote = intents.promote.clone();
+    }
+    if intents.promote_full.is_some() && handled.promote_full != intents.promote_full {
+        handled.promote_full = intents.promote_full.clone();
+    }
+
+    if let Some(new_active) = switch_to {
+        event(
+            false,
+            "Promoted",
+            format!("switched traffic to {new_active} (was {stable})"),
+        );
+        status.previous_revision = Some(stable.clone());
+        status.stable_revision = Some(new_active.clone());
+        status.canary_revision = None;
+        status.current_step_index = None;
+        status.current_step_started_at = Some(MicroTime(o.now));
+        status.pause_conditions.clear();
+        if let Some(run) = status
+            .analysis_runs
+            .iter_mut()
+            .find(|r| r.name == PRE_PROMOTION)
+        {
+            run.finished_at.get_or_insert(Time(o.now));
+        }
+        if bg
+            .post_promotion_analysis
+            .as_ref()
+            .is_some_and(|a| !a.metrics.is_empty())
+        {
+            start_runs.push(POST_PROMOTION.to_string());
+        }
+        stable = new_active;
+        desired_weight = 0;
+        wakeups.push(add(o.now, scale_down_delay));
+    }
+
+    // Desired state.
+    let preview = status.canary_revision.clone();
+    let previous = status.previous_revision.clone();
+    let aborted = status.aborted_at.is_some();
+    let weight = if aborted || preview.as_deref().is_none_or(|p| available(p) == 0) {
+        0
+    } else {
+        desired_weight
+    };
+    // Without a router the Services alone switch; the weight is then only informative.
+    let traffic = Some(TrafficIntent {
+        targets: Targets {
+            stable: stable.clone(),
+            canary: preview.clone().unwrap_or_else(|| stable.clone()),
+        },
+        canary_weight: weight,
+    });
+    let mut replica_sets = vec![ReplicaSetIntent {
+        hash: stable.clone(),
+        replicas,
+        scale_down_at: None,
+    }];
+    if let Some(p) = &previous {
+        replica_sets.push(ReplicaSetIntent {
+            hash: p.clone(),
+            replicas,
+            scale_down_at: None,
+        });
+    }
+    if let Some(p) = &preview {
+        let size = if status.current_step_index == Some(1) {
+            replicas
+        } else {
+            bg.preview_replica_count.unwrap_or(replicas).min(replicas)
+        };
+        let size = if aborted {
+            let at = add(
+                status.aborted_at.as_ref().map_or(o.now, |t| t.0),
+                scale_down_delay,
+            );
+            if at <= o.now {
+                0
+            } else {
+                wakeups.push(at);
+                o.replica_sets
+                    .iter()
+                    .find(|r| &r.hash == p)
+                    .map_or(0, |r| r.replicas)
+            }
+        } else {
+            size
+        };
+        replica_sets.push(ReplicaSetIntent {
+            hash: p.clone(),
+            replicas: size,
+            scale_down_at: None,
+        });
+    }
+    // Old revisions already waited their delay as `previousRevision` (or were never active).
+    let old: Vec<ReplicaSetIntent> = o
+        .replica_sets
+        .iter()
+        .filter(|r| !replica_sets.iter().any(|i| i.hash == r.hash))
+        .map(|r| ReplicaSetIntent {
+            hash: r.hash.clone(),
+            replicas: 0,
+            scale_down_at: None,
+        })
+        .collect();
+    replica_sets.extend(old);
+
+    record_counts(&mut status, o);
+    status.weights = Some(TrafficWeights {
+        stable: 100 - weight,
+        canary: weight,
+        verified: match &o.traffic {
+            ObservedTraffic::State(s) => Some(s.canary_weight == Some(weight) && s.targets_match),
+            _ => None,
+        },
+    });
+    status.step_progress = None;
+    let active_available = available(&stable);
+    let (phase, message) = if aborted {
+        (
+            RolloutPhase::Degraded,
+            conditions::message(&status.conditions, "Aborted")
+                .unwrap_or("aborted")
+                .to_string(),
+        )
+    } else if let ObservedTraffic::Failed(why) = &o.traffic {
+        (RolloutPhase::Degraded, format!("traffic routing: {why}"))
+    } else if status
+        .pause_conditions
+        .iter()
+        .any(|c| c.reason == PauseReason::InconclusiveAnalysis)
+    {
+        (
+            RolloutPhase::Paused,
+            "paused: analysis inconclusive; fix it, then `kubectl sluice promote`".to_string(),
+        )
+    } else if let Some(p) = &preview {
+        if status
+            .pause_conditions
+            .iter()
+            .any(|c| c.reason == PauseReason::BlueGreenPause)
+        {
+            (
+                RolloutPhase::Paused,
+                format!("{p} is ready in preview; `kubectl sluice promote` switches traffic to it"),
+            )
+        } else {
+            (
+                RolloutPhase::Progressing,
+                format!(
+                    "previewing {p}: {}/{} pods available",
+                    available(p),
+                    replicas
+                ),
+            )
+        }
+    } else if let Some(prev) = &previous {
+        (
+            RolloutPhase::Progressing,
+            format!("switched to {stable}; {prev} kept for an instant rollback"),
+        )
+    } else if active_available < replicas {
+        (
+            RolloutPhase::Progressing,
+            format!("active {stable}: {active_available}/{replicas} pods available"),
+        )
+    } else {
+        (
+            RolloutPhase::Healthy,
+            format!("active {stable}: {active_available}/{replicas} pods available"),
+        )
+    };
+    if status.phase != Some(phase) && phase == RolloutPhase::Paused {
+        events.push(PlannedEvent {
+            warning: false,
+            reason: "Paused",
+            message: message.clone(),
+        });
+    }
+    status.phase = Some(phase);
+    status.message = Some(message.clone());
+    conditions::set(
+        &mut status.conditions,
+        "Available",
+        active_available >= replicas,
+        if active_available >= replicas {
+            "MinimumReplicasAvailable"
+        } else {
+            "MinimumReplicasUnavailable"
+        },
+        format!("{active_available}/{replicas} active pods available"),
+        o.generation,
+        o.now,
+    );
+    conditions::set(
+        &mut status.conditions,
+        "Progressing",
+        phase == RolloutPhase::Progressing,
+        "BlueGreen",
+        message,
+        o.generation,
+        o.now,
+    );
+    conditions::set(
+        &mut status.conditions,
+        "Paused",
+        phase == RolloutPhase::Paused,
+        if phase == RolloutPhase::Paused {
+            "Paused"
+        } else {
+            "NotPaused"
+        },
+        "",
+        o.generation,
+        o.now,
+    );
+    if !aborted {
+        conditions::set(
+            &mut status.conditions,
+            "Aborted",
+            false,
+            "NotAborted",
+            "",
+            o.generation,
+            o.now,
+        );
+    }
+    status.handled_intents = Some(handled);
+    status.abort = None;
+    status.promote = None;
+    status.promote_full = None;
+    status.retry = None;
+    status.pause = None;
+    status.resume = None;
+    let busy = preview.is_some() || previous.is_some() || !start_runs.is_empty();
+    let resync = if busy { RESYNC } else { IDLE_RESYNC };
+    let requeue_after = wakeups
+        .iter()
+        .map(|at| until(o.now, *at))
+        .min()
+        .map_or(resync, |d| d.min(resync))
+        .max(Duration::from_millis(200));
+    Plan {
+        replica_sets,
+        traffic,
+        status,
+        events,
+        requeue_after,
+        start_runs,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::common::Intent;
+    use crate::api::rollout::{RolloutSpec, RolloutStatus};
+    use crate::rollout::plan::ObservedReplicaSet;
+    use crate::traffic::TrafficState;
+    use k8s_openapi::jiff::Timestamp;
+
+    fn t(secs: i64) -> Timestamp {
+        Timestamp::from_second(1_700_000_000 + secs).unwrap()
+    }
+
+    fn spec(extra: serde_json::Value) -> RolloutSpec {
+        let mut bg = serde_json::json!({"activeService": "web", "previewService": "web-preview", "scaleDownDelay": "30s"});
+        for (k, v) in extra.as_object().unwrap() {
+            bg[k] = v.clone();
+        }
+        serde_json::from_value(serde_json::json!({
+            "replicas": 3,
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {"metadata": {"labels": {"app": "web"}}, "spec": {"containers": [{"name": "web", "image": "web:1"}]}},
+            "strategy": {"blueGreen": bg}
+        }))
+        .unwrap()
+    }
+
+    fn rs(hash: &str, n: i32) -> ObservedReplicaSet {
+        ObservedReplicaSet {
+            hash: hash.into(),
+            replicas: n,
+            ready: n,
+            available: n,
+            scale_down_at: None,
+        }
+    }
+
+    fn observed(
+        spec: RolloutSpec,
+        status: RolloutStatus,
+        sets: Vec<ObservedReplicaSet>,
+        now: i64,
+    ) -> Observed {
+        Observed {
+            generation: Some(1),
+            spec,
+            status,
+            desired_hash: "new".into(),
+            replica_sets: sets,
+            traffic: ObservedTraffic::State(TrafficState {
+                canary_weight: Some(0),
+                targets_match: true,
+            }),
+            background: None,
+            now: t(now),
+        }
+    }
+
+    fn intent(id: &str) -> Option<Intent> {
+        Some(Intent {
+            id: id.into(),
+            requested_at: Time(t(1)),
+            requested_by: None,
+            reason: None,
+        })
+    }
+
+    fn active(hash: &str) -> RolloutStatus {
+        RolloutStatus {
+            stable_revision: Some(hash.into()),
+            ..RolloutStatus::default()
+        }
+    }
+
+    #[test]
+    fn preview_waits_for_promotion_then_switches_and_keeps_the_old_one_warm() {
+        let plan1 = plan(&observed(
+            spec(serde_json::json!({})),
+            active("old"),
+            vec![rs("old", 3), rs("new", 3)],
+            0,
+        ));
+        assert_eq!(plan1.status.canary_revision.as_deref(), Some("new"));
+        assert_eq!(plan1.status.phase, Some(RolloutPhase::Paused));
+        assert_eq!(plan1.traffic.as_ref().unwrap().canary_weight, 0);
+        let mut status = plan1.status.clone();
+        status.promote = intent("p");
+        let mut o = observed(
+            spec(serde_json::json!({})),
+            status,
+            vec![rs("old", 3), rs("new", 3)],
+            5,
+        );
+        let plan2 = plan(&o);
+        assert_eq!(
+            plan2.traffic.as_ref().unwrap().canary_weight,
+            100,
+            "the switch: weights 0 -> 100 at once"
+        );
+        o.status = plan2.status.clone();
+        o.traffic = ObservedTraffic::State(TrafficState {
+            canary_weight: Some(100),
+            targets_match: true,
+        });
+        let plan3 = plan(&o);
+        assert_eq!(plan3.status.stable_revision.as_deref(), Some("new"));
+        assert_eq!(plan3.status.previous_revision.as_deref(), Some("old"));
+        assert!(plan3.replica_sets.contains(&ReplicaSetIntent {
+            hash: "old".into(),
+            replicas: 3,
+            scale_down_at: None
+        }));
+        // After the delay the old revision goes.
+        o.status = plan3.status.clone();
+        o.traffic = ObservedTraffic::State(TrafficState {
+            canary_weight: Some(0),
+            targets_match: true,
+        });
+        o.now = t(40);
+        let plan4 = plan(&o);
+        assert_eq!(plan4.status.previous_revision, None);
+        assert!(plan4.replica_sets.contains(&ReplicaSetIntent {
+            hash: "old".into(),
+            replicas: 0,
+            scale_down_at: None
+        }));
+        assert_eq!(plan4.status.phase, Some(RolloutPhase::Healthy));
+    }
+
+    #[test]
+    fn failed_post_promotion_analysis_switches_straight_back() {
+        let mut status = active("new");
+        status.previous_revision = Some("old".into());
+        status.current_step_started_at = Some(MicroTime(t(0)));
+        status
+            .analysis_runs
+            .push(crate::api::analysis::AnalysisRunStatus {
+                name: POST_PROMOTION.into(),
+                revision: "new".into(),
+                phase: AnalysisPhase::Failed,
+                started_at: Time(t(0)),
+                finished_at: Some(Time(t(5))),
+                message: Some("error-rate failed".into()),
+                metrics: vec![],
+            });
+        let spec = spec(
+            serde_json::json!({"postPromotionAnalysis": {"metrics": [{"name": "m", "prometheus": {"query": "q"}, "successCondition": "true"}]}}),
+        );
+        let plan = plan(&observed(spec, status, vec![rs("old", 3), rs("new", 3)], 6));
+        assert_eq!(plan.status.stable_revision.as_deref(), Some("old"));
+        assert_eq!(plan.traffic.as_ref().unwrap().targets.stable, "old");
+        assert_eq!(plan.traffic.unwrap().canary_weight, 0);
+        assert_eq!(plan.status.phase, Some(RolloutPhase::Degraded));
+        assert!(plan.events.iter().any(|e| e.reason == "AnalysisFailed"));
+    }
+
+    #[test]
+    fn auto_promotion_waits_for_the_delay_and_the_analysis() {
+        let spec = spec(serde_json::json!({"autoPromotion": {"enabled": true, "after": "10s"}}));
+        let plan1 = plan(&observed(
+            spec.clone(),
+            active("old"),
+            vec![rs("old", 3), rs("new", 3)],
+            0,
+        ));
+        assert_eq!(plan1.traffic.as_ref().unwrap().canary_weight, 0);
+        assert_eq!(plan1.requeue_after, Duration::from_secs(10));
+        let plan2 = plan(&observed(
+            spec,
+            plan1.status.clone(),
+            vec![rs("old", 3), rs("new", 3)],
+            10,
+        ));
+        assert_eq!(plan2.traffic.unwrap().canary_weight, 100);
+    }
+
+    #[test]
+    fn abort_before_the_switch_keeps_the_active_revision() {
+        let mut status = active("old");
+        status.canary_revision = Some("new".into());
+        status.abort = intent("a");
+        let plan = plan(&observed(
+            spec(serde_json::json!({})),
+            status,
+            vec![rs("old", 3), rs("new", 3)],
+            0,
+        ));
+        assert_eq!(plan.status.stable_revision.as_deref(), Some("old"));
+        assert!(plan.status.aborted_at.is_some());
+        assert_eq!(plan.traffic.unwrap().canary_weight, 0);
+    }
+}
