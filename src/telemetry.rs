@@ -72,6 +72,7 @@ pub struct Metrics {
     query_duration: Histogram,
     rollout_phase: Family<PhaseLabels, Gauge>,
     canary_weight: Family<RolloutLabels, Gauge>,
+    release_duration: Histogram,
 }
 
 impl Metrics {
@@ -126,7 +127,14 @@ impl Metrics {
             "Percent of traffic on each Rollout's canary",
             canary_weight.clone(),
         );
+        let release_duration = Histogram::new(exponential_buckets(10.0, 2.0, 12));
+        registry.register(
+            "rollout_release_duration_seconds",
+            "Time from a new revision's ReplicaSet to its promotion",
+            release_duration.clone(),
+        );
         Self {
+            release_duration,
             registry,
             leader,
             reconcile_duration,
@@ -156,6 +164,10 @@ impl Metrics {
                 kind: outcome.to_string(),
             })
             .inc();
+    }
+
+    pub fn observe_release(&self, took: std::time::Duration) {
+        self.release_duration.observe(took.as_secs_f64());
     }
 
     pub fn observe_query(&self, took: std::time::Duration) {

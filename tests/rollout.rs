@@ -921,3 +921,162 @@ async fn blue_green_auto_promotes_after_the_delay_and_abort_keeps_the_active() {
     assert_ne!(v1, v2);
     ns.delete().await;
 }
+
+#[tokio::test]
+#[ignore = "needs the local cluster: make test"]
+async fn blue_green_through_a_gateway_api_route_switches_weights_at_once() {
+    let ns = TestNamespace::new("bggw").await;
+    let _controller = start_controller(&ns.name).await;
+    for svc in ["web", "web-preview"] {
+        create(&ns, &service(&ns.name, svc).tap_selector())
+            .await
+            .unwrap();
+    }
+    let route = json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": {"name": "web", "namespace": ns.name},
+        "spec": {"parentRefs": [{"name": "gw"}], "rules": [{"name": "main",
+            "backendRefs": [{"name": "web", "port": 80, "weight": 100}, {"name": "web-preview", "port": 80, "weight": 0}]}]}});
+    create(&ns, &route).await.unwrap();
+    let mut r = blue_green(&ns.name, json!({}));
+    r["spec"]["strategy"]["blueGreen"]["trafficRouting"] =
+        json!({"gatewayAPI": {"httpRoute": {"name": "web"}}});
+    create(&ns, &r).await.unwrap();
+    let api: Api<Rollout> = Api::namespaced(ns.client.clone(), &ns.name);
+    let v1 = healthy(&api).await;
+    let resource = kube::api::ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(
+        "gateway.networking.k8s.io",
+        "v1",
+        "HTTPRoute",
+    ));
+    let routes: Api<DynamicObject> = Api::namespaced_with(ns.client.clone(), &ns.name, &resource);
+    let preview_weight = || async {
+        routes.get("web").await.ok()?.data["spec"]["rules"][0]["backendRefs"][1]["weight"].as_i64()
+    };
+
+    set_template(&api, "web:2", json!({})).await;
+    let v2 = wait_for("v2 ready in preview", Duration::from_secs(60), || async {
+        let s = status(&api).await?;
+        (s.phase == Some(RolloutPhase::Paused)).then_some(s.canary_revision?)
+    })
+    .await;
+    assert_eq!(preview_weight().await, Some(0));
+    assert_eq!(
+        selects(&ns, "web-preview").await.as_deref(),
+        Some(v2.as_str())
+    );
+    plugin(&["promote", &format!("{}/web", ns.name)]);
+    wait_for(
+        "switched: active Service on v2, all weight back on the active backend",
+        Duration::from_secs(30),
+        || async {
+            let s = status(&api).await?;
+            (s.stable_revision.as_deref() == Some(v2.as_str())
+                && selects(&ns, "web").await? == v2
+                && preview_weight().await? == 0)
+                .then_some(())
+        },
+    )
+    .await;
+    assert_ne!(v1, v2);
+    ns.delete().await;
+}
+
+#[tokio::test]
+#[ignore = "needs the local cluster: make test"]
+async fn without_a_router_the_weight_follows_replica_counts() {
+    let ns = TestNamespace::new("norouter").await;
+    let _controller = start_controller(&ns.name).await;
+    let mut r = rollout(
+        &ns.name,
+        "web:1",
+        json!({}),
+        json!(null),
+        json!([{"setWeight": 50}, {"pause": {}}]),
+    );
+    r["spec"]["strategy"]["canary"]
+        .as_object_mut()
+        .unwrap()
+        .remove("trafficRouting");
+    create(&ns, &r).await.unwrap();
+    let api: Api<Rollout> = Api::namespaced(ns.client.clone(), &ns.name);
+    let v1 = healthy(&api).await;
+    set_template(&api, "web:2", json!({})).await;
+    at_step(&api, 1, RolloutPhase::Paused).await;
+    let s = status(&api).await.unwrap();
+    let v2 = s.canary_revision.clone().unwrap();
+    let rs_api: Api<ReplicaSet> = Api::namespaced(ns.client.clone(), &ns.name);
+    let size = |hash: String| {
+        let rs_api = rs_api.clone();
+        async move {
+            rs_api
+                .get(&format!("web-{hash}"))
+                .await
+                .ok()?
+                .spec?
+                .replicas
+        }
+    };
+    assert_eq!(
+        size(v1.clone()).await,
+        Some(2),
+        "stable shrinks to make room"
+    );
+    assert_eq!(size(v2.clone()).await, Some(2));
+    let weights = s.weights.unwrap();
+    assert_eq!((weights.stable, weights.canary), (50, 50));
+    plugin(&["promote", &format!("{}/web", ns.name)]);
+    wait_for("promoted", Duration::from_secs(60), || async {
+        let s = status(&api).await?;
+        (s.stable_revision.as_deref() == Some(v2.as_str())
+            && s.phase == Some(RolloutPhase::Healthy))
+        .then_some(())
+    })
+    .await;
+    assert_eq!(size(v2).await, Some(4));
+    ns.delete().await;
+}
+
+#[tokio::test]
+#[ignore = "needs the local cluster: make test"]
+async fn a_missing_virtual_service_degrades_with_its_name() {
+    let ns = TestNamespace::new("missing").await;
+    let _controller = start_controller(&ns.name).await;
+    create(&ns, &service(&ns.name, "web")).await.unwrap();
+    create(
+        &ns,
+        &rollout(
+            &ns.name,
+            "web:1",
+            json!({}),
+            json!(null),
+            json!([{"setWeight": 50}]),
+        ),
+    )
+    .await
+    .unwrap();
+    let api: Api<Rollout> = Api::namespaced(ns.client.clone(), &ns.name);
+    let message = wait_for("Degraded", Duration::from_secs(30), || async {
+        let s = status(&api).await?;
+        (s.phase == Some(RolloutPhase::Degraded)).then_some(s.message?)
+    })
+    .await;
+    assert!(
+        message.contains(&format!("VirtualService {}/web not found", ns.name)),
+        "{message}"
+    );
+    // The stable revision still runs in full.
+    let rs_api: Api<ReplicaSet> = Api::namespaced(ns.client.clone(), &ns.name);
+    let stable = status(&api).await.unwrap().stable_revision.unwrap();
+    wait_for("stable pods", Duration::from_secs(30), || async {
+        (rs_api
+            .get(&format!("web-{stable}"))
+            .await
+            .ok()?
+            .spec?
+            .replicas?
+            == 4)
+            .then_some(())
+    })
+    .await;
+    ns.delete().await;
+}

@@ -353,6 +353,7 @@ async fn apply(cached: Arc<Rollout>, ctx: Arc<Context>) -> Result<Action, Error>
     }
 
     apply_replica_sets(&ctx, &rollout, &owned, &plan, &desired_hash).await?;
+    prune_history(&ctx, &rollout, &owned, &plan).await?;
     let selector = selector_string(&rollout.spec.selector);
     plan.status.selector = Some(selector);
     // The decision is recorded before traffic moves: a crash in between leaves a status from
@@ -404,6 +405,15 @@ async fn apply(cached: Arc<Rollout>, ctx: Arc<Context>) -> Result<Action, Error>
             }
             (None, None) => {}
         }
+    }
+    if plan.events.iter().any(|e| e.reason == "Promoted")
+        && let Some(released) = owned
+            .iter()
+            .find(|rs| rs.labels().get(HASH_LABEL) == plan.status.stable_revision.as_ref())
+            .and_then(|rs| rs.metadata.creation_timestamp.as_ref())
+    {
+        let took = Duration::try_from(now.duration_since(released.0)).unwrap_or_default();
+        ctx.health.metrics.observe_release(took);
     }
     publish_events(&ctx, &rollout, &plan).await;
     ctx.health.metrics.rollout_state(
@@ -517,6 +527,59 @@ fn selector_string(selector: &LabelSelector) -> String {
         });
     }
     parts.join(",")
+}
+
+/// Deletes scaled-down ReplicaSets beyond `revisionHistoryLimit` (default 10).
+async fn prune_history(
+    ctx: &Context,
+    rollout: &Rollout,
+    owned: &[ReplicaSet],
+    plan: &Plan,
+) -> Result<(), Error> {
+    let limit = rollout.spec.revision_history_limit.unwrap_or(10).max(0) as usize;
+    let entries: Vec<revision::HistoryEntry> = owned
+        .iter()
+        .map(|rs| revision::HistoryEntry {
+            name: rs.name_any(),
+            hash: rs.labels().get(HASH_LABEL).cloned().unwrap_or_default(),
+            revision: rs
+                .annotations()
+                .get(REVISION_ANNOTATION)
+                .and_then(|r| r.parse().ok())
+                .unwrap_or(0),
+            // What the plan leaves it at, not what it was.
+            replicas: plan
+                .replica_sets
+                .iter()
+                .find(|i| Some(&i.hash) == rs.labels().get(HASH_LABEL))
+                .map_or(
+                    rs.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0),
+                    |i| i.replicas,
+                ),
+        })
+        .collect();
+    let keep: Vec<&str> = [
+        &plan.status.stable_revision,
+        &plan.status.canary_revision,
+        &plan.status.previous_revision,
+    ]
+    .into_iter()
+    .filter_map(|h| h.as_deref())
+    .collect();
+    let api: Api<ReplicaSet> =
+        Api::namespaced(ctx.client.clone(), &rollout.namespace().unwrap_or_default());
+    for name in revision::beyond_history_limit(&entries, limit, &keep) {
+        tracing::info!(replica_set = %name, "deleting a revision beyond revisionHistoryLimit");
+        match api
+            .delete(&name, &kube::api::DeleteParams::background())
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 async fn apply_replica_sets(

@@ -1148,6 +1148,28 @@ mod tests {
     }
 
     #[test]
+    fn a_canary_without_pods_past_the_deadline_is_degraded_but_not_aborted() {
+        let mut o = observed(vec![weight(50)], releasing(0), 0, Some(0));
+        o.spec.progress_deadline_seconds = Some(60);
+        o.now = t(30);
+        assert_eq!(plan(&o).status.phase, Some(RolloutPhase::Progressing));
+        o.now = t(61);
+        let late = plan(&o);
+        assert_eq!(late.status.phase, Some(RolloutPhase::Degraded));
+        assert!(
+            late.status
+                .message
+                .unwrap()
+                .contains("progress deadline exceeded")
+        );
+        assert!(
+            late.status.aborted_at.is_none(),
+            "pods may still come: not an abort"
+        );
+        assert_eq!(late.traffic.unwrap().canary_weight, 0);
+    }
+
+    #[test]
     fn a_person_pauses_and_resumes() {
         let steps = vec![weight(25), pause(Some(1))];
         let mut status = releasing(0);

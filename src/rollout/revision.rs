@@ -49,6 +49,29 @@ pub fn replica_set_name(rollout: &str, hash: &str) -> String {
     format!("{}-{hash}", prefix.trim_end_matches('-'))
 }
 
+/// A ReplicaSet as the history pruning sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HistoryEntry {
+    pub name: String,
+    pub hash: String,
+    pub revision: i64,
+    pub replicas: i32,
+}
+
+/// The ReplicaSets to delete so that at most `limit` old revisions remain: only scaled-down
+/// ones that are neither stable, canary nor kept for a blue-green rollback, oldest first.
+pub fn beyond_history_limit(entries: &[HistoryEntry], limit: usize, keep: &[&str]) -> Vec<String> {
+    let mut old: Vec<&HistoryEntry> = entries
+        .iter()
+        .filter(|e| e.replicas == 0 && !keep.contains(&e.hash.as_str()))
+        .collect();
+    old.sort_by_key(|e| std::cmp::Reverse(e.revision));
+    old.into_iter()
+        .skip(limit)
+        .map(|e| e.name.clone())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -83,6 +106,32 @@ mod tests {
             template_hash(&template("a:1"), 1)
         );
         assert_eq!(template_hash(&template("a:1"), 0).len(), 10);
+    }
+
+    #[test]
+    fn history_keeps_the_newest_old_revisions_and_never_live_ones() {
+        let entry = |hash: &str, revision: i64, replicas: i32| HistoryEntry {
+            name: format!("web-{hash}"),
+            hash: hash.into(),
+            revision,
+            replicas,
+        };
+        let entries = vec![
+            entry("a", 1, 0),
+            entry("b", 2, 0),
+            entry("c", 3, 0),
+            entry("d", 4, 5),
+            entry("e", 5, 0),
+        ];
+        assert_eq!(
+            beyond_history_limit(&entries, 1, &["d"]),
+            vec!["web-b", "web-a"]
+        );
+        assert_eq!(
+            beyond_history_limit(&entries, 0, &["d", "e"]),
+            vec!["web-c", "web-b", "web-a"]
+        );
+        assert!(beyond_history_limit(&entries, 10, &["d"]).is_empty());
     }
 
     #[test]
