@@ -124,8 +124,12 @@ mod tests {
             entry("e", 5, 0),
         ];
         assert_eq!(
-            beyond_history_limit(&entries, 1, &["d"]),
+            beyond_history_limit(&entries, 2, &["d"]),
             vec!["web-b", "web-a"]
+        );
+        assert_eq!(
+            beyond_history_limit(&entries, 1, &["d"]),
+            vec!["web-c", "web-b", "web-a"]
         );
         assert_eq!(
             beyond_history_limit(&entries, 0, &["d", "e"]),
