@@ -161,9 +161,14 @@ pub async fn campaign(
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let api: Api<Lease> = Api::namespaced(client, &settings.namespace);
+    let mut renewed = std::time::Instant::now();
     loop {
         let was_leading = *leading.borrow();
-        match try_lead(&api, &settings).await {
+        let round = try_lead(&api, &settings).await;
+        if matches!(round, Ok(true)) {
+            renewed = std::time::Instant::now();
+        }
+        match round {
             Ok(true) if !was_leading => {
                 tracing::info!(lease = %settings.name, identity = %settings.identity, "became leader");
                 leading.send_replace(true);
@@ -182,9 +187,14 @@ pub async fn campaign(
             }
             Err(e) => {
                 tracing::warn!(error = %e, "leader election round failed");
-                if was_leading {
+                // One failed round is not a lost Lease: give up only when it may have lapsed
+                // (two thirds of its duration without a renewal), before a standby can take it.
+                if was_leading && renewed.elapsed() >= settings.lease_duration * 2 / 3 {
                     leading.send_replace(false);
-                    anyhow::bail!("could not renew the leader Lease: {e}");
+                    anyhow::bail!(
+                        "could not renew the leader Lease for {:?}: {e}",
+                        renewed.elapsed()
+                    );
                 }
             }
         }

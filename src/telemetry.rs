@@ -166,6 +166,21 @@ impl Metrics {
             .inc();
     }
 
+    /// Drops a deleted Rollout's series, so the metrics stay as small as the cluster.
+    pub fn forget_rollout(&self, namespace: &str, name: &str) {
+        for phase in PHASES {
+            self.rollout_phase.remove(&PhaseLabels {
+                namespace: namespace.into(),
+                name: name.into(),
+                phase: phase.into(),
+            });
+        }
+        self.canary_weight.remove(&RolloutLabels {
+            namespace: namespace.into(),
+            name: name.into(),
+        });
+    }
+
     pub fn observe_release(&self, took: std::time::Duration) {
         self.release_duration.observe(took.as_secs_f64());
     }

@@ -514,11 +514,7 @@ async fn people_steer_the_release_with_the_plugin() {
 async fn host_level_routing_leaves_other_routes_alone_and_puts_drift_back() {
     let ns = TestNamespace::new("host").await;
     let _controller = start_controller(&ns.name).await;
-    for svc in ["web-stable", "web-canary"] {
-        let mut s = service(&ns.name, svc);
-        s["spec"]["selector"] = json!({"app": "web"});
-        create(&ns, &s).await.unwrap();
-    }
+    web_services(&ns, &["web-stable", "web-canary"]).await;
     let vs = json!({"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
         "metadata": {"name": "web", "namespace": ns.name},
         "spec": {"hosts": ["web"], "http": [
@@ -619,11 +615,7 @@ async fn host_level_routing_leaves_other_routes_alone_and_puts_drift_back() {
 async fn gateway_api_canary_sets_backend_weights_and_leaves_the_rest() {
     let ns = TestNamespace::new("gateway").await;
     let _controller = start_controller(&ns.name).await;
-    for svc in ["web-stable", "web-canary"] {
-        let mut s = service(&ns.name, svc);
-        s["spec"]["selector"] = json!({"app": "web"});
-        create(&ns, &s).await.unwrap();
-    }
+    web_services(&ns, &["web-stable", "web-canary"]).await;
     let route = json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
         "metadata": {"name": "web", "namespace": ns.name},
         "spec": {"parentRefs": [{"name": "gw"}], "rules": [
@@ -714,10 +706,8 @@ fn blue_green(ns: &str, extra: Value) -> Value {
 /// Active and preview Services, each with a VirtualService so the simulator sends them
 /// traffic (users on the active one, smoke tests on the preview one).
 async fn blue_green_services(ns: &TestNamespace) {
+    web_services(ns, &["web", "web-preview"]).await;
     for svc in ["web", "web-preview"] {
-        create(ns, &service(&ns.name, svc).tap_selector())
-            .await
-            .unwrap();
         let vs = json!({"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
             "metadata": {"name": svc, "namespace": ns.name},
             "spec": {"hosts": [svc], "http": [{"route": [{"destination": {"host": svc}}]}]}});
@@ -725,15 +715,12 @@ async fn blue_green_services(ns: &TestNamespace) {
     }
 }
 
-trait TapSelector {
-    fn tap_selector(self) -> Self;
-}
-
-impl TapSelector for Value {
-    /// Services of a blue-green Rollout select the app; Sluice adds the revision.
-    fn tap_selector(mut self) -> Self {
-        self["spec"]["selector"] = json!({"app": "web"});
-        self
+/// Services that select the `web` app; Sluice adds the revision to their selectors.
+async fn web_services(ns: &TestNamespace, names: &[&str]) {
+    for name in names {
+        let mut svc = service(&ns.name, name);
+        svc["spec"]["selector"] = json!({"app": "web"});
+        create(ns, &svc).await.unwrap();
     }
 }
 
@@ -927,11 +914,7 @@ async fn blue_green_auto_promotes_after_the_delay_and_abort_keeps_the_active() {
 async fn blue_green_through_a_gateway_api_route_switches_weights_at_once() {
     let ns = TestNamespace::new("bggw").await;
     let _controller = start_controller(&ns.name).await;
-    for svc in ["web", "web-preview"] {
-        create(&ns, &service(&ns.name, svc).tap_selector())
-            .await
-            .unwrap();
-    }
+    web_services(&ns, &["web", "web-preview"]).await;
     let route = json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
         "metadata": {"name": "web", "namespace": ns.name},
         "spec": {"parentRefs": [{"name": "gw"}], "rules": [{"name": "main",

@@ -124,7 +124,8 @@ pub struct RolloutStrategy {
     validation = Rule::new("has(self.stableService) == has(self.canaryService)").message("stableService and canaryService go together"),
     validation = Rule::new("!has(self.stableService) || self.stableService != self.canaryService").message("stableService and canaryService must be different Services"),
     validation = Rule::new("!has(self.trafficRouting) || !has(self.trafficRouting.gatewayAPI) || has(self.stableService)").message("gatewayAPI routing needs stableService and canaryService"),
-    validation = Rule::new("!has(self.trafficRouting) || !has(self.trafficRouting.istio) || has(self.trafficRouting.istio.destinationRule) != has(self.stableService)").message("istio routing needs either a destinationRule (subset-level) or stableService and canaryService (host-level), not both")
+    validation = Rule::new("!has(self.trafficRouting) || !has(self.trafficRouting.istio) || has(self.trafficRouting.istio.destinationRule) != has(self.stableService)").message("istio routing needs either a destinationRule (subset-level) or stableService and canaryService (host-level), not both"),
+    validation = Rule::new("!has(self.steps) || !self.steps.exists(s, has(s.analysis) && (!has(s.analysis.metrics) || size(s.analysis.metrics) == 0)) || (has(self.analysis) && has(self.analysis.metrics) && size(self.analysis.metrics) > 0)").message("an analysis step without metrics needs metrics in the canary's analysis")
 )]
 pub struct CanaryStrategy {
     /// Service whose selector Sluice points at the stable revision (host-level routing).
@@ -484,7 +485,7 @@ pub struct RolloutStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
     pub analysis_runs: Vec<AnalysisRunStatus>,
-    /// Standard conditions: `Available`, `Progressing`, `Healthy`, `Paused`, `Aborted`.
+    /// Standard conditions: `Available`, `Progressing`, `Paused`, `Aborted`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,

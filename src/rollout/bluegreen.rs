@@ -16,9 +16,12 @@ use super::plan::{
     record_counts, unhandled, until,
 };
 use crate::api::analysis::AnalysisPhase;
-use crate::api::rollout::{PauseCondition, PauseReason, RolloutPhase, TrafficWeights};
+use crate::api::rollout::{
+    HandledIntents, PauseCondition, PauseReason, RolloutPhase, RolloutStatus, TrafficWeights,
+};
 use crate::conditions;
 use crate::traffic::Targets;
+use k8s_openapi::jiff::Timestamp;
 
 /// Run names in status.
 pub const PRE_PROMOTION: &str = "pre-promotion";
@@ -27,6 +30,32 @@ pub const POST_PROMOTION: &str = "post-promotion";
 const DEFAULT_SCALE_DOWN_DELAY: Duration = Duration::from_secs(30);
 const RESYNC: Duration = Duration::from_secs(15);
 const IDLE_RESYNC: Duration = Duration::from_secs(300);
+
+/// An analysis that could not decide: a person's promote starts it again; otherwise the
+/// rollout pauses (never promotes, never rolls back on that alone).
+fn restart_or_pause(
+    status: &mut RolloutStatus,
+    handled: &mut HandledIntents,
+    start_runs: &mut Vec<String>,
+    promote: &Option<String>,
+    run: &str,
+    now: Timestamp,
+) {
+    if let Some(id) = promote.clone() {
+        handled.promote = Some(id);
+        status.analysis_runs.retain(|r| r.name != run);
+        start_runs.push(run.to_string());
+    } else if !status
+        .pause_conditions
+        .iter()
+        .any(|c| c.reason == PauseReason::InconclusiveAnalysis)
+    {
+        status.pause_conditions.push(PauseCondition {
+            reason: PauseReason::InconclusiveAnalysis,
+            start_time: Time(now),
+        });
+    }
+}
 
 /// Plans one reconcile of a blue-green Rollout.
 pub fn plan(o: &Observed) -> Plan {
@@ -176,20 +205,14 @@ pub fn plan(o: &Observed) -> Plan {
             post,
             Some(AnalysisPhase::Inconclusive | AnalysisPhase::Error)
         ) {
-            if let Some(id) = intents.promote.clone() {
-                handled.promote = Some(id);
-                status.analysis_runs.retain(|r| r.name != POST_PROMOTION);
-                start_runs.push(POST_PROMOTION.to_string());
-            } else if !status
-                .pause_conditions
-                .iter()
-                .any(|c| c.reason == PauseReason::InconclusiveAnalysis)
-            {
-                status.pause_conditions.push(PauseCondition {
-                    reason: PauseReason::InconclusiveAnalysis,
-                    start_time: Time(o.now),
-                });
-            }
+            restart_or_pause(
+                &mut status,
+                &mut handled,
+                &mut start_runs,
+                &intents.promote,
+                POST_PROMOTION,
+                o.now,
+            );
         } else {
             let checked = !has_post || post == Some(AnalysisPhase::Successful);
             let delay_over = add(switched, scale_down_delay) <= o.now;
@@ -289,20 +312,14 @@ pub fn plan(o: &Observed) -> Plan {
                     false
                 }
                 Some(AnalysisPhase::Inconclusive | AnalysisPhase::Error) => {
-                    if let Some(id) = intents.promote.clone() {
-                        handled.promote = Some(id);
-                        status.analysis_runs.retain(|r| r.name != PRE_PROMOTION);
-                        start_runs.push(PRE_PROMOTION.to_string());
-                    } else if !status
-                        .pause_conditions
-                        .iter()
-                        .any(|c| c.reason == PauseReason::InconclusiveAnalysis)
-                    {
-                        status.pause_conditions.push(PauseCondition {
-                            reason: PauseReason::InconclusiveAnalysis,
-                            start_time: Time(o.now),
-                        });
-                    }
+                    restart_or_pause(
+                        &mut status,
+                        &mut handled,
+                        &mut start_runs,
+                        &intents.promote,
+                        PRE_PROMOTION,
+                        o.now,
+                    );
                     false
                 }
                 _ => false,
@@ -380,11 +397,22 @@ pub fn plan(o: &Observed) -> Plan {
             }
         }
     }
-    if intents.promote.is_some() && handled.promote != intents.promote {
-        handled.promote = intents.promote.clone();
-    }
-    if intents.promote_full.is_some() && handled.promote_full != intents.promote_full {
-        handled.promote_full = intents.promote_full.clone();
+    // A promote waits while a preview is getting ready or being checked; with nothing to
+    // promote (or an aborted preview) it is used up, so it cannot surprise a later release.
+    let nothing_to_promote = status.canary_revision.is_none() || status.aborted_at.is_some();
+    if nothing_to_promote {
+        if intents.promote.is_some() {
+            handled.promote = intents.promote.clone();
+        }
+        if intents.promote_full.is_some() {
+            handled.promote_full = intents.promote_full.clone();
+        }
+        if status.canary_revision.is_none()
+            && status.previous_revision.is_none()
+            && intents.abort.is_some()
+        {
+            handled.abort = intents.abort.clone();
+        }
     }
 
     if let Some(new_active) = switch_to {

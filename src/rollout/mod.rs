@@ -81,7 +81,7 @@ pub async fn run(ctx: Arc<Context>, mut stop: watch::Receiver<bool>) {
         ("gateway.networking.k8s.io", "HTTPRoute"),
     ] {
         let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(group, "v1", kind));
-        if !served(&client, &resource).await {
+        if !served(&client, &resource, ctx.settings.namespace.as_deref()).await {
             tracing::info!(kind, "not served by this cluster; not watching it");
             continue;
         }
@@ -120,8 +120,12 @@ pub async fn run(ctx: Arc<Context>, mut stop: watch::Receiver<bool>) {
         .await;
 }
 
-async fn served(client: &kube::Client, resource: &ApiResource) -> bool {
-    let api: Api<DynamicObject> = Api::all_with(client.clone(), resource);
+async fn served(client: &kube::Client, resource: &ApiResource, namespace: Option<&str>) -> bool {
+    // Asked where Sluice will watch, so namespace-scoped RBAC is enough.
+    let api: Api<DynamicObject> = match namespace {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, resource),
+        None => Api::all_with(client.clone(), resource),
+    };
     api.list(&ListParams::default().limit(1)).await.is_ok()
 }
 
@@ -195,6 +199,9 @@ async fn reconcile(rollout: Arc<Rollout>, ctx: Arc<Context>) -> Result<Action, E
 /// On deletion: all traffic back to stable before the Rollout (and its ReplicaSets) go.
 async fn cleanup(rollout: Arc<Rollout>, ctx: Arc<Context>) -> Result<Action, Error> {
     let namespace = rollout.namespace().unwrap_or_default();
+    ctx.health
+        .metrics
+        .forget_rollout(&namespace, &rollout.name_any());
     let status = rollout.status.clone().unwrap_or_default();
     if let (Some(canary), Some(stable)) = (
         rollout.spec.strategy.canary.as_ref(),
@@ -368,6 +375,21 @@ async fn apply(cached: Arc<Rollout>, ctx: Arc<Context>) -> Result<Action, Error>
                     }
                     _ => false,
                 };
+                let lowering = matches!(&traffic, ObservedTraffic::State(s)
+                    if s.canary_weight.is_some_and(|w| w > intent.canary_weight));
+                // A superseded canary: lower its weight while the canary destination still
+                // points at its pods, then re-point it, so traffic never reaches a revision
+                // without pods in between. (A promotion re-points stable first instead.)
+                if !current
+                    && lowering
+                    && intent.targets.stable == targets.stable
+                    && intent.targets.canary != targets.canary
+                {
+                    match router.apply(&targets, intent.canary_weight).await {
+                        Ok(()) | Err(RouterError::Misconfigured(_)) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
                 if !current {
                     match router.apply(&intent.targets, intent.canary_weight).await {
                         Ok(()) => {

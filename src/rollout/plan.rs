@@ -502,7 +502,12 @@ pub fn plan(o: &Observed) -> Plan {
                 let is_pause_step = matches!(steps[index], Step::Pause(_));
                 if !advance
                     || (!is_pause_step && held(&p))
-                    || (is_pause_step && p.background_doubtful())
+                    || (is_pause_step
+                        && (p.background_doubtful()
+                            || p.status
+                                .pause_conditions
+                                .iter()
+                                .any(|c| c.reason == PauseReason::UserPause)))
                 {
                     break;
                 }
@@ -537,6 +542,23 @@ pub fn plan(o: &Observed) -> Plan {
                 // A promote with nothing to promote past is consumed, not kept for later.
                 p.handled.promote = Some(id);
             }
+        }
+    }
+
+    // Requests with nothing to act on are used up now, so they cannot surprise a later
+    // release (an abort typed between releases must not abort the next one).
+    let idle = p.status.canary_revision.is_none() || p.status.aborted_at.is_some();
+    if idle {
+        let consume = |slot: &mut Option<String>, id: &Option<String>| {
+            if id.is_some() {
+                *slot = id.clone();
+            }
+        };
+        consume(&mut p.handled.promote, &intents.promote);
+        consume(&mut p.handled.promote_full, &intents.promote_full);
+        if p.status.canary_revision.is_none() {
+            consume(&mut p.handled.abort, &intents.abort);
+            consume(&mut p.handled.retry, &intents.retry);
         }
     }
 
@@ -575,10 +597,22 @@ fn finish(mut p: Planner, steps: &[Step], desired_weight: i32) -> Plan {
     let index = p.status.current_step_index.unwrap_or(0).max(0) as usize;
     let routed = !matches!(o.traffic, ObservedTraffic::None);
 
-    // Traffic: never to a canary without available pods, never to an aborted one.
     let canary_available = canary.as_deref().map_or(0, |c| p.available(c));
+
+    // Replica counts.
+    let canary_target = match (&canary, aborted) {
+        (Some(_), false) if index >= steps.len() => p.replicas,
+        (Some(_), false) => steps::canary_replicas(steps, index, p.replicas),
+        _ => 0,
+    };
+    // Traffic never to a canary without available pods, never to an aborted one, and a new
+    // weight only once the pods it needs are available (until then the last step's weight).
     let weight = if aborted || canary.is_none() || canary_available == 0 {
         0
+    } else if canary_available < canary_target {
+        desired_weight
+            .min(steps::weight_at(steps, index))
+            .clamp(0, 100)
     } else {
         desired_weight.clamp(0, 100)
     };
@@ -589,13 +623,6 @@ fn finish(mut p: Planner, steps: &[Step], desired_weight: i32) -> Plan {
         },
         canary_weight: weight,
     });
-
-    // Replica counts.
-    let canary_target = match (&canary, aborted) {
-        (Some(_), false) if index >= steps.len() => p.replicas,
-        (Some(_), false) => steps::canary_replicas(steps, index, p.replicas),
-        _ => 0,
-    };
     let stable_target = if routed || canary.is_none() || aborted {
         p.replicas
     } else {
@@ -1066,6 +1093,13 @@ mod tests {
         assert_eq!(done.status.current_step_index, Some(2));
         assert_eq!(
             done.traffic.unwrap().canary_weight,
+            25,
+            "full weight waits for the full canary"
+        );
+        o.replica_sets[1] = rs(NEW, 4, 4);
+        let full = plan(&o);
+        assert_eq!(
+            full.traffic.unwrap().canary_weight,
             100,
             "after the last step: full weight"
         );
@@ -1128,7 +1162,13 @@ mod tests {
         status.promote_full = intent("f1");
         let full = plan(&observed(steps.clone(), status, 1, Some(10)));
         assert_eq!(full.status.current_step_index, Some(3));
-        assert_eq!(full.traffic.as_ref().unwrap().canary_weight, 100);
+        assert_eq!(
+            full.traffic.as_ref().unwrap().canary_weight,
+            50,
+            "100 waits for 4 pods"
+        );
+        let scaled = plan(&observed(steps.clone(), full.status.clone(), 4, Some(50)));
+        assert_eq!(scaled.traffic.as_ref().unwrap().canary_weight, 100);
         assert!(full.replica_sets.contains(&ReplicaSetIntent {
             hash: NEW.into(),
             replicas: 4,
@@ -1167,6 +1207,30 @@ mod tests {
             "pods may still come: not an abort"
         );
         assert_eq!(late.traffic.unwrap().canary_weight, 0);
+    }
+
+    #[test]
+    fn requests_between_releases_do_not_touch_the_next_one() {
+        let mut status = RolloutStatus {
+            stable_revision: Some(NEW.into()),
+            ..RolloutStatus::default()
+        };
+        status.abort = intent("a");
+        status.promote_full = intent("f");
+        let idle = plan(&observed(vec![weight(50)], status, 0, Some(0)));
+        let handled = idle.status.handled_intents.clone().unwrap();
+        assert_eq!(
+            (handled.abort.as_deref(), handled.promote_full.as_deref()),
+            (Some("a"), Some("f"))
+        );
+        // The next release starts clean even though the person's fields are still set.
+        let mut next = idle.status.clone();
+        next.stable_revision = Some(OLD.into());
+        next.abort = intent("a");
+        next.promote_full = intent("f");
+        let release = plan(&observed(vec![weight(50), pause(None)], next, 2, Some(0)));
+        assert!(release.status.aborted_at.is_none());
+        assert_eq!(release.status.current_step_index, Some(0));
     }
 
     #[test]

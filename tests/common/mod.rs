@@ -206,6 +206,13 @@ pub fn cases() -> Vec<Case> {
             expect: "gatewayAPI routing needs stableService and canaryService",
         },
         Case {
+            name: "analysis step without metrics anywhere",
+            file: HOST,
+            kind: "Rollout",
+            edit: |v| canary(v)["steps"][1] = json!({"analysis": {}}),
+            expect: "an analysis step without metrics needs metrics in the canary's analysis",
+        },
+        Case {
             name: "one subset for both",
             file: SUBSET,
             kind: "Rollout",
