@@ -33,13 +33,15 @@ lint: fmt-check
 unit:
 	$(CARGO) test $(CARGO_FLAGS) --workspace
 
-## crds: regenerate crds/ from src/api
+## crds: regenerate crds/ (and the Helm chart's copy) from src/api
 crds:
 	$(CARGO) run $(CARGO_FLAGS) --quiet --bin sluice -- crdgen --out crds
+	$(CARGO) run $(CARGO_FLAGS) --quiet --bin sluice -- crdgen --out charts/sluice/crds
 
-## crds-check: fail when crds/ differs from what src/api generates
+## crds-check: fail when crds/ or the chart's copy differs from what src/api generates
 crds-check:
 	$(CARGO) run $(CARGO_FLAGS) --quiet --bin sluice -- crdgen --out crds --check
+	$(CARGO) run $(CARGO_FLAGS) --quiet --bin sluice -- crdgen --out charts/sluice/crds --check
 
 ## test: everything CI runs: lint, unit tests, CRD drift check, then the cluster tests on a
 ##       local cluster it starts (tools are built once and cached) and stops again

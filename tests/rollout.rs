@@ -21,7 +21,14 @@ async fn start_controller(ns: &str) -> watch::Sender<bool> {
 }
 
 async fn start_controller_with(ns: &str, prometheus: String) -> watch::Sender<bool> {
-    let client = client().await;
+    start_controller_as(ns, prometheus, client().await).await
+}
+
+async fn start_controller_as(
+    ns: &str,
+    prometheus: String,
+    client: kube::Client,
+) -> watch::Sender<bool> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let health = Arc::new(sluice::server::Health::new(
         sluice::telemetry::Metrics::new(),
@@ -1061,5 +1068,136 @@ async fn a_missing_virtual_service_degrades_with_its_name() {
             .then_some(())
     })
     .await;
+    ns.delete().await;
+}
+
+/// The Helm chart's RBAC is enough: the chart is rendered with the real helm, applied, and the
+/// controller runs as its ServiceAccount (a token from the TokenRequest API) through a release,
+/// an abort and the leader Lease.
+#[tokio::test]
+#[ignore = "needs the local cluster: make test"]
+async fn the_helm_charts_rbac_is_all_the_controller_needs() {
+    let ns = TestNamespace::new("rbac").await;
+    let helm = std::path::Path::new(&kubectl()).with_file_name("helm");
+    let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/sluice");
+    let release = format!("sluice-{}", ns.name);
+    let rendered = std::process::Command::new(&helm)
+        .args([
+            "template",
+            &release,
+            chart,
+            "--namespace",
+            &ns.name,
+            "--set",
+            "image.repository=example.invalid/sluice",
+        ])
+        .output()
+        .expect("helm runs");
+    assert!(
+        rendered.status.success(),
+        "helm template: {}",
+        String::from_utf8_lossy(&rendered.stderr)
+    );
+    let manifests = String::from_utf8(rendered.stdout).unwrap();
+    // Everything but the Deployment (there is no image to run): the RBAC and the Service.
+    for doc in serde_yaml::Deserializer::from_str(&manifests) {
+        let object: Value = serde::Deserialize::deserialize(doc).unwrap();
+        if object.is_null() || object["kind"] == "Deployment" {
+            continue;
+        }
+        create(&ns, &object)
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", object["kind"]));
+    }
+    let token = std::process::Command::new(kubectl())
+        .args(["create", "token", &release, "-n", &ns.name])
+        .output()
+        .expect("kubectl runs");
+    assert!(
+        token.status.success(),
+        "create token: {}",
+        String::from_utf8_lossy(&token.stderr)
+    );
+    let mut config = kube::Config::infer().await.unwrap();
+    config.auth_info = kube::config::AuthInfo {
+        token: Some(
+            String::from_utf8(token.stdout)
+                .unwrap()
+                .trim()
+                .to_string()
+                .into(),
+        ),
+        ..Default::default()
+    };
+    let as_operator = kube::Client::try_from(config).unwrap();
+
+    // The leader Lease, in the release namespace.
+    let settings = sluice::leader::LeaseSettings {
+        name: format!("{release}-controller"),
+        namespace: ns.name.clone(),
+        identity: "rbac-test".into(),
+        lease_duration: Duration::from_secs(15),
+        retry_period: Duration::from_secs(2),
+    };
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(as_operator.clone(), &ns.name);
+    assert!(
+        sluice::leader::try_lead(&leases, &settings).await.unwrap(),
+        "take the Lease"
+    );
+    assert!(
+        sluice::leader::try_lead(&leases, &settings).await.unwrap(),
+        "renew the Lease"
+    );
+
+    // A release and an abort through Istio, as the ServiceAccount.
+    let _controller = start_controller_as(&ns.name, prometheus_url(), as_operator).await;
+    routing(&ns).await;
+    create(
+        &ns,
+        &rollout(
+            &ns.name,
+            "web:1",
+            json!({}),
+            json!(null),
+            json!([{"setWeight": 40}, {"pause": {}}]),
+        ),
+    )
+    .await
+    .unwrap();
+    let api: Api<Rollout> = Api::namespaced(ns.client.clone(), &ns.name);
+    healthy(&api).await;
+    set_template(&api, "web:2", json!({})).await;
+    at_step(&api, 1, RolloutPhase::Paused).await;
+    assert_eq!(canary_weight(&ns).await, Some(40));
+    plugin(&["abort", &format!("{}/web", ns.name)]);
+    wait_for("back on stable", Duration::from_secs(30), || async {
+        (canary_weight(&ns).await? == 0).then_some(())
+    })
+    .await;
+    let events: Api<Event> = Api::namespaced(ns.client.clone(), &ns.name);
+    let reasons: Vec<String> = events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|e| e.reason)
+        .collect();
+    assert!(
+        reasons.iter().any(|r| r == "AbortedByUser"),
+        "events: {reasons:?}"
+    );
+    // Deleting the Rollout runs the finalizer as the ServiceAccount too.
+    api.delete("web", &DeleteParams::default()).await.unwrap();
+    wait_for("Rollout gone", Duration::from_secs(30), || async {
+        api.get_opt("web").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    for kind in ["clusterrolebinding", "clusterrole"] {
+        let _ = std::process::Command::new(kubectl())
+            .args(["delete", kind, &format!("{release}-controller")])
+            .output();
+    }
     ns.delete().await;
 }

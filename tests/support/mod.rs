@@ -81,9 +81,19 @@ pub async fn create(ns: &TestNamespace, object: &Value) -> Result<(), String> {
     if object["kind"] == "Namespace" {
         return Ok(());
     }
-    let api: Api<DynamicObject> = Api::namespaced_with(ns.client.clone(), &namespace, &resource);
+    let cluster_scoped = matches!(
+        object["kind"].as_str(),
+        Some("ClusterRole" | "ClusterRoleBinding")
+    );
+    let api: Api<DynamicObject> = if cluster_scoped {
+        Api::all_with(ns.client.clone(), &resource)
+    } else {
+        Api::namespaced_with(ns.client.clone(), &namespace, &resource)
+    };
     let mut object = object.clone();
-    object["metadata"]["namespace"] = json!(namespace);
+    if !cluster_scoped {
+        object["metadata"]["namespace"] = json!(namespace);
+    }
     let dynamic: DynamicObject = serde_json::from_value(object).map_err(|e| e.to_string())?;
     match api.create(&PostParams::default(), &dynamic).await {
         Ok(_) => Ok(()),
