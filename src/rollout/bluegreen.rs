@@ -13,7 +13,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
 
 use super::plan::{
     Observed, ObservedTraffic, Plan, PlannedEvent, ReplicaSetIntent, TrafficIntent, add,
-    record_counts, unhandled, until,
+    clear_intents, record_counts, record_phase, unhandled, until,
 };
 use crate::api::analysis::AnalysisPhase;
 use crate::api::rollout::{
@@ -582,68 +582,17 @@ pub fn plan(o: &Observed) -> Plan {
             format!("active {stable}: {active_available}/{replicas} pods available"),
         )
     };
-    if status.phase != Some(phase) && phase == RolloutPhase::Paused {
-        events.push(PlannedEvent {
-            warning: false,
-            reason: "Paused",
-            message: message.clone(),
-        });
-    }
-    status.phase = Some(phase);
-    status.message = Some(message.clone());
-    conditions::set(
-        &mut status.conditions,
-        "Available",
-        active_available >= replicas,
-        if active_available >= replicas {
-            "MinimumReplicasAvailable"
-        } else {
-            "MinimumReplicasUnavailable"
-        },
-        format!("{active_available}/{replicas} active pods available"),
-        o.generation,
-        o.now,
-    );
-    conditions::set(
-        &mut status.conditions,
-        "Progressing",
-        phase == RolloutPhase::Progressing,
+    let counts = ("active", active_available, replicas);
+    record_phase(
+        &mut status,
+        &mut events,
+        (phase, message),
         "BlueGreen",
-        message,
-        o.generation,
-        o.now,
+        counts,
+        o,
     );
-    conditions::set(
-        &mut status.conditions,
-        "Paused",
-        phase == RolloutPhase::Paused,
-        if phase == RolloutPhase::Paused {
-            "Paused"
-        } else {
-            "NotPaused"
-        },
-        "",
-        o.generation,
-        o.now,
-    );
-    if !aborted {
-        conditions::set(
-            &mut status.conditions,
-            "Aborted",
-            false,
-            "NotAborted",
-            "",
-            o.generation,
-            o.now,
-        );
-    }
     status.handled_intents = Some(handled);
-    status.abort = None;
-    status.promote = None;
-    status.promote_full = None;
-    status.retry = None;
-    status.pause = None;
-    status.resume = None;
+    clear_intents(&mut status);
     let busy = preview.is_some() || previous.is_some() || !start_runs.is_empty();
     let resync = if busy { RESYNC } else { IDLE_RESYNC };
     let requeue_after = wakeups

@@ -277,6 +277,86 @@ pub(super) fn record_counts(status: &mut RolloutStatus, o: &Observed) {
     );
 }
 
+/// Phase, message, the `Paused` Event and the standard conditions, the same for every
+/// strategy. `counts` is (role of the serving revision, its available pods, replicas).
+pub(super) fn record_phase(
+    status: &mut RolloutStatus,
+    events: &mut Vec<PlannedEvent>,
+    (phase, message): (RolloutPhase, String),
+    progressing_reason: &'static str,
+    (role, available, replicas): (&str, i32, i32),
+    o: &Observed,
+) {
+    if status.phase != Some(phase) && phase == RolloutPhase::Paused {
+        events.push(PlannedEvent {
+            warning: false,
+            reason: "Paused",
+            message: message.clone(),
+        });
+    }
+    status.phase = Some(phase);
+    status.message = Some(message.clone());
+    let (generation, now) = (o.generation, o.now);
+    let enough = available >= replicas;
+    let reason = if enough {
+        "MinimumReplicasAvailable"
+    } else {
+        "MinimumReplicasUnavailable"
+    };
+    let pods = format!("{available}/{replicas} {role} pods available");
+    conditions::set(
+        &mut status.conditions,
+        "Available",
+        enough,
+        reason,
+        pods,
+        generation,
+        now,
+    );
+    let progressing = phase == RolloutPhase::Progressing;
+    conditions::set(
+        &mut status.conditions,
+        "Progressing",
+        progressing,
+        progressing_reason,
+        message,
+        generation,
+        now,
+    );
+    let paused = phase == RolloutPhase::Paused;
+    let reason = if paused { "Paused" } else { "NotPaused" };
+    conditions::set(
+        &mut status.conditions,
+        "Paused",
+        paused,
+        reason,
+        "",
+        generation,
+        now,
+    );
+    if status.aborted_at.is_none() {
+        conditions::set(
+            &mut status.conditions,
+            "Aborted",
+            false,
+            "NotAborted",
+            "",
+            generation,
+            now,
+        );
+    }
+}
+
+/// Intents belong to the person who wrote them: the operator never writes them back.
+pub(super) fn clear_intents(status: &mut RolloutStatus) {
+    status.abort = None;
+    status.promote = None;
+    status.promote_full = None;
+    status.retry = None;
+    status.pause = None;
+    status.resume = None;
+}
+
 /// Plans one reconcile of a canary Rollout.
 pub fn plan(o: &Observed) -> Plan {
     let canary = o.spec.strategy.canary.clone().unwrap_or_default();
@@ -830,73 +910,24 @@ fn finish(mut p: Planner, steps: &[Step], desired_weight: i32) -> Plan {
             ),
         )
     };
-    if p.status.phase != Some(phase) && phase == RolloutPhase::Paused {
-        let message = message.clone();
-        p.event(false, "Paused", message);
-    }
-    p.status.phase = Some(phase);
-    p.status.message = Some(message.clone());
-    let generation = o.generation;
-    conditions::set(
-        &mut p.status.conditions,
-        "Available",
-        stable_available >= p.replicas,
-        if stable_available >= p.replicas {
-            "MinimumReplicasAvailable"
-        } else {
-            "MinimumReplicasUnavailable"
-        },
-        format!("{stable_available}/{} stable pods available", p.replicas),
-        generation,
-        o.now,
+    let progressing_reason = match phase {
+        RolloutPhase::Progressing => "ReleaseProgressing",
+        RolloutPhase::Paused => "ReleasePaused",
+        RolloutPhase::Degraded if stalled => "ProgressDeadlineExceeded",
+        RolloutPhase::Degraded => "ReleaseDegraded",
+        RolloutPhase::Healthy => "ReleaseComplete",
+    };
+    let counts = ("stable", stable_available, p.replicas);
+    record_phase(
+        &mut p.status,
+        &mut p.events,
+        (phase, message),
+        progressing_reason,
+        counts,
+        o,
     );
-    conditions::set(
-        &mut p.status.conditions,
-        "Progressing",
-        phase == RolloutPhase::Progressing,
-        match phase {
-            RolloutPhase::Progressing => "ReleaseProgressing",
-            RolloutPhase::Paused => "ReleasePaused",
-            RolloutPhase::Degraded if stalled => "ProgressDeadlineExceeded",
-            RolloutPhase::Degraded => "ReleaseDegraded",
-            RolloutPhase::Healthy => "ReleaseComplete",
-        },
-        message,
-        generation,
-        o.now,
-    );
-    conditions::set(
-        &mut p.status.conditions,
-        "Paused",
-        phase == RolloutPhase::Paused,
-        if phase == RolloutPhase::Paused {
-            "Paused"
-        } else {
-            "NotPaused"
-        },
-        "",
-        generation,
-        o.now,
-    );
-    if !p.status.conditions.iter().any(|c| c.type_ == "Aborted") {
-        conditions::set(
-            &mut p.status.conditions,
-            "Aborted",
-            false,
-            "NotAborted",
-            "",
-            generation,
-            o.now,
-        );
-    }
     p.status.handled_intents = Some(p.handled.clone());
-    // Intents belong to the person who wrote them: the operator never writes them back.
-    p.status.abort = None;
-    p.status.promote = None;
-    p.status.promote_full = None;
-    p.status.retry = None;
-    p.status.pause = None;
-    p.status.resume = None;
+    clear_intents(&mut p.status);
 
     if let Some(analysis) = &o.background {
         for run in &p.status.analysis_runs {

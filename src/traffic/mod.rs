@@ -463,16 +463,17 @@ pub async fn point_service(
     hash: &str,
 ) -> Result<(), RouterError> {
     let api: Api<Service> = Api::namespaced(client.clone(), namespace);
-    if api.get_opt(service).await?.is_none() {
-        return Err(RouterError::Misconfigured(format!(
-            "Service {namespace}/{service} not found"
-        )));
-    }
     let patch = json!({"spec": {"selector": {HASH_LABEL: hash}}});
     let params = PatchParams {
         field_manager: Some(crate::FIELD_MANAGER.into()),
         ..PatchParams::default()
     };
-    api.patch(service, &params, &Patch::Merge(&patch)).await?;
-    Ok(())
+    // One call: a missing Service answers 404 rather than needing a read first.
+    match api.patch(service, &params, &Patch::Merge(&patch)).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 404 => Err(RouterError::Misconfigured(
+            format!("Service {namespace}/{service} not found"),
+        )),
+        Err(e) => Err(e.into()),
+    }
 }
