@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use crate::operator::Context;
+use crate::context::Context;
 
 /// Runs every controller until `stop` turns true.
 pub async fn run(context: Arc<Context>, stop: watch::Receiver<bool>) -> anyhow::Result<()> {

@@ -1,13 +1,17 @@
 //! Sluice: progressive delivery for Kubernetes.
 //!
-//! `api` is the public contract (the CRD types); `operator` wires the `sluice controller`
-//! process; `controllers` holds the reconcilers it runs.
+//! Layers, bottom up: `api` (the CRD types, the public contract); `k8s`, `conditions` and
+//! `telemetry` (small shared helpers); `analysis` and `traffic` (metric providers and traffic
+//! routers); `context` (what every reconcile gets); the controllers (`rollout`); and on top
+//! `controllers` and `operator` (the `sluice controller` process), `plugin` and `crdgen`.
 
 pub mod analysis;
 pub mod api;
 pub mod conditions;
+pub mod context;
 pub mod controllers;
 pub mod crdgen;
+pub mod k8s;
 pub mod leader;
 pub mod operator;
 pub mod plugin;

@@ -1,7 +1,6 @@
 //! The `sluice controller` process: connects to the cluster, serves health and metrics,
 //! campaigns for leadership, and runs the controllers while it leads.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -9,28 +8,12 @@ use std::time::Duration;
 use kube::Client;
 use tokio::sync::watch;
 
-use crate::leader::{self, LeaseSettings};
+use crate::context::Context;
+use crate::leader;
 use crate::server::{self, Health};
 use crate::telemetry::Metrics;
 
-/// Everything `sluice controller` is configured with.
-#[derive(Clone, Debug)]
-pub struct Settings {
-    pub listen: SocketAddr,
-    /// `None` runs without leader election (a single replica, or local development).
-    pub lease: Option<LeaseSettings>,
-    /// Prometheus address used when a Rollout or ErrorBudget does not name one.
-    pub prometheus_address: Option<String>,
-    /// Watch only this namespace (`None`: the whole cluster).
-    pub namespace: Option<String>,
-}
-
-/// Shared by every controller's reconcile.
-pub struct Context {
-    pub client: Client,
-    pub health: Arc<Health>,
-    pub settings: Settings,
-}
+pub use crate::context::Settings;
 
 /// Runs until SIGTERM/SIGINT (graceful: the Lease is released) or until leadership is lost.
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
@@ -79,11 +62,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     };
     let result = if became_leader {
         health.metrics.leader.set(1);
-        let context = Arc::new(Context {
-            client,
-            health: health.clone(),
-            settings,
-        });
+        let context = Arc::new(Context::new(client, health.clone(), settings));
         let mut lost = leading_rx.clone();
         tokio::select! {
             result = crate::controllers::run(context, stop_rx.clone()) => result,

@@ -47,6 +47,17 @@ struct KindLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ControllerLabel {
+    controller: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ControllerKindLabels {
+    controller: String,
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RolloutLabels {
     namespace: String,
     name: String,
@@ -66,8 +77,8 @@ pub struct Metrics {
     pub registry: Registry,
     /// 1 while this replica holds the leader Lease (or runs without leader election).
     pub leader: Gauge,
-    reconcile_duration: Histogram,
-    reconcile_errors: Family<KindLabel, Counter>,
+    reconcile_duration: Family<ControllerLabel, Histogram>,
+    reconcile_errors: Family<ControllerKindLabels, Counter>,
     measurements: Family<KindLabel, Counter>,
     query_duration: Histogram,
     rollout_phase: Family<PhaseLabels, Gauge>,
@@ -91,16 +102,18 @@ impl Metrics {
             "Whether this replica is the active (leader) controller",
             leader.clone(),
         );
-        let reconcile_duration = Histogram::new(exponential_buckets(0.005, 2.0, 12));
+        let reconcile_duration = Family::<ControllerLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.005, 2.0, 12))
+        });
         registry.register(
             "reconcile_duration_seconds",
-            "Time spent in one reconcile",
+            "Time spent in one reconcile, by controller",
             reconcile_duration.clone(),
         );
-        let reconcile_errors = Family::<KindLabel, Counter>::default();
+        let reconcile_errors = Family::<ControllerKindLabels, Counter>::default();
         registry.register(
             "reconcile_errors",
-            "Failed reconciles by kind of error",
+            "Failed reconciles by controller and kind of error",
             reconcile_errors.clone(),
         );
         let measurements = Family::<KindLabel, Counter>::default();
@@ -146,13 +159,18 @@ impl Metrics {
         }
     }
 
-    pub fn observe_reconcile(&self, took: std::time::Duration) {
-        self.reconcile_duration.observe(took.as_secs_f64());
+    pub fn observe_reconcile(&self, controller: &str, took: std::time::Duration) {
+        self.reconcile_duration
+            .get_or_create(&ControllerLabel {
+                controller: controller.to_string(),
+            })
+            .observe(took.as_secs_f64());
     }
 
-    pub fn reconcile_errors(&self, kind: &str) {
+    pub fn reconcile_errors(&self, controller: &str, kind: &str) {
         self.reconcile_errors
-            .get_or_create(&KindLabel {
+            .get_or_create(&ControllerKindLabels {
+                controller: controller.to_string(),
                 kind: kind.to_string(),
             })
             .inc();

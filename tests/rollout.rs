@@ -30,20 +30,8 @@ async fn start_controller_as(
     client: kube::Client,
 ) -> watch::Sender<bool> {
     let (stop_tx, stop_rx) = watch::channel(false);
-    let health = Arc::new(sluice::server::Health::new(
-        sluice::telemetry::Metrics::new(),
-    ));
-    let settings = sluice::operator::Settings {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        lease: None,
-        prometheus_address: Some(prometheus),
-        namespace: Some(ns.to_string()),
-    };
-    let ctx = Arc::new(sluice::operator::Context {
-        client,
-        health,
-        settings,
-    });
+    let settings = sluice::context::Settings::local(Some(ns.to_string()), Some(prometheus));
+    let ctx = Arc::new(sluice::context::Context::for_tests(client, settings));
     tokio::spawn(sluice::rollout::run(ctx, stop_rx));
     stop_tx
 }
@@ -220,8 +208,8 @@ async fn a_bad_canary_is_rolled_back_by_analysis() {
     routing(&ns).await;
     let window = "[10s]";
     let query = format!(
-        r#"sum(rate(istio_requests_total{{destination_service_namespace="{{{{rollout.namespace}}}}",destination_version="{{{{canary.revision}}}}",response_code=~"5.."}}{window}))
-           / sum(rate(istio_requests_total{{destination_service_namespace="{{{{rollout.namespace}}}}",destination_version="{{{{canary.revision}}}}"}}{window}))"#
+        r#"sum(rate(istio_requests_total{{destination_service_namespace="{{{{rollout.namespace}}}}",reporter="destination",destination_canonical_revision="{{{{canary.revision}}}}",response_code=~"5.."}}{window}))
+           / sum(rate(istio_requests_total{{destination_service_namespace="{{{{rollout.namespace}}}}",reporter="destination",destination_canonical_revision="{{{{canary.revision}}}}"}}{window}))"#
     );
     let analysis = json!({"interval": "3s", "initialDelay": "4s", "failureLimit": 0, "inconclusiveLimit": 20,
                           "metrics": [{"name": "error-rate", "prometheus": {"query": query}, "successCondition": "result < 0.05"}]});
@@ -266,7 +254,9 @@ async fn a_bad_canary_is_rolled_back_by_analysis() {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         };
-        let failed_seen = failed_seen.unwrap_or(stable_at);
+        // Status is written before traffic moves, so the verdict is always seen first.
+        let failed_seen =
+            failed_seen.unwrap_or_else(|| panic!("cycle {cycle}: the failed run was not seen"));
         reaction.push(stable_at.saturating_duration_since(failed_seen));
         let aborted = status(&api).await.unwrap();
         assert!(aborted.aborted_at.is_some(), "cycle {cycle}: not aborted");
@@ -305,8 +295,73 @@ async fn a_bad_canary_is_rolled_back_by_analysis() {
     ns.delete().await;
 }
 
+#[tokio::test]
+#[ignore = "needs the local cluster: make test"]
+async fn abort_does_not_wait_for_a_prometheus_that_never_answers() {
+    let ns = TestNamespace::new("hang").await;
+    let prometheus = Hang::start().await;
+    let _controller = start_controller_with(&ns.name, prometheus.url()).await;
+    routing(&ns).await;
+    // The step analysis asks a Prometheus that accepts and never answers, with a 30 s timeout.
+    let hanging = json!({"metrics": [{"name": "hangs",
+        "prometheus": {"query": "vector(0)", "timeout": "30s"}, "successCondition": "result < 1"}]});
+    let steps = json!([{"setWeight": 30}, {"pause": {"duration": "1s"}}, {"analysis": hanging}]);
+    let mut object = rollout(&ns.name, "web:1", json!({}), Value::Null, steps);
+    object["spec"]["strategy"]["canary"]
+        .as_object_mut()
+        .unwrap()
+        .remove("analysis");
+    create(&ns, &object).await.unwrap();
+    let api: Api<Rollout> = Api::namespaced(ns.client.clone(), &ns.name);
+    healthy(&api).await;
+    set_template(&api, "web:2", json!({})).await;
+    let mut took = Vec::new();
+    for cycle in 0..3 {
+        wait_for(
+            "the step analysis measuring",
+            Duration::from_secs(60),
+            || async {
+                let s = status(&api).await?;
+                s.analysis_runs
+                    .iter()
+                    .any(|r| {
+                        r.name == "step-2"
+                            && r.phase == sluice::api::analysis::AnalysisPhase::Running
+                    })
+                    .then_some(())
+            },
+        )
+        .await;
+        assert_eq!(canary_weight(&ns).await, Some(30), "cycle {cycle}");
+        // Let the reconcile get well into waiting for the answer.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let asked = Instant::now();
+        plugin(&["abort", &format!("{}/web", ns.name)]);
+        while canary_weight(&ns).await != Some(0) {
+            assert!(
+                asked.elapsed() < Duration::from_secs(20),
+                "cycle {cycle}: abort never took effect"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        took.push(asked.elapsed());
+        if cycle < 2 {
+            plugin(&["retry", &format!("{}/web", ns.name)]);
+        }
+    }
+    let (median, max) = median_max(took.clone());
+    println!(
+        "MEASURE abort -> 100% stable with Prometheus hanging: median {median:?}, max {max:?} ({took:?})"
+    );
+    assert!(
+        max < Duration::from_secs(1),
+        "abort waited for Prometheus: {took:?}"
+    );
+    ns.delete().await;
+}
+
 fn background_analysis(interval: &str) -> Value {
-    let query = r#"(sum(rate(istio_requests_total{destination_service_namespace="{{rollout.namespace}}",destination_version="{{canary.revision}}",response_code=~"5.."}[10s])) or vector(0)) / sum(rate(istio_requests_total{destination_service_namespace="{{rollout.namespace}}",destination_version="{{canary.revision}}"}[10s]))"#;
+    let query = r#"(sum(rate(istio_requests_total{destination_service_namespace="{{rollout.namespace}}",reporter="destination",destination_canonical_revision="{{canary.revision}}",response_code=~"5.."}[10s])) or vector(0)) / sum(rate(istio_requests_total{destination_service_namespace="{{rollout.namespace}}",reporter="destination",destination_canonical_revision="{{canary.revision}}"}[10s]))"#;
     json!({"interval": interval, "failureLimit": 0, "inconclusiveLimit": 50, "consecutiveErrorLimit": 2,
            "metrics": [{"name": "error-rate", "prometheus": {"query": query}, "successCondition": "result < 0.05"}]})
 }
@@ -744,7 +799,7 @@ async fn selects(ns: &TestNamespace, service: &str) -> Option<String> {
 }
 
 fn error_rate_analysis(count: i32) -> Value {
-    let query = r#"(sum(rate(istio_requests_total{destination_service_namespace="{{rollout.namespace}}",destination_version="{{canary.revision}}",response_code=~"5.."}[10s])) or vector(0)) / sum(rate(istio_requests_total{destination_service_namespace="{{rollout.namespace}}",destination_version="{{canary.revision}}"}[10s]))"#;
+    let query = r#"(sum(rate(istio_requests_total{destination_service_namespace="{{rollout.namespace}}",reporter="destination",destination_canonical_revision="{{canary.revision}}",response_code=~"5.."}[10s])) or vector(0)) / sum(rate(istio_requests_total{destination_service_namespace="{{rollout.namespace}}",reporter="destination",destination_canonical_revision="{{canary.revision}}"}[10s]))"#;
     json!({"interval": "2s", "initialDelay": "6s", "count": count, "inconclusiveLimit": 10,
            "metrics": [{"name": "error-rate", "prometheus": {"query": query}, "successCondition": "result < 0.05"}]})
 }

@@ -22,6 +22,14 @@ impl MeasuredValue {
         }
     }
 
+    /// True when any number is +Inf or -Inf: judged only by a condition that asks `isInf`.
+    pub fn has_infinity(&self) -> bool {
+        match self {
+            Self::Number(n) => n.is_infinite(),
+            Self::List(items) => items.iter().any(|n| n.is_infinite()),
+        }
+    }
+
     fn to_cel(&self) -> Value {
         match self {
             Self::Number(n) => Value::Float(*n),

@@ -1,9 +1,12 @@
 //! Analysis: measuring a release with metric providers and judging it with CEL conditions.
 //!
-//! `run` is the pure state machine; `provider` does the I/O; `condition` and `template` are the
+//! `run` is the pure state machine; `provider` is the trait every source of measurements
+//! implements (`prometheus`, `errorbudget`); `condition` and `template` are the
 //! small languages users write in.
 
 pub mod condition;
+pub mod errorbudget;
+pub mod prometheus;
 pub mod provider;
 pub mod run;
 pub mod template;

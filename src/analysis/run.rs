@@ -23,12 +23,16 @@ const DEFAULT_CONSECUTIVE_ERROR_LIMIT: i32 = 4;
 #[derive(Clone, Debug, PartialEq)]
 pub enum Source {
     /// A PromQL query, with the connection settings that apply to it.
-    Prometheus {
-        metric: Box<PrometheusMetric>,
-        config: Box<PrometheusConfig>,
-    },
+    Prometheus(Box<PrometheusSource>),
     /// An ErrorBudget's published status.
     ErrorBudget(ErrorBudgetMetric),
+}
+
+/// A Prometheus metric and the connection settings that apply to it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PrometheusSource {
+    pub metric: PrometheusMetric,
+    pub config: PrometheusConfig,
 }
 
 /// A metric with every default filled in.
@@ -66,15 +70,15 @@ pub fn resolve(
         .iter()
         .filter_map(|m| {
             let source = match (&m.prometheus, &m.error_budget) {
-                (Some(p), _) => Source::Prometheus {
-                    config: Box::new(PrometheusConfig {
+                (Some(p), _) => Source::Prometheus(Box::new(PrometheusSource {
+                    config: PrometheusConfig {
                         address: p.address.clone().or(base.address.clone()),
                         timeout: p.timeout.clone().or(base.timeout.clone()),
                         headers: base.headers.iter().chain(&p.headers).cloned().collect(),
                         ..base.clone()
-                    }),
-                    metric: Box::new(p.clone()),
-                },
+                    },
+                    metric: p.clone(),
+                })),
                 (None, Some(b)) => Source::ErrorBudget(b.clone()),
                 // Refused at admission; skipped rather than guessed at.
                 (None, None) => return None,
@@ -263,6 +267,23 @@ pub fn judge(
             message: Some("the query returned NaN (no traffic?)".into()),
         };
     }
+    let mentions_is_inf = [&metric.success_condition, &metric.failure_condition]
+        .into_iter()
+        .flatten()
+        .any(|c| c.contains("isInf"));
+    if value.has_infinity() && !mentions_is_inf {
+        return Measurement {
+            phase: MeasurementPhase::Inconclusive,
+            value: shown,
+            taken_at,
+            message: Some(
+                "the query returned an infinite value (a division by zero, or \
+                 histogram_quantile beyond the last bucket); use isInf(result) in a condition \
+                 to judge it"
+                    .into(),
+            ),
+        };
+    }
     let check = |source: &Option<String>| -> Result<Option<bool>, String> {
         match source {
             None => Ok(None),
@@ -424,15 +445,23 @@ pub fn settle(run: &mut AnalysisRunStatus, analysis: &ResolvedAnalysis, now: Tim
             ),
         )
     } else if let Some((s, _)) = any(AnalysisPhase::Inconclusive) {
-        (
-            AnalysisPhase::Inconclusive,
+        let message = if s.inconclusive > 0 {
             format!(
                 "metric {} was inconclusive {} times: {}",
                 s.name,
                 s.inconclusive,
                 last_message(s)
-            ),
-        )
+            )
+        } else {
+            // The count ran out with errors below their limit and no success.
+            format!(
+                "metric {} got no successful measurement in {}: {}",
+                s.name,
+                s.count,
+                last_message(s)
+            )
+        };
+        (AnalysisPhase::Inconclusive, message)
     } else if !deciding.is_empty()
         && deciding
             .iter()
@@ -780,9 +809,40 @@ mod tests {
         assert_eq!(m.count, Some(5));
         assert_eq!(m.failure_limit, 0);
         assert_eq!(m.consecutive_error_limit, DEFAULT_CONSECUTIVE_ERROR_LIMIT);
-        let Source::Prometheus { config, .. } = &m.source else {
+        let Source::Prometheus(source) = &m.source else {
             panic!("prometheus source")
         };
-        assert_eq!(config.address.as_deref(), Some("http://prom:9090"));
+        assert_eq!(source.config.address.as_deref(), Some("http://prom:9090"));
+    }
+
+    #[test]
+    fn infinity_is_inconclusive_unless_a_condition_asks_about_it() {
+        let now = Timestamp::from_second(1_000).unwrap();
+        // `vector(1)/vector(0)` is +Inf: `result > 0.95` must not pass on it.
+        let passes_on_inf = metric("m", "result > 0.95");
+        let r = resolve(
+            &AnalysisSpec {
+                metrics: vec![passes_on_inf],
+                ..AnalysisSpec::default()
+            },
+            None,
+            None,
+        );
+        let m = &r.metrics[0];
+        for value in [
+            MeasuredValue::Number(f64::INFINITY),
+            MeasuredValue::Number(f64::NEG_INFINITY),
+            MeasuredValue::List(vec![0.5, f64::INFINITY]),
+        ] {
+            let judged = judge(m, Ok(value.clone()), now);
+            assert_eq!(judged.phase, MeasurementPhase::Inconclusive, "{value}");
+            assert!(judged.message.unwrap_or_default().contains("infinite"));
+        }
+        let mut asks = m.clone();
+        asks.success_condition = Some("!isInf(result) && result > 0.95".into());
+        assert_eq!(
+            judge(&asks, Ok(MeasuredValue::Number(f64::INFINITY)), now).phase,
+            MeasurementPhase::Failed
+        );
     }
 }

@@ -40,6 +40,18 @@ impl Duration {
         &self.text
     }
 
+    /// A duration rendered in the largest unit that divides it (`ms` below whole seconds).
+    pub fn from_std(value: time::Duration) -> Self {
+        let millis = u64::try_from(value.as_millis()).unwrap_or(u64::MAX);
+        if millis % 1_000 != 0 {
+            return Self {
+                text: format!("{millis}ms"),
+                value: time::Duration::from_millis(millis),
+            };
+        }
+        Self::from_secs(millis / 1_000)
+    }
+
     /// A duration from whole seconds, rendered in the largest unit that divides it.
     pub fn from_secs(secs: u64) -> Self {
         let text = match secs {

@@ -11,40 +11,38 @@ use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
 
-use super::plan::{
-    Observed, ObservedTraffic, Plan, PlannedEvent, ReplicaSetIntent, TrafficIntent, add,
-    clear_intents, record_counts, record_phase, unhandled, until,
+use super::events::Reason;
+use super::model::{
+    Observed, ObservedTraffic, Plan, PlannedEvent, ReplicaSetIntent, TrafficIntent, TrafficWrite,
+    add,
 };
+use super::release::{
+    DEFAULT_SCALE_DOWN_DELAY, clear_intents, record_counts, record_phase, route_writes, run_phase,
+    schedule, unhandled,
+};
+use super::runs::RunName;
 use crate::api::analysis::AnalysisPhase;
 use crate::api::rollout::{
-    HandledIntents, PauseCondition, PauseReason, RolloutPhase, RolloutStatus, TrafficWeights,
+    BlueGreenStrategy, HandledIntents, PauseCondition, PauseReason, RolloutPhase, RolloutStatus,
+    TrafficWeights,
 };
 use crate::conditions;
 use crate::traffic::Targets;
 use k8s_openapi::jiff::Timestamp;
-
-/// Run names in status.
-pub const PRE_PROMOTION: &str = "pre-promotion";
-pub const POST_PROMOTION: &str = "post-promotion";
-
-const DEFAULT_SCALE_DOWN_DELAY: Duration = Duration::from_secs(30);
-const RESYNC: Duration = Duration::from_secs(15);
-const IDLE_RESYNC: Duration = Duration::from_secs(300);
 
 /// An analysis that could not decide: a person's promote starts it again; otherwise the
 /// rollout pauses (never promotes, never rolls back on that alone).
 fn restart_or_pause(
     status: &mut RolloutStatus,
     handled: &mut HandledIntents,
-    start_runs: &mut Vec<String>,
+    start_runs: &mut Vec<(RunName, String)>,
     promote: &Option<String>,
-    run: &str,
+    (run, revision): (RunName, &str),
     now: Timestamp,
 ) {
     if let Some(id) = promote.clone() {
         handled.promote = Some(id);
-        status.analysis_runs.retain(|r| r.name != run);
-        start_runs.push(run.to_string());
+        start_runs.push((run, revision.to_string()));
     } else if !status
         .pause_conditions
         .iter()
@@ -58,13 +56,7 @@ fn restart_or_pause(
 }
 
 /// Plans one reconcile of a blue-green Rollout.
-pub fn plan(o: &Observed) -> Plan {
-    let bg = o
-        .spec
-        .strategy
-        .blue_green
-        .clone()
-        .expect("a blue-green Rollout");
+pub fn plan(o: &Observed, bg: &BlueGreenStrategy) -> Plan {
     let replicas = o.spec.replicas.unwrap_or(1).max(0);
     let intents = unhandled(&o.status);
     let mut status = o.status.clone();
@@ -72,7 +64,7 @@ pub fn plan(o: &Observed) -> Plan {
     let mut events = Vec::new();
     let mut start_runs = Vec::new();
     let mut wakeups = Vec::new();
-    let mut event = |warning: bool, reason: &'static str, message: String| {
+    let mut event = |warning: bool, reason: Reason, message: String| {
         events.push(PlannedEvent {
             warning,
             reason,
@@ -85,13 +77,6 @@ pub fn plan(o: &Observed) -> Plan {
             .find(|r| r.hash == hash)
             .map_or(0, |r| r.available)
     };
-    let run_phase = |status: &crate::api::rollout::RolloutStatus, name: &str, revision: &str| {
-        status
-            .analysis_runs
-            .iter()
-            .find(|r| r.name == name && r.revision == revision)
-            .map(|r| r.phase)
-    };
     let scale_down_delay = bg
         .scale_down_delay
         .as_ref()
@@ -103,7 +88,7 @@ pub fn plan(o: &Observed) -> Plan {
         None => {
             event(
                 false,
-                "Deployed",
+                Reason::Deployed,
                 format!("first revision {} deployed as active", o.desired_hash),
             );
             status.stable_revision = Some(o.desired_hash.clone());
@@ -119,12 +104,12 @@ pub fn plan(o: &Observed) -> Plan {
         match status.canary_revision.clone() {
             Some(old) => event(
                 false,
-                "ReleaseSuperseded",
+                Reason::ReleaseSuperseded,
                 format!("revision {} supersedes {old}", o.desired_hash),
             ),
             None => event(
                 false,
-                "ReleaseStarted",
+                Reason::ReleaseStarted,
                 format!("previewing revision {} (active {stable})", o.desired_hash),
             ),
         }
@@ -132,7 +117,7 @@ pub fn plan(o: &Observed) -> Plan {
             // A new release ends the last one's rollback window.
             event(
                 false,
-                "PreviousScaledDown",
+                Reason::PreviousScaledDown,
                 format!("{previous} scaled down: a new release started"),
             );
         }
@@ -148,7 +133,7 @@ pub fn plan(o: &Observed) -> Plan {
     {
         event(
             false,
-            "ReleaseCancelled",
+            Reason::ReleaseCancelled,
             format!("template is back to active {stable}; preview cancelled"),
         );
         status.canary_revision = None;
@@ -162,7 +147,7 @@ pub fn plan(o: &Observed) -> Plan {
         if status.aborted_at.take().is_some() {
             status.analysis_runs.clear();
             status.current_step_index = None;
-            event(false, "Retried", "preview started again".into());
+            event(false, Reason::Retried, "preview started again".into());
         }
     }
 
@@ -180,25 +165,25 @@ pub fn plan(o: &Observed) -> Plan {
             .post_promotion_analysis
             .as_ref()
             .is_some_and(|a| !a.metrics.is_empty());
-        let post = run_phase(&status, POST_PROMOTION, &stable);
+        let post = run_phase(&status, RunName::PostPromotion, &stable);
         if has_post && post.is_none() {
-            start_runs.push(POST_PROMOTION.to_string());
+            start_runs.push((RunName::PostPromotion, stable.clone()));
         }
         if let Some(id) = intents.abort.clone() {
             handled.abort = Some(id);
             switch_back = Some((
-                "AbortedByUser",
+                Reason::AbortedByUser,
                 format!("switched back to {previous} by a user"),
             ));
         } else if post == Some(AnalysisPhase::Failed) {
             let why = status
                 .analysis_runs
                 .iter()
-                .find(|r| r.name == POST_PROMOTION)
+                .find(|r| r.name == RunName::PostPromotion.to_string())
                 .and_then(|r| r.message.clone())
                 .unwrap_or_default();
             switch_back = Some((
-                "AnalysisFailed",
+                Reason::AnalysisFailed,
                 format!("post-promotion analysis failed ({why}); switched back to {previous}"),
             ));
         } else if matches!(
@@ -210,7 +195,7 @@ pub fn plan(o: &Observed) -> Plan {
                 &mut handled,
                 &mut start_runs,
                 &intents.promote,
-                POST_PROMOTION,
+                (RunName::PostPromotion, &stable),
                 o.now,
             );
         } else {
@@ -221,7 +206,7 @@ pub fn plan(o: &Observed) -> Plan {
                 status.current_step_started_at = None;
                 event(
                     false,
-                    "PreviousScaledDown",
+                    Reason::PreviousScaledDown,
                     format!("{previous} scaled down; the switch to {stable} is final"),
                 );
             } else if !delay_over {
@@ -238,7 +223,7 @@ pub fn plan(o: &Observed) -> Plan {
                 &mut status.conditions,
                 "Aborted",
                 true,
-                reason,
+                reason.as_str(),
                 message.clone(),
                 o.generation,
                 o.now,
@@ -256,6 +241,7 @@ pub fn plan(o: &Observed) -> Plan {
             handled.abort = Some(id);
             if status.aborted_at.is_none() {
                 status.aborted_at = Some(Time(o.now));
+                status.pause_conditions.clear();
                 let message =
                     format!("preview of {preview} aborted by a user; {stable} stays active");
                 conditions::set(
@@ -267,7 +253,7 @@ pub fn plan(o: &Observed) -> Plan {
                     o.generation,
                     o.now,
                 );
-                event(true, "AbortedByUser", message);
+                event(true, Reason::AbortedByUser, message);
             }
         }
         if status.aborted_at.is_none() {
@@ -281,9 +267,9 @@ pub fn plan(o: &Observed) -> Plan {
                 .pre_promotion_analysis
                 .as_ref()
                 .is_some_and(|a| !a.metrics.is_empty());
-            let pre = run_phase(&status, PRE_PROMOTION, &preview);
+            let pre = run_phase(&status, RunName::PrePromotion, &preview);
             if ready && has_pre && pre.is_none() {
-                start_runs.push(PRE_PROMOTION.to_string());
+                start_runs.push((RunName::PrePromotion, preview.clone()));
             }
             let checked = match pre {
                 _ if !has_pre => true,
@@ -292,13 +278,14 @@ pub fn plan(o: &Observed) -> Plan {
                     let why = status
                         .analysis_runs
                         .iter()
-                        .find(|r| r.name == PRE_PROMOTION)
+                        .find(|r| r.name == RunName::PrePromotion.to_string())
                         .and_then(|r| r.message.clone())
                         .unwrap_or_default();
                     let message = format!(
                         "pre-promotion analysis of {preview} failed ({why}); {stable} stays active"
                     );
                     status.aborted_at = Some(Time(o.now));
+                    status.pause_conditions.clear();
                     conditions::set(
                         &mut status.conditions,
                         "Aborted",
@@ -308,7 +295,7 @@ pub fn plan(o: &Observed) -> Plan {
                         o.generation,
                         o.now,
                     );
-                    event(true, "AnalysisFailed", message);
+                    event(true, Reason::AnalysisFailed, message);
                     false
                 }
                 Some(AnalysisPhase::Inconclusive | AnalysisPhase::Error) => {
@@ -317,7 +304,7 @@ pub fn plan(o: &Observed) -> Plan {
                         &mut handled,
                         &mut start_runs,
                         &intents.promote,
-                        PRE_PROMOTION,
+                        (RunName::PrePromotion, &preview),
                         o.now,
                     );
                     false
@@ -415,10 +402,11 @@ pub fn plan(o: &Observed) -> Plan {
         }
     }
 
+    let promoted = switch_to.clone();
     if let Some(new_active) = switch_to {
         event(
             false,
-            "Promoted",
+            Reason::Promoted,
             format!("switched traffic to {new_active} (was {stable})"),
         );
         status.previous_revision = Some(stable.clone());
@@ -430,7 +418,7 @@ pub fn plan(o: &Observed) -> Plan {
         if let Some(run) = status
             .analysis_runs
             .iter_mut()
-            .find(|r| r.name == PRE_PROMOTION)
+            .find(|r| r.name == RunName::PrePromotion.to_string())
         {
             run.finished_at.get_or_insert(Time(o.now));
         }
@@ -439,7 +427,7 @@ pub fn plan(o: &Observed) -> Plan {
             .as_ref()
             .is_some_and(|a| !a.metrics.is_empty())
         {
-            start_runs.push(POST_PROMOTION.to_string());
+            start_runs.push((RunName::PostPromotion, new_active.clone()));
         }
         stable = new_active;
         desired_weight = 0;
@@ -455,11 +443,22 @@ pub fn plan(o: &Observed) -> Plan {
     } else {
         desired_weight
     };
+    // An aborted preview keeps the preview destination until its pods are gone; then it
+    // points at the active revision again, as whenever nothing is in preview.
+    let preview_target = preview
+        .clone()
+        .filter(|p| {
+            !aborted
+                || o.replica_sets
+                    .iter()
+                    .any(|r| &r.hash == p && r.replicas > 0)
+        })
+        .unwrap_or_else(|| stable.clone());
     // Without a router the Services alone switch; the weight is then only informative.
     let traffic = Some(TrafficIntent {
         targets: Targets {
             stable: stable.clone(),
-            canary: preview.clone().unwrap_or_else(|| stable.clone()),
+            canary: preview_target,
         },
         canary_weight: weight,
     });
@@ -593,22 +592,42 @@ pub fn plan(o: &Observed) -> Plan {
     );
     status.handled_intents = Some(handled);
     clear_intents(&mut status);
-    let busy = preview.is_some() || previous.is_some() || !start_runs.is_empty();
-    let resync = if busy { RESYNC } else { IDLE_RESYNC };
-    let requeue_after = wakeups
-        .iter()
-        .map(|at| until(o.now, *at))
-        .min()
-        .map_or(resync, |d| d.min(resync))
-        .max(Duration::from_millis(200));
+    let busy = preview.is_some() || previous.is_some();
+    let requeue_after = schedule(&mut status, o, &start_runs, &wakeups, busy);
+    let traffic_writes = match &traffic {
+        Some(intent) if !matches!(o.traffic, ObservedTraffic::None) => route_writes(o, intent),
+        Some(intent) => selector_writes(o, bg, &intent.targets),
+        None => Vec::new(),
+    };
     Plan {
         replica_sets,
         traffic,
+        traffic_writes,
         status,
         events,
         requeue_after,
-        start_runs,
+        promoted,
     }
+}
+
+/// Without a router, the Services' selectors are the switch: the active Service selects the
+/// active revision, the preview Service the preview (or the active one when nothing is in
+/// preview). Only the Services that select something else are written; a missing Service is
+/// left for the write to report.
+fn selector_writes(o: &Observed, bg: &BlueGreenStrategy, targets: &Targets) -> Vec<TrafficWrite> {
+    let wanted = std::iter::once((&bg.active_service, &targets.stable))
+        .chain(bg.preview_service.iter().map(|p| (p, &targets.canary)));
+    wanted
+        .filter(|(service, revision)| {
+            !o.services
+                .iter()
+                .any(|s| &&s.name == service && s.exists && s.selects.as_ref() == Some(revision))
+        })
+        .map(|(service, revision)| TrafficWrite::Selector {
+            service: service.clone(),
+            revision: revision.clone(),
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -616,7 +635,7 @@ mod tests {
     use super::*;
     use crate::api::common::Intent;
     use crate::api::rollout::{RolloutSpec, RolloutStatus};
-    use crate::rollout::plan::ObservedReplicaSet;
+    use crate::rollout::model::ObservedReplicaSet;
     use crate::traffic::TrafficState;
     use k8s_openapi::jiff::Timestamp;
 
@@ -665,8 +684,14 @@ mod tests {
                 targets_match: true,
             }),
             background: None,
+            services: Vec::new(),
             now: t(now),
         }
+    }
+
+    /// Plans through the dispatcher, as the reconciler does.
+    fn plan(o: &Observed) -> Plan {
+        crate::rollout::plan::plan(o)
     }
 
     fn intent(id: &str) -> Option<Intent> {
@@ -718,6 +743,12 @@ mod tests {
         let plan3 = plan(&o);
         assert_eq!(plan3.status.stable_revision.as_deref(), Some("new"));
         assert_eq!(plan3.status.previous_revision.as_deref(), Some("old"));
+        assert_eq!(
+            plan3.promoted.as_deref(),
+            Some("new"),
+            "for the release metric"
+        );
+        assert_eq!(plan2.promoted, None);
         assert!(plan3.replica_sets.contains(&ReplicaSetIntent {
             hash: "old".into(),
             replicas: 3,
@@ -748,7 +779,7 @@ mod tests {
         status
             .analysis_runs
             .push(crate::api::analysis::AnalysisRunStatus {
-                name: POST_PROMOTION.into(),
+                name: RunName::PostPromotion.to_string(),
                 revision: "new".into(),
                 phase: AnalysisPhase::Failed,
                 started_at: Time(t(0)),
@@ -764,7 +795,11 @@ mod tests {
         assert_eq!(plan.traffic.as_ref().unwrap().targets.stable, "old");
         assert_eq!(plan.traffic.unwrap().canary_weight, 0);
         assert_eq!(plan.status.phase, Some(RolloutPhase::Degraded));
-        assert!(plan.events.iter().any(|e| e.reason == "AnalysisFailed"));
+        assert!(
+            plan.events
+                .iter()
+                .any(|e| e.reason == Reason::AnalysisFailed)
+        );
     }
 
     #[test]
@@ -801,5 +836,134 @@ mod tests {
         assert_eq!(plan.status.stable_revision.as_deref(), Some("old"));
         assert!(plan.status.aborted_at.is_some());
         assert_eq!(plan.traffic.unwrap().canary_weight, 0);
+    }
+
+    fn post_analysis() -> serde_json::Value {
+        serde_json::json!({"postPromotionAnalysis": {"metrics": [{"name": "m", "prometheus": {"query": "q"}, "successCondition": "true"}]}})
+    }
+
+    #[test]
+    fn post_promotion_analysis_judges_the_new_active_revision() {
+        let mut status = active("old");
+        status.canary_revision = Some("new".into());
+        // Ready since t0, promotion requested.
+        status.current_step_index = Some(1);
+        status.current_step_started_at = Some(MicroTime(t(0)));
+        let mut o = observed(
+            spec(post_analysis()),
+            status,
+            vec![rs("old", 3), rs("new", 3)],
+            5,
+        );
+        o.traffic = ObservedTraffic::State(TrafficState {
+            canary_weight: Some(100),
+            targets_match: true,
+        });
+        let plan = plan(&o);
+        let run = plan
+            .status
+            .analysis_runs
+            .iter()
+            .find(|r| r.name == "post-promotion")
+            .expect("the run starts with the switch");
+        assert_eq!(run.revision, "new");
+        assert_eq!(run.phase, AnalysisPhase::Running);
+    }
+
+    #[test]
+    fn without_a_router_the_services_are_pointed_only_where_they_differ() {
+        let service = |name: &str, selects: Option<&str>, exists: bool| {
+            crate::rollout::model::ObservedService {
+                name: name.into(),
+                selects: selects.map(String::from),
+                exists,
+            }
+        };
+        let table = [
+            (
+                "both right: nothing",
+                vec![
+                    service("web", Some("old"), true),
+                    service("web-preview", Some("new"), true),
+                ],
+                vec![],
+            ),
+            (
+                "preview wrong",
+                vec![
+                    service("web", Some("old"), true),
+                    service("web-preview", Some("old"), true),
+                ],
+                vec![("web-preview", "new")],
+            ),
+            (
+                "active first, then preview",
+                vec![
+                    service("web", None, true),
+                    service("web-preview", None, true),
+                ],
+                vec![("web", "old"), ("web-preview", "new")],
+            ),
+            (
+                "a missing Service is written, so the write names it",
+                vec![
+                    service("web", None, false),
+                    service("web-preview", Some("new"), true),
+                ],
+                vec![("web", "old")],
+            ),
+        ];
+        for (what, services, want) in table {
+            let mut o = observed(
+                spec(serde_json::json!({})),
+                active("old"),
+                vec![rs("old", 3), rs("new", 3)],
+                0,
+            );
+            o.traffic = ObservedTraffic::None;
+            o.services = services;
+            let want: Vec<TrafficWrite> = want
+                .into_iter()
+                .map(|(service, revision)| TrafficWrite::Selector {
+                    service: service.into(),
+                    revision: revision.into(),
+                })
+                .collect();
+            assert_eq!(plan(&o).traffic_writes, want, "{what}");
+        }
+    }
+
+    #[test]
+    fn an_aborted_preview_shows_no_promotion_pause_and_the_preview_service_returns() {
+        let mut status = active("old");
+        status.canary_revision = Some("new".into());
+        status.pause_conditions.push(PauseCondition {
+            reason: PauseReason::BlueGreenPause,
+            start_time: Time(t(0)),
+        });
+        status.abort = intent("a");
+        let o = observed(
+            spec(serde_json::json!({})),
+            status,
+            vec![rs("old", 3), rs("new", 3)],
+            5,
+        );
+        let aborted = plan(&o);
+        assert!(aborted.status.aborted_at.is_some());
+        assert!(aborted.status.pause_conditions.is_empty());
+        // Pods still up: the preview destination still points at them.
+        assert_eq!(aborted.traffic.as_ref().unwrap().targets.canary, "new");
+        // Once they are gone, preview points at the active revision again.
+        let mut later = observed(
+            spec(serde_json::json!({})),
+            aborted.status.clone(),
+            vec![rs("old", 3), rs("new", 0)],
+            60,
+        );
+        later.traffic = ObservedTraffic::State(TrafficState {
+            canary_weight: Some(0),
+            targets_match: true,
+        });
+        assert_eq!(plan(&later).traffic.unwrap().targets.canary, "old");
     }
 }

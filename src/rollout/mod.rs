@@ -1,8 +1,17 @@
 //! The Rollout controller: observe -> plan (pure, in `plan`) -> apply.
+//!
+//! The shell reads the world into an [`Observed`], takes the measurements that are due (unless
+//! a person's request is waiting: intents never wait for Prometheus), calls the planner, and
+//! carries out the plan's writes in the order the plan lists them.
 
 pub mod bluegreen;
+pub mod canary;
+pub mod events;
+pub mod model;
 pub mod plan;
+pub mod release;
 pub mod revision;
+pub mod runs;
 pub mod steps;
 
 use std::collections::BTreeMap;
@@ -11,33 +20,39 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{ReplicaSet, ReplicaSetSpec};
-use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::api::core::v1::{ObjectReference, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, OwnerReference};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{
     Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, ObjectMeta, Patch, PatchParams,
 };
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
-use kube::runtime::reflector::ObjectRef;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tokio::sync::watch;
 
-use crate::analysis::condition::MeasuredValue;
 use crate::analysis::provider::{self, ProviderContext};
-use crate::analysis::run::{self as analysis, ProviderFailure, ResolvedAnalysis, Source};
-use crate::analysis::template::{self, TemplateVars};
-use crate::api::analysis::{AnalysisPhase, AnalysisSpec};
+use crate::analysis::run as analysis;
 use crate::api::rollout::{Rollout, RolloutStatus};
-use crate::operator::Context;
+use crate::context::Context;
+use crate::k8s::labels::{
+    HASH_LABEL, ISTIO_CANONICAL_REVISION_LABEL, REVISION_ANNOTATION, ROLLOUT_LABEL,
+    SCALE_DOWN_AT_ANNOTATION,
+};
 use crate::traffic::{Router, RouterError, Targets};
-use plan::{Observed, ObservedReplicaSet, ObservedTraffic, Plan};
-use revision::{HASH_LABEL, REVISION_ANNOTATION, ROLLOUT_LABEL, SCALE_DOWN_AT_ANNOTATION};
+use model::{Observed, ObservedReplicaSet, ObservedService, ObservedTraffic, Plan, TrafficWrite};
 
 const FINALIZER: &str = "sluice.dev/traffic";
+/// The controller's name in metrics.
+const CONTROLLER: &str = "rollout";
+/// Every due measurement of one reconcile together gets at most this long (each query also
+/// has its own timeout, 10 s unless the spec sets one).
+const MEASUREMENT_DEADLINE: Duration = Duration::from_secs(15);
+/// How often a reconcile that is measuring looks for a person's request in the watch cache.
+const INTENT_POLL: Duration = Duration::from_millis(50);
 
 /// Failures a person can act on, counted by kind.
 #[derive(Debug, thiserror::Error)]
@@ -60,16 +75,19 @@ impl Error {
     }
 }
 
+/// What the Rollout reconciler gets: the shared context and the controller's own cache of
+/// Rollouts (to notice a person's request while measurements are in flight).
+pub struct State {
+    pub ctx: Arc<Context>,
+    rollouts: Store<Rollout>,
+}
+
 /// Runs the Rollout controller until `stop`.
 pub async fn run(ctx: Arc<Context>, mut stop: watch::Receiver<bool>) {
     let client = ctx.client.clone();
-    let (rollouts, replica_sets): (Api<Rollout>, Api<ReplicaSet>) = match &ctx.settings.namespace {
-        Some(ns) => (
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-        ),
-        None => (Api::all(client.clone()), Api::all(client.clone())),
-    };
+    let namespace = ctx.settings.namespace.clone();
+    let rollouts: Api<Rollout> = crate::k8s::scoped(&client, namespace.as_deref());
+    let replica_sets: Api<ReplicaSet> = crate::k8s::scoped(&client, namespace.as_deref());
     let mut controller = Controller::new(rollouts, watcher::Config::default()).owns(
         replica_sets,
         watcher::Config::default().labels(ROLLOUT_LABEL),
@@ -81,14 +99,12 @@ pub async fn run(ctx: Arc<Context>, mut stop: watch::Receiver<bool>) {
         ("gateway.networking.k8s.io", "HTTPRoute"),
     ] {
         let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(group, "v1", kind));
-        if !served(&client, &resource, ctx.settings.namespace.as_deref()).await {
+        let api = crate::k8s::scoped_dynamic(&client, namespace.as_deref(), &resource);
+        // Asked where Sluice will watch, so namespace-scoped RBAC is enough.
+        if api.list(&ListParams::default().limit(1)).await.is_err() {
             tracing::info!(kind, "not served by this cluster; not watching it");
             continue;
         }
-        let api: Api<DynamicObject> = match &ctx.settings.namespace {
-            Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
-            None => Api::all_with(client.clone(), &resource),
-        };
         let store = store.clone();
         let kind_name = kind.to_string();
         controller = controller.watches_with(
@@ -96,22 +112,31 @@ pub async fn run(ctx: Arc<Context>, mut stop: watch::Receiver<bool>) {
             resource,
             watcher::Config::default(),
             move |object: DynamicObject| {
-                let name = object.name_any();
-                let namespace = object.namespace().unwrap_or_default();
-                store
-                    .state()
-                    .into_iter()
-                    .filter(|r| refers_to(r, &kind_name, &name, &namespace))
-                    .map(|r| ObjectRef::from_obj(&*r))
-                    .collect::<Vec<_>>()
+                referring(&store, &kind_name, &object.name_any(), &object.namespace())
             },
         );
     }
+    // Services whose selectors Sluice points at revisions: a selector changed by hand is put
+    // back at once, not at the next resync.
+    let services: Api<Service> = crate::k8s::scoped(&client, namespace.as_deref());
+    let service_store = store.clone();
+    controller = controller.watches(services, watcher::Config::default(), move |service| {
+        referring(
+            &service_store,
+            "Service",
+            &service.name_any(),
+            &service.namespace(),
+        )
+    });
+    let state = Arc::new(State {
+        ctx,
+        rollouts: store,
+    });
     controller
         .graceful_shutdown_on(async move {
             let _ = stop.wait_for(|s| *s).await;
         })
-        .run(reconcile, error_policy, ctx)
+        .run(reconcile, error_policy, state)
         .for_each(|result| async move {
             if let Err(e) = result {
                 tracing::debug!(error = %e, "reconcile loop");
@@ -120,19 +145,38 @@ pub async fn run(ctx: Arc<Context>, mut stop: watch::Receiver<bool>) {
         .await;
 }
 
-async fn served(client: &kube::Client, resource: &ApiResource, namespace: Option<&str>) -> bool {
-    // Asked where Sluice will watch, so namespace-scoped RBAC is enough.
-    let api: Api<DynamicObject> = match namespace {
-        Some(ns) => Api::namespaced_with(client.clone(), ns, resource),
-        None => Api::all_with(client.clone(), resource),
-    };
-    api.list(&ListParams::default().limit(1)).await.is_ok()
+/// The Rollouts in `store` that route through the named object.
+fn referring(
+    store: &Store<Rollout>,
+    kind: &str,
+    name: &str,
+    namespace: &Option<String>,
+) -> Vec<ObjectRef<Rollout>> {
+    let namespace = namespace.clone().unwrap_or_default();
+    store
+        .state()
+        .into_iter()
+        .filter(|r| refers_to(r, kind, name, &namespace))
+        .map(|r| ObjectRef::from_obj(&*r))
+        .collect()
 }
 
-/// Whether a Rollout routes through the named VirtualService, DestinationRule or HTTPRoute.
+/// Whether a Rollout routes through the named VirtualService, DestinationRule, HTTPRoute or
+/// Service.
 fn refers_to(rollout: &Rollout, kind: &str, name: &str, namespace: &str) -> bool {
     let own_namespace = rollout.namespace().unwrap_or_default();
     let strategy = &rollout.spec.strategy;
+    if kind == "Service" {
+        let canary = strategy.canary.as_ref();
+        let blue_green = strategy.blue_green.as_ref();
+        let named = [
+            canary.and_then(|c| c.stable_service.as_deref()),
+            canary.and_then(|c| c.canary_service.as_deref()),
+            blue_green.map(|b| b.active_service.as_str()),
+            blue_green.and_then(|b| b.preview_service.as_deref()),
+        ];
+        return own_namespace == namespace && named.into_iter().flatten().any(|n| n == name);
+    }
     let routing = strategy
         .canary
         .as_ref()
@@ -150,10 +194,7 @@ fn refers_to(rollout: &Rollout, kind: &str, name: &str, namespace: &str) -> bool
             .iter()
             .chain(&istio.virtual_services)
             .any(|vs| {
-                let (n, ns) = vs
-                    .name
-                    .split_once('.')
-                    .unwrap_or((vs.name.as_str(), own_namespace.as_str()));
+                let (n, ns) = crate::traffic::split_name(&vs.name, &own_namespace);
                 n == name && ns == namespace
             }),
         ("DestinationRule", Some(istio), _) => istio
@@ -167,28 +208,50 @@ fn refers_to(rollout: &Rollout, kind: &str, name: &str, namespace: &str) -> bool
     }
 }
 
-fn error_policy(_rollout: Arc<Rollout>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.health.metrics.reconcile_errors(error.metric_label());
-    tracing::warn!(error = %error, "reconcile failed");
-    match error {
-        Error::Router(RouterError::Conflict(_)) => Action::requeue(Duration::from_millis(500)),
-        _ => Action::requeue(Duration::from_secs(5)),
-    }
+fn backoff_key(rollout: &Rollout) -> String {
+    format!(
+        "Rollout/{}/{}",
+        rollout.namespace().unwrap_or_default(),
+        rollout.name_any()
+    )
 }
 
-#[tracing::instrument(skip(rollout, ctx), fields(rollout = %rollout.name_any(), namespace = rollout.namespace().unwrap_or_default()))]
-async fn reconcile(rollout: Arc<Rollout>, ctx: Arc<Context>) -> Result<Action, Error> {
+fn error_policy(rollout: Arc<Rollout>, error: &Error, state: Arc<State>) -> Action {
+    let ctx = &state.ctx;
+    ctx.metrics()
+        .reconcile_errors(CONTROLLER, error.metric_label());
+    let conflict = matches!(error, Error::Router(RouterError::Conflict(_)))
+        || matches!(error, Error::Kube(e) if crate::k8s::is_conflict(e));
+    // A conflict is someone else's write in between: read again soon, without backing off.
+    let delay = if conflict {
+        Duration::from_millis(500)
+    } else {
+        ctx.backoff.failed(&backoff_key(&rollout))
+    };
+    tracing::warn!(error = %error, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+#[tracing::instrument(skip(rollout, state), fields(rollout = %rollout.name_any(), namespace = rollout.namespace().unwrap_or_default()))]
+async fn reconcile(rollout: Arc<Rollout>, state: Arc<State>) -> Result<Action, Error> {
     let started = Instant::now();
     let namespace = rollout.namespace().unwrap_or_default();
-    let api: Api<Rollout> = Api::namespaced(ctx.client.clone(), &namespace);
+    let key = backoff_key(&rollout);
+    let api: Api<Rollout> = Api::namespaced(state.ctx.client.clone(), &namespace);
     let result = finalizer(&api, FINALIZER, rollout, |event| async {
         match event {
-            Finalizer::Apply(rollout) => apply(rollout, ctx.clone()).await,
-            Finalizer::Cleanup(rollout) => cleanup(rollout, ctx.clone()).await,
+            Finalizer::Apply(rollout) => apply(rollout, &state).await,
+            Finalizer::Cleanup(rollout) => cleanup(rollout, &state.ctx).await,
         }
     })
     .await;
-    ctx.health.metrics.observe_reconcile(started.elapsed());
+    state
+        .ctx
+        .metrics()
+        .observe_reconcile(CONTROLLER, started.elapsed());
+    if result.is_ok() {
+        state.ctx.backoff.succeeded(&key);
+    }
     result.map_err(|e| match e {
         kube::runtime::finalizer::Error::ApplyFailed(e)
         | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
@@ -197,10 +260,9 @@ async fn reconcile(rollout: Arc<Rollout>, ctx: Arc<Context>) -> Result<Action, E
 }
 
 /// On deletion: all traffic back to stable before the Rollout (and its ReplicaSets) go.
-async fn cleanup(rollout: Arc<Rollout>, ctx: Arc<Context>) -> Result<Action, Error> {
+async fn cleanup(rollout: Arc<Rollout>, ctx: &Context) -> Result<Action, Error> {
     let namespace = rollout.namespace().unwrap_or_default();
-    ctx.health
-        .metrics
+    ctx.metrics()
         .forget_rollout(&namespace, &rollout.name_any());
     let status = rollout.status.clone().unwrap_or_default();
     if let (Some(canary), Some(stable)) = (
@@ -208,16 +270,11 @@ async fn cleanup(rollout: Arc<Rollout>, ctx: Arc<Context>) -> Result<Action, Err
         status.stable_revision.clone(),
     ) && let Some(router) = Router::for_canary(&ctx.client, &namespace, canary)
     {
-        match router
-            .apply(
-                &Targets {
-                    stable: stable.clone(),
-                    canary: stable,
-                },
-                0,
-            )
-            .await
-        {
+        let targets = Targets {
+            stable: stable.clone(),
+            canary: stable,
+        };
+        match router.apply(&targets, 0).await {
             Ok(()) | Err(RouterError::Misconfigured(_)) => {}
             Err(e) => return Err(e.into()),
         }
@@ -225,18 +282,23 @@ async fn cleanup(rollout: Arc<Rollout>, ctx: Arc<Context>) -> Result<Action, Err
     Ok(Action::await_change())
 }
 
-async fn apply(cached: Arc<Rollout>, ctx: Arc<Context>) -> Result<Action, Error> {
+/// What one reconcile read from the cluster.
+struct World {
+    rollout: Arc<Rollout>,
+    owned: Vec<ReplicaSet>,
+    router: Option<Router>,
+    observed: Observed,
+}
+
+/// Reads the Rollout (fresh: the watch cache can lag our own last status write, and planning
+/// on a stale status would undo the last decision), its ReplicaSets and its traffic objects.
+async fn observe(ctx: &Context, cached: &Rollout) -> Result<Option<World>, Error> {
     let name = cached.name_any();
     let namespace = cached.namespace().unwrap_or_default();
-    // The watch cache can lag our own last status write (a VirtualService event may arrive
-    // before the Rollout's); planning on a stale status would undo the last decision, so the
-    // plan starts from a fresh read.
     let api: Api<Rollout> = Api::namespaced(ctx.client.clone(), &namespace);
     let Some(rollout) = api.get_opt(&name).await? else {
-        return Ok(Action::await_change());
+        return Ok(None);
     };
-    let rollout = Arc::new(rollout);
-    let now = Timestamp::now();
     let rs_api: Api<ReplicaSet> = Api::namespaced(ctx.client.clone(), &namespace);
     let uid = rollout.uid().unwrap_or_default();
     let owned: Vec<ReplicaSet> = rs_api
@@ -246,276 +308,240 @@ async fn apply(cached: Arc<Rollout>, ctx: Arc<Context>) -> Result<Action, Error>
         .into_iter()
         .filter(|rs| rs.owner_references().iter().any(|o| o.uid == uid))
         .collect();
-    let desired_hash = revision::template_hash(&rollout.spec.template, 0);
+    let desired_hash = revision::template_hash(&rollout.spec.template);
     let status = rollout.status.clone().unwrap_or_default();
-
-    // Observe traffic.
     let strategy = &rollout.spec.strategy;
-    let router = match (&strategy.canary, &strategy.blue_green) {
-        (Some(canary), _) => Router::for_canary(&ctx.client, &namespace, canary),
-        (None, Some(bg)) => bg.traffic_routing.as_ref().and_then(|routing| {
-            let services = bg
-                .preview_service
-                .clone()
-                .map(|preview| (bg.active_service.clone(), preview));
-            Router::new(&ctx.client, &namespace, routing, services)
-        }),
-        (None, None) => None,
-    };
-    let stable = status
-        .stable_revision
-        .clone()
-        .unwrap_or_else(|| desired_hash.clone());
-    let targets = Targets {
-        stable: stable.clone(),
-        canary: status
-            .canary_revision
-            .clone()
-            .unwrap_or_else(|| stable.clone()),
-    };
+    let router = Router::for_strategy(&ctx.client, &namespace, strategy);
     let traffic = match &router {
         None => ObservedTraffic::None,
-        Some(router) => match router.observe(&targets).await {
-            Ok(state) => ObservedTraffic::State(state),
-            Err(RouterError::Misconfigured(why)) => ObservedTraffic::Failed(why),
-            Err(e) => return Err(e.into()),
-        },
+        Some(router) => {
+            match router
+                .observe(&release::current_targets(&status, &desired_hash))
+                .await
+            {
+                Ok(state) => ObservedTraffic::State(state),
+                Err(RouterError::Misconfigured(why)) => ObservedTraffic::Failed(why),
+                Err(e) => return Err(e.into()),
+            }
+        }
     };
-
-    // Measure what is due, and fold the results into the status the planner sees.
+    let services = match (&router, &strategy.blue_green) {
+        (None, Some(bg)) => {
+            let names = std::iter::once(&bg.active_service).chain(&bg.preview_service);
+            let mut services = Vec::new();
+            for service in names {
+                services.push(observe_service(ctx, &namespace, service).await?);
+            }
+            services
+        }
+        _ => Vec::new(),
+    };
     let background = strategy.canary.as_ref().and_then(|c| {
         c.analysis
             .as_ref()
             .map(|a| analysis::resolve(a, None, c.prometheus.as_ref()))
     });
-    let mut status = status;
-    let provider_ctx = ProviderContext {
-        client: ctx.client.clone(),
-        namespace: namespace.clone(),
-        default_prometheus: ctx.settings.prometheus_address.clone(),
-    };
-    let mut analysis_wakeups = Vec::new();
-    for run in status.analysis_runs.iter_mut() {
-        if !matches!(run.phase, AnalysisPhase::Pending | AnalysisPhase::Running) {
-            continue;
-        }
-        let Some(resolved) = resolve_run(&run.name, strategy, background.as_ref()) else {
-            continue;
-        };
-        // `{{canary.revision}}` is the revision being judged (after a blue-green switch, the
-        // new active one).
-        let vars = TemplateVars {
-            rollout_name: name.clone(),
-            rollout_namespace: namespace.clone(),
-            canary_revision: run.revision.clone(),
-            stable_revision: stable.clone(),
-            window: None,
-        };
-        for metric in analysis::due(&resolved, run, now) {
-            let outcome = measure(&provider_ctx, metric, &vars, &ctx).await;
-            let measurement = analysis::judge(metric, outcome, now);
-            ctx.health
-                .metrics
-                .measurement(&format!("{:?}", measurement.phase));
-            analysis::record(run, &resolved, metric, measurement, now);
-        }
-        if run.phase == AnalysisPhase::Pending && now >= run.started_at.0 {
-            run.phase = AnalysisPhase::Running;
-        }
-        analysis_wakeups.extend(analysis::earliest_due(&resolved, run));
-    }
-
     let observed = Observed {
         generation: rollout.metadata.generation,
         spec: rollout.spec.clone(),
         status,
-        desired_hash: desired_hash.clone(),
+        desired_hash,
         replica_sets: owned.iter().map(observe_replica_set).collect(),
-        traffic: traffic.clone(),
-        background: background.clone(),
-        now,
+        traffic,
+        background,
+        services,
+        now: Timestamp::now(),
     };
-    let mut plan = if strategy.canary.is_some() {
-        plan::plan(&observed)
-    } else {
-        bluegreen::plan(&observed)
-    };
-    for run_name in std::mem::take(&mut plan.start_runs) {
-        // Post-promotion analysis judges the new active revision; every other run the new one.
-        let revision = if run_name == bluegreen::POST_PROMOTION {
-            plan.status.stable_revision.clone()
-        } else {
-            plan.status.canary_revision.clone()
-        };
-        if let (Some(resolved), Some(revision)) = (
-            resolve_run(&run_name, strategy, background.as_ref()),
-            revision,
-        ) {
-            plan.status.analysis_runs.retain(|r| r.name != run_name);
-            plan.status
-                .analysis_runs
-                .push(analysis::start(&run_name, &revision, &resolved, now));
-            analysis_wakeups.push(now);
-        }
-    }
+    Ok(Some(World {
+        rollout: Arc::new(rollout),
+        owned,
+        router,
+        observed,
+    }))
+}
 
-    apply_replica_sets(&ctx, &rollout, &owned, &plan, &desired_hash).await?;
-    prune_history(&ctx, &rollout, &owned, &plan).await?;
-    let selector = selector_string(&rollout.spec.selector);
-    plan.status.selector = Some(selector);
-    // The decision is recorded before traffic moves: a crash in between leaves a status from
-    // which the next reconcile makes the same move.
-    write_status(&ctx, &rollout, &plan.status).await?;
-    if let Some(intent) = &plan.traffic {
-        match (&router, &strategy.blue_green) {
-            (Some(router), _) => {
-                let current = match &traffic {
-                    ObservedTraffic::State(s) => {
-                        s.canary_weight == Some(intent.canary_weight) && s.targets_match
-                    }
-                    _ => false,
-                };
-                let lowering = matches!(&traffic, ObservedTraffic::State(s)
-                    if s.canary_weight.is_some_and(|w| w > intent.canary_weight));
-                // A superseded canary: lower its weight while the canary destination still
-                // points at its pods, then re-point it, so traffic never reaches a revision
-                // without pods in between. (A promotion re-points stable first instead.)
-                if !current
-                    && lowering
-                    && intent.targets.stable == targets.stable
-                    && intent.targets.canary != targets.canary
-                {
-                    match router.apply(&targets, intent.canary_weight).await {
-                        Ok(()) | Err(RouterError::Misconfigured(_)) => {}
-                        Err(e) => return Err(e.into()),
-                    }
-                }
-                if !current {
-                    match router.apply(&intent.targets, intent.canary_weight).await {
-                        Ok(()) => {
-                            tracing::info!(weight = intent.canary_weight, "canary weight set")
-                        }
-                        Err(RouterError::Misconfigured(why)) => {
-                            tracing::warn!(%why, "cannot route traffic")
-                        }
-                        Err(e) => return Err(e.into()),
-                    }
-                }
-            }
-            // Blue-green without a router: the Services' selectors are the switch.
-            (None, Some(bg)) => {
-                let mut services =
-                    vec![(bg.active_service.as_str(), intent.targets.stable.as_str())];
-                if let Some(preview) = &bg.preview_service {
-                    services.push((preview.as_str(), intent.targets.canary.as_str()));
-                }
-                for (service, hash) in services {
-                    match crate::traffic::service_selects(&ctx.client, &namespace, service, hash)
-                        .await
-                    {
-                        Ok(true) => {}
-                        Ok(false) => {
-                            crate::traffic::point_service(&ctx.client, &namespace, service, hash)
-                                .await?
-                        }
-                        Err(RouterError::Misconfigured(why)) => {
-                            tracing::warn!(%why, "cannot switch Services")
-                        }
-                        Err(e) => return Err(e.into()),
-                    }
-                }
-            }
-            (None, None) => {}
+async fn observe_service(
+    ctx: &Context,
+    namespace: &str,
+    service: &str,
+) -> Result<ObservedService, Error> {
+    let selected = crate::traffic::selected_revision(&ctx.client, namespace, service).await;
+    let (exists, selects) = match selected {
+        Ok(selects) => (true, selects),
+        Err(RouterError::Misconfigured(_)) => (false, None),
+        Err(e) => return Err(e.into()),
+    };
+    Ok(ObservedService {
+        name: service.to_string(),
+        selects,
+        exists,
+    })
+}
+
+/// Which intents are in status, to notice a new one while measuring.
+fn intent_ids(status: Option<&RolloutStatus>) -> Vec<Option<String>> {
+    let status = status.cloned().unwrap_or_default();
+    [
+        status.abort.map(|i| i.id),
+        status.promote.map(|i| i.id),
+        status.promote_full.map(|i| i.id),
+        status.retry.map(|i| i.id),
+        status.pause.map(|i| i.id),
+        status.resume.map(|i| i.id),
+    ]
+    .into()
+}
+
+/// Returns once the watch cache shows a request that was not there at `baseline`.
+async fn intent_arrives(
+    store: &Store<Rollout>,
+    key: &ObjectRef<Rollout>,
+    baseline: &[Option<String>],
+) {
+    loop {
+        tokio::time::sleep(INTENT_POLL).await;
+        if store
+            .get(key)
+            .is_some_and(|r| intent_ids(r.status.as_ref()) != baseline)
+        {
+            return;
         }
     }
-    if plan.events.iter().any(|e| e.reason == "Promoted")
-        && let Some(released) = owned
-            .iter()
-            .find(|rs| rs.labels().get(HASH_LABEL) == plan.status.stable_revision.as_ref())
-            .and_then(|rs| rs.metadata.creation_timestamp.as_ref())
-    {
-        let took = Duration::try_from(now.duration_since(released.0)).unwrap_or_default();
-        ctx.health.metrics.observe_release(took);
+}
+
+/// Takes the measurements due now and folds them into the observed status. Returns false
+/// when a person's request arrived meanwhile: the measurements are dropped (they are still
+/// due next time) and the caller plans the request first.
+async fn measure(ctx: &Context, store: &Store<Rollout>, world: &mut World) -> bool {
+    let o = &mut world.observed;
+    let name = world.rollout.name_any();
+    let namespace = world.rollout.namespace().unwrap_or_default();
+    let stable = release::current_targets(&o.status, &o.desired_hash).stable;
+    let due = runs::due(
+        &o.status,
+        &o.spec.strategy,
+        o.background.as_ref(),
+        (&name, &namespace),
+        &stable,
+        o.now,
+    );
+    if due.is_empty() {
+        return true;
     }
-    publish_events(&ctx, &rollout, &plan).await;
-    ctx.health.metrics.rollout_state(
+    let provider_ctx = ProviderContext {
+        client: &ctx.client,
+        namespace: &namespace,
+        default_prometheus: ctx.settings.prometheus_address.as_deref(),
+        pool: &ctx.prometheus,
+        metrics: ctx.metrics(),
+    };
+    let asked: Vec<_> = due.iter().map(|d| (&d.metric, &d.vars)).collect();
+    let baseline = intent_ids(Some(&o.status));
+    let key = ObjectRef::from_obj(world.rollout.as_ref());
+    let results = tokio::select! {
+        results = provider::measure_all(&provider_ctx, &asked, MEASUREMENT_DEADLINE) => results,
+        _ = intent_arrives(store, &key, &baseline) => {
+            tracing::info!("a request arrived while measuring; acting on it first");
+            return false;
+        }
+    };
+    // Measured "now" is when the answers came back.
+    o.now = Timestamp::now();
+    let measured = due.into_iter().zip(results).collect();
+    for outcome in runs::record(
+        &mut o.status,
+        &o.spec.strategy,
+        o.background.as_ref(),
+        measured,
+        o.now,
+    ) {
+        ctx.metrics().measurement(&format!("{outcome:?}"));
+    }
+    true
+}
+
+async fn apply(cached: Arc<Rollout>, state: &State) -> Result<Action, Error> {
+    let ctx = state.ctx.as_ref();
+    let Some(mut world) = observe(ctx, &cached).await? else {
+        return Ok(Action::await_change());
+    };
+    // A person's request (abort, promote, retry) is planned from the cluster as it is, before
+    // any query is awaited; the measurements wait for the next reconcile.
+    let waiting = release::unhandled(&world.observed.status).any();
+    if !waiting && !measure(ctx, &state.rollouts, &mut world).await {
+        return Ok(Action::requeue(Duration::ZERO));
+    }
+    let mut plan = plan::plan(&world.observed);
+    plan.status.selector = Some(selector_string(&world.rollout.spec.selector));
+    carry_out(ctx, &world, &plan).await?;
+    Ok(Action::requeue(plan.requeue_after))
+}
+
+/// Makes the plan's writes, in its order: ReplicaSets, history, status (the decision is
+/// recorded before traffic moves, so a crash in between leaves a status from which the next
+/// reconcile makes the same move), then traffic; Events and metrics last.
+async fn carry_out(ctx: &Context, world: &World, plan: &Plan) -> Result<(), Error> {
+    let rollout = world.rollout.as_ref();
+    let namespace = rollout.namespace().unwrap_or_default();
+    let desired_hash = &world.observed.desired_hash;
+    apply_replica_sets(ctx, rollout, &world.owned, plan, desired_hash).await?;
+    prune_history(ctx, rollout, &world.owned, plan).await?;
+    let api: Api<Rollout> = Api::namespaced(ctx.client.clone(), &namespace);
+    // Intents belong to the plugin's field manager: they are not ours to compare.
+    let mut current = rollout.status.clone();
+    if let Some(current) = current.as_mut() {
+        release::clear_intents(current);
+    }
+    crate::k8s::status::apply(&api, rollout, current.as_ref(), &plan.status).await?;
+    for write in &plan.traffic_writes {
+        let written = match (write, &world.router) {
+            (
+                TrafficWrite::Route {
+                    targets,
+                    canary_weight,
+                },
+                Some(router),
+            ) => router.apply(targets, *canary_weight).await,
+            (TrafficWrite::Route { .. }, None) => Ok(()),
+            (TrafficWrite::Selector { service, revision }, _) => {
+                crate::traffic::point_service(&ctx.client, &namespace, service, revision).await
+            }
+        };
+        match written {
+            Ok(()) => tracing::info!(?write, "traffic written"),
+            Err(RouterError::Misconfigured(why)) => tracing::warn!(%why, "cannot route traffic"),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if let Some(released) = plan.promoted.as_ref().and_then(|hash| {
+        world
+            .owned
+            .iter()
+            .find(|rs| rs.labels().get(HASH_LABEL) == Some(hash))
+            .and_then(|rs| rs.metadata.creation_timestamp.as_ref())
+    }) {
+        let took =
+            Duration::try_from(world.observed.now.duration_since(released.0)).unwrap_or_default();
+        ctx.metrics().observe_release(took);
+    }
+    let reference: ObjectReference = rollout.object_ref(&());
+    for event in &plan.events {
+        crate::k8s::events::publish(
+            &ctx.recorder,
+            &reference,
+            event.warning,
+            event.reason.as_str(),
+            &event.message,
+        )
+        .await;
+    }
+    ctx.metrics().rollout_state(
         &namespace,
-        &name,
+        &rollout.name_any(),
         plan.status.phase,
         plan.traffic.as_ref().map_or(0, |t| t.canary_weight),
     );
-
-    let next = analysis_wakeups
-        .iter()
-        .map(|at| Duration::try_from(at.duration_since(now)).unwrap_or(Duration::ZERO))
-        .min()
-        .map_or(plan.requeue_after, |d| d.min(plan.requeue_after))
-        .max(Duration::from_millis(200));
-    Ok(Action::requeue(next))
-}
-
-/// The resolved analysis of a run name: `background` or `step-<index>` (canary),
-/// `pre-promotion` or `post-promotion` (blue-green).
-fn resolve_run(
-    name: &str,
-    strategy: &crate::api::rollout::RolloutStrategy,
-    background: Option<&ResolvedAnalysis>,
-) -> Option<ResolvedAnalysis> {
-    if let Some(bg) = &strategy.blue_green {
-        let spec = match name {
-            bluegreen::PRE_PROMOTION => bg.pre_promotion_analysis.as_ref()?,
-            bluegreen::POST_PROMOTION => bg.post_promotion_analysis.as_ref()?,
-            _ => return None,
-        };
-        // A gate must end: without a count, three measurements decide.
-        return Some(analysis::resolve(spec, Some(3), bg.prometheus.as_ref()));
-    }
-    let canary = strategy.canary.as_ref()?;
-    if name == plan::BACKGROUND {
-        return background.cloned();
-    }
-    let index: usize = name.strip_prefix("step-")?.parse().ok()?;
-    let step = canary.steps.get(index)?.analysis.as_ref()?;
-    let base = canary.analysis.clone().unwrap_or_default();
-    let spec = AnalysisSpec {
-        metrics: if step.metrics.is_empty() {
-            base.metrics.clone()
-        } else {
-            step.metrics.clone()
-        },
-        count: step.count,
-        interval: step.interval.clone().or(base.interval.clone()),
-        // A blocking step analysis starts measuring at once.
-        initial_delay: None,
-        ..base
-    };
-    Some(analysis::resolve(
-        &spec,
-        Some(3),
-        canary.prometheus.as_ref(),
-    ))
-}
-
-async fn measure(
-    provider_ctx: &ProviderContext,
-    metric: &analysis::ResolvedMetric,
-    vars: &TemplateVars,
-    ctx: &Context,
-) -> Result<MeasuredValue, ProviderFailure> {
-    match &metric.source {
-        Source::Prometheus {
-            metric: prom,
-            config,
-        } => {
-            let query = template::render(&prom.query, vars)
-                .map_err(|e| ProviderFailure::Error(e.to_string()))?;
-            let started = Instant::now();
-            let result = provider::query_prometheus(provider_ctx, prom, config, &query).await;
-            ctx.health.metrics.observe_query(started.elapsed());
-            result
-        }
-        Source::ErrorBudget(budget) => provider::read_error_budget(provider_ctx, budget).await,
-    }
+    Ok(())
 }
 
 fn observe_replica_set(rs: &ReplicaSet) -> ObservedReplicaSet {
@@ -597,7 +623,7 @@ async fn prune_history(
             .await
         {
             Ok(_) => {}
-            Err(kube::Error::Api(status)) if status.code == 404 => {}
+            Err(e) if crate::k8s::is_not_found(&e) => {}
             Err(e) => return Err(e.into()),
         }
     }
@@ -687,10 +713,12 @@ fn desired_replica_set(
     let name = rollout.name_any();
     let mut template = rollout.spec.template.clone();
     let metadata = template.metadata.get_or_insert_with(ObjectMeta::default);
-    metadata
-        .labels
-        .get_or_insert_with(BTreeMap::new)
-        .insert(HASH_LABEL.into(), hash.into());
+    let labels = metadata.labels.get_or_insert_with(BTreeMap::new);
+    labels.insert(HASH_LABEL.into(), hash.into());
+    // What a real mesh reports as `destination_canonical_revision`, unless the user chose.
+    labels
+        .entry(ISTIO_CANONICAL_REVISION_LABEL.into())
+        .or_insert_with(|| hash.into());
     let mut selector = rollout.spec.selector.clone();
     selector
         .match_labels
@@ -726,62 +754,5 @@ fn desired_replica_set(
             template: Some(template),
         }),
         status: None,
-    }
-}
-
-async fn write_status(
-    ctx: &Context,
-    rollout: &Rollout,
-    status: &RolloutStatus,
-) -> Result<(), Error> {
-    let api: Api<Rollout> =
-        Api::namespaced(ctx.client.clone(), &rollout.namespace().unwrap_or_default());
-    let patch = json!({
-        "apiVersion": "sluice.dev/v1alpha1",
-        "kind": "Rollout",
-        "status": status,
-    });
-    api.patch_status(
-        &rollout.name_any(),
-        &PatchParams::apply(crate::FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
-    Ok(())
-}
-
-async fn publish_events(ctx: &Context, rollout: &Rollout, plan: &Plan) {
-    if plan.events.is_empty() {
-        return;
-    }
-    let recorder = Recorder::new(
-        ctx.client.clone(),
-        Reporter {
-            controller: "sluice".into(),
-            instance: None,
-        },
-    );
-    let reference: ObjectReference = rollout.object_ref(&());
-    for event in &plan.events {
-        tracing::info!(reason = event.reason, message = %event.message, "event");
-        let published = recorder
-            .publish(
-                &Event {
-                    type_: if event.warning {
-                        EventType::Warning
-                    } else {
-                        EventType::Normal
-                    },
-                    reason: event.reason.into(),
-                    note: Some(event.message.chars().take(1024).collect()),
-                    action: "Reconcile".into(),
-                    secondary: None,
-                },
-                &reference,
-            )
-            .await;
-        if let Err(e) = published {
-            tracing::warn!(error = %e, "could not record an Event");
-        }
     }
 }

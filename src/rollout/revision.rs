@@ -2,28 +2,20 @@
 
 use k8s_openapi::api::core::v1::PodTemplateSpec;
 
-/// Label on ReplicaSets and pods (and in selectors) naming the revision.
-pub const HASH_LABEL: &str = "sluice.dev/pod-template-hash";
-/// Label on ReplicaSets naming their Rollout.
-pub const ROLLOUT_LABEL: &str = "sluice.dev/rollout";
-/// Annotation on ReplicaSets: the revision number (1, 2, ...), for `undo`.
-pub const REVISION_ANNOTATION: &str = "sluice.dev/revision";
-/// Annotation on ReplicaSets: when an old revision is to be scaled to zero (RFC 3339).
-pub const SCALE_DOWN_AT_ANNOTATION: &str = "sluice.dev/scale-down-at";
+pub use crate::k8s::labels::{
+    HASH_LABEL, REVISION_ANNOTATION, ROLLOUT_LABEL, SCALE_DOWN_AT_ANNOTATION,
+};
 
 /// A short, stable hash of the pod template as the user wrote it.
 ///
-/// FNV-1a over the canonical JSON, rendered in the alphabet Kubernetes uses for generated
-/// names (no vowels, so hashes never spell words). `collisions` is mixed in when a ReplicaSet
-/// with the same name but another template already exists.
-pub fn template_hash(template: &PodTemplateSpec, collisions: u32) -> String {
+/// FNV-1a (64 bits) over the canonical JSON, rendered in the alphabet Kubernetes uses for
+/// generated names (no vowels, so hashes never spell words). Two different templates with the
+/// same hash are not told apart: at 64 bits that is about one chance in 10^19 per pair.
+pub fn template_hash(template: &PodTemplateSpec) -> String {
     // serde_json output is deterministic: struct fields in declaration order, maps sorted.
     let json = serde_json::to_vec(template).unwrap_or_default();
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in json
-        .iter()
-        .chain(collisions.to_le_bytes().iter().filter(|_| collisions > 0))
-    {
+    for byte in &json {
         hash ^= u64::from(*byte);
         hash = hash.wrapping_mul(0x0100_0000_01b3);
     }
@@ -94,18 +86,14 @@ mod tests {
     #[test]
     fn same_template_same_hash_other_template_other_hash() {
         assert_eq!(
-            template_hash(&template("a:1"), 0),
-            template_hash(&template("a:1"), 0)
+            template_hash(&template("a:1")),
+            template_hash(&template("a:1"))
         );
         assert_ne!(
-            template_hash(&template("a:1"), 0),
-            template_hash(&template("a:2"), 0)
+            template_hash(&template("a:1")),
+            template_hash(&template("a:2"))
         );
-        assert_ne!(
-            template_hash(&template("a:1"), 0),
-            template_hash(&template("a:1"), 1)
-        );
-        assert_eq!(template_hash(&template("a:1"), 0).len(), 10);
+        assert_eq!(template_hash(&template("a:1")).len(), 10);
     }
 
     #[test]

@@ -98,11 +98,20 @@ pub fn canary_replicas(steps: &[Step], index: usize, replicas: i32) -> i32 {
     });
     match scale {
         Some(CanaryScale::Replicas(n)) => (*n).min(replicas),
-        Some(CanaryScale::Weight(w)) => super::plan::canary_replicas_for_weight(replicas, *w),
+        Some(CanaryScale::Weight(w)) => canary_replicas_for_weight(replicas, *w),
         Some(CanaryScale::MatchTrafficWeight) | None => {
-            super::plan::canary_replicas_for_weight(replicas, weight)
+            canary_replicas_for_weight(replicas, weight)
         }
     }
+}
+
+/// Canary pods for a traffic weight: rounded up, at least one when the weight is above zero.
+pub fn canary_replicas_for_weight(replicas: i32, weight: i32) -> i32 {
+    if weight <= 0 || replicas <= 0 {
+        return 0;
+    }
+    let scaled = (i64::from(replicas) * i64::from(weight.min(100)) + 99) / 100;
+    (scaled as i32).max(1)
 }
 
 #[cfg(test)]

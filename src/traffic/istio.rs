@@ -7,7 +7,7 @@
 use serde_json::Value;
 
 use super::{RouterError, Targets};
-use crate::rollout::revision::HASH_LABEL;
+use crate::k8s::labels::HASH_LABEL;
 
 /// Where a route's destinations should go: Sluice recognises its two destinations by subset
 /// (subset-level routing) or by host (host-level routing).

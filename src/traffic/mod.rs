@@ -12,8 +12,10 @@ use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams
 use kube::{Api, Client};
 use serde_json::json;
 
-use crate::api::rollout::{CanaryStrategy, GatewayApiRouting, IstioRouting, TrafficRouting};
-use crate::rollout::revision::HASH_LABEL;
+use crate::api::rollout::{
+    CanaryStrategy, GatewayApiRouting, IstioRouting, RolloutStrategy, TrafficRouting,
+};
+use crate::k8s::labels::HASH_LABEL;
 use istio::DestinationKey;
 
 /// The revisions the stable and canary destinations must select.
@@ -68,6 +70,26 @@ pub enum Router {
 }
 
 impl Router {
+    /// The router a Rollout's strategy configures, if any: for blue-green the active and
+    /// preview Services play the stable and canary parts.
+    pub fn for_strategy(
+        client: &Client,
+        namespace: &str,
+        strategy: &RolloutStrategy,
+    ) -> Option<Self> {
+        match (&strategy.canary, &strategy.blue_green) {
+            (Some(canary), _) => Self::for_canary(client, namespace, canary),
+            (None, Some(bg)) => {
+                let services = bg
+                    .preview_service
+                    .clone()
+                    .map(|preview| (bg.active_service.clone(), preview));
+                Self::new(client, namespace, bg.traffic_routing.as_ref()?, services)
+            }
+            (None, None) => None,
+        }
+    }
+
     /// The router configured in a canary strategy, if any.
     pub fn for_canary(client: &Client, namespace: &str, canary: &CanaryStrategy) -> Option<Self> {
         let services = canary
@@ -139,7 +161,7 @@ fn gvk(group: &str, version: &str, kind: &str) -> ApiResource {
 }
 
 /// `name` or `name.namespace`.
-fn split_name(reference: &str, default_namespace: &str) -> (String, String) {
+pub fn split_name(reference: &str, default_namespace: &str) -> (String, String) {
     match reference.split_once('.') {
         Some((name, namespace)) => (name.to_string(), namespace.to_string()),
         None => (reference.to_string(), default_namespace.to_string()),
@@ -232,7 +254,7 @@ impl IstioRouter {
             .await
         {
             Ok(_) => Ok(()),
-            Err(kube::Error::Api(status)) if status.code == 409 => {
+            Err(e) if crate::k8s::is_conflict(&e) => {
                 Err(RouterError::Conflict(format!("{what} {name}")))
             }
             Err(e) => Err(e.into()),
@@ -434,13 +456,13 @@ impl TrafficRouter for GatewayApiRouter {
     }
 }
 
-/// Whether a Service's selector names `hash`.
-pub async fn service_selects(
+/// The revision a Service's selector names (`Ok(None)`: none), or `Misconfigured` when the
+/// Service does not exist.
+pub async fn selected_revision(
     client: &Client,
     namespace: &str,
     service: &str,
-    hash: &str,
-) -> Result<bool, RouterError> {
+) -> Result<Option<String>, RouterError> {
     let api: Api<Service> = Api::namespaced(client.clone(), namespace);
     let svc = api.get_opt(service).await?.ok_or_else(|| {
         RouterError::Misconfigured(format!("Service {namespace}/{service} not found"))
@@ -448,7 +470,18 @@ pub async fn service_selects(
     Ok(svc
         .spec
         .and_then(|s| s.selector)
-        .and_then(|s| s.get(HASH_LABEL).cloned())
+        .and_then(|s| s.get(HASH_LABEL).cloned()))
+}
+
+/// Whether a Service's selector names `hash`.
+pub async fn service_selects(
+    client: &Client,
+    namespace: &str,
+    service: &str,
+    hash: &str,
+) -> Result<bool, RouterError> {
+    Ok(selected_revision(client, namespace, service)
+        .await?
         .as_deref()
         == Some(hash))
 }
@@ -471,9 +504,9 @@ pub async fn point_service(
     // One call: a missing Service answers 404 rather than needing a read first.
     match api.patch(service, &params, &Patch::Merge(&patch)).await {
         Ok(_) => Ok(()),
-        Err(kube::Error::Api(status)) if status.code == 404 => Err(RouterError::Misconfigured(
-            format!("Service {namespace}/{service} not found"),
-        )),
+        Err(e) if crate::k8s::is_not_found(&e) => Err(RouterError::Misconfigured(format!(
+            "Service {namespace}/{service} not found"
+        ))),
         Err(e) => Err(e.into()),
     }
 }

@@ -29,9 +29,11 @@ pub fn prometheus_url() -> String {
 }
 
 /// A namespace of its own for each test.
+/// Deleted when the test is done, even when it panics (see `Drop`).
 pub struct TestNamespace {
     pub name: String,
     pub client: Client,
+    deleted: std::sync::atomic::AtomicBool,
 }
 
 impl TestNamespace {
@@ -55,12 +57,32 @@ impl TestNamespace {
         api.create(&PostParams::default(), &ns)
             .await
             .expect("create the test namespace");
-        Self { name, client }
+        Self {
+            name,
+            client,
+            deleted: std::sync::atomic::AtomicBool::new(false),
+        }
     }
 
     pub async fn delete(&self) {
         let api: Api<Namespace> = Api::all(self.client.clone());
         let _ = api.delete(&self.name, &DeleteParams::default()).await;
+        self.deleted
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for TestNamespace {
+    /// A test that panicked never reached `delete`: remove its namespace anyway (without
+    /// waiting), so a failed run does not leave objects behind for the next.
+    fn drop(&mut self) {
+        if !self.deleted.load(std::sync::atomic::Ordering::Relaxed) {
+            let _ = std::process::Command::new(kubectl())
+                .args(["delete", "namespace", &self.name, "--wait=false"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
     }
 }
 
@@ -262,6 +284,39 @@ impl Outage {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
+    }
+}
+
+/// A Prometheus that accepts connections and never answers: every query hangs until the
+/// client gives up.
+pub struct Hang {
+    pub port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Hang {
+    pub async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .expect("bind the hanging listener");
+        let port = listener.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        Self { port, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Hang {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 

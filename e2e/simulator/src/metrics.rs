@@ -28,6 +28,9 @@ pub struct RequestLabels {
     pub destination_service_name: String,
     pub destination_service_namespace: String,
     pub destination_version: String,
+    /// As Istio reports it: the pod label `service.istio.io/canonical-revision`, else
+    /// `app.kubernetes.io/version`, else `version`, else `latest`.
+    pub destination_canonical_revision: String,
     pub request_protocol: String,
     pub response_code: String,
 }
@@ -183,6 +186,7 @@ mod tests {
             destination_service_name: "demo".into(),
             destination_service_namespace: "shop".into(),
             destination_version: "aaa".into(),
+            destination_canonical_revision: "aaa".into(),
             request_protocol: "http".into(),
             response_code: code.into(),
         }

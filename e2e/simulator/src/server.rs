@@ -121,6 +121,7 @@ mod tests {
                 destination_service_name: "demo".into(),
                 destination_service_namespace: "shop".into(),
                 destination_version: "aaa".into(),
+                destination_canonical_revision: "aaa".into(),
                 request_protocol: "http".into(),
                 response_code: "200".into(),
             },

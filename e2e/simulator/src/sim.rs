@@ -210,6 +210,19 @@ pub fn revision_of(pod: &Pod) -> &str {
         .unwrap_or(UNKNOWN_VERSION)
 }
 
+/// A pod's canonical revision, the way Istio derives `destination_canonical_revision`.
+pub fn canonical_revision_of(pod: &Pod) -> &str {
+    [
+        "service.istio.io/canonical-revision",
+        "app.kubernetes.io/version",
+        "version",
+    ]
+    .iter()
+    .find_map(|label| pod.labels.get(*label))
+    .map(String::as_str)
+    .unwrap_or("latest")
+}
+
 fn matches(labels: &Labels, selector: &Labels) -> bool {
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
@@ -414,7 +427,12 @@ impl Simulator {
     }
 }
 
-fn request_labels(r: &Resolved, workload: &str, version: &str, code: u16) -> RequestLabels {
+fn request_labels(
+    r: &Resolved,
+    workload: &str,
+    (version, canonical): (&str, &str),
+    code: u16,
+) -> RequestLabels {
     RequestLabels {
         reporter: "destination".into(),
         source_workload: SOURCE_WORKLOAD.into(),
@@ -424,6 +442,7 @@ fn request_labels(r: &Resolved, workload: &str, version: &str, code: u16) -> Req
         destination_service_name: r.service_name.clone(),
         destination_service_namespace: r.service_namespace.clone(),
         destination_version: version.into(),
+        destination_canonical_revision: canonical.into(),
         request_protocol: "http".into(),
         response_code: code.to_string(),
     }
@@ -450,7 +469,7 @@ impl Simulator {
                     labels: request_labels(
                         resolved,
                         &resolved.service_name,
-                        UNKNOWN_VERSION,
+                        (UNKNOWN_VERSION, UNKNOWN_VERSION),
                         NO_UPSTREAM_CODE,
                     ),
                     requests: n,
@@ -492,7 +511,12 @@ impl Simulator {
                 for (count, code) in [(ok, 200), (rev_errors, behaviour.error_code)] {
                     if count > 0 {
                         samples.push(Sample {
-                            labels: request_labels(resolved, &workload, revision, code),
+                            labels: request_labels(
+                                resolved,
+                                &workload,
+                                (revision, canonical_revision_of(pods[0])),
+                                code,
+                            ),
                             requests: count,
                             latencies: spread_latency(behaviour.latency_ms, count, cursor),
                         });
@@ -932,6 +956,12 @@ mod tests {
         assert_eq!(revision_of(&p), "ccc");
         p.labels.clear();
         assert_eq!(revision_of(&p), UNKNOWN_VERSION);
+        assert_eq!(canonical_revision_of(&p), "latest");
+        p.labels.insert("version".into(), "v2".into());
+        assert_eq!(canonical_revision_of(&p), "v2");
+        p.labels
+            .insert("service.istio.io/canonical-revision".into(), "bbb".into());
+        assert_eq!(canonical_revision_of(&p), "bbb");
     }
 
     #[test]

@@ -1,0 +1,80 @@
+//! What every controller's reconcile gets: the client, one event recorder, the metrics, a
+//! pool of Prometheus clients, the settings, and per-object error backoff.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use kube::Client;
+use kube::runtime::events::{Recorder, Reporter};
+
+use crate::analysis::prometheus::PrometheusPool;
+use crate::k8s::backoff::Backoff;
+use crate::leader::LeaseSettings;
+use crate::server::Health;
+use crate::telemetry::Metrics;
+
+/// Everything `sluice controller` is configured with.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    /// `None` runs without leader election (a single replica, or local development).
+    pub lease: Option<LeaseSettings>,
+    /// Prometheus address used when a Rollout or ErrorBudget does not name one.
+    pub prometheus_address: Option<String>,
+    /// Watch only this namespace (`None`: the whole cluster).
+    pub namespace: Option<String>,
+}
+
+impl Settings {
+    /// Settings for a controller run in-process (tests): no listener, no leader election.
+    pub fn local(namespace: Option<String>, prometheus_address: Option<String>) -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            lease: None,
+            prometheus_address,
+            namespace,
+        }
+    }
+}
+
+/// Shared by every controller's reconcile, as `Arc<Context>`.
+pub struct Context {
+    pub client: Client,
+    pub health: Arc<Health>,
+    pub settings: Settings,
+    /// One recorder for the process: Events are deduplicated and counted per recorder.
+    pub recorder: Recorder,
+    /// Prometheus clients by connection settings, so queries reuse connections.
+    pub prometheus: PrometheusPool,
+    /// Consecutive failures per object, for the error policy.
+    pub backoff: Backoff,
+}
+
+impl Context {
+    pub fn new(client: Client, health: Arc<Health>, settings: Settings) -> Self {
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: crate::FIELD_MANAGER.into(),
+                instance: std::env::var("POD_NAME").ok(),
+            },
+        );
+        Self {
+            prometheus: PrometheusPool::new(client.clone()),
+            client,
+            health,
+            settings,
+            recorder,
+            backoff: Backoff::default(),
+        }
+    }
+
+    /// A context with fresh metrics, for tests that run a controller in-process.
+    pub fn for_tests(client: Client, settings: Settings) -> Self {
+        Self::new(client, Arc::new(Health::new(Metrics::new())), settings)
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.health.metrics
+    }
+}

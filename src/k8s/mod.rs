@@ -1,0 +1,93 @@
+//! Small helpers over kube-rs that every controller uses: where an `Api` points, what an
+//! error means, status written by server-side apply, Events, backoff and the labels Sluice
+//! puts on objects.
+
+pub mod backoff;
+pub mod events;
+pub mod labels;
+pub mod status;
+
+use kube::api::{Api, ApiResource, DynamicObject};
+use kube::{Client, Resource};
+
+/// An `Api` over one namespace, or over the whole cluster when `namespace` is `None`.
+pub fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    <K as Resource>::DynamicType: Default,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// [`scoped`] for a dynamic resource.
+pub fn scoped_dynamic(
+    client: &Client,
+    namespace: Option<&str>,
+    resource: &ApiResource,
+) -> Api<DynamicObject> {
+    match namespace {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, resource),
+        None => Api::all_with(client.clone(), resource),
+    }
+}
+
+/// What a failed API call means for the caller.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The object does not exist (404).
+    NotFound,
+    /// Someone else wrote the object since we read it (409): read again and retry.
+    Conflict,
+    /// The request was refused as invalid (422) or forbidden (403): retrying will not help
+    /// until a person changes something.
+    Refused,
+    /// Anything else: the network, the apiserver, a timeout. Retry with backoff.
+    Transient,
+}
+
+/// Classifies a kube error.
+pub fn classify(error: &kube::Error) -> ErrorKind {
+    match error {
+        kube::Error::Api(status) if status.is_not_found() => ErrorKind::NotFound,
+        kube::Error::Api(status) if status.is_conflict() => ErrorKind::Conflict,
+        kube::Error::Api(status) if matches!(status.code, 403 | 422) => ErrorKind::Refused,
+        _ => ErrorKind::Transient,
+    }
+}
+
+pub fn is_not_found(error: &kube::Error) -> bool {
+    classify(error) == ErrorKind::NotFound
+}
+
+pub fn is_conflict(error: &kube::Error) -> bool {
+    classify(error) == ErrorKind::Conflict
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An error as the apiserver sends it: a reason and a code.
+    fn api_error(reason: &str, code: u16) -> kube::Error {
+        kube::Error::Api(
+            kube::core::Status::failure("x", reason)
+                .with_code(code)
+                .boxed(),
+        )
+    }
+
+    #[test]
+    fn errors_are_classified_by_reason_and_code() {
+        assert_eq!(classify(&api_error("NotFound", 404)), ErrorKind::NotFound);
+        assert_eq!(classify(&api_error("Conflict", 409)), ErrorKind::Conflict);
+        assert_eq!(classify(&api_error("Invalid", 422)), ErrorKind::Refused);
+        assert_eq!(classify(&api_error("Forbidden", 403)), ErrorKind::Refused);
+        assert_eq!(
+            classify(&api_error("InternalError", 500)),
+            ErrorKind::Transient
+        );
+    }
+}

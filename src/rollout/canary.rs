@@ -1,0 +1,1216 @@
+//! The canary planner: the new revision takes a growing share of traffic, step by step, and
+//! is promoted once the last step is done.
+//!
+//! Pure: no I/O, no clock. The reconciler observes the world into an [`Observed`], folds any
+//! new analysis measurements into its status, calls [`plan`], and applies the [`Plan`].
+
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
+use k8s_openapi::jiff::Timestamp;
+
+use super::events::Reason;
+use super::model::{
+    Observed, ObservedReplicaSet, ObservedTraffic, Plan, PlannedEvent, ReplicaSetIntent,
+    TrafficIntent, add,
+};
+use super::release::{
+    DEFAULT_SCALE_DOWN_DELAY, clear_intents, record_counts, record_phase, route_writes, run_phase,
+    schedule, unhandled,
+};
+use super::runs::RunName;
+use super::steps::{self, Step};
+use crate::analysis::run as analysis;
+use crate::api::analysis::AnalysisPhase;
+use crate::api::rollout::{
+    CanaryStrategy, HandledIntents, PauseCondition, PauseReason, RolloutPhase, RolloutStatus,
+    TrafficWeights,
+};
+use crate::conditions;
+use crate::traffic::{Targets, TrafficState};
+
+const DEFAULT_PROGRESS_DEADLINE: i32 = 600;
+
+struct Planner<'a> {
+    o: &'a Observed,
+    canary: CanaryStrategy,
+    status: RolloutStatus,
+    handled: HandledIntents,
+    events: Vec<PlannedEvent>,
+    start_runs: Vec<(RunName, String)>,
+    wakeups: Vec<Timestamp>,
+    replicas: i32,
+}
+
+impl Planner<'_> {
+    fn event(&mut self, warning: bool, reason: Reason, message: String) {
+        self.events.push(PlannedEvent {
+            warning,
+            reason,
+            message,
+        });
+    }
+
+    fn rs(&self, hash: &str) -> Option<&ObservedReplicaSet> {
+        self.o.replica_sets.iter().find(|r| r.hash == hash)
+    }
+
+    fn available(&self, hash: &str) -> i32 {
+        self.rs(hash).map_or(0, |r| r.available)
+    }
+
+    fn reset_release(&mut self, canary: Option<String>) {
+        self.status.canary_revision = canary;
+        self.status.current_step_index = self.status.canary_revision.as_ref().map(|_| 0);
+        self.status.current_step_started_at = self
+            .status
+            .canary_revision
+            .as_ref()
+            .map(|_| MicroTime(self.o.now));
+        self.status.pause_conditions.clear();
+        self.status.aborted_at = None;
+        // A new, cancelled or retried release starts without verdicts.
+        self.status.analysis_runs.clear();
+        conditions::set(
+            &mut self.status.conditions,
+            "Aborted",
+            false,
+            "NotAborted",
+            "",
+            self.o.generation,
+            self.o.now,
+        );
+    }
+
+    fn abort(&mut self, reason: Reason, message: String) {
+        self.status.aborted_at = Some(Time(self.o.now));
+        self.status.pause_conditions.clear();
+        conditions::set(
+            &mut self.status.conditions,
+            "Aborted",
+            true,
+            reason.as_str(),
+            message.clone(),
+            self.o.generation,
+            self.o.now,
+        );
+        self.event(true, reason, message);
+    }
+
+    fn run_phase(&self, name: RunName) -> Option<AnalysisPhase> {
+        let canary = self.status.canary_revision.as_deref()?;
+        run_phase(&self.status, name, canary)
+    }
+
+    /// Every canary run judges the canary revision.
+    fn ensure_run(&mut self, name: RunName) {
+        let Some(canary) = self.status.canary_revision.clone() else {
+            return;
+        };
+        if self.run_phase(name).is_none() && !self.start_runs.iter().any(|(n, _)| *n == name) {
+            self.start_runs.push((name, canary));
+        }
+    }
+
+    fn restart_run(&mut self, name: RunName) {
+        let text = name.to_string();
+        self.status.analysis_runs.retain(|r| r.name != text);
+        self.ensure_run(name);
+    }
+
+    /// True when the newest word of the background analysis is "don't know": hold steps.
+    fn background_doubtful(&self) -> bool {
+        let (Some(analysis), Some(canary)) = (&self.o.background, &self.status.canary_revision)
+        else {
+            return false;
+        };
+        self.status
+            .analysis_runs
+            .iter()
+            .find(|r| r.name == RunName::Background.to_string() && &r.revision == canary)
+            .is_some_and(|run| analysis::latest_is_doubtful(run, analysis))
+    }
+
+    fn pause(&mut self, reason: PauseReason, since: Timestamp) {
+        if !self
+            .status
+            .pause_conditions
+            .iter()
+            .any(|p| p.reason == reason)
+        {
+            self.status.pause_conditions.push(PauseCondition {
+                reason,
+                start_time: Time(since),
+            });
+        }
+    }
+
+    fn traffic_at(&self, weight: i32, canary: &str) -> bool {
+        match &self.o.traffic {
+            ObservedTraffic::None => true,
+            ObservedTraffic::State(state) => {
+                state.canary_weight == Some(weight) && state.targets_match && !canary.is_empty()
+            }
+            ObservedTraffic::Failed(_) => false,
+        }
+    }
+}
+
+/// Plans one reconcile of a canary Rollout.
+pub fn plan(o: &Observed) -> Plan {
+    let canary = o.spec.strategy.canary.clone().unwrap_or_default();
+    let mut p = Planner {
+        o,
+        canary,
+        status: o.status.clone(),
+        handled: o.status.handled_intents.clone().unwrap_or_default(),
+        events: Vec::new(),
+        start_runs: Vec::new(),
+        wakeups: Vec::new(),
+        replicas: o.spec.replicas.unwrap_or(1).max(0),
+    };
+    let intents = unhandled(&o.status);
+    p.status.observed_generation = o.generation;
+
+    // The first revision goes straight to stable: there is nothing to compare it with.
+    let stable = match p.status.stable_revision.clone() {
+        Some(stable) => stable,
+        None => {
+            p.status.stable_revision = Some(o.desired_hash.clone());
+            p.event(
+                false,
+                Reason::Deployed,
+                format!("first revision {} deployed as stable", o.desired_hash),
+            );
+            o.desired_hash.clone()
+        }
+    };
+
+    if o.desired_hash == stable {
+        if let Some(old) = p.status.canary_revision.clone() {
+            p.event(
+                false,
+                Reason::ReleaseCancelled,
+                format!("template is back to stable {stable}; release of {old} cancelled"),
+            );
+            p.reset_release(None);
+        }
+    } else if p.status.canary_revision.as_deref() != Some(o.desired_hash.as_str()) {
+        match p.status.canary_revision.clone() {
+            Some(old) => p.event(
+                false,
+                Reason::ReleaseSuperseded,
+                format!("revision {} supersedes {old}", o.desired_hash),
+            ),
+            None => p.event(
+                false,
+                Reason::ReleaseStarted,
+                format!("releasing revision {} (stable {stable})", o.desired_hash),
+            ),
+        }
+        p.reset_release(Some(o.desired_hash.clone()));
+    }
+
+    let steps = steps::effective(&p.canary.steps);
+    let mut desired_weight = 0;
+    let mut promoted_to: Option<String> = None;
+
+    if let Some(canary_hash) = p.status.canary_revision.clone() {
+        if let Some(id) = intents.abort.clone() {
+            p.handled.abort = Some(id);
+            if p.status.aborted_at.is_none() {
+                let who = o
+                    .status
+                    .abort
+                    .as_ref()
+                    .and_then(|i| i.requested_by.clone())
+                    .unwrap_or_else(|| "a user".into());
+                p.abort(
+                    Reason::AbortedByUser,
+                    format!(
+                        "release of {canary_hash} aborted by {who}; traffic back on stable {stable}"
+                    ),
+                );
+            }
+        }
+        if let Some(id) = intents.retry.clone() {
+            p.handled.retry = Some(id);
+            if p.status.aborted_at.is_some() {
+                p.reset_release(Some(canary_hash.clone()));
+                p.event(
+                    false,
+                    Reason::Retried,
+                    format!("release of {canary_hash} started again"),
+                );
+            }
+        }
+        if p.status.aborted_at.is_none() {
+            for (name, phase) in p
+                .status
+                .analysis_runs
+                .clone()
+                .iter()
+                .filter(|r| r.revision == canary_hash)
+                .map(|r| (r.name.clone(), r.phase))
+            {
+                if phase == AnalysisPhase::Failed {
+                    let why = p
+                        .status
+                        .analysis_runs
+                        .iter()
+                        .find(|r| r.name == name)
+                        .and_then(|r| r.message.clone())
+                        .unwrap_or_default();
+                    p.abort(Reason::AnalysisFailed, format!("analysis {name} failed ({why}); release of {canary_hash} aborted, traffic back on stable {stable}"));
+                    break;
+                }
+            }
+        }
+
+        if p.status.aborted_at.is_none() {
+            if let Some(id) = intents.promote_full.clone() {
+                p.handled.promote_full = Some(id);
+                p.status.current_step_index = Some(steps.len() as i32);
+                p.status.current_step_started_at = Some(MicroTime(o.now));
+                p.status.pause_conditions.clear();
+                p.event(
+                    false,
+                    Reason::PromotedFull,
+                    format!("skipping the remaining steps of {canary_hash}"),
+                );
+            }
+            let mut promote = intents.promote.clone();
+            if o.background.as_ref().is_some_and(|a| !a.metrics.is_empty()) {
+                match p.run_phase(RunName::Background) {
+                    Some(AnalysisPhase::Inconclusive | AnalysisPhase::Error) => {
+                        if let Some(id) = promote.take() {
+                            p.handled.promote = Some(id);
+                            p.restart_run(RunName::Background);
+                            p.status
+                                .pause_conditions
+                                .retain(|c| c.reason != PauseReason::InconclusiveAnalysis);
+                            p.event(
+                                false,
+                                Reason::AnalysisRestarted,
+                                "background analysis restarted by promote".into(),
+                            );
+                        } else {
+                            p.pause(PauseReason::InconclusiveAnalysis, o.now);
+                        }
+                    }
+                    None => p.ensure_run(RunName::Background),
+                    _ => {}
+                }
+            }
+            let paused_by_person = match (&o.status.pause, &o.status.resume) {
+                (Some(pause), Some(resume)) => pause.requested_at.0 > resume.requested_at.0,
+                (Some(_), None) => true,
+                _ => false,
+            };
+            if o.spec.paused == Some(true) || paused_by_person {
+                p.pause(PauseReason::UserPause, o.now);
+            } else {
+                p.status
+                    .pause_conditions
+                    .retain(|c| c.reason != PauseReason::UserPause);
+            }
+
+            let mut index = p.status.current_step_index.unwrap_or(0).max(0) as usize;
+            let mut started = p
+                .status
+                .current_step_started_at
+                .as_ref()
+                .map_or(o.now, |t| t.0);
+            let held =
+                |p: &Planner| !p.status.pause_conditions.is_empty() || p.background_doubtful();
+            desired_weight = steps::weight_at(&steps, index);
+            while index < steps.len() {
+                let advance = match &steps[index] {
+                    Step::SetWeight(weight) => {
+                        desired_weight = *weight;
+                        let needed = steps::canary_replicas(&steps, index, p.replicas);
+                        let ready = p.available(&canary_hash)
+                            >= needed.max(if *weight > 0 { 1 } else { 0 });
+                        ready && p.traffic_at(*weight, &canary_hash)
+                    }
+                    Step::Pause(duration) => {
+                        if let Some(id) = promote.take() {
+                            p.handled.promote = Some(id);
+                            p.event(
+                                false,
+                                Reason::Resumed,
+                                format!("pause at step {} ended by promote", index + 1),
+                            );
+                            true
+                        } else if duration.is_some_and(|d| add(started, d) <= o.now) {
+                            true
+                        } else {
+                            if let Some(d) = duration {
+                                p.wakeups.push(add(started, *d));
+                            }
+                            p.pause(PauseReason::CanaryPauseStep, started);
+                            false
+                        }
+                    }
+                    Step::Analysis => {
+                        let name = RunName::Step(index);
+                        match p.run_phase(name) {
+                            Some(AnalysisPhase::Successful) => true,
+                            Some(AnalysisPhase::Inconclusive | AnalysisPhase::Error) => {
+                                if let Some(id) = promote.take() {
+                                    p.handled.promote = Some(id);
+                                    p.restart_run(name);
+                                    p.status
+                                        .pause_conditions
+                                        .retain(|c| c.reason != PauseReason::InconclusiveAnalysis);
+                                } else {
+                                    p.pause(PauseReason::InconclusiveAnalysis, o.now);
+                                }
+                                false
+                            }
+                            Some(_) => false,
+                            None => {
+                                p.ensure_run(name);
+                                false
+                            }
+                        }
+                    }
+                    Step::SetCanaryScale(_) => true,
+                };
+                let is_pause_step = matches!(steps[index], Step::Pause(_));
+                if !advance
+                    || (!is_pause_step && held(&p))
+                    || (is_pause_step
+                        && (p.background_doubtful()
+                            || p.status
+                                .pause_conditions
+                                .iter()
+                                .any(|c| c.reason == PauseReason::UserPause)))
+                {
+                    break;
+                }
+                p.status
+                    .pause_conditions
+                    .retain(|c| c.reason != PauseReason::CanaryPauseStep);
+                index += 1;
+                started = o.now;
+                let next = steps
+                    .get(index)
+                    .map_or_else(|| "full promotion".to_string(), |s| s.to_string());
+                p.event(
+                    false,
+                    Reason::StepCompleted,
+                    format!("step {index}/{} done; next: {next}", steps.len()),
+                );
+            }
+            p.status.current_step_index = Some(index as i32);
+            p.status.current_step_started_at = Some(MicroTime(started));
+
+            if index >= steps.len()
+                && p.status.pause_conditions.is_empty()
+                && !p.background_doubtful()
+            {
+                desired_weight = 100;
+                let full = p.available(&canary_hash) >= p.replicas;
+                if full && p.traffic_at(100, &canary_hash) {
+                    promoted_to = Some(canary_hash.clone());
+                }
+            }
+            if let Some(id) = promote {
+                // A promote with nothing to promote past is consumed, not kept for later.
+                p.handled.promote = Some(id);
+            }
+        }
+    }
+
+    // Requests with nothing to act on are used up now, so they cannot surprise a later
+    // release (an abort typed between releases must not abort the next one).
+    let idle = p.status.canary_revision.is_none() || p.status.aborted_at.is_some();
+    if idle {
+        let consume = |slot: &mut Option<String>, id: &Option<String>| {
+            if id.is_some() {
+                *slot = id.clone();
+            }
+        };
+        consume(&mut p.handled.promote, &intents.promote);
+        consume(&mut p.handled.promote_full, &intents.promote_full);
+        if p.status.canary_revision.is_none() {
+            consume(&mut p.handled.abort, &intents.abort);
+            consume(&mut p.handled.retry, &intents.retry);
+        }
+    }
+
+    if let Some(new_stable) = promoted_to.clone() {
+        p.event(
+            false,
+            Reason::Promoted,
+            format!("revision {new_stable} is now stable (was {stable})"),
+        );
+        for run in p
+            .status
+            .analysis_runs
+            .iter_mut()
+            .filter(|r| r.revision == new_stable && r.phase == AnalysisPhase::Running)
+        {
+            run.phase = AnalysisPhase::Successful;
+            run.message = Some("release promoted".into());
+            run.finished_at = Some(Time(o.now));
+        }
+        p.status.stable_revision = Some(new_stable);
+        p.status.canary_revision = None;
+        p.status.current_step_index = None;
+        p.status.current_step_started_at = None;
+        p.status.pause_conditions.clear();
+        desired_weight = 0;
+    }
+
+    finish(p, &steps, desired_weight, promoted_to)
+}
+
+fn finish(mut p: Planner, steps: &[Step], desired_weight: i32, promoted: Option<String>) -> Plan {
+    let o = p.o;
+    let stable = p.status.stable_revision.clone().unwrap_or_default();
+    let canary = p.status.canary_revision.clone();
+    let aborted = p.status.aborted_at.is_some();
+    let index = p.status.current_step_index.unwrap_or(0).max(0) as usize;
+    let routed = !matches!(o.traffic, ObservedTraffic::None);
+
+    let canary_available = canary.as_deref().map_or(0, |c| p.available(c));
+
+    // Replica counts.
+    let canary_target = match (&canary, aborted) {
+        (Some(_), false) if index >= steps.len() => p.replicas,
+        (Some(_), false) => steps::canary_replicas(steps, index, p.replicas),
+        _ => 0,
+    };
+    // Traffic never to a canary without available pods, never to an aborted one, and a new
+    // weight only once the pods it needs are available (until then the last step's weight).
+    let weight = if aborted || canary.is_none() || canary_available == 0 {
+        0
+    } else if canary_available < canary_target {
+        desired_weight
+            .min(steps::weight_at(steps, index))
+            .clamp(0, 100)
+    } else {
+        desired_weight.clamp(0, 100)
+    };
+    let traffic = routed.then(|| TrafficIntent {
+        targets: Targets {
+            stable: stable.clone(),
+            canary: canary.clone().unwrap_or_else(|| stable.clone()),
+        },
+        canary_weight: weight,
+    });
+    let stable_target = if routed || canary.is_none() || aborted {
+        p.replicas
+    } else {
+        (p.replicas - canary_target).max(0)
+    };
+    let scale_down_delay = p
+        .canary
+        .scale_down_delay
+        .as_ref()
+        .map_or(DEFAULT_SCALE_DOWN_DELAY, |d| d.as_std());
+    let abort_delay = p
+        .canary
+        .abort_scale_down_delay
+        .as_ref()
+        .map_or(DEFAULT_SCALE_DOWN_DELAY, |d| d.as_std());
+    let mut replica_sets = vec![ReplicaSetIntent {
+        hash: stable.clone(),
+        replicas: stable_target,
+        scale_down_at: None,
+    }];
+    if let Some(c) = &canary {
+        let intent = if aborted {
+            let at = add(
+                p.status.aborted_at.as_ref().map_or(o.now, |t| t.0),
+                abort_delay,
+            );
+            if at <= o.now {
+                ReplicaSetIntent {
+                    hash: c.clone(),
+                    replicas: 0,
+                    scale_down_at: None,
+                }
+            } else {
+                p.wakeups.push(at);
+                ReplicaSetIntent {
+                    hash: c.clone(),
+                    replicas: p.rs(c).map_or(canary_target, |r| r.replicas),
+                    scale_down_at: Some(at),
+                }
+            }
+        } else {
+            ReplicaSetIntent {
+                hash: c.clone(),
+                replicas: canary_target,
+                scale_down_at: None,
+            }
+        };
+        replica_sets.push(intent);
+    }
+    for old in o
+        .replica_sets
+        .iter()
+        .filter(|r| r.hash != stable && Some(&r.hash) != canary.as_ref())
+    {
+        let intent = match old.scale_down_at {
+            _ if old.replicas == 0 => ReplicaSetIntent {
+                hash: old.hash.clone(),
+                replicas: 0,
+                scale_down_at: None,
+            },
+            Some(at) if at <= o.now => ReplicaSetIntent {
+                hash: old.hash.clone(),
+                replicas: 0,
+                scale_down_at: None,
+            },
+            Some(at) => {
+                p.wakeups.push(at);
+                ReplicaSetIntent {
+                    hash: old.hash.clone(),
+                    replicas: old.replicas,
+                    scale_down_at: Some(at),
+                }
+            }
+            None => {
+                let at = add(o.now, scale_down_delay);
+                p.wakeups.push(at);
+                ReplicaSetIntent {
+                    hash: old.hash.clone(),
+                    replicas: old.replicas,
+                    scale_down_at: Some(at),
+                }
+            }
+        };
+        replica_sets.push(intent);
+    }
+
+    // Counts and weights as observed.
+    record_counts(&mut p.status, o);
+    p.status.weights = Some(match &o.traffic {
+        ObservedTraffic::State(TrafficState {
+            canary_weight: Some(w),
+            ..
+        }) => TrafficWeights {
+            stable: 100 - w,
+            canary: *w,
+            verified: Some(*w == weight),
+        },
+        ObservedTraffic::None => {
+            let canary_ready = canary
+                .as_deref()
+                .and_then(|c| p.rs(c))
+                .map_or(0, |r| r.available);
+            let stable_ready = p.rs(&stable).map_or(0, |r| r.available);
+            let total = canary_ready + stable_ready;
+            let w = if total == 0 {
+                0
+            } else {
+                (canary_ready * 100 + total / 2) / total
+            };
+            TrafficWeights {
+                stable: 100 - w,
+                canary: w,
+                verified: None,
+            }
+        }
+        _ => TrafficWeights {
+            stable: 100 - weight,
+            canary: weight,
+            verified: Some(false),
+        },
+    });
+    p.status.step_progress = canary
+        .as_ref()
+        .map(|_| format!("{}/{}", index.min(steps.len()), steps.len()));
+
+    // Phase, message, conditions.
+    let deadline = Duration::from_secs(
+        o.spec
+            .progress_deadline_seconds
+            .unwrap_or(DEFAULT_PROGRESS_DEADLINE)
+            .max(1) as u64,
+    );
+    let waiting_for_pods = canary.is_some()
+        && !aborted
+        && matches!(steps.get(index), Some(Step::SetWeight(_)))
+        && canary_available < canary_target;
+    let started = p
+        .status
+        .current_step_started_at
+        .as_ref()
+        .map_or(o.now, |t| t.0);
+    let stalled = waiting_for_pods && add(started, deadline) <= o.now;
+    let stable_available = p.available(&stable);
+    let (phase, message) = if aborted {
+        let why = conditions::message(&p.status.conditions, "Aborted")
+            .unwrap_or("release aborted")
+            .to_string();
+        (RolloutPhase::Degraded, why)
+    } else if let ObservedTraffic::Failed(why) = &o.traffic {
+        (RolloutPhase::Degraded, format!("traffic routing: {why}"))
+    } else if stalled {
+        (
+            RolloutPhase::Degraded,
+            format!(
+                "progress deadline exceeded: canary {} has {canary_available}/{canary_target} available pods after {}s",
+                canary.clone().unwrap_or_default(),
+                deadline.as_secs()
+            ),
+        )
+    } else if let Some(pause) = p.status.pause_conditions.first() {
+        let message = match pause.reason {
+            PauseReason::CanaryPauseStep => format!("paused at step {}/{}", index + 1, steps.len()),
+            PauseReason::InconclusiveAnalysis => {
+                let why = p
+                    .status
+                    .analysis_runs
+                    .iter()
+                    .find(|r| matches!(r.phase, AnalysisPhase::Inconclusive | AnalysisPhase::Error))
+                    .and_then(|r| r.message.clone())
+                    .unwrap_or_default();
+                format!(
+                    "paused: analysis inconclusive ({why}); fix it, then `kubectl sluice promote`"
+                )
+            }
+            PauseReason::UserPause => {
+                "paused (spec.paused or `kubectl sluice pause`); `kubectl sluice resume` continues"
+                    .to_string()
+            }
+            PauseReason::BlueGreenPause => "waiting for promotion".to_string(),
+        };
+        (RolloutPhase::Paused, message)
+    } else if let Some(c) = &canary {
+        (
+            RolloutPhase::Progressing,
+            format!(
+                "releasing {c}: step {}/{}, canary weight {weight}",
+                index.min(steps.len()),
+                steps.len()
+            ),
+        )
+    } else if stable_available < p.replicas {
+        (
+            RolloutPhase::Progressing,
+            format!(
+                "stable {stable}: {stable_available}/{} pods available",
+                p.replicas
+            ),
+        )
+    } else {
+        (
+            RolloutPhase::Healthy,
+            format!(
+                "stable {stable}: {stable_available}/{} pods available",
+                p.replicas
+            ),
+        )
+    };
+    let progressing_reason = match phase {
+        RolloutPhase::Progressing => "ReleaseProgressing",
+        RolloutPhase::Paused => "ReleasePaused",
+        RolloutPhase::Degraded if stalled => "ProgressDeadlineExceeded",
+        RolloutPhase::Degraded => "ReleaseDegraded",
+        RolloutPhase::Healthy => "ReleaseComplete",
+    };
+    let counts = ("stable", stable_available, p.replicas);
+    record_phase(
+        &mut p.status,
+        &mut p.events,
+        (phase, message),
+        progressing_reason,
+        counts,
+        o,
+    );
+    p.status.handled_intents = Some(p.handled.clone());
+    clear_intents(&mut p.status);
+
+    let requeue_after = schedule(
+        &mut p.status,
+        o,
+        &p.start_runs,
+        &p.wakeups,
+        canary.is_some(),
+    );
+    let traffic_writes = traffic
+        .as_ref()
+        .map_or_else(Vec::new, |intent| route_writes(o, intent));
+    Plan {
+        replica_sets,
+        traffic,
+        traffic_writes,
+        status: p.status,
+        events: p.events,
+        requeue_after,
+        promoted,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::common::Intent;
+    use crate::api::rollout::{CanaryStep, PauseStep, RolloutSpec, RolloutStrategy};
+    use proptest::prelude::*;
+
+    const OLD: &str = "old";
+    const NEW: &str = "new";
+
+    fn t(secs: i64) -> Timestamp {
+        Timestamp::from_second(1_700_000_000 + secs).unwrap()
+    }
+
+    fn spec(steps: Vec<CanaryStep>, replicas: i32) -> RolloutSpec {
+        serde_json::from_value::<RolloutSpec>(serde_json::json!({
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {"metadata": {"labels": {"app": "web"}}, "spec": {"containers": [{"name": "web", "image": "web:1"}]}},
+            "strategy": {"canary": {}}
+        }))
+        .map(|mut s| {
+            s.strategy = RolloutStrategy { canary: Some(CanaryStrategy { steps, ..CanaryStrategy::default() }), blue_green: None };
+            s
+        })
+        .unwrap()
+    }
+
+    fn weight(w: i32) -> CanaryStep {
+        CanaryStep {
+            set_weight: Some(w),
+            pause: None,
+            analysis: None,
+            set_canary_scale: None,
+        }
+    }
+
+    fn pause(secs: Option<u64>) -> CanaryStep {
+        CanaryStep {
+            set_weight: None,
+            pause: Some(PauseStep {
+                duration: secs
+                    .map(Duration::from_secs)
+                    .map(|d| crate::api::Duration::from_secs(d.as_secs())),
+            }),
+            analysis: None,
+            set_canary_scale: None,
+        }
+    }
+
+    fn rs(hash: &str, replicas: i32, available: i32) -> ObservedReplicaSet {
+        ObservedReplicaSet {
+            hash: hash.into(),
+            replicas,
+            ready: available,
+            available,
+            scale_down_at: None,
+        }
+    }
+
+    fn releasing(index: i32) -> RolloutStatus {
+        RolloutStatus {
+            stable_revision: Some(OLD.into()),
+            canary_revision: Some(NEW.into()),
+            current_step_index: Some(index),
+            current_step_started_at: Some(MicroTime(t(0))),
+            ..RolloutStatus::default()
+        }
+    }
+
+    fn observed(
+        steps: Vec<CanaryStep>,
+        status: RolloutStatus,
+        canary_available: i32,
+        weight: Option<i32>,
+    ) -> Observed {
+        Observed {
+            generation: Some(1),
+            spec: spec(steps, 4),
+            status,
+            desired_hash: NEW.into(),
+            replica_sets: vec![rs(OLD, 4, 4), rs(NEW, canary_available, canary_available)],
+            traffic: ObservedTraffic::State(TrafficState {
+                canary_weight: weight,
+                targets_match: true,
+            }),
+            background: None,
+            services: Vec::new(),
+            now: t(10),
+        }
+    }
+
+    fn intent(id: &str) -> Option<Intent> {
+        Some(Intent {
+            id: id.into(),
+            requested_at: Time(t(5)),
+            requested_by: Some("alice".into()),
+            reason: None,
+        })
+    }
+
+    #[test]
+    fn first_revision_goes_straight_to_stable() {
+        let mut o = observed(vec![weight(50)], RolloutStatus::default(), 0, Some(0));
+        o.replica_sets.clear();
+        let plan = plan(&o);
+        assert_eq!(plan.status.stable_revision.as_deref(), Some(NEW));
+        assert_eq!(plan.status.canary_revision, None);
+        assert_eq!(
+            plan.replica_sets[0],
+            ReplicaSetIntent {
+                hash: NEW.into(),
+                replicas: 4,
+                scale_down_at: None
+            }
+        );
+        assert_eq!(plan.traffic.unwrap().canary_weight, 0);
+    }
+
+    #[test]
+    fn a_new_template_starts_a_release_at_step_zero() {
+        let status = RolloutStatus {
+            stable_revision: Some(OLD.into()),
+            ..RolloutStatus::default()
+        };
+        let plan = plan(&observed(vec![weight(25)], status, 0, Some(0)));
+        assert_eq!(plan.status.canary_revision.as_deref(), Some(NEW));
+        assert_eq!(plan.status.current_step_index, Some(0));
+        assert!(
+            plan.events
+                .iter()
+                .any(|e| e.reason == Reason::ReleaseStarted)
+        );
+        // Canary pods first (25% of 4 = 1), no traffic until they are available.
+        assert!(plan.replica_sets.contains(&ReplicaSetIntent {
+            hash: NEW.into(),
+            replicas: 1,
+            scale_down_at: None
+        }));
+        assert_eq!(plan.traffic.unwrap().canary_weight, 0);
+    }
+
+    #[test]
+    fn weight_is_set_once_pods_are_available_and_step_advances_once_verified() {
+        let steps = vec![weight(25), pause(None)];
+        let plan1 = plan(&observed(steps.clone(), releasing(0), 1, Some(0)));
+        assert_eq!(plan1.traffic.as_ref().unwrap().canary_weight, 25);
+        assert_eq!(plan1.status.current_step_index, Some(0), "not verified yet");
+        let plan2 = plan(&observed(steps, releasing(0), 1, Some(25)));
+        assert_eq!(plan2.status.current_step_index, Some(1));
+        assert_eq!(plan2.status.phase, Some(RolloutPhase::Paused));
+        assert_eq!(plan2.traffic.unwrap().canary_weight, 25);
+    }
+
+    #[test]
+    fn timed_pauses_count_from_the_step_start_in_status() {
+        let steps = vec![weight(25), pause(Some(20))];
+        let mut o = observed(steps, releasing(1), 1, Some(25));
+        let waiting = plan(&o);
+        assert_eq!(waiting.status.current_step_index, Some(1));
+        assert_eq!(
+            waiting.requeue_after,
+            Duration::from_secs(10),
+            "started at 0, now 10, 20s pause"
+        );
+        o.now = t(20);
+        let done = plan(&o);
+        assert_eq!(done.status.current_step_index, Some(2));
+        assert_eq!(
+            done.traffic.unwrap().canary_weight,
+            25,
+            "full weight waits for the full canary"
+        );
+        o.replica_sets[1] = rs(NEW, 4, 4);
+        let full = plan(&o);
+        assert_eq!(
+            full.traffic.unwrap().canary_weight,
+            100,
+            "after the last step: full weight"
+        );
+    }
+
+    #[test]
+    fn promote_passes_an_indefinite_pause_once() {
+        let steps = vec![weight(25), pause(None), weight(50), pause(None)];
+        let mut status = releasing(1);
+        status.promote = intent("p1");
+        let plan1 = plan(&observed(steps.clone(), status, 2, Some(25)));
+        assert_eq!(plan1.status.current_step_index, Some(2));
+        assert_eq!(
+            plan1
+                .status
+                .handled_intents
+                .as_ref()
+                .unwrap()
+                .promote
+                .as_deref(),
+            Some("p1")
+        );
+        assert_eq!(
+            plan1.status.promote, None,
+            "the operator never writes the person's field"
+        );
+        // The same intent seen again (handled) does not pass the next pause.
+        let mut status = plan1.status.clone();
+        status.promote = intent("p1");
+        status.current_step_index = Some(3);
+        let plan2 = plan(&observed(steps, status, 2, Some(50)));
+        assert_eq!(plan2.status.current_step_index, Some(3));
+    }
+
+    #[test]
+    fn abort_sends_traffic_to_stable_and_retry_starts_over() {
+        let steps = vec![weight(50), pause(None)];
+        let mut status = releasing(1);
+        status.abort = intent("a1");
+        let aborted = plan(&observed(steps.clone(), status, 2, Some(50)));
+        assert_eq!(aborted.traffic.as_ref().unwrap().canary_weight, 0);
+        assert_eq!(aborted.status.phase, Some(RolloutPhase::Degraded));
+        assert!(aborted.status.aborted_at.is_some());
+        let mut status = aborted.status.clone();
+        status.retry = intent("r1");
+        let retried = plan(&observed(steps, status, 2, Some(0)));
+        assert_eq!(retried.status.aborted_at, None);
+        assert!(
+            retried.status.analysis_runs.is_empty(),
+            "old verdicts must not abort the retry"
+        );
+        assert_eq!(retried.status.current_step_index, Some(0));
+        assert_eq!(retried.traffic.unwrap().canary_weight, 50);
+    }
+
+    #[test]
+    fn promote_full_skips_to_full_weight_then_promotes() {
+        let steps = vec![weight(10), pause(None), weight(50)];
+        let mut status = releasing(1);
+        status.promote_full = intent("f1");
+        let full = plan(&observed(steps.clone(), status, 1, Some(10)));
+        assert_eq!(full.status.current_step_index, Some(3));
+        assert_eq!(
+            full.traffic.as_ref().unwrap().canary_weight,
+            50,
+            "100 waits for 4 pods"
+        );
+        let scaled = plan(&observed(steps.clone(), full.status.clone(), 4, Some(50)));
+        assert_eq!(scaled.traffic.as_ref().unwrap().canary_weight, 100);
+        assert!(full.replica_sets.contains(&ReplicaSetIntent {
+            hash: NEW.into(),
+            replicas: 4,
+            scale_down_at: None
+        }));
+        let promoted = plan(&observed(steps, full.status.clone(), 4, Some(100)));
+        assert_eq!(promoted.status.stable_revision.as_deref(), Some(NEW));
+        assert_eq!(promoted.status.canary_revision, None);
+        assert_eq!(
+            promoted.traffic.as_ref().unwrap().targets,
+            Targets {
+                stable: NEW.into(),
+                canary: NEW.into()
+            }
+        );
+        assert_eq!(promoted.traffic.unwrap().canary_weight, 0);
+    }
+
+    #[test]
+    fn a_canary_without_pods_past_the_deadline_is_degraded_but_not_aborted() {
+        let mut o = observed(vec![weight(50)], releasing(0), 0, Some(0));
+        o.spec.progress_deadline_seconds = Some(60);
+        o.now = t(30);
+        assert_eq!(plan(&o).status.phase, Some(RolloutPhase::Progressing));
+        o.now = t(61);
+        let late = plan(&o);
+        assert_eq!(late.status.phase, Some(RolloutPhase::Degraded));
+        assert!(
+            late.status
+                .message
+                .unwrap()
+                .contains("progress deadline exceeded")
+        );
+        assert!(
+            late.status.aborted_at.is_none(),
+            "pods may still come: not an abort"
+        );
+        assert_eq!(late.traffic.unwrap().canary_weight, 0);
+    }
+
+    #[test]
+    fn requests_between_releases_do_not_touch_the_next_one() {
+        let mut status = RolloutStatus {
+            stable_revision: Some(NEW.into()),
+            ..RolloutStatus::default()
+        };
+        status.abort = intent("a");
+        status.promote_full = intent("f");
+        let idle = plan(&observed(vec![weight(50)], status, 0, Some(0)));
+        let handled = idle.status.handled_intents.clone().unwrap();
+        assert_eq!(
+            (handled.abort.as_deref(), handled.promote_full.as_deref()),
+            (Some("a"), Some("f"))
+        );
+        // The next release starts clean even though the person's fields are still set.
+        let mut next = idle.status.clone();
+        next.stable_revision = Some(OLD.into());
+        next.abort = intent("a");
+        next.promote_full = intent("f");
+        let release = plan(&observed(vec![weight(50), pause(None)], next, 2, Some(0)));
+        assert!(release.status.aborted_at.is_none());
+        assert_eq!(release.status.current_step_index, Some(0));
+    }
+
+    #[test]
+    fn a_person_pauses_and_resumes() {
+        let steps = vec![weight(25), pause(Some(1))];
+        let mut status = releasing(0);
+        status.pause = intent("x");
+        let paused = plan(&observed(steps.clone(), status.clone(), 1, Some(25)));
+        assert_eq!(paused.status.phase, Some(RolloutPhase::Paused));
+        assert_eq!(paused.status.current_step_index, Some(0));
+        status.resume = Some(Intent {
+            id: "y".into(),
+            requested_at: Time(t(6)),
+            requested_by: None,
+            reason: None,
+        });
+        let resumed = plan(&observed(steps, status, 1, Some(25)));
+        assert_eq!(resumed.status.current_step_index, Some(1));
+    }
+
+    #[test]
+    fn template_back_to_stable_cancels_the_release() {
+        let mut o = observed(vec![weight(50)], releasing(0), 2, Some(50));
+        o.desired_hash = OLD.into();
+        let plan = plan(&o);
+        assert_eq!(plan.status.canary_revision, None);
+        assert_eq!(plan.traffic.unwrap().canary_weight, 0);
+        assert!(
+            plan.events
+                .iter()
+                .any(|e| e.reason == Reason::ReleaseCancelled)
+        );
+    }
+
+    #[test]
+    fn a_third_template_supersedes_the_canary() {
+        let mut o = observed(vec![weight(50)], releasing(1), 2, Some(50));
+        o.desired_hash = "third".into();
+        let plan = plan(&o);
+        assert_eq!(plan.status.canary_revision.as_deref(), Some("third"));
+        assert_eq!(plan.status.current_step_index, Some(0));
+        assert_eq!(
+            plan.traffic.unwrap().canary_weight,
+            0,
+            "the new canary has no pods yet"
+        );
+        let superseded = plan.replica_sets.iter().find(|r| r.hash == NEW).unwrap();
+        assert!(
+            superseded.scale_down_at.is_some(),
+            "the superseded canary is scaled down after the delay"
+        );
+    }
+
+    #[test]
+    fn without_a_router_stable_shrinks_as_the_canary_grows() {
+        let mut o = observed(vec![weight(50), pause(None)], releasing(0), 2, None);
+        o.traffic = ObservedTraffic::None;
+        let plan = plan(&o);
+        assert!(plan.traffic.is_none());
+        assert!(plan.replica_sets.contains(&ReplicaSetIntent {
+            hash: NEW.into(),
+            replicas: 2,
+            scale_down_at: None
+        }));
+        assert!(plan.replica_sets.contains(&ReplicaSetIntent {
+            hash: OLD.into(),
+            replicas: 2,
+            scale_down_at: None
+        }));
+        assert_eq!(plan.status.current_step_index, Some(1));
+    }
+
+    #[test]
+    fn missing_routing_objects_degrade_without_touching_stable() {
+        let mut o = observed(vec![weight(50)], releasing(0), 2, None);
+        o.traffic = ObservedTraffic::Failed("VirtualService shop/web not found".into());
+        let plan = plan(&o);
+        assert_eq!(plan.status.phase, Some(RolloutPhase::Degraded));
+        assert!(
+            plan.status
+                .message
+                .unwrap()
+                .contains("VirtualService shop/web not found")
+        );
+        assert!(plan.replica_sets.contains(&ReplicaSetIntent {
+            hash: OLD.into(),
+            replicas: 4,
+            scale_down_at: None
+        }));
+        assert_eq!(plan.status.current_step_index, Some(0));
+    }
+
+    fn arb_step() -> impl Strategy<Value = CanaryStep> {
+        prop_oneof![
+            (0..=100i32).prop_map(weight),
+            proptest::option::of(0..120u64).prop_map(pause),
+        ]
+    }
+
+    prop_compose! {
+        fn arb_world()(
+            steps in proptest::collection::vec(arb_step(), 0..6),
+            index in 0..8i32,
+            replicas in 0..8i32,
+            canary_available in 0..8i32,
+            observed_weight in proptest::option::of(0..=100i32),
+            aborted in any::<bool>(),
+            abort in any::<bool>(),
+            promote in any::<bool>(),
+            promote_full in any::<bool>(),
+            routed in any::<bool>(),
+            elapsed in 0..200i64,
+        ) -> (Observed, bool) {
+            let mut status = releasing(index);
+            if aborted { status.aborted_at = Some(Time(t(0))); }
+            if abort { status.abort = intent("a"); }
+            if promote { status.promote = intent("p"); }
+            if promote_full { status.promote_full = intent("f"); }
+            let mut o = observed(steps, status, canary_available, observed_weight);
+            o.spec.replicas = Some(replicas);
+            o.now = t(elapsed);
+            if !routed { o.traffic = ObservedTraffic::None; }
+            (o, aborted || abort)
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn weights_stay_in_range_and_sum_to_100((o, _) in arb_world()) {
+            let plan = plan(&o);
+            if let Some(traffic) = &plan.traffic {
+                prop_assert!((0..=100).contains(&traffic.canary_weight));
+            }
+            if let Some(w) = &plan.status.weights {
+                prop_assert!((0..=100).contains(&w.canary) && (0..=100).contains(&w.stable));
+                prop_assert_eq!(w.canary + w.stable, 100);
+            }
+            prop_assert!(plan.replica_sets.iter().all(|r| r.replicas >= 0));
+        }
+
+        #[test]
+        fn no_traffic_to_a_canary_without_available_pods((mut o, _) in arb_world()) {
+            o.replica_sets = vec![rs(OLD, 4, 4), rs(NEW, 1, 0)];
+            let plan = plan(&o);
+            prop_assert_eq!(plan.traffic.map_or(0, |t| t.canary_weight), 0);
+        }
+
+        #[test]
+        fn aborted_never_promotes_without_a_person((mut o, aborted) in arb_world()) {
+            prop_assume!(aborted);
+            o.status.retry = None;
+            let plan = plan(&o);
+            prop_assert_eq!(plan.status.stable_revision.as_deref(), Some(OLD));
+            prop_assert_eq!(plan.traffic.map_or(0, |t| t.canary_weight), 0);
+            prop_assert_eq!(plan.status.phase, Some(RolloutPhase::Degraded));
+        }
+    }
+}

@@ -1,0 +1,50 @@
+//! The reasons of the Events the Rollout controller records: stable, typed, one place.
+
+/// Why a Rollout Event was recorded. The text (`as_str`) is the Event's `reason`, which
+/// people and alerts match on: never rename one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// The first revision went straight to stable.
+    Deployed,
+    ReleaseStarted,
+    ReleaseSuperseded,
+    ReleaseCancelled,
+    StepCompleted,
+    Paused,
+    Resumed,
+    PromotedFull,
+    Promoted,
+    AbortedByUser,
+    AnalysisFailed,
+    AnalysisRestarted,
+    Retried,
+    /// Blue-green: the revision kept for an instant rollback was scaled down.
+    PreviousScaledDown,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Deployed => "Deployed",
+            Reason::ReleaseStarted => "ReleaseStarted",
+            Reason::ReleaseSuperseded => "ReleaseSuperseded",
+            Reason::ReleaseCancelled => "ReleaseCancelled",
+            Reason::StepCompleted => "StepCompleted",
+            Reason::Paused => "Paused",
+            Reason::Resumed => "Resumed",
+            Reason::PromotedFull => "PromotedFull",
+            Reason::Promoted => "Promoted",
+            Reason::AbortedByUser => "AbortedByUser",
+            Reason::AnalysisFailed => "AnalysisFailed",
+            Reason::AnalysisRestarted => "AnalysisRestarted",
+            Reason::Retried => "Retried",
+            Reason::PreviousScaledDown => "PreviousScaledDown",
+        }
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}

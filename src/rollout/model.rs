@@ -1,0 +1,120 @@
+//! The plain data the Rollout planners work on: what the reconciler observed, and the plan
+//! it must carry out. No behaviour beyond time arithmetic.
+
+use std::time::Duration;
+
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+
+use super::events::Reason;
+use crate::analysis::run::ResolvedAnalysis;
+use crate::api::rollout::{RolloutSpec, RolloutStatus};
+use crate::traffic::{Targets, TrafficState};
+
+/// A ReplicaSet of this Rollout as observed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ObservedReplicaSet {
+    pub hash: String,
+    pub replicas: i32,
+    pub ready: i32,
+    pub available: i32,
+    pub scale_down_at: Option<Timestamp>,
+}
+
+/// What the router reported.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ObservedTraffic {
+    /// No router: weight follows replica counts.
+    None,
+    State(TrafficState),
+    /// The router's objects are missing or malformed.
+    Failed(String),
+}
+
+/// A Service whose selector Sluice points at a revision (blue-green without a router).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObservedService {
+    pub name: String,
+    /// The revision its selector names; `None` when it names none.
+    pub selects: Option<String>,
+    /// False when the Service does not exist.
+    pub exists: bool,
+}
+
+/// The world, as the reconciler saw it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Observed {
+    pub generation: Option<i64>,
+    pub spec: RolloutSpec,
+    pub status: RolloutStatus,
+    /// Hash of `spec.template`.
+    pub desired_hash: String,
+    pub replica_sets: Vec<ObservedReplicaSet>,
+    pub traffic: ObservedTraffic,
+    /// The canary strategy's analyses, resolved (`None` for a blue-green Rollout).
+    pub background: Option<ResolvedAnalysis>,
+    /// Blue-green without a router: the active and preview Services, in that order.
+    pub services: Vec<ObservedService>,
+    pub now: Timestamp,
+}
+
+/// A ReplicaSet as it should be.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplicaSetIntent {
+    pub hash: String,
+    pub replicas: i32,
+    /// When it will be scaled to zero (kept in an annotation so restarts keep the deadline).
+    pub scale_down_at: Option<Timestamp>,
+}
+
+/// The traffic split as it should be.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrafficIntent {
+    pub targets: Targets,
+    pub canary_weight: i32,
+}
+
+/// One write to the objects that route traffic. The shell makes them in the order listed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TrafficWrite {
+    /// Through the router: destinations pointed at `targets`, then the canary weight.
+    Route {
+        targets: Targets,
+        canary_weight: i32,
+    },
+    /// A Service's selector pointed at a revision (blue-green without a router).
+    Selector { service: String, revision: String },
+}
+
+/// A Kubernetes Event to record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlannedEvent {
+    pub warning: bool,
+    pub reason: Reason,
+    pub message: String,
+}
+
+/// What the reconciler must do.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    pub replica_sets: Vec<ReplicaSetIntent>,
+    /// The traffic split wanted (`None` without a router).
+    pub traffic: Option<TrafficIntent>,
+    /// The writes that get traffic there, in order (empty when it is already there).
+    pub traffic_writes: Vec<TrafficWrite>,
+    /// The status to record, with any analysis runs started by this plan. It is written
+    /// before the traffic moves, so a crash in between repeats the same move.
+    pub status: RolloutStatus,
+    pub events: Vec<PlannedEvent>,
+    pub requeue_after: Duration,
+    /// The revision that became stable in this plan (for the release-duration metric).
+    pub promoted: Option<String>,
+}
+
+pub fn add(t: Timestamp, d: Duration) -> Timestamp {
+    t.checked_add(SignedDuration::try_from(d).unwrap_or(SignedDuration::MAX))
+        .unwrap_or(Timestamp::MAX)
+}
+
+pub fn until(now: Timestamp, at: Timestamp) -> Duration {
+    Duration::try_from(at.duration_since(now)).unwrap_or(Duration::ZERO)
+}

@@ -1,0 +1,399 @@
+//! Release moves both strategies share: the intents not yet acted on, the runs and the
+//! requeue, the order of traffic writes, pod counts, phase and conditions.
+//!
+//! Pure, like the planners that call them.
+
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
+
+use super::events::Reason;
+use super::model::{
+    Observed, ObservedReplicaSet, ObservedTraffic, PlannedEvent, TrafficIntent, TrafficWrite, until,
+};
+use super::runs::{self, RunName};
+use crate::api::analysis::AnalysisPhase;
+use crate::api::rollout::{RolloutPhase, RolloutStatus};
+use crate::conditions;
+use crate::traffic::Targets;
+
+/// How often a Rollout with nothing going on is looked at again (watches bring changes).
+const IDLE_RESYNC: Duration = Duration::from_secs(300);
+/// How often a release in progress is looked at again when nothing else is due sooner.
+const ACTIVE_RESYNC: Duration = Duration::from_secs(15);
+/// The soonest a reconcile asks to run again.
+const MIN_REQUEUE: Duration = Duration::from_millis(200);
+/// The scale-down delay when the spec sets none.
+pub const DEFAULT_SCALE_DOWN_DELAY: Duration = Duration::from_secs(30);
+
+/// Where the traffic objects point now, as far as the status knows: what the router was
+/// asked to observe.
+pub fn current_targets(status: &RolloutStatus, desired_hash: &str) -> Targets {
+    let stable = status
+        .stable_revision
+        .clone()
+        .unwrap_or_else(|| desired_hash.to_string());
+    Targets {
+        canary: status
+            .canary_revision
+            .clone()
+            .unwrap_or_else(|| stable.clone()),
+        stable,
+    }
+}
+
+/// The router writes that take traffic from what was observed to `intent`, in order.
+///
+/// Nothing when traffic is already there. A superseded or cancelled canary (same stable, the
+/// canary destination moving to another revision, the weight going down) first lowers the
+/// weight while the canary destination still points at pods that exist, then re-points it: in
+/// between, traffic never reaches a revision without pods. Every other move points the
+/// destinations first and sets the weight after (the router's own order), so a promotion
+/// re-points stable before the canary weight drops.
+pub fn route_writes(o: &Observed, intent: &TrafficIntent) -> Vec<TrafficWrite> {
+    let route = |targets: &Targets| TrafficWrite::Route {
+        targets: targets.clone(),
+        canary_weight: intent.canary_weight,
+    };
+    let (observed_weight, targets_match) = match &o.traffic {
+        ObservedTraffic::None => return Vec::new(),
+        ObservedTraffic::State(state) => (state.canary_weight, state.targets_match),
+        // Missing or malformed routing objects: try again, the write reports what is wrong.
+        ObservedTraffic::Failed(_) => return vec![route(&intent.targets)],
+    };
+    if observed_weight == Some(intent.canary_weight) && targets_match {
+        return Vec::new();
+    }
+    let current = current_targets(&o.status, &o.desired_hash);
+    let lowering = observed_weight.is_some_and(|w| w > intent.canary_weight);
+    if lowering
+        && intent.targets.stable == current.stable
+        && intent.targets.canary != current.canary
+    {
+        return vec![route(&current), route(&intent.targets)];
+    }
+    vec![route(&intent.targets)]
+}
+
+/// Starts the runs a planner asked for, and the requeue: the soonest of the planner's wakeups,
+/// the next measurement due, and the resync (`busy`: a release is going on).
+pub fn schedule(
+    status: &mut RolloutStatus,
+    o: &Observed,
+    starts: &[(RunName, String)],
+    wakeups: &[Timestamp],
+    busy: bool,
+) -> Duration {
+    runs::start(
+        status,
+        &o.spec.strategy,
+        o.background.as_ref(),
+        starts,
+        o.now,
+    );
+    let resync = if busy || !starts.is_empty() {
+        ACTIVE_RESYNC
+    } else {
+        IDLE_RESYNC
+    };
+    wakeups
+        .iter()
+        .copied()
+        .chain(runs::next_due(
+            status,
+            &o.spec.strategy,
+            o.background.as_ref(),
+        ))
+        .map(|at| until(o.now, at))
+        .min()
+        .map_or(resync, |d| d.min(resync))
+        .max(MIN_REQUEUE)
+}
+
+pub struct Intents {
+    pub abort: Option<String>,
+    pub promote: Option<String>,
+    pub promote_full: Option<String>,
+    pub retry: Option<String>,
+}
+
+impl Intents {
+    /// Whether any request waits to be acted on.
+    pub fn any(&self) -> bool {
+        self.abort.is_some()
+            || self.promote.is_some()
+            || self.promote_full.is_some()
+            || self.retry.is_some()
+    }
+}
+
+pub fn unhandled(status: &RolloutStatus) -> Intents {
+    let handled = status.handled_intents.clone().unwrap_or_default();
+    let fresh = |intent: &Option<crate::api::common::Intent>, seen: &Option<String>| {
+        intent
+            .as_ref()
+            .filter(|i| Some(&i.id) != seen.as_ref())
+            .map(|i| i.id.clone())
+    };
+    Intents {
+        abort: fresh(&status.abort, &handled.abort),
+        promote: fresh(&status.promote, &handled.promote),
+        promote_full: fresh(&status.promote_full, &handled.promote_full),
+        retry: fresh(&status.retry, &handled.retry),
+    }
+}
+
+/// The phase of the named run judging `revision`, if there is one.
+pub fn run_phase(status: &RolloutStatus, name: RunName, revision: &str) -> Option<AnalysisPhase> {
+    let name = name.to_string();
+    status
+        .analysis_runs
+        .iter()
+        .find(|r| r.name == name && r.revision == revision)
+        .map(|r| r.phase)
+}
+
+/// Pod counts over every revision, as observed.
+pub fn record_counts(status: &mut RolloutStatus, o: &Observed) {
+    let sum = |f: fn(&ObservedReplicaSet) -> i32| o.replica_sets.iter().map(f).sum::<i32>();
+    status.replicas = Some(sum(|r| r.replicas));
+    status.ready_replicas = Some(sum(|r| r.ready));
+    status.available_replicas = Some(sum(|r| r.available));
+    status.updated_replicas = Some(
+        o.replica_sets
+            .iter()
+            .filter(|r| r.hash == o.desired_hash)
+            .map(|r| r.replicas)
+            .sum(),
+    );
+}
+
+/// Phase, message, the `Paused` Event and the standard conditions, the same for every
+/// strategy. `counts` is (role of the serving revision, its available pods, replicas).
+pub fn record_phase(
+    status: &mut RolloutStatus,
+    events: &mut Vec<PlannedEvent>,
+    (phase, message): (RolloutPhase, String),
+    progressing_reason: &'static str,
+    (role, available, replicas): (&str, i32, i32),
+    o: &Observed,
+) {
+    if status.phase != Some(phase) && phase == RolloutPhase::Paused {
+        events.push(PlannedEvent {
+            warning: false,
+            reason: Reason::Paused,
+            message: message.clone(),
+        });
+    }
+    status.phase = Some(phase);
+    status.message = Some(message.clone());
+    let (generation, now) = (o.generation, o.now);
+    let enough = available >= replicas;
+    let reason = if enough {
+        "MinimumReplicasAvailable"
+    } else {
+        "MinimumReplicasUnavailable"
+    };
+    let pods = format!("{available}/{replicas} {role} pods available");
+    conditions::set(
+        &mut status.conditions,
+        "Available",
+        enough,
+        reason,
+        pods,
+        generation,
+        now,
+    );
+    let progressing = phase == RolloutPhase::Progressing;
+    conditions::set(
+        &mut status.conditions,
+        "Progressing",
+        progressing,
+        progressing_reason,
+        message,
+        generation,
+        now,
+    );
+    let paused = phase == RolloutPhase::Paused;
+    let reason = if paused { "Paused" } else { "NotPaused" };
+    conditions::set(
+        &mut status.conditions,
+        "Paused",
+        paused,
+        reason,
+        "",
+        generation,
+        now,
+    );
+    if status.aborted_at.is_none() {
+        conditions::set(
+            &mut status.conditions,
+            "Aborted",
+            false,
+            "NotAborted",
+            "",
+            generation,
+            now,
+        );
+    }
+}
+
+/// Intents belong to the person who wrote them: the operator never writes them back.
+pub fn clear_intents(status: &mut RolloutStatus) {
+    status.abort = None;
+    status.promote = None;
+    status.promote_full = None;
+    status.retry = None;
+    status.pause = None;
+    status.resume = None;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::rollout::RolloutSpec;
+    use crate::traffic::TrafficState;
+
+    fn t(secs: i64) -> Timestamp {
+        Timestamp::from_second(1_700_000_000 + secs).unwrap()
+    }
+
+    fn targets(stable: &str, canary: &str) -> Targets {
+        Targets {
+            stable: stable.into(),
+            canary: canary.into(),
+        }
+    }
+
+    fn route(stable: &str, canary: &str, weight: i32) -> TrafficWrite {
+        TrafficWrite::Route {
+            targets: targets(stable, canary),
+            canary_weight: weight,
+        }
+    }
+
+    /// A world whose status says stable `aaa` and canary `status_canary`, whose router reads
+    /// `weight` with destinations matching or not.
+    fn world(status_canary: Option<&str>, traffic: ObservedTraffic) -> Observed {
+        let spec: RolloutSpec = serde_json::from_value(serde_json::json!({
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {"metadata": {"labels": {"app": "web"}}, "spec": {"containers": [{"name": "web", "image": "web:1"}]}},
+            "strategy": {"canary": {}}
+        }))
+        .unwrap();
+        Observed {
+            generation: Some(1),
+            spec,
+            status: RolloutStatus {
+                stable_revision: Some("aaa".into()),
+                canary_revision: status_canary.map(String::from),
+                ..RolloutStatus::default()
+            },
+            desired_hash: "ccc".into(),
+            replica_sets: Vec::new(),
+            traffic,
+            background: None,
+            services: Vec::new(),
+            now: t(0),
+        }
+    }
+
+    fn state(weight: Option<i32>, targets_match: bool) -> ObservedTraffic {
+        ObservedTraffic::State(TrafficState {
+            canary_weight: weight,
+            targets_match,
+        })
+    }
+
+    #[test]
+    fn traffic_writes_follow_the_ordering_rules() {
+        struct Case {
+            what: &'static str,
+            status_canary: Option<&'static str>,
+            traffic: ObservedTraffic,
+            intent: (&'static str, &'static str, i32),
+            writes: Vec<TrafficWrite>,
+        }
+        let cases = [
+            Case {
+                what: "already there: nothing to write",
+                status_canary: Some("bbb"),
+                traffic: state(Some(30), true),
+                intent: ("aaa", "bbb", 30),
+                writes: vec![],
+            },
+            Case {
+                what: "a step up: one write (destinations, then weight)",
+                status_canary: Some("bbb"),
+                traffic: state(Some(10), true),
+                intent: ("aaa", "bbb", 30),
+                writes: vec![route("aaa", "bbb", 30)],
+            },
+            Case {
+                what: "superseded: lower the weight on the old canary, then re-point",
+                status_canary: Some("bbb"),
+                traffic: state(Some(30), true),
+                intent: ("aaa", "ccc", 0),
+                writes: vec![route("aaa", "bbb", 0), route("aaa", "ccc", 0)],
+            },
+            Case {
+                what: "promotion: stable re-pointed first, in one write",
+                status_canary: Some("bbb"),
+                traffic: state(Some(100), true),
+                intent: ("bbb", "bbb", 0),
+                writes: vec![route("bbb", "bbb", 0)],
+            },
+            Case {
+                what: "abort: weight drops with destinations unchanged",
+                status_canary: Some("bbb"),
+                traffic: state(Some(30), true),
+                intent: ("aaa", "bbb", 0),
+                writes: vec![route("aaa", "bbb", 0)],
+            },
+            Case {
+                what: "drift of the destinations alone is put back",
+                status_canary: Some("bbb"),
+                traffic: state(Some(30), false),
+                intent: ("aaa", "bbb", 30),
+                writes: vec![route("aaa", "bbb", 30)],
+            },
+            Case {
+                what: "routing objects broken: write anyway, the write names the problem",
+                status_canary: Some("bbb"),
+                traffic: ObservedTraffic::Failed("VirtualService x not found".into()),
+                intent: ("aaa", "bbb", 30),
+                writes: vec![route("aaa", "bbb", 30)],
+            },
+            Case {
+                what: "no router: no route writes",
+                status_canary: Some("bbb"),
+                traffic: ObservedTraffic::None,
+                intent: ("aaa", "bbb", 30),
+                writes: vec![],
+            },
+        ];
+        for case in cases {
+            let o = world(case.status_canary, case.traffic);
+            let (stable, canary, weight) = case.intent;
+            let intent = TrafficIntent {
+                targets: targets(stable, canary),
+                canary_weight: weight,
+            };
+            assert_eq!(route_writes(&o, &intent), case.writes, "{}", case.what);
+        }
+    }
+
+    #[test]
+    fn the_requeue_is_the_soonest_of_wakeups_measurements_and_resync() {
+        let o = world(None, ObservedTraffic::None);
+        let mut status = o.status.clone();
+        assert_eq!(schedule(&mut status, &o, &[], &[], false), IDLE_RESYNC);
+        assert_eq!(schedule(&mut status, &o, &[], &[], true), ACTIVE_RESYNC);
+        assert_eq!(
+            schedule(&mut status, &o, &[], &[t(3)], true),
+            Duration::from_secs(3)
+        );
+        // Never sooner than the floor, even for a wakeup in the past.
+        assert_eq!(schedule(&mut status, &o, &[], &[t(-5)], true), MIN_REQUEUE);
+    }
+}
