@@ -36,13 +36,6 @@ pub fn set(
     }
 }
 
-/// Whether a condition is present and True.
-pub fn is_true(conditions: &[Condition], kind: &str) -> bool {
-    conditions
-        .iter()
-        .any(|c| c.type_ == kind && c.status == "True")
-}
-
 /// The message of a condition, if present.
 pub fn message<'a>(conditions: &'a [Condition], kind: &str) -> Option<&'a str> {
     conditions
@@ -82,6 +75,6 @@ mod tests {
         assert_eq!(conditions[0].message, "still waiting");
         set(&mut conditions, "Paused", false, "Resumed", "", Some(2), t1);
         assert_eq!(conditions[0].last_transition_time, Time(t1));
-        assert!(!is_true(&conditions, "Paused"));
+        assert_eq!(conditions[0].status, "False");
     }
 }

@@ -16,19 +16,6 @@ pub struct SecretKeyRef {
     pub key: String,
 }
 
-/// A reference to a namespaced object; the namespace defaults to the referrer's own.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct NamespacedRef {
-    /// Namespace of the object. Defaults to the namespace of the object holding this reference.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 63))]
-    pub namespace: Option<String>,
-    /// Name of the object.
-    #[schemars(length(min = 1, max = 253))]
-    pub name: String,
-}
-
 /// A request made by a person (through `kubectl sluice`) rather than by git.
 ///
 /// Intents live in the status subresource so that GitOps tools, which own the spec, never revert

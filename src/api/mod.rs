@@ -17,6 +17,3 @@ pub use duration::Duration;
 pub use errorbudget::{ErrorBudget, ErrorBudgetSpec, ErrorBudgetStatus};
 pub use pipeline::{Pipeline, PipelineSpec, PipelineStatus};
 pub use rollout::{Rollout, RolloutSpec, RolloutStatus};
-
-/// The API group of every Sluice resource.
-pub const GROUP: &str = "sluice.dev";

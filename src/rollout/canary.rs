@@ -1148,11 +1148,107 @@ mod tests {
         assert_eq!(plan.status.current_step_index, Some(0));
     }
 
+    fn analysis_step() -> CanaryStep {
+        let metric: crate::api::analysis::Metric = serde_json::from_value(serde_json::json!(
+            {"name": "m", "prometheus": {"query": "q"}, "successCondition": "result < 1"}
+        ))
+        .unwrap();
+        CanaryStep {
+            set_weight: None,
+            pause: None,
+            analysis: Some(crate::api::rollout::StepAnalysis {
+                metrics: vec![metric],
+                ..Default::default()
+            }),
+            set_canary_scale: None,
+        }
+    }
+
+    fn canary_scale(replicas: Option<i32>, weight: Option<i32>) -> CanaryStep {
+        CanaryStep {
+            set_weight: None,
+            pause: None,
+            analysis: None,
+            set_canary_scale: Some(crate::api::rollout::SetCanaryScale {
+                replicas,
+                weight,
+                match_traffic_weight: (replicas.is_none() && weight.is_none()).then_some(true),
+            }),
+        }
+    }
+
     fn arb_step() -> impl Strategy<Value = CanaryStep> {
         prop_oneof![
             (0..=100i32).prop_map(weight),
             proptest::option::of(0..120u64).prop_map(pause),
+            Just(analysis_step()),
+            prop_oneof![
+                (0..6i32).prop_map(|r| canary_scale(Some(r), None)),
+                (0..=100i32).prop_map(|w| canary_scale(None, Some(w))),
+                Just(canary_scale(None, None)),
+            ],
         ]
+    }
+
+    fn arb_phase() -> impl Strategy<Value = AnalysisPhase> {
+        prop_oneof![
+            Just(AnalysisPhase::Pending),
+            Just(AnalysisPhase::Running),
+            Just(AnalysisPhase::Successful),
+            Just(AnalysisPhase::Failed),
+            Just(AnalysisPhase::Inconclusive),
+            Just(AnalysisPhase::Error),
+        ]
+    }
+
+    /// One turn of the world between two reconciles.
+    #[derive(Clone, Debug)]
+    struct Turn {
+        /// Canary pods that became available (capped by what the plan asked for).
+        available: i32,
+        /// The router shows what was written (false: someone changed it to `drift`).
+        echoed: bool,
+        drift: i32,
+        /// The verdict any run still going reaches by now (`None`: still going).
+        verdict: Option<AnalysisPhase>,
+        seconds: i64,
+        promote: bool,
+    }
+
+    fn arb_turn() -> impl Strategy<Value = Turn> {
+        (
+            0..6i32,
+            proptest::bool::weighted(0.8),
+            0..=100i32,
+            proptest::option::of(arb_phase()),
+            0..40i64,
+            proptest::bool::weighted(0.2),
+        )
+            .prop_map(
+                |(available, echoed, drift, verdict, seconds, promote)| Turn {
+                    available,
+                    echoed,
+                    drift,
+                    verdict,
+                    seconds,
+                    promote,
+                },
+            )
+    }
+
+    /// The most traffic the steps up to `index` allow the canary.
+    fn allowed(steps: &[Step], index: usize) -> i32 {
+        if index >= steps.len() {
+            return 100;
+        }
+        steps[..=index]
+            .iter()
+            .filter_map(|s| match s {
+                Step::SetWeight(w) => Some(*w),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0)
     }
 
     prop_compose! {
@@ -1201,6 +1297,76 @@ mod tests {
             o.replica_sets = vec![rs(OLD, 4, 4), rs(NEW, 1, 0)];
             let plan = plan(&o);
             prop_assert_eq!(plan.traffic.map_or(0, |t| t.canary_weight), 0);
+        }
+
+        /// Across any sequence of reconciles (pods coming up, weights drifting, analyses
+        /// reaching any verdict, people promoting), the weight written never goes beyond what
+        /// the steps reached so far allow, never to a canary without available pods, and a
+        /// release never goes back a step.
+        #[test]
+        fn over_any_sequence_weights_follow_the_steps_and_the_pods(
+            steps in proptest::collection::vec(arb_step(), 1..7),
+            background in any::<bool>(),
+            turns in proptest::collection::vec(arb_turn(), 1..25),
+        ) {
+            let mut o = observed(steps.clone(), releasing(0), 0, Some(0));
+            if background {
+                let spec: crate::api::analysis::AnalysisSpec = serde_json::from_value(serde_json::json!(
+                    {"metrics": [{"name": "bg", "prometheus": {"query": "q"}, "successCondition": "result < 1"}]}
+                )).unwrap();
+                o.spec.strategy.canary.as_mut().unwrap().analysis = Some(spec.clone());
+                o.background = Some(analysis::resolve(&spec, None, None));
+            }
+            let effective = steps::effective(&steps);
+            let mut last_index = 0;
+            let mut written = 0;
+            for (n, turn) in turns.iter().enumerate() {
+                let plan = plan(&o);
+                let index = plan.status.current_step_index.unwrap_or(0).max(0) as usize;
+                let available = o.replica_sets.iter().find(|r| r.hash == NEW).map_or(0, |r| r.available);
+                if plan.status.canary_revision.is_some() {
+                    prop_assert!(index >= last_index, "turn {}: step went back from {} to {}", n, last_index, index);
+                    last_index = index;
+                }
+                for write in &plan.traffic_writes {
+                    let crate::rollout::model::TrafficWrite::Route { targets, canary_weight } = write else {
+                        continue;
+                    };
+                    if *canary_weight > 0 && targets.canary == NEW {
+                        prop_assert!(available > 0, "turn {}: {}% to a canary with no available pods", n, canary_weight);
+                        prop_assert!(
+                            *canary_weight <= allowed(&effective, index),
+                            "turn {}: {}% at step {} of {:?}", n, canary_weight, index, effective
+                        );
+                        prop_assert!(plan.status.aborted_at.is_none(), "turn {}: traffic to an aborted canary", n);
+                    }
+                    written = *canary_weight;
+                }
+                if plan.status.stable_revision.as_deref() == Some(NEW) {
+                    // Promoted: only after the last step.
+                    prop_assert!(plan.status.aborted_at.is_none());
+                    break;
+                }
+                // The world moves on.
+                let mut status = plan.status.clone();
+                for run in status.analysis_runs.iter_mut() {
+                    if let (Some(verdict), AnalysisPhase::Pending | AnalysisPhase::Running) = (turn.verdict, run.phase) {
+                        run.phase = verdict;
+                    }
+                }
+                if turn.promote {
+                    status.promote = intent(&format!("p{n}"));
+                }
+                let wanted = plan.replica_sets.iter().find(|r| r.hash == NEW).map_or(0, |r| r.replicas);
+                let up = turn.available.min(wanted);
+                o.status = status;
+                o.replica_sets = vec![rs(OLD, 4, 4), rs(NEW, wanted, up)];
+                o.traffic = ObservedTraffic::State(TrafficState {
+                    canary_weight: Some(if turn.echoed { written } else { turn.drift }),
+                    targets_match: true,
+                });
+                o.now = add(o.now, Duration::from_secs(turn.seconds as u64));
+            }
         }
 
         #[test]
