@@ -262,9 +262,16 @@ pub struct IstioRouting {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct VirtualServiceRef {
-    /// Name of the VirtualService, or `name.namespace` for one in another namespace.
+    /// Name of the VirtualService. Names may contain dots. For a VirtualService in another
+    /// namespace, set `namespace`; the short form `name.namespace` is also accepted when the
+    /// name itself has no dot (the part after the only dot is then the namespace).
     #[schemars(length(min = 1, max = 317))]
     pub name: String,
+    /// Namespace of the VirtualService. Default: the Rollout's namespace (or the one given by
+    /// the `name.namespace` short form).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub namespace: Option<String>,
     /// Names of the HTTP routes to manage. May be omitted when the VirtualService has exactly
     /// one HTTP route. Other routes are never touched.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -194,7 +194,8 @@ fn refers_to(rollout: &Rollout, kind: &str, name: &str, namespace: &str) -> bool
             .iter()
             .chain(&istio.virtual_services)
             .any(|vs| {
-                let (n, ns) = crate::traffic::split_name(&vs.name, &own_namespace);
+                let (n, ns) =
+                    crate::traffic::locate(&vs.name, vs.namespace.as_deref(), &own_namespace);
                 n == name && ns == namespace
             }),
         ("DestinationRule", Some(istio), _) => istio

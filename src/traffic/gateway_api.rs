@@ -4,9 +4,15 @@
 //! backendRefs of the rules it manages; matches, filters, other rules and parents stay as
 //! they are.
 
+use kube::api::DynamicObject;
+use kube::{Api, Client};
 use serde_json::Value;
 
-use super::RouterError;
+use super::{
+    RouterError, Targets, TrafficRouter, TrafficState, agreed, fetch, gvk, point_service,
+    read_pair, replace, service_selects, set_pair,
+};
+use crate::api::rollout::GatewayApiRouting;
 
 fn backend_is(backend: &Value, service: &str, route_namespace: &str) -> bool {
     let name = backend.get("name").and_then(Value::as_str);
@@ -128,12 +134,7 @@ pub fn set_weights(
                 ))
             })?;
         let (stable, canary) = positions(refs, b, index, route)?;
-        for (i, weight) in [(stable, 100 - canary_weight), (canary, canary_weight)] {
-            if refs[i].get("weight").and_then(Value::as_i64) != Some(i64::from(weight)) {
-                refs[i]["weight"] = Value::from(weight);
-                changed = true;
-            }
-        }
+        changed |= set_pair(refs, (stable, canary), canary_weight);
     }
     Ok(changed)
 }
@@ -156,16 +157,119 @@ pub fn read_canary_weight(
             .and_then(Value::as_array)
             .cloned()
             .unwrap_or_default();
-        let (stable, canary) = positions(&refs, b, index, route)?;
+        let pair = positions(&refs, b, index, route)?;
         // Gateway API's default weight is 1.
-        let weight = |i: usize| refs[i].get("weight").and_then(Value::as_i64).unwrap_or(1);
-        match (weight(stable), weight(canary)) {
-            (s, c) if s + c == 100 => weights.push(c as i32),
-            _ => return Ok(None),
+        weights.push(read_pair(&refs, pair, 1));
+    }
+    Ok(agreed(&weights))
+}
+
+/// Gateway API HTTPRoute router (host-level: the two Services select the revisions).
+pub struct GatewayApiRouter {
+    client: Client,
+    namespace: String,
+    route: String,
+    rules: Vec<String>,
+    stable_service: String,
+    canary_service: String,
+}
+
+impl GatewayApiRouter {
+    pub fn new(
+        client: Client,
+        namespace: &str,
+        gateway: &GatewayApiRouting,
+        stable_service: String,
+        canary_service: String,
+    ) -> Self {
+        Self {
+            client,
+            namespace: namespace.to_string(),
+            route: gateway.http_route.name.clone(),
+            rules: gateway.http_route.rules.clone(),
+            stable_service,
+            canary_service,
         }
     }
-    let first = weights.first().copied();
-    Ok(first.filter(|w| weights.iter().all(|x| x == w)))
+
+    fn api(&self) -> Api<DynamicObject> {
+        Api::namespaced_with(
+            self.client.clone(),
+            &self.namespace,
+            &gvk("gateway.networking.k8s.io", "v1", "HTTPRoute"),
+        )
+    }
+
+    fn backends(&self) -> Backends<'_> {
+        Backends {
+            stable: &self.stable_service,
+            canary: &self.canary_service,
+            namespace: &self.namespace,
+        }
+    }
+
+    fn label(&self) -> String {
+        format!("{}/{}", self.namespace, self.route)
+    }
+}
+
+impl TrafficRouter for GatewayApiRouter {
+    async fn observe(&self, targets: &Targets) -> Result<TrafficState, RouterError> {
+        let route = fetch(&self.api(), &self.route, "HTTPRoute", &self.namespace).await?;
+        let spec = route.data.get("spec").cloned().unwrap_or_default();
+        let canary_weight =
+            read_canary_weight(&spec, &self.rules, &self.backends(), &self.label())?;
+        let targets_match = service_selects(
+            &self.client,
+            &self.namespace,
+            &self.stable_service,
+            &targets.stable,
+        )
+        .await?
+            && service_selects(
+                &self.client,
+                &self.namespace,
+                &self.canary_service,
+                &targets.canary,
+            )
+            .await?;
+        Ok(TrafficState {
+            canary_weight,
+            targets_match,
+        })
+    }
+
+    async fn apply(&self, targets: &Targets, canary_weight: i32) -> Result<(), RouterError> {
+        point_service(
+            &self.client,
+            &self.namespace,
+            &self.stable_service,
+            &targets.stable,
+        )
+        .await?;
+        point_service(
+            &self.client,
+            &self.namespace,
+            &self.canary_service,
+            &targets.canary,
+        )
+        .await?;
+        let api = self.api();
+        let mut route = fetch(&api, &self.route, "HTTPRoute", &self.namespace).await?;
+        let spec = route.data.get_mut("spec").ok_or_else(|| {
+            RouterError::Misconfigured(format!("HTTPRoute {} has no spec", self.label()))
+        })?;
+        if set_weights(
+            spec,
+            &self.rules,
+            &self.backends(),
+            canary_weight,
+            &self.label(),
+        )? {
+            replace(&api, &route, "HTTPRoute").await?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -4,9 +4,15 @@
 //! `weight` of the stable and canary destinations of the routes it manages, and the
 //! pod-template-hash label of the two subsets. Everything else is left as it was.
 
+use kube::api::DynamicObject;
+use kube::{Api, Client};
 use serde_json::Value;
 
-use super::{RouterError, Targets};
+use super::{
+    RouterError, Targets, TrafficRouter, TrafficState, agreed, fetch, gvk, locate, point_service,
+    read_pair, replace, service_selects, set_pair,
+};
+use crate::api::rollout::IstioRouting;
 use crate::k8s::labels::HASH_LABEL;
 
 /// Where a route's destinations should go: Sluice recognises its two destinations by subset
@@ -131,12 +137,7 @@ pub fn set_weights(
                 destinations.len()
             )));
         }
-        for (i, weight) in [(stable, 100 - canary_weight), (canary, canary_weight)] {
-            if destinations[i].get("weight").and_then(Value::as_i64) != Some(i64::from(weight)) {
-                destinations[i]["weight"] = Value::from(weight);
-                changed = true;
-            }
-        }
+        changed |= set_pair(destinations, (stable, canary), canary_weight);
     }
     Ok(changed)
 }
@@ -157,23 +158,18 @@ pub fn read_canary_weight(
             .and_then(Value::as_array)
             .cloned()
             .unwrap_or_default();
-        let weight_of = |stable: bool| {
-            destinations
-                .iter()
-                .find(|d| is_destination(d, key, stable))
-                .map(|d| {
-                    d.get("weight")
-                        .and_then(Value::as_i64)
-                        .unwrap_or(if destinations.len() == 1 { 100 } else { 0 })
-                })
+        let stable = destinations
+            .iter()
+            .position(|d| is_destination(d, key, true));
+        let canary = destinations
+            .iter()
+            .position(|d| is_destination(d, key, false));
+        let (Some(stable), Some(canary)) = (stable, canary) else {
+            return Ok(None);
         };
-        match (weight_of(true), weight_of(false)) {
-            (Some(s), Some(c)) if s + c == 100 => weights.push(c as i32),
-            _ => return Ok(None),
-        }
+        weights.push(read_pair(&destinations, (stable, canary), 0));
     }
-    let first = weights.first().copied();
-    Ok(first.filter(|w| weights.iter().all(|x| x == w)))
+    Ok(agreed(&weights))
 }
 
 fn describe(key: &DestinationKey) -> String {
@@ -246,6 +242,159 @@ pub fn read_subsets(
             .map(str::to_string)
     };
     (hash_of(stable_subset), hash_of(canary_subset))
+}
+
+/// Istio VirtualService (and DestinationRule) router.
+pub struct IstioRouter {
+    client: Client,
+    namespace: String,
+    virtual_services: Vec<(String, String, Vec<String>)>,
+    destination_rule: Option<(String, String, String)>,
+    services: Option<(String, String)>,
+    key: DestinationKey,
+}
+
+impl IstioRouter {
+    pub fn new(
+        client: Client,
+        namespace: &str,
+        istio: &IstioRouting,
+        services: Option<(String, String)>,
+    ) -> Self {
+        let refs = istio.virtual_service.iter().chain(&istio.virtual_services);
+        let virtual_services = refs
+            .map(|r| {
+                let (name, ns) = locate(&r.name, r.namespace.as_deref(), namespace);
+                (name, ns, r.routes.clone())
+            })
+            .collect();
+        let destination_rule = istio.destination_rule.as_ref().map(|d| {
+            (
+                d.name.clone(),
+                d.stable_subset.clone(),
+                d.canary_subset.clone(),
+            )
+        });
+        let key = match &istio.destination_rule {
+            Some(d) => DestinationKey::Subset {
+                stable: d.stable_subset.clone(),
+                canary: d.canary_subset.clone(),
+            },
+            None => {
+                let (stable, canary) = services.clone().unwrap_or_default();
+                DestinationKey::Host { stable, canary }
+            }
+        };
+        Self {
+            client: client.clone(),
+            namespace: namespace.to_string(),
+            virtual_services,
+            destination_rule,
+            services,
+            key,
+        }
+    }
+
+    fn virtual_service_api(&self, namespace: &str) -> Api<DynamicObject> {
+        Api::namespaced_with(
+            self.client.clone(),
+            namespace,
+            &gvk("networking.istio.io", "v1", "VirtualService"),
+        )
+    }
+
+    fn destination_rule_api(&self) -> Api<DynamicObject> {
+        Api::namespaced_with(
+            self.client.clone(),
+            &self.namespace,
+            &gvk("networking.istio.io", "v1", "DestinationRule"),
+        )
+    }
+}
+
+impl TrafficRouter for IstioRouter {
+    async fn observe(&self, targets: &Targets) -> Result<TrafficState, RouterError> {
+        let mut weights = Vec::new();
+        for (name, namespace, routes) in &self.virtual_services {
+            let vs = fetch(
+                &self.virtual_service_api(namespace),
+                name,
+                "VirtualService",
+                namespace,
+            )
+            .await?;
+            let spec = vs.data.get("spec").cloned().unwrap_or_default();
+            weights.push(read_canary_weight(
+                &spec,
+                routes,
+                &self.key,
+                &format!("{namespace}/{name}"),
+            )?);
+        }
+        let canary_weight = weights
+            .first()
+            .copied()
+            .flatten()
+            .filter(|w| weights.iter().all(|x| *x == Some(*w)));
+        let targets_match = match (&self.destination_rule, &self.services) {
+            (Some((name, stable, canary)), _) => {
+                let dr = fetch(
+                    &self.destination_rule_api(),
+                    name,
+                    "DestinationRule",
+                    &self.namespace,
+                )
+                .await?;
+                let spec = dr.data.get("spec").cloned().unwrap_or_default();
+                read_subsets(&spec, stable, canary)
+                    == (Some(targets.stable.clone()), Some(targets.canary.clone()))
+            }
+            (None, Some((stable, canary))) => {
+                service_selects(&self.client, &self.namespace, stable, &targets.stable).await?
+                    && service_selects(&self.client, &self.namespace, canary, &targets.canary)
+                        .await?
+            }
+            (None, None) => true,
+        };
+        Ok(TrafficState {
+            canary_weight,
+            targets_match,
+        })
+    }
+
+    async fn apply(&self, targets: &Targets, canary_weight: i32) -> Result<(), RouterError> {
+        if let Some((name, stable, canary)) = &self.destination_rule {
+            let api = self.destination_rule_api();
+            let mut dr = fetch(&api, name, "DestinationRule", &self.namespace).await?;
+            if let Some(spec) = dr.data.get_mut("spec")
+                && point_subsets(
+                    spec,
+                    stable,
+                    canary,
+                    targets,
+                    &format!("{}/{name}", self.namespace),
+                )?
+            {
+                replace(&api, &dr, "DestinationRule").await?;
+            }
+        }
+        if let Some((stable, canary)) = &self.services {
+            point_service(&self.client, &self.namespace, stable, &targets.stable).await?;
+            point_service(&self.client, &self.namespace, canary, &targets.canary).await?;
+        }
+        for (name, namespace, routes) in &self.virtual_services {
+            let api = self.virtual_service_api(namespace);
+            let mut vs = fetch(&api, name, "VirtualService", namespace).await?;
+            let label = format!("{namespace}/{name}");
+            let spec = vs.data.get_mut("spec").ok_or_else(|| {
+                RouterError::Misconfigured(format!("VirtualService {label} has no spec"))
+            })?;
+            if set_weights(spec, routes, &self.key, canary_weight, &label)? {
+                replace(&api, &vs, "VirtualService").await?;
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -7,16 +7,16 @@
 pub mod gateway_api;
 pub mod istio;
 
+pub use gateway_api::GatewayApiRouter;
+pub use istio::IstioRouter;
+
 use k8s_openapi::api::core::v1::Service;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
-use serde_json::json;
+use serde_json::{Value, json};
 
-use crate::api::rollout::{
-    CanaryStrategy, GatewayApiRouting, IstioRouting, RolloutStrategy, TrafficRouting,
-};
+use crate::api::rollout::{CanaryStrategy, RolloutStrategy, TrafficRouting};
 use crate::k8s::labels::HASH_LABEL;
-use istio::DestinationKey;
 
 /// The revisions the stable and canary destinations must select.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -146,314 +146,88 @@ impl Router {
     }
 }
 
-/// Istio VirtualService (and DestinationRule) router.
-pub struct IstioRouter {
-    client: Client,
-    namespace: String,
-    virtual_services: Vec<(String, String, Vec<String>)>,
-    destination_rule: Option<(String, String, String)>,
-    services: Option<(String, String)>,
-    key: DestinationKey,
-}
-
 fn gvk(group: &str, version: &str, kind: &str) -> ApiResource {
     ApiResource::from_gvk(&GroupVersionKind::gvk(group, version, kind))
 }
 
-/// `name` or `name.namespace`.
-pub fn split_name(reference: &str, default_namespace: &str) -> (String, String) {
-    match reference.split_once('.') {
-        Some((name, namespace)) => (name.to_string(), namespace.to_string()),
-        None => (reference.to_string(), default_namespace.to_string()),
+/// Where a VirtualService reference points: `(name, namespace)`. An explicit namespace wins;
+/// otherwise a name with exactly one dot is the short form `name.namespace`; any other name
+/// (none, or several dots) is a name in the Rollout's own namespace.
+pub fn locate(name: &str, namespace: Option<&str>, own: &str) -> (String, String) {
+    if let Some(namespace) = namespace {
+        return (name.to_string(), namespace.to_string());
+    }
+    match name.split_once('.') {
+        Some((short, namespace)) if !namespace.contains('.') => {
+            (short.to_string(), namespace.to_string())
+        }
+        _ => (name.to_string(), own.to_string()),
     }
 }
 
-impl IstioRouter {
-    pub fn new(
-        client: Client,
-        namespace: &str,
-        istio: &IstioRouting,
-        services: Option<(String, String)>,
-    ) -> Self {
-        let refs = istio.virtual_service.iter().chain(&istio.virtual_services);
-        let virtual_services = refs
-            .map(|r| {
-                let (name, ns) = split_name(&r.name, namespace);
-                (name, ns, r.routes.clone())
-            })
-            .collect();
-        let destination_rule = istio.destination_rule.as_ref().map(|d| {
-            (
-                d.name.clone(),
-                d.stable_subset.clone(),
-                d.canary_subset.clone(),
-            )
-        });
-        let key = match &istio.destination_rule {
-            Some(d) => DestinationKey::Subset {
-                stable: d.stable_subset.clone(),
-                canary: d.canary_subset.clone(),
-            },
-            None => {
-                let (stable, canary) = services.clone().unwrap_or_default();
-                DestinationKey::Host { stable, canary }
-            }
-        };
-        Self {
-            client: client.clone(),
-            namespace: namespace.to_string(),
-            virtual_services,
-            destination_rule,
-            services,
-            key,
-        }
-    }
-
-    fn virtual_service_api(&self, namespace: &str) -> Api<DynamicObject> {
-        Api::namespaced_with(
-            self.client.clone(),
-            namespace,
-            &gvk("networking.istio.io", "v1", "VirtualService"),
-        )
-    }
-
-    fn destination_rule_api(&self) -> Api<DynamicObject> {
-        Api::namespaced_with(
-            self.client.clone(),
-            &self.namespace,
-            &gvk("networking.istio.io", "v1", "DestinationRule"),
-        )
-    }
-
-    async fn get(
-        api: &Api<DynamicObject>,
-        name: &str,
-        what: &str,
-        namespace: &str,
-    ) -> Result<DynamicObject, RouterError> {
-        api.get_opt(name).await?.ok_or_else(|| {
-            RouterError::Misconfigured(format!("{what} {namespace}/{name} not found"))
-        })
-    }
-
-    async fn replace(
-        api: &Api<DynamicObject>,
-        object: &DynamicObject,
-        what: &str,
-    ) -> Result<(), RouterError> {
-        let name = object.metadata.name.clone().unwrap_or_default();
-        match api
-            .replace(
-                &name,
-                &PostParams {
-                    field_manager: Some(crate::FIELD_MANAGER.into()),
-                    ..PostParams::default()
-                },
-                object,
-            )
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(e) if crate::k8s::is_conflict(&e) => {
-                Err(RouterError::Conflict(format!("{what} {name}")))
-            }
-            Err(e) => Err(e.into()),
-        }
-    }
-}
-
-impl TrafficRouter for IstioRouter {
-    async fn observe(&self, targets: &Targets) -> Result<TrafficState, RouterError> {
-        let mut weights = Vec::new();
-        for (name, namespace, routes) in &self.virtual_services {
-            let vs = Self::get(
-                &self.virtual_service_api(namespace),
-                name,
-                "VirtualService",
-                namespace,
-            )
-            .await?;
-            let spec = vs.data.get("spec").cloned().unwrap_or_default();
-            weights.push(istio::read_canary_weight(
-                &spec,
-                routes,
-                &self.key,
-                &format!("{namespace}/{name}"),
-            )?);
-        }
-        let canary_weight = weights
-            .first()
-            .copied()
-            .flatten()
-            .filter(|w| weights.iter().all(|x| *x == Some(*w)));
-        let targets_match = match (&self.destination_rule, &self.services) {
-            (Some((name, stable, canary)), _) => {
-                let dr = Self::get(
-                    &self.destination_rule_api(),
-                    name,
-                    "DestinationRule",
-                    &self.namespace,
-                )
-                .await?;
-                let spec = dr.data.get("spec").cloned().unwrap_or_default();
-                istio::read_subsets(&spec, stable, canary)
-                    == (Some(targets.stable.clone()), Some(targets.canary.clone()))
-            }
-            (None, Some((stable, canary))) => {
-                service_selects(&self.client, &self.namespace, stable, &targets.stable).await?
-                    && service_selects(&self.client, &self.namespace, canary, &targets.canary)
-                        .await?
-            }
-            (None, None) => true,
-        };
-        Ok(TrafficState {
-            canary_weight,
-            targets_match,
-        })
-    }
-
-    async fn apply(&self, targets: &Targets, canary_weight: i32) -> Result<(), RouterError> {
-        if let Some((name, stable, canary)) = &self.destination_rule {
-            let api = self.destination_rule_api();
-            let mut dr = Self::get(&api, name, "DestinationRule", &self.namespace).await?;
-            if let Some(spec) = dr.data.get_mut("spec")
-                && istio::point_subsets(
-                    spec,
-                    stable,
-                    canary,
-                    targets,
-                    &format!("{}/{name}", self.namespace),
-                )?
-            {
-                Self::replace(&api, &dr, "DestinationRule").await?;
-            }
-        }
-        if let Some((stable, canary)) = &self.services {
-            point_service(&self.client, &self.namespace, stable, &targets.stable).await?;
-            point_service(&self.client, &self.namespace, canary, &targets.canary).await?;
-        }
-        for (name, namespace, routes) in &self.virtual_services {
-            let api = self.virtual_service_api(namespace);
-            let mut vs = Self::get(&api, name, "VirtualService", namespace).await?;
-            let label = format!("{namespace}/{name}");
-            let spec = vs.data.get_mut("spec").ok_or_else(|| {
-                RouterError::Misconfigured(format!("VirtualService {label} has no spec"))
-            })?;
-            if istio::set_weights(spec, routes, &self.key, canary_weight, &label)? {
-                Self::replace(&api, &vs, "VirtualService").await?;
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Gateway API HTTPRoute router (host-level: the two Services select the revisions).
-pub struct GatewayApiRouter {
-    client: Client,
-    namespace: String,
-    route: String,
-    rules: Vec<String>,
-    stable_service: String,
-    canary_service: String,
-}
-
-impl GatewayApiRouter {
-    pub fn new(
-        client: Client,
-        namespace: &str,
-        gateway: &GatewayApiRouting,
-        stable_service: String,
-        canary_service: String,
-    ) -> Self {
-        Self {
-            client,
-            namespace: namespace.to_string(),
-            route: gateway.http_route.name.clone(),
-            rules: gateway.http_route.rules.clone(),
-            stable_service,
-            canary_service,
-        }
-    }
-
-    fn api(&self) -> Api<DynamicObject> {
-        Api::namespaced_with(
-            self.client.clone(),
-            &self.namespace,
-            &gvk("gateway.networking.k8s.io", "v1", "HTTPRoute"),
-        )
-    }
-
-    fn backends(&self) -> gateway_api::Backends<'_> {
-        gateway_api::Backends {
-            stable: &self.stable_service,
-            canary: &self.canary_service,
-            namespace: &self.namespace,
-        }
-    }
-
-    fn label(&self) -> String {
-        format!("{}/{}", self.namespace, self.route)
-    }
-}
-
-impl TrafficRouter for GatewayApiRouter {
-    async fn observe(&self, targets: &Targets) -> Result<TrafficState, RouterError> {
-        let route =
-            IstioRouter::get(&self.api(), &self.route, "HTTPRoute", &self.namespace).await?;
-        let spec = route.data.get("spec").cloned().unwrap_or_default();
-        let canary_weight =
-            gateway_api::read_canary_weight(&spec, &self.rules, &self.backends(), &self.label())?;
-        let targets_match = service_selects(
-            &self.client,
-            &self.namespace,
-            &self.stable_service,
-            &targets.stable,
-        )
+/// Reads a routing object, or says which one is missing.
+async fn fetch(
+    api: &Api<DynamicObject>,
+    name: &str,
+    what: &str,
+    namespace: &str,
+) -> Result<DynamicObject, RouterError> {
+    api.get_opt(name)
         .await?
-            && service_selects(
-                &self.client,
-                &self.namespace,
-                &self.canary_service,
-                &targets.canary,
-            )
-            .await?;
-        Ok(TrafficState {
-            canary_weight,
-            targets_match,
-        })
-    }
+        .ok_or_else(|| RouterError::Misconfigured(format!("{what} {namespace}/{name} not found")))
+}
 
-    async fn apply(&self, targets: &Targets, canary_weight: i32) -> Result<(), RouterError> {
-        point_service(
-            &self.client,
-            &self.namespace,
-            &self.stable_service,
-            &targets.stable,
-        )
-        .await?;
-        point_service(
-            &self.client,
-            &self.namespace,
-            &self.canary_service,
-            &targets.canary,
-        )
-        .await?;
-        let api = self.api();
-        let mut route = IstioRouter::get(&api, &self.route, "HTTPRoute", &self.namespace).await?;
-        let spec = route.data.get_mut("spec").ok_or_else(|| {
-            RouterError::Misconfigured(format!("HTTPRoute {} has no spec", self.label()))
-        })?;
-        if gateway_api::set_weights(
-            spec,
-            &self.rules,
-            &self.backends(),
-            canary_weight,
-            &self.label(),
-        )? {
-            IstioRouter::replace(&api, &route, "HTTPRoute").await?;
+/// Writes a routing object back with Sluice's field manager; a conflict (someone wrote it
+/// since our read) is retried by the next reconcile.
+async fn replace(
+    api: &Api<DynamicObject>,
+    object: &DynamicObject,
+    what: &str,
+) -> Result<(), RouterError> {
+    let name = object.metadata.name.clone().unwrap_or_default();
+    let params = PostParams {
+        field_manager: Some(crate::FIELD_MANAGER.into()),
+        ..PostParams::default()
+    };
+    match api.replace(&name, &params, object).await {
+        Ok(_) => Ok(()),
+        Err(e) if crate::k8s::is_conflict(&e) => {
+            Err(RouterError::Conflict(format!("{what} {name}")))
         }
-        Ok(())
+        Err(e) => Err(e.into()),
     }
+}
+
+/// Sets the weights of the stable and the canary entry of one route (stable = 100 - canary).
+/// Returns whether anything changed. Both routers share it: a route is two weights.
+fn set_pair(entries: &mut [Value], (stable, canary): (usize, usize), canary_weight: i32) -> bool {
+    let mut changed = false;
+    for (i, weight) in [(stable, 100 - canary_weight), (canary, canary_weight)] {
+        if entries[i].get("weight").and_then(Value::as_i64) != Some(i64::from(weight)) {
+            entries[i]["weight"] = Value::from(weight);
+            changed = true;
+        }
+    }
+    changed
+}
+
+/// The canary weight of one route's two entries, `None` unless they add up to 100.
+/// `default` is the weight of an entry that states none (it differs between APIs).
+fn read_pair(entries: &[Value], (stable, canary): (usize, usize), default: i64) -> Option<i32> {
+    let weight = |i: usize| {
+        entries[i]
+            .get("weight")
+            .and_then(Value::as_i64)
+            .unwrap_or(default)
+    };
+    let (s, c) = (weight(stable), weight(canary));
+    (s + c == 100).then(|| i32::try_from(c).ok()).flatten()
+}
+
+/// One weight for all managed routes, `None` when they disagree (someone edited one).
+fn agreed(weights: &[Option<i32>]) -> Option<i32> {
+    let first = weights.first().copied().flatten()?;
+    weights.iter().all(|w| *w == Some(first)).then_some(first)
 }
 
 /// The revision a Service's selector names (`Ok(None)`: none), or `Misconfigured` when the
@@ -508,5 +282,41 @@ pub async fn point_service(
             "Service {namespace}/{service} not found"
         ))),
         Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references_are_located_without_guessing_at_dotted_names() {
+        let table = [
+            ("web", None, ("web", "shop")),
+            ("web.mesh", None, ("web", "mesh")),
+            ("web.v2.internal", None, ("web.v2.internal", "shop")),
+            ("web.v2", Some("shop"), ("web.v2", "shop")),
+            ("web", Some("mesh"), ("web", "mesh")),
+        ];
+        for (name, namespace, (want_name, want_ns)) in table {
+            assert_eq!(
+                locate(name, namespace, "shop"),
+                (want_name.to_string(), want_ns.to_string()),
+                "{name} {namespace:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_route_is_two_weights() {
+        let mut entries = vec![json!({"weight": 100}), json!({})];
+        assert!(set_pair(&mut entries, (0, 1), 30));
+        assert_eq!(entries, vec![json!({"weight": 70}), json!({"weight": 30})]);
+        assert!(!set_pair(&mut entries, (0, 1), 30));
+        assert_eq!(read_pair(&entries, (0, 1), 0), Some(30));
+        assert_eq!(read_pair(&[json!({}), json!({})], (0, 1), 1), None);
+        assert_eq!(agreed(&[Some(30), Some(30)]), Some(30));
+        assert_eq!(agreed(&[Some(30), Some(20)]), None);
+        assert_eq!(agreed(&[None]), None);
     }
 }
