@@ -395,6 +395,27 @@ pub struct TrafficWeights {
     pub verified: Option<bool>,
 }
 
+/// Where a blue-green release stands. Times are microseconds, like step times.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BlueGreenStatus {
+    /// When the revision in preview started (the progress deadline counts from here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preview_started_at: Option<MicroTime>,
+    /// When the preview first had `previewReplicaCount` pods available (`autoPromotion.after`
+    /// counts from here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preview_ready_at: Option<MicroTime>,
+    /// True once a promotion was decided (by a person or by `autoPromotion`): the preview is
+    /// scaled to full size and traffic switches as soon as it is available.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub promotion_requested: Option<bool>,
+    /// When traffic switched to the active revision (`scaleDownDelay` of the previous one
+    /// counts from here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub switched_at: Option<MicroTime>,
+}
+
 /// Why the rollout is paused.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
 pub enum PauseReason {
@@ -451,19 +472,22 @@ pub struct RolloutStatus {
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Index of the current canary step (equal to the number of steps once all are done).
+    /// Canary: index of the current step (equal to the number of steps once all are done).
+    /// Blue-green: not used.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current_step_index: Option<i32>,
     /// `current/total`, for the printer column.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step_progress: Option<String>,
-    /// When the current step started (microseconds: a 1s pause must not end early).
+    /// Canary: when the current step started (microseconds: a 1s pause must not end early).
+    /// Blue-green: not used (see `blueGreen`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current_step_started_at: Option<MicroTime>,
-    /// Pod-template hash of the revision that serves users.
+    /// Pod-template hash of the revision that serves users (blue-green: the active one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stable_revision: Option<String>,
-    /// Pod-template hash of the revision being released, if any.
+    /// Pod-template hash of the revision being released, if any: the canary, or for
+    /// blue-green the revision in preview (until the switch).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub canary_revision: Option<String>,
     /// Pods of all revisions.
@@ -508,6 +532,9 @@ pub struct RolloutStatus {
     /// Person's request: start an aborted release again. `kubectl sluice retry`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<Intent>,
+    /// Blue-green: where the release stands (preview ready, promotion decided, switch time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blue_green: Option<BlueGreenStatus>,
     /// Blue-green: the revision that served before the last switch, kept running for an
     /// instant switch back until post-promotion analysis passes and `scaleDownDelay` ends.
     #[serde(default, skip_serializing_if = "Option::is_none")]

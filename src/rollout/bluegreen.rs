@@ -17,14 +17,14 @@ use super::model::{
     add,
 };
 use super::release::{
-    DEFAULT_SCALE_DOWN_DELAY, clear_intents, record_counts, record_phase, route_writes, run_phase,
-    schedule, unhandled,
+    DEFAULT_SCALE_DOWN_DELAY, clear_intents, pause_for, paused_by_person, progress_deadline,
+    record_counts, record_phase, route_writes, run_phase, schedule, unhandled,
 };
 use super::runs::RunName;
 use crate::api::analysis::AnalysisPhase;
 use crate::api::rollout::{
-    BlueGreenStrategy, HandledIntents, PauseCondition, PauseReason, RolloutPhase, RolloutStatus,
-    TrafficWeights,
+    BlueGreenStatus, BlueGreenStrategy, HandledIntents, PauseCondition, PauseReason, RolloutPhase,
+    RolloutStatus, TrafficWeights,
 };
 use crate::conditions;
 use crate::traffic::Targets;
@@ -43,15 +43,8 @@ fn restart_or_pause(
     if let Some(id) = promote.clone() {
         handled.promote = Some(id);
         start_runs.push((run, revision.to_string()));
-    } else if !status
-        .pause_conditions
-        .iter()
-        .any(|c| c.reason == PauseReason::InconclusiveAnalysis)
-    {
-        status.pause_conditions.push(PauseCondition {
-            reason: PauseReason::InconclusiveAnalysis,
-            start_time: Time(now),
-        });
+    } else {
+        pause_for(status, PauseReason::InconclusiveAnalysis, now);
     }
 }
 
@@ -82,6 +75,7 @@ pub fn plan(o: &Observed, bg: &BlueGreenStrategy) -> Plan {
         .as_ref()
         .map_or(DEFAULT_SCALE_DOWN_DELAY, |d| d.as_std());
     status.observed_generation = o.generation;
+    let mut bgs = status.blue_green.take().unwrap_or_default();
 
     let stable = match status.stable_revision.clone() {
         Some(s) => s,
@@ -122,8 +116,10 @@ pub fn plan(o: &Observed, bg: &BlueGreenStrategy) -> Plan {
             );
         }
         status.canary_revision = Some(o.desired_hash.clone());
-        status.current_step_index = None;
-        status.current_step_started_at = None;
+        bgs = BlueGreenStatus {
+            preview_started_at: Some(MicroTime(o.now)),
+            ..BlueGreenStatus::default()
+        };
         status.aborted_at = None;
         status.pause_conditions.clear();
         status.analysis_runs.clear();
@@ -137,7 +133,7 @@ pub fn plan(o: &Observed, bg: &BlueGreenStrategy) -> Plan {
             format!("template is back to active {stable}; preview cancelled"),
         );
         status.canary_revision = None;
-        status.current_step_index = None;
+        bgs = BlueGreenStatus::default();
         status.aborted_at = None;
         status.pause_conditions.clear();
     }
@@ -146,7 +142,8 @@ pub fn plan(o: &Observed, bg: &BlueGreenStrategy) -> Plan {
         handled.retry = Some(id);
         if status.aborted_at.take().is_some() {
             status.analysis_runs.clear();
-            status.current_step_index = None;
+            bgs.promotion_requested = None;
+            bgs.preview_started_at = Some(MicroTime(o.now));
             event(false, Reason::Retried, "preview started again".into());
         }
     }
@@ -157,10 +154,7 @@ pub fn plan(o: &Observed, bg: &BlueGreenStrategy) -> Plan {
 
     // After a switch: post-promotion analysis, instant rollback, then the old revision goes.
     if let Some(previous) = status.previous_revision.clone() {
-        let switched = status
-            .current_step_started_at
-            .as_ref()
-            .map_or(o.now, |t| t.0);
+        let switched = bgs.switched_at.as_ref().map_or(o.now, |t| t.0);
         let has_post = bg
             .post_promotion_analysis
             .as_ref()
@@ -203,7 +197,7 @@ pub fn plan(o: &Observed, bg: &BlueGreenStrategy) -> Plan {
             let delay_over = add(switched, scale_down_delay) <= o.now;
             if checked && delay_over {
                 status.previous_revision = None;
-                status.current_step_started_at = None;
+                bgs.switched_at = None;
                 event(
                     false,
                     Reason::PreviousScaledDown,
@@ -259,9 +253,8 @@ pub fn plan(o: &Observed, bg: &BlueGreenStrategy) -> Plan {
         if status.aborted_at.is_none() {
             let preview_size = bg.preview_replica_count.unwrap_or(replicas).min(replicas);
             let ready = available(&preview) >= preview_size.max(1);
-            if ready && status.current_step_started_at.is_none() {
-                status.current_step_index = Some(0);
-                status.current_step_started_at = Some(MicroTime(o.now));
+            if ready && bgs.preview_ready_at.is_none() {
+                bgs.preview_ready_at = Some(MicroTime(o.now));
             }
             let has_pre = bg
                 .pre_promotion_analysis
@@ -311,7 +304,7 @@ pub fn plan(o: &Observed, bg: &BlueGreenStrategy) -> Plan {
                 }
                 _ => false,
             };
-            let ready_since = status.current_step_started_at.as_ref().map(|t| t.0);
+            let ready_since = bgs.preview_ready_at.as_ref().map(|t| t.0);
             let auto = bg.auto_promotion.as_ref().filter(|a| a.enabled);
             let auto_due = match (auto, ready_since) {
                 (Some(a), Some(since)) => {
@@ -327,7 +320,19 @@ pub fn plan(o: &Observed, bg: &BlueGreenStrategy) -> Plan {
                 _ => false,
             };
             let requested = intents.promote.is_some() || intents.promote_full.is_some();
-            let promote = status.aborted_at.is_none()
+            // A person's pause (or spec.paused) holds the promotion and the switch; an early
+            // promote waits for the resume.
+            if paused_by_person(o) {
+                pause_for(&mut status, PauseReason::UserPause, o.now);
+            } else {
+                status
+                    .pause_conditions
+                    .retain(|c| c.reason != PauseReason::UserPause);
+            }
+            let held = paused_by_person(o);
+            let requested_before = bgs.promotion_requested == Some(true);
+            let promote = !held
+                && status.aborted_at.is_none()
                 && ready
                 && (requested || auto_due)
                 && (checked || intents.promote_full.is_some());
@@ -355,9 +360,9 @@ pub fn plan(o: &Observed, bg: &BlueGreenStrategy) -> Plan {
                 }
                 // Remember the request until the switch happens (the planner runs again).
                 if switch_to.is_none() {
-                    status.current_step_index = Some(1);
+                    bgs.promotion_requested = Some(true);
                 }
-            } else if status.current_step_index == Some(1) && status.aborted_at.is_none() {
+            } else if requested_before && !held && status.aborted_at.is_none() {
                 // Promotion already requested and in progress.
                 desired_weight = 100;
                 let full = available(&preview) >= replicas;
@@ -370,6 +375,8 @@ pub fn plan(o: &Observed, bg: &BlueGreenStrategy) -> Plan {
                     switch_to = Some(preview.clone());
                 }
             } else if ready
+                && !held
+                && !requested_before
                 && status.aborted_at.is_none()
                 && !status
                     .pause_conditions
@@ -412,8 +419,10 @@ pub fn plan(o: &Observed, bg: &BlueGreenStrategy) -> Plan {
         status.previous_revision = Some(stable.clone());
         status.stable_revision = Some(new_active.clone());
         status.canary_revision = None;
-        status.current_step_index = None;
-        status.current_step_started_at = Some(MicroTime(o.now));
+        bgs = BlueGreenStatus {
+            switched_at: Some(MicroTime(o.now)),
+            ..BlueGreenStatus::default()
+        };
         status.pause_conditions.clear();
         if let Some(run) = status
             .analysis_runs
@@ -475,7 +484,7 @@ pub fn plan(o: &Observed, bg: &BlueGreenStrategy) -> Plan {
         });
     }
     if let Some(p) = &preview {
-        let size = if status.current_step_index == Some(1) {
+        let size = if bgs.promotion_requested == Some(true) {
             replicas
         } else {
             bg.preview_replica_count.unwrap_or(replicas).min(replicas)
@@ -527,6 +536,18 @@ pub fn plan(o: &Observed, bg: &BlueGreenStrategy) -> Plan {
     });
     status.step_progress = None;
     let active_available = available(&stable);
+    // A preview that never gets its pods: Degraded (not aborted) once the deadline passes.
+    let preview_size = bg.preview_replica_count.unwrap_or(replicas).min(replicas);
+    let stalled = match (&preview, bgs.preview_started_at.as_ref()) {
+        (Some(p), Some(started)) if !aborted && available(p) < preview_size.max(1) => {
+            let due = add(started.0, progress_deadline(o));
+            if due > o.now {
+                wakeups.push(due);
+            }
+            due <= o.now
+        }
+        _ => false,
+    };
     let (phase, message) = if aborted {
         (
             RolloutPhase::Degraded,
@@ -536,6 +557,26 @@ pub fn plan(o: &Observed, bg: &BlueGreenStrategy) -> Plan {
         )
     } else if let ObservedTraffic::Failed(why) = &o.traffic {
         (RolloutPhase::Degraded, format!("traffic routing: {why}"))
+    } else if stalled {
+        let p = preview.clone().unwrap_or_default();
+        (
+            RolloutPhase::Degraded,
+            format!(
+                "progress deadline exceeded: preview {p} has {}/{preview_size} available pods after {}s",
+                available(&p),
+                progress_deadline(o).as_secs()
+            ),
+        )
+    } else if status
+        .pause_conditions
+        .iter()
+        .any(|c| c.reason == PauseReason::UserPause)
+    {
+        (
+            RolloutPhase::Paused,
+            "paused (spec.paused or `kubectl sluice pause`); `kubectl sluice resume` continues"
+                .to_string(),
+        )
     } else if status
         .pause_conditions
         .iter()
@@ -581,12 +622,17 @@ pub fn plan(o: &Observed, bg: &BlueGreenStrategy) -> Plan {
             format!("active {stable}: {active_available}/{replicas} pods available"),
         )
     };
+    status.blue_green = (bgs != BlueGreenStatus::default()).then_some(bgs);
     let counts = ("active", active_available, replicas);
     record_phase(
         &mut status,
         &mut events,
         (phase, message),
-        "BlueGreen",
+        if stalled {
+            "ProgressDeadlineExceeded"
+        } else {
+            "BlueGreen"
+        },
         counts,
         o,
     );
@@ -775,7 +821,10 @@ mod tests {
     fn failed_post_promotion_analysis_switches_straight_back() {
         let mut status = active("new");
         status.previous_revision = Some("old".into());
-        status.current_step_started_at = Some(MicroTime(t(0)));
+        status.blue_green = Some(BlueGreenStatus {
+            switched_at: Some(MicroTime(t(0))),
+            ..BlueGreenStatus::default()
+        });
         status
             .analysis_runs
             .push(crate::api::analysis::AnalysisRunStatus {
@@ -847,8 +896,11 @@ mod tests {
         let mut status = active("old");
         status.canary_revision = Some("new".into());
         // Ready since t0, promotion requested.
-        status.current_step_index = Some(1);
-        status.current_step_started_at = Some(MicroTime(t(0)));
+        status.blue_green = Some(BlueGreenStatus {
+            preview_ready_at: Some(MicroTime(t(0))),
+            promotion_requested: Some(true),
+            ..BlueGreenStatus::default()
+        });
         let mut o = observed(
             spec(post_analysis()),
             status,
@@ -965,5 +1017,94 @@ mod tests {
             targets_match: true,
         });
         assert_eq!(plan(&later).traffic.unwrap().targets.canary, "old");
+    }
+
+    #[test]
+    fn a_person_pauses_the_promotion_and_resume_lets_it_through() {
+        let mut status = active("old");
+        status.canary_revision = Some("new".into());
+        status.promote = intent("p");
+        status.pause = intent("hold");
+        let o = observed(
+            spec(serde_json::json!({})),
+            status,
+            vec![rs("old", 3), rs("new", 3)],
+            5,
+        );
+        let held = plan(&o);
+        assert_eq!(held.status.phase, Some(RolloutPhase::Paused));
+        assert!(
+            held.status
+                .pause_conditions
+                .iter()
+                .any(|c| c.reason == PauseReason::UserPause)
+        );
+        assert_eq!(held.traffic.as_ref().unwrap().canary_weight, 0);
+        assert_eq!(
+            held.status
+                .handled_intents
+                .as_ref()
+                .and_then(|h| h.promote.clone()),
+            None,
+            "the promote waits for the resume"
+        );
+        let mut status = held.status.clone();
+        status.promote = intent("p");
+        status.pause = intent("hold");
+        status.resume = Some(crate::api::common::Intent {
+            id: "go".into(),
+            requested_at: Time(t(6)),
+            requested_by: None,
+            reason: None,
+        });
+        let resumed = plan(&observed(
+            spec(serde_json::json!({})),
+            status,
+            vec![rs("old", 3), rs("new", 3)],
+            7,
+        ));
+        assert_eq!(
+            resumed.traffic.unwrap().canary_weight,
+            100,
+            "promoted on resume"
+        );
+    }
+
+    #[test]
+    fn a_preview_without_pods_past_the_deadline_is_degraded_not_aborted() {
+        let mut status = active("old");
+        status.canary_revision = Some("new".into());
+        status.blue_green = Some(BlueGreenStatus {
+            preview_started_at: Some(MicroTime(t(0))),
+            ..BlueGreenStatus::default()
+        });
+        let mut spec = spec(serde_json::json!({}));
+        spec.progress_deadline_seconds = Some(60);
+        let early = plan(&observed(
+            spec.clone(),
+            status.clone(),
+            vec![rs("old", 3), rs("new", 0)],
+            30,
+        ));
+        assert_eq!(early.status.phase, Some(RolloutPhase::Progressing));
+        assert!(
+            early.requeue_after <= Duration::from_secs(30),
+            "wakes at the deadline"
+        );
+        let late = plan(&observed(
+            spec,
+            status,
+            vec![rs("old", 3), rs("new", 0)],
+            61,
+        ));
+        assert_eq!(late.status.phase, Some(RolloutPhase::Degraded));
+        assert!(
+            late.status
+                .message
+                .unwrap_or_default()
+                .contains("progress deadline")
+        );
+        assert!(late.status.aborted_at.is_none());
+        assert_eq!(late.status.stable_revision.as_deref(), Some("old"));
     }
 }

@@ -4,8 +4,6 @@
 //! Pure: no I/O, no clock. The reconciler observes the world into an [`Observed`], folds any
 //! new analysis measurements into its status, calls [`plan`], and applies the [`Plan`].
 
-use std::time::Duration;
-
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
 use k8s_openapi::jiff::Timestamp;
 
@@ -15,21 +13,18 @@ use super::model::{
     TrafficIntent, add,
 };
 use super::release::{
-    DEFAULT_SCALE_DOWN_DELAY, clear_intents, record_counts, record_phase, route_writes, run_phase,
-    schedule, unhandled,
+    DEFAULT_SCALE_DOWN_DELAY, clear_intents, pause_for, paused_by_person, progress_deadline,
+    record_counts, record_phase, route_writes, run_phase, schedule, unhandled,
 };
 use super::runs::RunName;
 use super::steps::{self, Step};
 use crate::analysis::run as analysis;
 use crate::api::analysis::AnalysisPhase;
 use crate::api::rollout::{
-    CanaryStrategy, HandledIntents, PauseCondition, PauseReason, RolloutPhase, RolloutStatus,
-    TrafficWeights,
+    CanaryStrategy, HandledIntents, PauseReason, RolloutPhase, RolloutStatus, TrafficWeights,
 };
 use crate::conditions;
 use crate::traffic::{Targets, TrafficState};
-
-const DEFAULT_PROGRESS_DEADLINE: i32 = 600;
 
 struct Planner<'a> {
     o: &'a Observed,
@@ -132,17 +127,7 @@ impl Planner<'_> {
     }
 
     fn pause(&mut self, reason: PauseReason, since: Timestamp) {
-        if !self
-            .status
-            .pause_conditions
-            .iter()
-            .any(|p| p.reason == reason)
-        {
-            self.status.pause_conditions.push(PauseCondition {
-                reason,
-                start_time: Time(since),
-            });
-        }
+        pause_for(&mut self.status, reason, since);
     }
 
     fn traffic_at(&self, weight: i32, canary: &str) -> bool {
@@ -302,12 +287,7 @@ pub fn plan(o: &Observed) -> Plan {
                     _ => {}
                 }
             }
-            let paused_by_person = match (&o.status.pause, &o.status.resume) {
-                (Some(pause), Some(resume)) => pause.requested_at.0 > resume.requested_at.0,
-                (Some(_), None) => true,
-                _ => false,
-            };
-            if o.spec.paused == Some(true) || paused_by_person {
+            if paused_by_person(o) {
                 p.pause(PauseReason::UserPause, o.now);
             } else {
                 p.status
@@ -627,12 +607,7 @@ fn finish(mut p: Planner, steps: &[Step], desired_weight: i32, promoted: Option<
         .map(|_| format!("{}/{}", index.min(steps.len()), steps.len()));
 
     // Phase, message, conditions.
-    let deadline = Duration::from_secs(
-        o.spec
-            .progress_deadline_seconds
-            .unwrap_or(DEFAULT_PROGRESS_DEADLINE)
-            .max(1) as u64,
-    );
+    let deadline = progress_deadline(o);
     let waiting_for_pods = canary.is_some()
         && !aborted
         && matches!(steps.get(index), Some(Step::SetWeight(_)))
@@ -754,6 +729,7 @@ mod tests {
     use crate::api::common::Intent;
     use crate::api::rollout::{CanaryStep, PauseStep, RolloutSpec, RolloutStrategy};
     use proptest::prelude::*;
+    use std::time::Duration;
 
     const OLD: &str = "old";
     const NEW: &str = "new";

@@ -1,7 +1,7 @@
 //! The Rollout controller: observe -> plan (pure, in `plan`) -> apply.
 //!
-//! The shell reads the world into an [`Observed`], takes the measurements that are due (unless
-//! a person's request is waiting: intents never wait for Prometheus), calls the planner, and
+//! The shell reads the world into an [`Observed`], plans once before measuring (so a person's
+//! request never waits for Prometheus), takes the measurements that are due, plans again, and
 //! carries out the plan's writes in the order the plan lists them.
 
 pub mod bluegreen;
@@ -467,26 +467,32 @@ async fn apply(cached: Arc<Rollout>, state: &State) -> Result<Action, Error> {
         return Ok(Action::await_change());
     };
     // A person's request (abort, promote, retry) is planned from the cluster as it is, before
-    // any query is awaited; the measurements wait for the next reconcile.
-    let waiting = release::unhandled(&world.observed.status).any();
-    if !waiting && !measure(ctx, &state.rollouts, &mut world).await {
+    // any query is awaited: when the plan acts on one, it is carried out at once and the
+    // measurements wait for the next reconcile, which follows immediately.
+    let before = plan::plan(&world.observed);
+    if before.status.handled_intents != world.observed.status.handled_intents {
+        carry_out(ctx, &world, before).await?;
         return Ok(Action::requeue(Duration::ZERO));
     }
-    let mut plan = plan::plan(&world.observed);
-    plan.status.selector = Some(selector_string(&world.rollout.spec.selector));
-    carry_out(ctx, &world, &plan).await?;
-    Ok(Action::requeue(plan.requeue_after))
+    if !measure(ctx, &state.rollouts, &mut world).await {
+        return Ok(Action::requeue(Duration::ZERO));
+    }
+    let plan = plan::plan(&world.observed);
+    let requeue = plan.requeue_after;
+    carry_out(ctx, &world, plan).await?;
+    Ok(Action::requeue(requeue))
 }
 
 /// Makes the plan's writes, in its order: ReplicaSets, history, status (the decision is
 /// recorded before traffic moves, so a crash in between leaves a status from which the next
 /// reconcile makes the same move), then traffic; Events and metrics last.
-async fn carry_out(ctx: &Context, world: &World, plan: &Plan) -> Result<(), Error> {
+async fn carry_out(ctx: &Context, world: &World, mut plan: Plan) -> Result<(), Error> {
     let rollout = world.rollout.as_ref();
+    plan.status.selector = Some(selector_string(&rollout.spec.selector));
     let namespace = rollout.namespace().unwrap_or_default();
     let desired_hash = &world.observed.desired_hash;
-    apply_replica_sets(ctx, rollout, &world.owned, plan, desired_hash).await?;
-    prune_history(ctx, rollout, &world.owned, plan).await?;
+    apply_replica_sets(ctx, rollout, &world.owned, &plan, desired_hash).await?;
+    prune_history(ctx, rollout, &world.owned, &plan).await?;
     let api: Api<Rollout> = Api::namespaced(ctx.client.clone(), &namespace);
     // Intents belong to the plugin's field manager: they are not ours to compare.
     let mut current = rollout.status.clone();

@@ -13,9 +13,10 @@ use super::model::{
 };
 use super::runs::{self, RunName};
 use crate::api::analysis::AnalysisPhase;
-use crate::api::rollout::{RolloutPhase, RolloutStatus};
+use crate::api::rollout::{PauseCondition, PauseReason, RolloutPhase, RolloutStatus};
 use crate::conditions;
 use crate::traffic::Targets;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 /// How often a Rollout with nothing going on is looked at again (watches bring changes).
 const IDLE_RESYNC: Duration = Duration::from_secs(300);
@@ -23,6 +24,7 @@ const IDLE_RESYNC: Duration = Duration::from_secs(300);
 const ACTIVE_RESYNC: Duration = Duration::from_secs(15);
 /// The soonest a reconcile asks to run again.
 const MIN_REQUEUE: Duration = Duration::from_millis(200);
+const DEFAULT_PROGRESS_DEADLINE: i32 = 600;
 /// The scale-down delay when the spec sets none.
 pub const DEFAULT_SCALE_DOWN_DELAY: Duration = Duration::from_secs(30);
 
@@ -117,16 +119,6 @@ pub struct Intents {
     pub retry: Option<String>,
 }
 
-impl Intents {
-    /// Whether any request waits to be acted on.
-    pub fn any(&self) -> bool {
-        self.abort.is_some()
-            || self.promote.is_some()
-            || self.promote_full.is_some()
-            || self.retry.is_some()
-    }
-}
-
 pub fn unhandled(status: &RolloutStatus) -> Intents {
     let handled = status.handled_intents.clone().unwrap_or_default();
     let fresh = |intent: &Option<crate::api::common::Intent>, seen: &Option<String>| {
@@ -141,6 +133,38 @@ pub fn unhandled(status: &RolloutStatus) -> Intents {
         promote_full: fresh(&status.promote_full, &handled.promote_full),
         retry: fresh(&status.retry, &handled.retry),
     }
+}
+
+/// Whether a person holds the release: `spec.paused`, or a `kubectl sluice pause` newer than
+/// the last `resume`.
+pub fn paused_by_person(o: &Observed) -> bool {
+    let by_plugin = match (&o.status.pause, &o.status.resume) {
+        (Some(pause), Some(resume)) => pause.requested_at.0 > resume.requested_at.0,
+        (Some(_), None) => true,
+        _ => false,
+    };
+    o.spec.paused == Some(true) || by_plugin
+}
+
+/// Adds a pause condition (once, keeping the first start time).
+pub fn pause_for(status: &mut RolloutStatus, reason: PauseReason, since: Timestamp) {
+    if !status.pause_conditions.iter().any(|p| p.reason == reason) {
+        status.pause_conditions.push(PauseCondition {
+            reason,
+            start_time: Time(since),
+        });
+    }
+}
+
+/// How long a release may wait for its pods before it is Degraded (`progressDeadlineSeconds`,
+/// default 600).
+pub fn progress_deadline(o: &Observed) -> Duration {
+    Duration::from_secs(
+        o.spec
+            .progress_deadline_seconds
+            .unwrap_or(DEFAULT_PROGRESS_DEADLINE)
+            .max(1) as u64,
+    )
 }
 
 /// The phase of the named run judging `revision`, if there is one.
