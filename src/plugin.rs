@@ -4,6 +4,7 @@
 use std::fmt::Write;
 
 use k8s_openapi::api::apps::v1::ReplicaSet;
+use k8s_openapi::api::core::v1::PodTemplateSpec;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
@@ -11,7 +12,9 @@ use serde_json::{Value, json};
 
 use crate::api::common::Intent;
 use crate::api::rollout::Rollout;
-use crate::rollout::revision::{HASH_LABEL, REVISION_ANNOTATION};
+use crate::k8s::labels::{
+    HASH_LABEL, ISTIO_CANONICAL_REVISION_LABEL, REVISION_ANNOTATION, TEMPLATE_ANNOTATION,
+};
 use crate::rollout::steps;
 
 /// The field manager of every write the plugin makes (never the operator's).
@@ -235,14 +238,23 @@ pub fn render_row(rollout: &Rollout) -> String {
     )
 }
 
-/// The template of a ReplicaSet, as the user wrote it (the revision label removed), for `undo`.
-pub fn template_for_undo(rs: &ReplicaSet) -> Option<Value> {
-    let mut template = serde_json::to_value(rs.spec.as_ref()?.template.as_ref()?).ok()?;
-    if let Some(labels) = template
-        .pointer_mut("/metadata/labels")
-        .and_then(Value::as_object_mut)
+/// The template a revision was declared with, for `undo`: the copy Sluice keeps in the
+/// ReplicaSet's annotation (exact, so the revision hashes the same and its ReplicaSet is
+/// reused), else (ReplicaSets made before that annotation) the ReplicaSet's template with the
+/// labels Sluice added removed.
+pub fn template_for_undo(rs: &ReplicaSet) -> Option<PodTemplateSpec> {
+    if let Some(declared) = rs.annotations().get(TEMPLATE_ANNOTATION)
+        && let Ok(template) = serde_json::from_str(declared)
     {
+        return Some(template);
+    }
+    let mut template = rs.spec.as_ref()?.template.clone()?;
+    let hash = rs.labels().get(HASH_LABEL).cloned();
+    if let Some(labels) = template.metadata.as_mut().and_then(|m| m.labels.as_mut()) {
         labels.remove(HASH_LABEL);
+        if labels.get(ISTIO_CANONICAL_REVISION_LABEL) == hash.as_ref() {
+            labels.remove(ISTIO_CANONICAL_REVISION_LABEL);
+        }
     }
     Some(template)
 }
@@ -262,6 +274,48 @@ mod tests {
         assert_eq!(patch["status"].as_object().unwrap().len(), 1);
         assert_eq!(patch["status"]["promoteFull"]["requestedBy"], "alice");
         assert!(patch.get("spec").is_none(), "never the spec that git owns");
+    }
+
+    #[test]
+    fn undo_restores_the_declared_template_exactly() {
+        let declared: PodTemplateSpec = serde_json::from_value(json!({
+            "metadata": {"labels": {"app": "web"}},
+            "spec": {"containers": [{"name": "web", "image": "web:1"}]}
+        }))
+        .unwrap();
+        let hash = crate::rollout::revision::template_hash(&declared);
+        let mut running = declared.clone();
+        let labels = running.metadata.as_mut().unwrap().labels.as_mut().unwrap();
+        labels.insert(HASH_LABEL.into(), hash.clone());
+        labels.insert(ISTIO_CANONICAL_REVISION_LABEL.into(), hash.clone());
+        // What the apiserver defaults inside a ReplicaSet's template.
+        running.spec.as_mut().unwrap().restart_policy = Some("Always".into());
+        let mut rs = ReplicaSet {
+            metadata: kube::api::ObjectMeta {
+                labels: Some([(HASH_LABEL.to_string(), hash.clone())].into()),
+                annotations: Some(
+                    [(
+                        TEMPLATE_ANNOTATION.to_string(),
+                        serde_json::to_string(&declared).unwrap(),
+                    )]
+                    .into(),
+                ),
+                ..Default::default()
+            },
+            spec: Some(k8s_openapi::api::apps::v1::ReplicaSetSpec {
+                template: Some(running),
+                ..Default::default()
+            }),
+            status: None,
+        };
+        let restored = template_for_undo(&rs).unwrap();
+        assert_eq!(crate::rollout::revision::template_hash(&restored), hash);
+        // Without the annotation: Sluice's labels come off, the defaults stay.
+        rs.metadata.annotations = None;
+        let fallback = template_for_undo(&rs).unwrap();
+        let labels = fallback.metadata.unwrap().labels.unwrap();
+        assert!(!labels.contains_key(HASH_LABEL));
+        assert!(!labels.contains_key(ISTIO_CANONICAL_REVISION_LABEL));
     }
 
     #[test]

@@ -8,9 +8,8 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
-use serde_json::json;
 use sluice::api::rollout::Rollout;
 use sluice::plugin::{self, RolloutIntent};
 use sluice::rollout::revision::{REVISION_ANNOTATION, ROLLOUT_LABEL};
@@ -223,7 +222,6 @@ async fn undo(
     to_revision: Option<i64>,
 ) -> anyhow::Result<()> {
     let api: Api<Rollout> = Api::namespaced(client.clone(), &ns);
-    get(&api, &ns, &name).await?;
     let sets: Api<ReplicaSet> = Api::namespaced(client.clone(), &ns);
     let mut owned: Vec<(i64, ReplicaSet)> = sets
         .list(&ListParams::default().labels(&format!("{ROLLOUT_LABEL}={name}")))
@@ -248,12 +246,20 @@ async fn undo(
         );
     };
     let template = plugin::template_for_undo(rs).context("that ReplicaSet has no template")?;
-    api.patch(
+    // The whole template is replaced (a merge patch would keep labels added since), with the
+    // resourceVersion just read: a concurrent change makes this fail rather than be lost.
+    let mut rollout = get(&api, &ns, &name).await?;
+    rollout.spec.template = template;
+    api.replace(
         &name,
-        &PatchParams::default(),
-        &Patch::Merge(&json!({"spec": {"template": template}})),
+        &PostParams {
+            field_manager: Some(plugin::FIELD_MANAGER.into()),
+            ..PostParams::default()
+        },
+        &rollout,
     )
-    .await?;
+    .await
+    .context("the Rollout changed meanwhile; run undo again")?;
     println!(
         "Rollout {ns}/{name} template set back to revision {revision}; a release of it starts now"
     );

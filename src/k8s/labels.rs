@@ -8,6 +8,10 @@ pub const ROLLOUT_LABEL: &str = "sluice.dev/rollout";
 pub const REVISION_ANNOTATION: &str = "sluice.dev/revision";
 /// Annotation on ReplicaSets: when an old revision is to be scaled to zero (RFC 3339).
 pub const SCALE_DOWN_AT_ANNOTATION: &str = "sluice.dev/scale-down-at";
+/// Annotation on ReplicaSets: the pod template exactly as the Rollout declared it (compact
+/// JSON), so `kubectl sluice undo` restores the revision itself (same hash, same ReplicaSet)
+/// rather than a copy with the labels Sluice added.
+pub const TEMPLATE_ANNOTATION: &str = "sluice.dev/template";
 /// The pod label Istio reports as `destination_canonical_revision` (and
 /// `source_canonical_revision`): Sluice sets it to the revision hash unless the template sets
 /// it, so `{{canary.revision}}` matches what a real mesh reports.

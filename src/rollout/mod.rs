@@ -40,7 +40,7 @@ use crate::api::rollout::{Rollout, RolloutStatus};
 use crate::context::Context;
 use crate::k8s::labels::{
     HASH_LABEL, ISTIO_CANONICAL_REVISION_LABEL, REVISION_ANNOTATION, ROLLOUT_LABEL,
-    SCALE_DOWN_AT_ANNOTATION,
+    SCALE_DOWN_AT_ANNOTATION, TEMPLATE_ANNOTATION,
 };
 use crate::traffic::{Router, RouterError, Targets};
 use model::{Observed, ObservedReplicaSet, ObservedService, ObservedTraffic, Plan, TrafficWrite};
@@ -732,6 +732,9 @@ fn desired_replica_set(
         .get_or_insert_with(BTreeMap::new)
         .insert(HASH_LABEL.into(), hash.into());
     let mut annotations = BTreeMap::from([(REVISION_ANNOTATION.to_string(), revision.to_string())]);
+    if let Ok(declared) = serde_json::to_string(&rollout.spec.template) {
+        annotations.insert(TEMPLATE_ANNOTATION.into(), declared);
+    }
     if let Some(at) = scale_down_at {
         annotations.insert(SCALE_DOWN_AT_ANNOTATION.into(), at);
     }

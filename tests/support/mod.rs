@@ -239,10 +239,11 @@ pub fn virtual_service(namespace: &str, host: &str, stable_weight: i32) -> Value
 }
 
 /// A TCP forwarder to Prometheus that a test can stop and start again on the same port,
-/// so the operator sees Prometheus go away (connection refused) and come back.
+/// so the operator sees Prometheus go away and come back. Stopping also cuts the connections
+/// already open (the operator keeps connections alive), as a Prometheus that goes down does.
 pub struct Outage {
     pub port: u16,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    stop: Option<tokio::sync::watch::Sender<bool>>,
 }
 
 impl Outage {
@@ -252,17 +253,22 @@ impl Outage {
             .expect("bind the Prometheus forwarder");
         let port = listener.local_addr().unwrap().port();
         let upstream = prometheus_url().trim_start_matches("http://").to_string();
-        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let (stop, stopped) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
+            let mut accept_stopped = stopped.clone();
             loop {
                 tokio::select! {
-                    _ = &mut stopped => break,
+                    _ = accept_stopped.changed() => break,
                     accepted = listener.accept() => {
                         let Ok((mut inbound, _)) = accepted else { continue };
                         let upstream = upstream.clone();
+                        let mut connection_stopped = stopped.clone();
                         tokio::spawn(async move {
                             if let Ok(mut outbound) = tokio::net::TcpStream::connect(&upstream).await {
-                                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                                tokio::select! {
+                                    _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                                    _ = connection_stopped.changed() => {}
+                                }
                             }
                         });
                     }
@@ -279,10 +285,10 @@ impl Outage {
         format!("http://127.0.0.1:{}", self.port)
     }
 
-    /// Prometheus goes away: the listener closes, new connections are refused.
+    /// Prometheus goes away: the listener closes, open connections are cut, new ones refused.
     pub fn stop(&mut self) {
         if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
+            let _ = stop.send(true);
         }
     }
 }
