@@ -1,7 +1,7 @@
 //! The set of controllers the leader runs.
 //!
-//! The Rollout controller runs here; the ErrorBudget and Pipeline controllers join it as
-//! they are built.
+//! The Rollout and ErrorBudget controllers run here; the Pipeline controller joins them once
+//! it is built.
 
 use std::sync::Arc;
 
@@ -12,6 +12,9 @@ use crate::context::Context;
 /// Runs every controller until `stop` turns true.
 pub async fn run(context: Arc<Context>, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
     tracing::info!("controllers started");
-    crate::rollout::run(context, stop).await;
+    futures::join!(
+        crate::rollout::run(context.clone(), stop.clone()),
+        crate::errorbudget::run(context, stop),
+    );
     Ok(())
 }

@@ -11,6 +11,7 @@ pub mod conditions;
 pub mod context;
 pub mod controllers;
 pub mod crdgen;
+pub mod errorbudget;
 pub mod k8s;
 pub mod leader;
 pub mod operator;

@@ -11,6 +11,7 @@ use kube::ResourceExt;
 use serde_json::{Value, json};
 
 use crate::api::common::Intent;
+use crate::api::errorbudget::ErrorBudget;
 use crate::api::rollout::Rollout;
 use crate::k8s::labels::{
     HASH_LABEL, ISTIO_CANONICAL_REVISION_LABEL, REVISION_ANNOTATION, TEMPLATE_ANNOTATION,
@@ -29,6 +30,7 @@ pub enum RolloutIntent {
     Retry,
     Pause,
     Resume,
+    OverrideFreeze,
 }
 
 impl RolloutIntent {
@@ -40,6 +42,7 @@ impl RolloutIntent {
             Self::Retry => "retry",
             Self::Pause => "pause",
             Self::Resume => "resume",
+            Self::OverrideFreeze => "overrideFreeze",
         }
     }
 }
@@ -238,6 +241,109 @@ pub fn render_row(rollout: &Rollout) -> String {
     )
 }
 
+/// `kubectl sluice budget`: the objective, a consumption bar, burn rates against the
+/// multiwindow factors, the phase, the policy with the threshold in force marked, the targets.
+pub fn render_budget(budget: &ErrorBudget) -> String {
+    let spec = &budget.spec;
+    let status = budget.status.clone().unwrap_or_default();
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "ErrorBudget {}/{}: {}% good events over {}",
+        budget.namespace().unwrap_or_default(),
+        budget.name_any(),
+        spec.objective,
+        spec.window
+    );
+    let phase = status
+        .phase
+        .map_or("not evaluated".into(), |p| format!("{p:?}"));
+    let stale = if status.stale == Some(true) {
+        " (stale figures)"
+    } else {
+        ""
+    };
+    let _ = writeln!(out, "Phase:     {phase}{stale}");
+    if let Some(message) = &status.message {
+        let _ = writeln!(out, "           {message}");
+    }
+    if let (Some(consumed), Some(remaining)) = (status.consumed_percent, status.remaining_percent) {
+        const WIDTH: usize = 40;
+        let used = ((consumed.clamp(0.0, 100.0) / 100.0) * WIDTH as f64).round() as usize;
+        let _ = writeln!(
+            out,
+            "Consumed:  [{}{}] {consumed:.1}% used, {remaining:.1}% left",
+            "#".repeat(used),
+            ".".repeat(WIDTH - used)
+        );
+    }
+    if let Some(left) = &status.time_to_exhaustion {
+        let _ = writeln!(out, "Exhausted in {left} at the current burn");
+    }
+    if !status.burn_rates.is_empty() {
+        let rates: Vec<String> = status
+            .burn_rates
+            .iter()
+            .map(|(w, r)| format!("{w} {r:.2}"))
+            .collect();
+        let _ = writeln!(out, "Burn rates: {}", rates.join("  "));
+    }
+    let alerts: Vec<String> = crate::errorbudget::slo::burn_alerts(spec.window.as_std())
+        .iter()
+        .map(|a| {
+            let firing = status
+                .conditions
+                .iter()
+                .any(|c| c.type_ == a.name && c.status == "True");
+            format!(
+                "{} ({}/{} > {:.1}){}",
+                a.name,
+                crate::api::Duration::from_std(a.long),
+                crate::api::Duration::from_std(a.short),
+                a.factor,
+                if firing { " FIRING" } else { "" }
+            )
+        })
+        .collect();
+    let _ = writeln!(out, "Alerts:    {}", alerts.join(", "));
+    let policy = if spec.policy.is_empty() {
+        crate::errorbudget::policy::default_policy()
+    } else {
+        spec.policy.clone()
+    };
+    let _ = writeln!(out, "Policy:");
+    for rule in &policy {
+        let in_force = status.threshold_in_force == Some(rule.when_consumed)
+            && status.active_action == Some(rule.action);
+        let _ = writeln!(
+            out,
+            "  {} at {:>3}% {:?}",
+            if in_force { "=>" } else { "  " },
+            rule.when_consumed,
+            rule.action
+        );
+    }
+    let own = budget.namespace().unwrap_or_default();
+    let targets: Vec<String> = spec
+        .targets
+        .iter()
+        .map(|t| format!("{}/{}", t.namespace.as_deref().unwrap_or(&own), t.rollout))
+        .collect();
+    let action = status
+        .active_action
+        .map_or("nothing".to_string(), |a| format!("{a:?}"));
+    let _ = writeln!(
+        out,
+        "Targets:   {} (policy in force: {action})",
+        if targets.is_empty() {
+            "none".to_string()
+        } else {
+            targets.join(", ")
+        }
+    );
+    out
+}
+
 /// The template a revision was declared with, for `undo`: the copy Sluice keeps in the
 /// ReplicaSet's annotation (exact, so the revision hashes the same and its ReplicaSet is
 /// reused), else (ReplicaSets made before that annotation) the ReplicaSet's template with the
@@ -316,6 +422,29 @@ mod tests {
         let labels = fallback.metadata.unwrap().labels.unwrap();
         assert!(!labels.contains_key(HASH_LABEL));
         assert!(!labels.contains_key(ISTIO_CANONICAL_REVISION_LABEL));
+    }
+
+    #[test]
+    fn budget_view_marks_the_threshold_in_force() {
+        let budget: ErrorBudget = serde_json::from_value(json!({
+            "apiVersion": "sluice.dev/v1alpha1", "kind": "ErrorBudget",
+            "metadata": {"name": "avail", "namespace": "shop"},
+            "spec": {"objective": "99.9", "window": "30d",
+                     "indicator": {"ratio": {"errors": "e", "total": "t"}},
+                     "targets": [{"rollout": "checkout"}]},
+            "status": {"phase": "Frozen", "consumedPercent": 85.0, "remainingPercent": 15.0,
+                       "activeAction": "FreezePromotions", "thresholdInForce": 80,
+                       "burnRates": {"5m": 2.5}}
+        }))
+        .unwrap();
+        let text = render_budget(&budget);
+        assert!(text.contains("=> at  80% FreezePromotions"), "{text}");
+        assert!(text.contains("85.0% used, 15.0% left"), "{text}");
+        assert!(text.contains("FastBurn (1h/5m > 14.4)"), "{text}");
+        assert!(
+            text.contains("shop/checkout (policy in force: FreezePromotions)"),
+            "{text}"
+        );
     }
 
     #[test]

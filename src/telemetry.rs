@@ -84,7 +84,27 @@ pub struct Metrics {
     rollout_phase: Family<PhaseLabels, Gauge>,
     canary_weight: Family<RolloutLabels, Gauge>,
     release_duration: Histogram,
+    budget_remaining: Family<RolloutLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    budget_consumed: Family<RolloutLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    budget_burn: Family<BurnLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    budget_phase: Family<PhaseLabels, Gauge>,
 }
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BurnLabels {
+    namespace: String,
+    name: String,
+    window: String,
+}
+
+const BUDGET_PHASES: [&str; 6] = [
+    "Healthy",
+    "Warning",
+    "Frozen",
+    "Exhausted",
+    "Unknown",
+    "InsufficientData",
+];
 
 impl Metrics {
     pub fn new() -> Self {
@@ -146,7 +166,35 @@ impl Metrics {
             "Time from a new revision's ReplicaSet to its promotion",
             release_duration.clone(),
         );
+        let budget_remaining = Family::default();
+        registry.register(
+            "errorbudget_remaining_ratio",
+            "Share of each ErrorBudget left (0 to 1), from the last successful evaluation",
+            budget_remaining.clone(),
+        );
+        let budget_consumed = Family::default();
+        registry.register(
+            "errorbudget_consumed_ratio",
+            "Share of each ErrorBudget consumed (may exceed 1)",
+            budget_consumed.clone(),
+        );
+        let budget_burn = Family::default();
+        registry.register(
+            "errorbudget_burn_rate",
+            "Burn rate of each ErrorBudget per window (1 spends the budget over the SLO window)",
+            budget_burn.clone(),
+        );
+        let budget_phase = Family::<PhaseLabels, Gauge>::default();
+        registry.register(
+            "errorbudget_phase",
+            "1 for the phase each ErrorBudget is in",
+            budget_phase.clone(),
+        );
         Self {
+            budget_remaining,
+            budget_consumed,
+            budget_burn,
+            budget_phase,
             release_duration,
             registry,
             leader,
@@ -197,6 +245,77 @@ impl Metrics {
             namespace: namespace.into(),
             name: name.into(),
         });
+    }
+
+    /// Records an ErrorBudget's figures and phase (one series per phase, 1 for the current).
+    pub fn budget_state(
+        &self,
+        namespace: &str,
+        name: &str,
+        status: &crate::api::errorbudget::ErrorBudgetStatus,
+    ) {
+        let labels = RolloutLabels {
+            namespace: namespace.into(),
+            name: name.into(),
+        };
+        if let Some(remaining) = status.remaining_percent {
+            self.budget_remaining
+                .get_or_create(&labels)
+                .set(remaining / 100.0);
+        }
+        if let Some(consumed) = status.consumed_percent {
+            self.budget_consumed
+                .get_or_create(&labels)
+                .set(consumed / 100.0);
+        }
+        for (window, rate) in &status.burn_rates {
+            self.budget_burn
+                .get_or_create(&BurnLabels {
+                    namespace: namespace.into(),
+                    name: name.into(),
+                    window: window.clone(),
+                })
+                .set(*rate);
+        }
+        let current = status.phase.map(|p| format!("{p:?}")).unwrap_or_default();
+        for candidate in BUDGET_PHASES {
+            self.budget_phase
+                .get_or_create(&PhaseLabels {
+                    namespace: namespace.into(),
+                    name: name.into(),
+                    phase: candidate.into(),
+                })
+                .set(i64::from(candidate == current));
+        }
+    }
+
+    /// Drops a deleted ErrorBudget's series (`windows`: the burn-rate windows it published).
+    pub fn forget_budget<'a>(
+        &self,
+        namespace: &str,
+        name: &str,
+        windows: impl IntoIterator<Item = &'a String>,
+    ) {
+        let labels = RolloutLabels {
+            namespace: namespace.into(),
+            name: name.into(),
+        };
+        self.budget_remaining.remove(&labels);
+        self.budget_consumed.remove(&labels);
+        for window in windows {
+            self.budget_burn.remove(&BurnLabels {
+                namespace: namespace.into(),
+                name: name.into(),
+                window: window.clone(),
+            });
+        }
+        for candidate in BUDGET_PHASES {
+            self.budget_phase.remove(&PhaseLabels {
+                namespace: namespace.into(),
+                name: name.into(),
+                phase: candidate.into(),
+            });
+        }
     }
 
     pub fn observe_release(&self, took: std::time::Duration) {

@@ -54,9 +54,15 @@ pub struct ErrorBudgetSpec {
     pub window: Duration,
     /// How to count events.
     pub indicator: Indicator,
-    /// How often to evaluate. Default `5m`.
+    /// How often to evaluate. Default `5m`. A spec change is evaluated at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub evaluation_interval: Option<Duration>,
+    /// Fewer events than this in the window make the budget `InsufficientData` rather than
+    /// judged (a 99.99% objective on a service with 10 requests an hour says nothing).
+    /// Default 1: only an empty window is insufficient.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub min_events: Option<i64>,
     /// Windows over which burn rates are published (and `maxBurnRate` metrics judge the
     /// shortest). Default `5m`, `1h`, `6h`, `3d`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -176,13 +182,32 @@ pub struct ErrorBudgetStatus {
     /// Burn rate per window: 1.0 spends exactly the budget over the full window.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub burn_rates: BTreeMap<String, f64>,
-    /// The policy action in force, if any.
+    /// The policy action in force, if any. While the budget cannot be evaluated (Unknown,
+    /// InsufficientData) a freeze stays in force and a rollback becomes a freeze.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub active_action: Option<BudgetAction>,
+    /// The `whenConsumed` threshold of the action in force.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold_in_force: Option<i32>,
+    /// How long until the budget is spent at the shortest window's burn rate (e.g. `29h`);
+    /// absent when nothing burns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_to_exhaustion: Option<String>,
+    /// True when the figures are from an earlier evaluation (the last one failed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stale: Option<bool>,
+    /// Prometheus queries the last evaluation made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queries: Option<i32>,
+    /// When evaluation was last attempted (successful or not).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_attempt_time: Option<Time>,
     /// When the budget was last evaluated successfully.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_evaluation_time: Option<Time>,
-    /// Standard conditions: `Ready`, `BudgetHealthy`.
+    /// Standard conditions: `Ready` (evaluation works), `BudgetHealthy` (no policy threshold
+    /// crossed), `TargetsFound`, and the multiwindow burn-rate alerts `FastBurn`, `MediumBurn`
+    /// and `SlowBurn` (true when both of their windows burn faster than their factor).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,

@@ -427,6 +427,8 @@ pub enum PauseReason {
     InconclusiveAnalysis,
     /// `spec.paused` or `kubectl sluice pause`.
     UserPause,
+    /// An ErrorBudget that targets the Rollout freezes promotions.
+    BudgetFreeze,
 }
 
 /// A reason the rollout is paused, and since when.
@@ -455,6 +457,26 @@ pub struct HandledIntents {
     /// Id of the last retry handled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<String>,
+    /// Id of the last freeze override handled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub override_freeze: Option<String>,
+}
+
+/// A person released a revision despite an ErrorBudget freeze (the SRE policy's exception for
+/// P0 and security fixes). Kept while that revision is being released.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FreezeOverride {
+    /// The revision released anyway.
+    pub revision: String,
+    /// Who asked (as the plugin recorded it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_by: Option<String>,
+    /// Why (`--reason`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// When the override took effect.
+    pub at: Time,
 }
 
 /// What the operator observed and decided. Written only by the operator, except the intent
@@ -550,6 +572,13 @@ pub struct RolloutStatus {
     /// Person's request: lift a `kubectl sluice pause`. `kubectl sluice resume`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resume: Option<Intent>,
+    /// Person's request: release the new revision although an ErrorBudget freezes promotions.
+    /// `kubectl sluice promote --override-freeze --reason TEXT`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub override_freeze: Option<Intent>,
+    /// The freeze override in force, recorded for the audit trail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freeze_override: Option<FreezeOverride>,
     /// The intents the operator has acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handled_intents: Option<HandledIntents>,

@@ -10,6 +10,7 @@ use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
+use sluice::api::errorbudget::ErrorBudget;
 use sluice::api::rollout::Rollout;
 use sluice::plugin::{self, RolloutIntent};
 use sluice::rollout::revision::{REVISION_ANNOTATION, ROLLOUT_LABEL};
@@ -53,6 +54,13 @@ enum Command {
         rollout: String,
         #[arg(long)]
         full: bool,
+        /// Release the new revision although an ErrorBudget freezes promotions (for P0 and
+        /// security fixes). Needs --reason; recorded in status and an Event.
+        #[arg(long, requires = "reason")]
+        override_freeze: bool,
+        /// Why (recorded with --override-freeze).
+        #[arg(long)]
+        reason: Option<String>,
     },
     /// Put all traffic back on stable now.
     Abort {
@@ -74,6 +82,13 @@ enum Command {
         /// The revision to return to (see `status`); default: the one before the current.
         #[arg(long)]
         to_revision: Option<i64>,
+    },
+    /// An ErrorBudget: objective, consumption, burn rates, phase, policy and targets.
+    Budget {
+        budget: String,
+        /// Redraw every two seconds until interrupted.
+        #[arg(short, long)]
+        watch: bool,
     },
     /// Print the plugin version.
     Version,
@@ -140,13 +155,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Promote { rollout, full } => {
-            let kind = if full {
-                RolloutIntent::PromoteFull
-            } else {
-                RolloutIntent::Promote
+        Command::Promote {
+            rollout,
+            full,
+            override_freeze,
+            reason,
+        } => {
+            let kind = match (override_freeze, full) {
+                (true, _) => RolloutIntent::OverrideFreeze,
+                (false, true) => RolloutIntent::PromoteFull,
+                (false, false) => RolloutIntent::Promote,
             };
-            record(&client, target(&rollout), kind, user, None).await
+            record(&client, target(&rollout), kind, user, reason).await
+        }
+        Command::Budget { budget, watch } => {
+            let (ns, name) = target(&budget);
+            let api: Api<ErrorBudget> = Api::namespaced(client.clone(), &ns);
+            loop {
+                let budget = api.get_opt(&name).await?.with_context(|| {
+                    format!("ErrorBudget {ns}/{name} not found (kubectl get errorbudgets -A)")
+                })?;
+                let text = plugin::render_budget(&budget);
+                if !watch {
+                    print!("{text}");
+                    return Ok(());
+                }
+                print!("\x1b[2J\x1b[H{text}");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
         }
         Command::Abort { rollout, reason } => {
             record(

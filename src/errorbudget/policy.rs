@@ -75,8 +75,16 @@ mod tests {
             (49.9, BudgetPhase::Healthy, None),
             (50.0, BudgetPhase::Warning, Some(BudgetAction::Notify)),
             // Floats: 80% computed as 79.99999999999999 still crosses 80.
-            (79.999_999_999_99, BudgetPhase::Frozen, Some(BudgetAction::FreezePromotions)),
-            (94.0, BudgetPhase::Frozen, Some(BudgetAction::FreezePromotions)),
+            (
+                79.999_999_999_99,
+                BudgetPhase::Frozen,
+                Some(BudgetAction::FreezePromotions),
+            ),
+            (
+                94.0,
+                BudgetPhase::Frozen,
+                Some(BudgetAction::FreezePromotions),
+            ),
             (95.0, BudgetPhase::Exhausted, Some(BudgetAction::Rollback)),
             (250.0, BudgetPhase::Exhausted, Some(BudgetAction::Rollback)),
         ];

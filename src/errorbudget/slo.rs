@@ -121,7 +121,9 @@ pub fn time_to_exhaustion(remaining: f64, burn: f64, window: Duration) -> Option
         return None;
     }
     let seconds = remaining * window.as_secs_f64() / burn;
-    seconds.is_finite().then(|| Duration::from_secs_f64(seconds.max(0.0)))
+    seconds
+        .is_finite()
+        .then(|| Duration::from_secs_f64(seconds.max(0.0)))
 }
 
 /// A multiwindow, multi-burn-rate alert: it fires when both windows burn faster than `factor`.
@@ -150,9 +152,8 @@ pub const MIN_BURN_WINDOW: Duration = Duration::from_secs(10);
 /// 1h24m for the fast burn), so the factors stay 14.4, 6 and 1: k = share x window / long.
 pub fn burn_alerts(window: Duration) -> Vec<BurnAlert> {
     let scale = window.as_secs_f64() / (30 * DAY) as f64;
-    let scaled = |secs: u64| {
-        Duration::from_secs((secs as f64 * scale).round() as u64).max(MIN_BURN_WINDOW)
-    };
+    let scaled =
+        |secs: u64| Duration::from_secs((secs as f64 * scale).round() as u64).max(MIN_BURN_WINDOW);
     WORKBOOK
         .iter()
         .map(|&(name, long, short, share)| {
@@ -236,12 +237,26 @@ mod tests {
             }
         }
         assert!(matches!(
-            error_ratio(Rates { bad: 0.0, total: 0.0 }, w, 0),
+            error_ratio(
+                Rates {
+                    bad: 0.0,
+                    total: 0.0
+                },
+                w,
+                0
+            ),
             Err(Unjudgeable::TooFewEvents(_))
         ));
         // 10 requests an hour against minEvents 100: too few to judge a 99.99% objective.
         assert!(matches!(
-            error_ratio(Rates { bad: 0.0, total: 10.0 / 3_600.0 }, w, 100),
+            error_ratio(
+                Rates {
+                    bad: 0.0,
+                    total: 10.0 / 3_600.0
+                },
+                w,
+                100
+            ),
             Err(Unjudgeable::TooFewEvents(_))
         ));
     }
@@ -250,16 +265,24 @@ mod tests {
     fn the_workbook_factors_hold_for_any_window() {
         for days in [30, 28, 7, 1] {
             let alerts = burn_alerts(Duration::from_secs(days * DAY));
-            let factors: Vec<f64> = alerts.iter().map(|a| (a.factor * 10.0).round() / 10.0).collect();
+            let factors: Vec<f64> = alerts
+                .iter()
+                .map(|a| (a.factor * 10.0).round() / 10.0)
+                .collect();
             assert_eq!(factors, vec![14.4, 6.0, 1.0], "{days}d");
         }
         let thirty = burn_alerts(Duration::from_secs(30 * DAY));
-        assert_eq!((thirty[0].long, thirty[0].short), (HOUR, Duration::from_secs(300)));
+        assert_eq!(
+            (thirty[0].long, thirty[0].short),
+            (HOUR, Duration::from_secs(300))
+        );
         assert_eq!(thirty[2].long, Duration::from_secs(3 * DAY));
         // A 10-minute SLO (the tests') keeps windows of at least 10 s.
-        assert!(burn_alerts(Duration::from_secs(600))
-            .iter()
-            .all(|a| a.short >= MIN_BURN_WINDOW));
+        assert!(
+            burn_alerts(Duration::from_secs(600))
+                .iter()
+                .all(|a| a.short >= MIN_BURN_WINDOW)
+        );
     }
 
     proptest! {

@@ -731,6 +731,7 @@ mod tests {
             }),
             background: None,
             services: Vec::new(),
+            budgets: Vec::new(),
             now: t(now),
         }
     }

@@ -20,8 +20,10 @@ use super::runs::RunName;
 use super::steps::{self, Step};
 use crate::analysis::run as analysis;
 use crate::api::analysis::AnalysisPhase;
+use crate::api::errorbudget::BudgetAction;
 use crate::api::rollout::{
-    CanaryStrategy, HandledIntents, PauseReason, RolloutPhase, RolloutStatus, TrafficWeights,
+    CanaryStrategy, FreezeOverride, HandledIntents, PauseReason, RolloutPhase, RolloutStatus,
+    TrafficWeights,
 };
 use crate::conditions;
 use crate::traffic::{Targets, TrafficState};
@@ -35,6 +37,8 @@ struct Planner<'a> {
     start_runs: Vec<(RunName, String)>,
     wakeups: Vec<Timestamp>,
     replicas: i32,
+    /// Why an ErrorBudget holds the release, for the status message.
+    budget_hold: Option<String>,
 }
 
 impl Planner<'_> {
@@ -152,6 +156,7 @@ pub fn plan(o: &Observed) -> Plan {
         events: Vec::new(),
         start_runs: Vec::new(),
         wakeups: Vec::new(),
+        budget_hold: None,
         replicas: o.spec.replicas.unwrap_or(1).max(0),
     };
     let intents = unhandled(&o.status);
@@ -171,16 +176,107 @@ pub fn plan(o: &Observed) -> Plan {
         }
     };
 
-    if o.desired_hash == stable {
-        if let Some(old) = p.status.canary_revision.clone() {
+    if o.desired_hash == stable
+        && let Some(old) = p.status.canary_revision.clone()
+    {
+        p.event(
+            false,
+            Reason::ReleaseCancelled,
+            format!("template is back to stable {stable}; release of {old} cancelled"),
+        );
+        p.reset_release(None);
+    }
+
+    // An ErrorBudget policy: a freeze holds a new revision on stable (unless a person
+    // overrode it for this revision); a rollback aborts the release in flight.
+    let freeze = o
+        .budgets
+        .iter()
+        .find(|b| b.action != BudgetAction::Notify)
+        .cloned();
+    let rollback = o
+        .budgets
+        .iter()
+        .find(|b| b.action == BudgetAction::Rollback)
+        .cloned();
+    if let Some(id) = intents.override_freeze.clone() {
+        p.handled.override_freeze = Some(id);
+        if freeze.is_some() && o.desired_hash != stable {
+            let intent = o.status.override_freeze.clone();
+            let by = intent.as_ref().and_then(|i| i.requested_by.clone());
+            let why = intent.as_ref().and_then(|i| i.reason.clone());
+            p.status.freeze_override = Some(FreezeOverride {
+                revision: o.desired_hash.clone(),
+                requested_by: by.clone(),
+                reason: why.clone(),
+                at: Time(o.now),
+            });
             p.event(
-                false,
-                Reason::ReleaseCancelled,
-                format!("template is back to stable {stable}; release of {old} cancelled"),
+                true,
+                Reason::FreezeOverridden,
+                format!(
+                    "{} released {} despite the freeze: {}",
+                    by.as_deref().unwrap_or("a user"),
+                    o.desired_hash,
+                    why.as_deref().unwrap_or("no reason given")
+                ),
             );
+        }
+    }
+    if p.status
+        .freeze_override
+        .as_ref()
+        .is_some_and(|f| f.revision != o.desired_hash)
+    {
+        p.status.freeze_override = None;
+    }
+    let overridden = p.status.freeze_override.is_some();
+    p.status
+        .pause_conditions
+        .retain(|c| c.reason != PauseReason::BudgetFreeze);
+    let held_on_stable = match &freeze {
+        Some(hold)
+            if !overridden
+                && o.desired_hash != stable
+                && p.status.canary_revision.as_deref() != Some(o.desired_hash.as_str()) =>
+        {
+            Some(hold.clone())
+        }
+        _ => None,
+    };
+
+    if let Some(hold) = &held_on_stable {
+        // The new revision waits on stable: no ReplicaSet, no traffic, until the budget
+        // recovers or a person overrides the freeze.
+        if !o
+            .status
+            .pause_conditions
+            .iter()
+            .any(|c| c.reason == PauseReason::BudgetFreeze)
+        {
+            p.event(
+                true,
+                Reason::FrozenByErrorBudget,
+                format!(
+                    "release of {} held on stable: {}",
+                    o.desired_hash,
+                    hold.describe()
+                ),
+            );
+        }
+        p.budget_hold = Some(format!(
+            "release of {} held on stable {stable}: {}; `kubectl sluice promote --override-freeze --reason TEXT` releases it anyway",
+            o.desired_hash,
+            hold.describe()
+        ));
+        if p.status.canary_revision.is_some() {
+            // A release in flight superseded by a frozen revision goes back to stable.
             p.reset_release(None);
         }
-    } else if p.status.canary_revision.as_deref() != Some(o.desired_hash.as_str()) {
+        p.pause(PauseReason::BudgetFreeze, o.now);
+    } else if o.desired_hash != stable
+        && p.status.canary_revision.as_deref() != Some(o.desired_hash.as_str())
+    {
         match p.status.canary_revision.clone() {
             Some(old) => p.event(
                 false,
@@ -228,6 +324,24 @@ pub fn plan(o: &Observed) -> Plan {
                     format!("release of {canary_hash} started again"),
                 );
             }
+        }
+        if let Some(hold) = &rollback
+            && p.status.aborted_at.is_none()
+        {
+            p.abort(
+                Reason::AbortedByErrorBudget,
+                format!(
+                    "{}: release of {canary_hash} aborted, traffic back on stable {stable}",
+                    hold.describe()
+                ),
+            );
+        }
+        if let Some(hold) = freeze.as_ref().filter(|_| !overridden)
+            && p.status.aborted_at.is_none()
+        {
+            // In flight: steps hold where they are until the budget recovers.
+            p.budget_hold = Some(format!("steps held: {}", hold.describe()));
+            p.pause(PauseReason::BudgetFreeze, o.now);
         }
         if p.status.aborted_at.is_none() {
             for (name, phase) in p
@@ -362,10 +476,12 @@ pub fn plan(o: &Observed) -> Plan {
                     || (!is_pause_step && held(&p))
                     || (is_pause_step
                         && (p.background_doubtful()
-                            || p.status
-                                .pause_conditions
-                                .iter()
-                                .any(|c| c.reason == PauseReason::UserPause)))
+                            || p.status.pause_conditions.iter().any(|c| {
+                                matches!(
+                                    c.reason,
+                                    PauseReason::UserPause | PauseReason::BudgetFreeze
+                                )
+                            })))
                 {
                     break;
                 }
@@ -655,6 +771,10 @@ fn finish(mut p: Planner, steps: &[Step], desired_weight: i32, promoted: Option<
                     .to_string()
             }
             PauseReason::BlueGreenPause => "waiting for promotion".to_string(),
+            PauseReason::BudgetFreeze => p
+                .budget_hold
+                .clone()
+                .unwrap_or_else(|| "held by an ErrorBudget".to_string()),
         };
         (RolloutPhase::Paused, message)
     } else if let Some(c) = &canary {
@@ -812,6 +932,7 @@ mod tests {
             }),
             background: None,
             services: Vec::new(),
+            budgets: Vec::new(),
             now: t(10),
         }
     }
@@ -1151,6 +1272,118 @@ mod tests {
                 match_traffic_weight: (replicas.is_none() && weight.is_none()).then_some(true),
             }),
         }
+    }
+
+    fn hold(action: BudgetAction) -> crate::rollout::model::BudgetHold {
+        crate::rollout::model::BudgetHold {
+            budget: "shop/avail".into(),
+            action,
+            consumed_percent: Some(85.0),
+            threshold: Some(80),
+        }
+    }
+
+    #[test]
+    fn a_freeze_holds_a_new_revision_on_stable_until_overridden() {
+        let stable_only = RolloutStatus {
+            stable_revision: Some(OLD.into()),
+            ..RolloutStatus::default()
+        };
+        let mut o = observed(vec![weight(50), pause(None)], stable_only, 0, Some(0));
+        o.budgets = vec![hold(BudgetAction::FreezePromotions)];
+        let held = plan(&o);
+        assert_eq!(held.status.canary_revision, None);
+        assert_eq!(held.status.phase, Some(RolloutPhase::Paused));
+        let message = held.status.message.clone().unwrap_or_default();
+        assert!(
+            message.contains("shop/avail") && message.contains("85.0%"),
+            "{message}"
+        );
+        assert!(
+            held.events
+                .iter()
+                .any(|e| e.reason == Reason::FrozenByErrorBudget)
+        );
+        assert!(
+            held.replica_sets
+                .iter()
+                .all(|r| r.hash != NEW || r.replicas == 0)
+        );
+        assert_eq!(held.traffic.as_ref().unwrap().canary_weight, 0);
+
+        // Held again: no second Event.
+        let mut again = o.clone();
+        again.status = held.status.clone();
+        assert!(plan(&again).events.is_empty());
+
+        // A person overrides: the release starts, and the override is on record.
+        let mut status = held.status.clone();
+        status.override_freeze = intent("o");
+        status.override_freeze.as_mut().unwrap().reason = Some("P0 fix".into());
+        let mut o2 = o.clone();
+        o2.status = status;
+        let released = plan(&o2);
+        assert_eq!(released.status.canary_revision.as_deref(), Some(NEW));
+        let record = released.status.freeze_override.clone().unwrap();
+        assert_eq!(
+            (record.revision.as_str(), record.reason.as_deref()),
+            (NEW, Some("P0 fix"))
+        );
+        assert!(
+            released
+                .events
+                .iter()
+                .any(|e| e.reason == Reason::FreezeOverridden)
+        );
+
+        // The budget recovers: the release starts by itself.
+        let mut thawed = o.clone();
+        thawed.status = held.status;
+        thawed.budgets.clear();
+        assert_eq!(plan(&thawed).status.canary_revision.as_deref(), Some(NEW));
+    }
+
+    #[test]
+    fn a_rollback_threshold_aborts_the_release_in_flight() {
+        let mut o = observed(vec![weight(50), pause(None)], releasing(1), 2, Some(50));
+        o.budgets = vec![hold(BudgetAction::Rollback)];
+        let aborted = plan(&o);
+        assert!(aborted.status.aborted_at.is_some());
+        assert_eq!(aborted.traffic.unwrap().canary_weight, 0);
+        assert!(
+            aborted
+                .events
+                .iter()
+                .any(|e| e.reason == Reason::AbortedByErrorBudget)
+        );
+        assert!(
+            aborted
+                .status
+                .message
+                .unwrap_or_default()
+                .contains("shop/avail")
+        );
+    }
+
+    #[test]
+    fn a_freeze_in_flight_holds_the_steps() {
+        let mut o = observed(
+            vec![weight(20), pause(Some(1)), weight(60)],
+            releasing(1),
+            4,
+            Some(20),
+        );
+        o.now = t(100);
+        o.budgets = vec![hold(BudgetAction::FreezePromotions)];
+        let held = plan(&o);
+        assert_eq!(
+            held.status.current_step_index,
+            Some(1),
+            "the timed pause does not end"
+        );
+        assert_eq!(held.traffic.unwrap().canary_weight, 20);
+        o.budgets.clear();
+        assert_eq!(plan(&o).status.current_step_index, Some(2));
     }
 
     fn arb_step() -> impl Strategy<Value = CanaryStep> {

@@ -20,6 +20,12 @@ pub enum Reason {
     Retried,
     /// Blue-green: the revision kept for an instant rollback was scaled down.
     PreviousScaledDown,
+    /// An ErrorBudget freezes promotions: a new revision is held on stable, or steps hold.
+    FrozenByErrorBudget,
+    /// A person released a revision despite the freeze.
+    FreezeOverridden,
+    /// An ErrorBudget's rollback threshold aborted the release in flight.
+    AbortedByErrorBudget,
 }
 
 impl Reason {
@@ -39,6 +45,9 @@ impl Reason {
             Reason::AnalysisRestarted => "AnalysisRestarted",
             Reason::Retried => "Retried",
             Reason::PreviousScaledDown => "PreviousScaledDown",
+            Reason::FrozenByErrorBudget => "FrozenByErrorBudget",
+            Reason::FreezeOverridden => "FreezeOverridden",
+            Reason::AbortedByErrorBudget => "AbortedByErrorBudget",
         }
     }
 }

@@ -28,7 +28,7 @@ use kube::api::{
 };
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
@@ -36,6 +36,7 @@ use tokio::sync::watch;
 
 use crate::analysis::provider::{self, ProviderContext};
 use crate::analysis::run as analysis;
+use crate::api::errorbudget::ErrorBudget;
 use crate::api::rollout::{Rollout, RolloutStatus};
 use crate::context::Context;
 use crate::k8s::labels::{
@@ -43,7 +44,9 @@ use crate::k8s::labels::{
     SCALE_DOWN_AT_ANNOTATION, TEMPLATE_ANNOTATION,
 };
 use crate::traffic::{Router, RouterError, Targets};
-use model::{Observed, ObservedReplicaSet, ObservedService, ObservedTraffic, Plan, TrafficWrite};
+use model::{
+    BudgetHold, Observed, ObservedReplicaSet, ObservedService, ObservedTraffic, Plan, TrafficWrite,
+};
 
 const FINALIZER: &str = "sluice.dev/traffic";
 /// The controller's name in metrics.
@@ -80,6 +83,8 @@ impl Error {
 pub struct State {
     pub ctx: Arc<Context>,
     rollouts: Store<Rollout>,
+    /// ErrorBudgets, to apply their policy to the Rollouts they target.
+    budgets: Store<ErrorBudget>,
 }
 
 /// Runs the Rollout controller until `stop`.
@@ -128,9 +133,22 @@ pub async fn run(ctx: Arc<Context>, mut stop: watch::Receiver<bool>) {
             &service.namespace(),
         )
     });
+    // ErrorBudgets: a cache to read their policy from, and a watch that wakes the Rollouts
+    // a budget targets when its status (or the budget itself) changes.
+    let budget_api: Api<ErrorBudget> = crate::k8s::scoped(&client, namespace.as_deref());
+    let (budgets, writer) = reflector::store();
+    let budget_cache = reflector::reflector(
+        writer,
+        watcher(budget_api.clone(), watcher::Config::default()),
+    );
+    tokio::spawn(budget_cache.for_each(|_| futures::future::ready(())));
+    controller = controller.watches(budget_api, watcher::Config::default(), |budget| {
+        targets_of(&budget)
+    });
     let state = Arc::new(State {
         ctx,
         rollouts: store,
+        budgets,
     });
     controller
         .graceful_shutdown_on(async move {
@@ -143,6 +161,39 @@ pub async fn run(ctx: Arc<Context>, mut stop: watch::Receiver<bool>) {
             }
         })
         .await;
+}
+
+/// The Rollouts an ErrorBudget targets.
+fn targets_of(budget: &ErrorBudget) -> Vec<ObjectRef<Rollout>> {
+    let own = budget.namespace().unwrap_or_default();
+    budget
+        .spec
+        .targets
+        .iter()
+        .map(|t| ObjectRef::new(&t.rollout).within(t.namespace.as_deref().unwrap_or(&own)))
+        .collect()
+}
+
+/// The policy actions in force from the budgets that target `rollout`.
+fn budget_holds(budgets: &Store<ErrorBudget>, rollout: &Rollout) -> Vec<BudgetHold> {
+    let me = ObjectRef::from_obj(rollout);
+    let mut holds: Vec<BudgetHold> = budgets
+        .state()
+        .iter()
+        .filter(|b| targets_of(b).contains(&me))
+        .filter_map(|b| {
+            let status = b.status.as_ref()?;
+            let action = status.active_action?;
+            Some(BudgetHold {
+                budget: format!("{}/{}", b.namespace().unwrap_or_default(), b.name_any()),
+                action,
+                consumed_percent: status.consumed_percent,
+                threshold: status.threshold_in_force,
+            })
+        })
+        .collect();
+    holds.sort_by(|a, b| a.budget.cmp(&b.budget));
+    holds
 }
 
 /// The Rollouts in `store` that route through the named object.
@@ -293,7 +344,8 @@ struct World {
 
 /// Reads the Rollout (fresh: the watch cache can lag our own last status write, and planning
 /// on a stale status would undo the last decision), its ReplicaSets and its traffic objects.
-async fn observe(ctx: &Context, cached: &Rollout) -> Result<Option<World>, Error> {
+async fn observe(state: &State, cached: &Rollout) -> Result<Option<World>, Error> {
+    let ctx = state.ctx.as_ref();
     let name = cached.name_any();
     let namespace = cached.namespace().unwrap_or_default();
     let api: Api<Rollout> = Api::namespaced(ctx.client.clone(), &namespace);
@@ -351,6 +403,7 @@ async fn observe(ctx: &Context, cached: &Rollout) -> Result<Option<World>, Error
         traffic,
         background,
         services,
+        budgets: budget_holds(&state.budgets, &rollout),
         now: Timestamp::now(),
     };
     Ok(Some(World {
@@ -463,7 +516,7 @@ async fn measure(ctx: &Context, store: &Store<Rollout>, world: &mut World) -> bo
 
 async fn apply(cached: Arc<Rollout>, state: &State) -> Result<Action, Error> {
     let ctx = state.ctx.as_ref();
-    let Some(mut world) = observe(ctx, &cached).await? else {
+    let Some(mut world) = observe(state, &cached).await? else {
         return Ok(Action::await_change());
     };
     // A person's request (abort, promote, retry) is planned from the cluster as it is, before

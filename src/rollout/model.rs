@@ -7,6 +7,7 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
 use super::events::Reason;
 use crate::analysis::run::ResolvedAnalysis;
+use crate::api::errorbudget::BudgetAction;
 use crate::api::rollout::{RolloutSpec, RolloutStatus};
 use crate::traffic::{Targets, TrafficState};
 
@@ -40,6 +41,34 @@ pub struct ObservedService {
     pub exists: bool,
 }
 
+/// An ErrorBudget that targets this Rollout and has a policy action in force.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BudgetHold {
+    /// `namespace/name` of the ErrorBudget.
+    pub budget: String,
+    pub action: BudgetAction,
+    pub consumed_percent: Option<f64>,
+    /// The `whenConsumed` threshold of the action.
+    pub threshold: Option<i32>,
+}
+
+impl BudgetHold {
+    /// "ErrorBudget shop/checkout is 85.2% consumed (FreezePromotions at 80%)".
+    pub fn describe(&self) -> String {
+        let consumed = self.consumed_percent.map_or_else(
+            || "not evaluable".to_string(),
+            |c| format!("{c:.1}% consumed"),
+        );
+        let at = self
+            .threshold
+            .map_or(String::new(), |t| format!(" at {t}%"));
+        format!(
+            "ErrorBudget {} is {consumed} ({:?}{at})",
+            self.budget, self.action
+        )
+    }
+}
+
 /// The world, as the reconciler saw it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Observed {
@@ -54,6 +83,8 @@ pub struct Observed {
     pub background: Option<ResolvedAnalysis>,
     /// Blue-green without a router: the active and preview Services, in that order.
     pub services: Vec<ObservedService>,
+    /// ErrorBudgets targeting this Rollout whose policy freezes or rolls back.
+    pub budgets: Vec<BudgetHold>,
     pub now: Timestamp,
 }
 

@@ -117,6 +117,7 @@ pub struct Intents {
     pub promote: Option<String>,
     pub promote_full: Option<String>,
     pub retry: Option<String>,
+    pub override_freeze: Option<String>,
 }
 
 pub fn unhandled(status: &RolloutStatus) -> Intents {
@@ -132,6 +133,7 @@ pub fn unhandled(status: &RolloutStatus) -> Intents {
         promote: fresh(&status.promote, &handled.promote),
         promote_full: fresh(&status.promote_full, &handled.promote_full),
         retry: fresh(&status.retry, &handled.retry),
+        override_freeze: fresh(&status.override_freeze, &handled.override_freeze),
     }
 }
 
@@ -318,6 +320,7 @@ mod tests {
             traffic,
             background: None,
             services: Vec::new(),
+            budgets: Vec::new(),
             now: t(0),
         }
     }
