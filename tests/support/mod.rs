@@ -9,8 +9,13 @@ use k8s_openapi::api::apps::v1::{ReplicaSet, ReplicaSetSpec};
 use k8s_openapi::api::core::v1::{Container, Namespace, PodSpec, PodTemplateSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use kube::Client;
-use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, PostParams};
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
+};
 use serde_json::{Value, json};
+use sluice::api::rollout::{Rollout, RolloutPhase};
+use std::sync::Arc;
+use tokio::sync::watch;
 
 pub async fn client() -> Client {
     sluice::install_crypto_provider();
@@ -345,4 +350,145 @@ pub fn median_max(mut samples: Vec<Duration>) -> (Duration, Duration) {
     samples.sort();
     let median = samples.get(samples.len() / 2).copied().unwrap_or_default();
     (median, samples.last().copied().unwrap_or_default())
+}
+
+// The Rollout controller in-process, and a canary Rollout through Istio with its routing.
+
+/// Starts the Rollout controller; it stops when the returned sender is dropped or set.
+/// Each test's controller watches only its own namespace, so parallel tests never share one.
+pub async fn start_controller(ns: &str) -> watch::Sender<bool> {
+    start_controller_with(ns, prometheus_url()).await
+}
+
+pub async fn start_controller_with(ns: &str, prometheus: String) -> watch::Sender<bool> {
+    start_controller_as(ns, prometheus, client().await).await
+}
+
+pub async fn start_controller_as(
+    ns: &str,
+    prometheus: String,
+    client: kube::Client,
+) -> watch::Sender<bool> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let settings = sluice::context::Settings::local(Some(ns.to_string()), Some(prometheus));
+    let ctx = Arc::new(sluice::context::Context::for_tests(client, settings));
+    tokio::spawn(sluice::rollout::run(ctx, stop_rx));
+    stop_tx
+}
+
+/// Starts the Rollout and the ErrorBudget controllers, sharing one context, as the operator
+/// runs them.
+pub async fn start_controllers(ns: &str, prometheus: String) -> watch::Sender<bool> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let settings = sluice::context::Settings::local(Some(ns.to_string()), Some(prometheus));
+    let ctx = Arc::new(sluice::context::Context::for_tests(
+        client().await,
+        settings,
+    ));
+    tokio::spawn(sluice::rollout::run(ctx.clone(), stop_rx.clone()));
+    tokio::spawn(sluice::errorbudget::run(ctx, stop_rx));
+    stop_tx
+}
+
+pub fn rollout(ns: &str, image: &str, annotations: Value, analysis: Value, steps: Value) -> Value {
+    json!({
+        "apiVersion": "sluice.dev/v1alpha1", "kind": "Rollout",
+        "metadata": {"name": "web", "namespace": ns},
+        "spec": {
+            "replicas": 4,
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {"metadata": {"labels": {"app": "web"}, "annotations": annotations},
+                         "spec": {"containers": [{"name": "web", "image": image}]}},
+            "strategy": {"canary": {
+                "trafficRouting": {"istio": {
+                    "virtualService": {"name": "web", "routes": ["primary"]},
+                    "destinationRule": {"name": "web", "stableSubset": "stable", "canarySubset": "canary"}}},
+                "steps": steps,
+                "analysis": analysis,
+                "scaleDownDelay": "2s",
+                "abortScaleDownDelay": "2s"
+            }}
+        }
+    })
+}
+
+pub async fn routing(ns: &TestNamespace) {
+    create(ns, &service(&ns.name, "web")).await.unwrap();
+    let mut dr = destination_rule(&ns.name, "web", "x", "x");
+    for subset in dr["spec"]["subsets"].as_array_mut().unwrap() {
+        subset["labels"]
+            .as_object_mut()
+            .unwrap()
+            .remove("sluice.dev/pod-template-hash");
+    }
+    create(ns, &dr).await.unwrap();
+    create(ns, &virtual_service(&ns.name, "web", 100))
+        .await
+        .unwrap();
+}
+
+pub async fn canary_weight(ns: &TestNamespace) -> Option<i64> {
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(ns.client.clone(), &ns.name, &virtual_service_resource());
+    let vs = api.get("web").await.ok()?;
+    vs.data["spec"]["http"][0]["route"][1]["weight"].as_i64()
+}
+
+/// Records (time, canary weight) for every change of the `web` VirtualService.
+pub async fn watch_weights(ns: &TestNamespace) -> Arc<std::sync::Mutex<Vec<(Instant, i64)>>> {
+    use futures::StreamExt;
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(ns.client.clone(), &ns.name, &virtual_service_resource());
+    let changes = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = changes.clone();
+    let stream = kube::runtime::watcher(
+        api,
+        kube::runtime::watcher::Config::default().fields("metadata.name=web"),
+    );
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(kube::runtime::WatchStreamExt::applied_objects(stream));
+        while let Some(Ok(vs)) = stream.next().await {
+            if let Some(w) = vs.data["spec"]["http"][0]["route"][1]["weight"].as_i64() {
+                let mut all = sink.lock().unwrap();
+                if all.last().map(|(_, last)| *last) != Some(w) {
+                    all.push((Instant::now(), w));
+                }
+            }
+        }
+    });
+    // Let the watch start before anything changes.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    changes
+}
+
+pub async fn status(api: &Api<Rollout>) -> Option<sluice::api::rollout::RolloutStatus> {
+    api.get("web").await.ok()?.status
+}
+
+pub async fn set_template(api: &Api<Rollout>, image: &str, annotations: Value) {
+    let patch = json!({"spec": {"template": {"metadata": {"annotations": annotations},
+                                             "spec": {"containers": [{"name": "web", "image": image}]}}}});
+    api.patch("web", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+}
+
+pub async fn healthy(api: &Api<Rollout>) -> String {
+    wait_for("Healthy", Duration::from_secs(60), || async {
+        let s = status(api).await?;
+        (s.phase == Some(RolloutPhase::Healthy)).then_some(s.stable_revision?)
+    })
+    .await
+}
+
+pub async fn at_step(api: &Api<Rollout>, index: i32, phase: RolloutPhase) {
+    wait_for(
+        &format!("step {index} {phase:?}"),
+        Duration::from_secs(60),
+        || async {
+            let s = status(api).await?;
+            (s.current_step_index == Some(index) && s.phase == Some(phase)).then_some(())
+        },
+    )
+    .await;
 }

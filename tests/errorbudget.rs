@@ -1,0 +1,365 @@
+//! The ErrorBudget controller and the policy the Rollout controller applies, run in-process
+//! against the local cluster, Prometheus and the traffic simulator. `make test` runs these
+//! with `--ignored`.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use serde_json::{Value, json};
+use sluice::api::errorbudget::{BudgetAction, BudgetPhase, ErrorBudget, ErrorBudgetStatus};
+use sluice::api::rollout::{Rollout, RolloutPhase};
+use support::*;
+
+/// The error and total rates of the `web` Service's requests in namespace `ns`.
+fn ratio_queries(ns: &str) -> (String, String) {
+    let selector = format!(r#"destination_service_namespace="{ns}",reporter="destination""#);
+    (
+        format!(
+            r#"sum(rate(istio_requests_total{{{selector},response_code=~"5.."}}[{{{{window}}}}]))"#
+        ),
+        format!(r#"sum(rate(istio_requests_total{{{selector}}}[{{{{window}}}}]))"#),
+    )
+}
+
+/// A 90% objective (a 10% budget) over one minute, evaluated every 2 s.
+fn budget(ns: &str, name: &str, errors: &str, total: &str, extra: Value) -> Value {
+    let mut budget = json!({
+        "apiVersion": "sluice.dev/v1alpha1", "kind": "ErrorBudget",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {
+            "objective": "90", "window": "1m", "evaluationInterval": "2s",
+            "burnRateWindows": ["10s"],
+            "indicator": {"ratio": {"errors": errors, "total": total}},
+            "targets": [{"rollout": "web"}]
+        }
+    });
+    for (k, v) in extra.as_object().cloned().unwrap_or_default() {
+        budget["spec"][k] = v;
+    }
+    budget
+}
+
+async fn budget_status(api: &Api<ErrorBudget>, name: &str) -> Option<ErrorBudgetStatus> {
+    api.get(name).await.ok()?.status
+}
+
+async fn phase_is(
+    api: &Api<ErrorBudget>,
+    name: &str,
+    phase: BudgetPhase,
+    within: Duration,
+) -> ErrorBudgetStatus {
+    wait_for(&format!("{name} {phase:?}"), within, || async {
+        let s = budget_status(api, name).await?;
+        (s.phase == Some(phase)).then_some(s)
+    })
+    .await
+}
+
+/// Sets the simulator's error rate on the running pods of `web` at revision `hash`.
+async fn fail_pods(ns: &TestNamespace, hash: &str, rate: &str) {
+    let pods: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
+    let selector = format!("sluice.dev/pod-template-hash={hash}");
+    let patch = json!({"metadata": {"annotations": {"sim.sluice.dev/error-rate": rate}}});
+    for pod in pods
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .unwrap()
+    {
+        let name = pod.metadata.name.unwrap_or_default();
+        pods.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap();
+    }
+}
+
+fn without_analysis(mut rollout: Value) -> Value {
+    rollout["spec"]["strategy"]["canary"]
+        .as_object_mut()
+        .unwrap()
+        .remove("analysis");
+    rollout
+}
+
+#[tokio::test]
+#[ignore = "needs the local cluster: make test"]
+async fn the_budget_freezes_releases_an_override_lets_one_through_and_exhaustion_rolls_it_back() {
+    let ns = TestNamespace::new("budget").await;
+    let _controllers = start_controllers(&ns.name, prometheus_url()).await;
+    routing(&ns).await;
+    let steps = json!([{"setWeight": 20}, {"pause": {}}]);
+    create(
+        &ns,
+        &without_analysis(rollout(&ns.name, "web:1", json!({}), Value::Null, steps)),
+    )
+    .await
+    .unwrap();
+    let rollouts: Api<Rollout> = Api::namespaced(ns.client.clone(), &ns.name);
+    let stable = healthy(&rollouts).await;
+
+    let (errors, total) = ratio_queries(&ns.name);
+    create(&ns, &budget(&ns.name, "avail", &errors, &total, json!({})))
+        .await
+        .unwrap();
+    let budgets: Api<ErrorBudget> = Api::namespaced(ns.client.clone(), &ns.name);
+    // Healthy traffic: Healthy, with the figure Prometheus gives for the same ratio.
+    let healthy_budget = phase_is(
+        &budgets,
+        "avail",
+        BudgetPhase::Healthy,
+        Duration::from_secs(60),
+    )
+    .await;
+    let consumed = healthy_budget.consumed_percent.unwrap();
+    assert!(consumed < 1.0, "no errors yet, {consumed}% consumed");
+    assert!(healthy_budget.remaining_percent.unwrap() > 99.0);
+    let queries = healthy_budget.queries.unwrap();
+    println!("MEASURE Prometheus queries per evaluation: {queries}");
+
+    // 8.7% errors against a 10% budget: 87% consumed once the window fills. Frozen.
+    fail_pods(&ns, &stable, "0.087").await;
+    let frozen = phase_is(
+        &budgets,
+        "avail",
+        BudgetPhase::Frozen,
+        Duration::from_secs(120),
+    )
+    .await;
+    assert_eq!(frozen.active_action, Some(BudgetAction::FreezePromotions));
+    let consumed = frozen.consumed_percent.unwrap();
+    let measured = {
+        let window = |q: &str| q.replace("{{window}}", "1m");
+        let bad = prometheus_value(&window(&errors)).await.unwrap_or(0.0);
+        let all = prometheus_value(&window(&total)).await.unwrap();
+        bad / all / 0.10 * 100.0
+    };
+    assert!(
+        (consumed - measured).abs() < 10.0,
+        "status says {consumed}%, Prometheus {measured}%"
+    );
+
+    // A new template stays on stable while frozen.
+    set_template(&rollouts, "web:2", json!({})).await;
+    let held = wait_for("the release held", Duration::from_secs(30), || async {
+        let s = status(&rollouts).await?;
+        (s.phase == Some(RolloutPhase::Paused) && s.canary_revision.is_none()).then_some(s)
+    })
+    .await;
+    let message = held.message.unwrap_or_default();
+    assert!(message.contains(&format!("{}/avail", ns.name)), "{message}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(status(&rollouts).await.unwrap().canary_revision, None);
+    assert_eq!(canary_weight(&ns).await, Some(0));
+
+    // A person releases it anyway, with a recorded reason.
+    plugin(&[
+        "promote",
+        "--override-freeze",
+        "--reason",
+        "P0 fix",
+        &format!("{}/web", ns.name),
+    ]);
+    let released = wait_for("the override", Duration::from_secs(30), || async {
+        let s = status(&rollouts).await?;
+        s.canary_revision.is_some().then_some(s)
+    })
+    .await;
+    let record = released.freeze_override.expect("the override is recorded");
+    assert_eq!(record.reason.as_deref(), Some("P0 fix"));
+    wait_for("20% on the canary", Duration::from_secs(60), || async {
+        (canary_weight(&ns).await? == 20).then_some(())
+    })
+    .await;
+
+    // Errors climb past 95%: the release in flight is rolled back. Measured from the moment
+    // Prometheus's own figure crosses 95% to the route at 100% stable.
+    fail_pods(&ns, &stable, "0.5").await;
+    let crossed = wait_for("Prometheus past 95%", Duration::from_secs(90), || async {
+        let window = |q: &str| q.replace("{{window}}", "1m");
+        let bad = prometheus_value(&window(&errors)).await.unwrap_or(0.0);
+        let all = prometheus_value(&window(&total)).await?;
+        (bad / all / 0.10 >= 0.95).then(Instant::now)
+    })
+    .await;
+    while canary_weight(&ns).await != Some(0) {
+        assert!(
+            crossed.elapsed() < Duration::from_secs(30),
+            "not rolled back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "MEASURE 95% crossed in Prometheus -> canary at 0%: {:?}",
+        crossed.elapsed()
+    );
+    let aborted = status(&rollouts).await.unwrap();
+    assert!(aborted.aborted_at.is_some());
+    assert_eq!(aborted.phase, Some(RolloutPhase::Degraded));
+    assert!(aborted.message.unwrap_or_default().contains("avail"));
+    let events: Api<Event> = Api::namespaced(ns.client.clone(), &ns.name);
+    let reasons: Vec<String> = events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|e| e.reason)
+        .collect();
+    for reason in [
+        "FrozenByErrorBudget",
+        "FreezeOverridden",
+        "AbortedByErrorBudget",
+        "PhaseChanged",
+    ] {
+        assert!(
+            reasons.iter().any(|r| r == reason),
+            "{reason} in {reasons:?}"
+        );
+    }
+    ns.delete().await;
+}
+
+#[tokio::test]
+#[ignore = "needs the local cluster: make test"]
+async fn a_budget_that_cannot_be_judged_is_never_healthy_and_keeps_its_figures() {
+    let ns = TestNamespace::new("blind").await;
+    let mut prometheus = Outage::start(0).await;
+    let _controllers = start_controllers(&ns.name, prometheus.url()).await;
+    routing(&ns).await;
+    let steps = json!([{"setWeight": 20}, {"pause": {}}]);
+    create(
+        &ns,
+        &without_analysis(rollout(&ns.name, "web:1", json!({}), Value::Null, steps)),
+    )
+    .await
+    .unwrap();
+    let rollouts: Api<Rollout> = Api::namespaced(ns.client.clone(), &ns.name);
+    healthy(&rollouts).await;
+    let budgets: Api<ErrorBudget> = Api::namespaced(ns.client.clone(), &ns.name);
+    let (errors, total) = ratio_queries(&ns.name);
+    create(&ns, &budget(&ns.name, "avail", &errors, &total, json!({})))
+        .await
+        .unwrap();
+    // No traffic at all in the namespace the queries select.
+    let (quiet_errors, quiet_total) = ratio_queries("nowhere");
+    create(
+        &ns,
+        &budget(&ns.name, "quiet", &quiet_errors, &quiet_total, json!({})),
+    )
+    .await
+    .unwrap();
+    // +Inf and NaN answers.
+    create(
+        &ns,
+        &budget(
+            &ns.name,
+            "infinite",
+            "vector(0)",
+            "vector(1)/vector(0)",
+            json!({}),
+        ),
+    )
+    .await
+    .unwrap();
+    create(
+        &ns,
+        &budget(
+            &ns.name,
+            "nan",
+            "vector(0)/vector(0)",
+            "vector(1)",
+            json!({}),
+        ),
+    )
+    .await
+    .unwrap();
+    // A target that does not exist is named.
+    create(
+        &ns,
+        &budget(
+            &ns.name,
+            "orphan",
+            &errors,
+            &total,
+            json!({"targets": [{"rollout": "gone"}]}),
+        ),
+    )
+    .await
+    .unwrap();
+
+    phase_is(
+        &budgets,
+        "avail",
+        BudgetPhase::Healthy,
+        Duration::from_secs(60),
+    )
+    .await;
+    phase_is(
+        &budgets,
+        "quiet",
+        BudgetPhase::InsufficientData,
+        Duration::from_secs(30),
+    )
+    .await;
+    let infinite = phase_is(
+        &budgets,
+        "infinite",
+        BudgetPhase::Unknown,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(infinite.message.unwrap_or_default().contains("non-finite"));
+    let nan = phase_is(
+        &budgets,
+        "nan",
+        BudgetPhase::Unknown,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(nan.message.unwrap_or_default().contains("non-finite"));
+    let orphan = wait_for(
+        "the missing target named",
+        Duration::from_secs(30),
+        || async {
+            let s = budget_status(&budgets, "orphan").await?;
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == "TargetsFound" && c.status == "False")
+                .map(|c| c.message.clone())
+        },
+    )
+    .await;
+    assert!(orphan.contains("gone"), "{orphan}");
+
+    // Prometheus goes away: Unknown, the last figures kept and marked stale.
+    prometheus.stop();
+    let blind = phase_is(
+        &budgets,
+        "avail",
+        BudgetPhase::Unknown,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(blind.stale, Some(true));
+    assert!(
+        blind.consumed_percent.is_some(),
+        "the last good figures stay"
+    );
+    assert!(blind.last_evaluation_time.is_some());
+    assert!(blind.message.unwrap_or_default().contains("figures from"));
+    assert_eq!(blind.active_action, None, "an outage starts nothing");
+    // ...and comes back: Healthy again.
+    let _prometheus = Outage::start(prometheus.port).await;
+    phase_is(
+        &budgets,
+        "avail",
+        BudgetPhase::Healthy,
+        Duration::from_secs(60),
+    )
+    .await;
+    ns.delete().await;
+}
