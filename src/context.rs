@@ -7,7 +7,7 @@ use std::sync::Arc;
 use kube::Client;
 use kube::runtime::events::{Recorder, Reporter};
 
-use crate::analysis::prometheus::PrometheusPool;
+use crate::analysis::pool::PrometheusPool;
 use crate::k8s::backoff::Backoff;
 use crate::leader::LeaseSettings;
 use crate::server::Health;

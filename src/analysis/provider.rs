@@ -7,7 +7,7 @@ use futures::future::BoxFuture;
 use kube::Client;
 
 use super::condition::MeasuredValue;
-use super::prometheus::PrometheusPool;
+use super::pool::PrometheusPool;
 use super::run::{ProviderFailure, ResolvedMetric, Source};
 use super::template::TemplateVars;
 use crate::telemetry::Metrics;

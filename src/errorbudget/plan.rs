@@ -119,24 +119,13 @@ pub fn plan(o: &Observed) -> Plan {
     let mut status = o.status.clone();
     let mut events = Vec::new();
     let before = (status.phase, status.active_action);
-    let set =
-        |status: &mut ErrorBudgetStatus, kind: &str, ok: bool, reason: &str, message: String| {
-            conditions::set(
-                &mut status.conditions,
-                kind,
-                ok,
-                reason,
-                message,
-                o.generation,
-                o.now,
-            );
-        };
 
     // Targets: a missing one is named, and evaluation goes on for the others.
     match o.missing_targets.as_deref() {
         None => {}
         Some([]) => set(
             &mut status,
+            (o.generation, o.now),
             "TargetsFound",
             true,
             "TargetsFound",
@@ -144,6 +133,7 @@ pub fn plan(o: &Observed) -> Plan {
         ),
         Some(missing) => set(
             &mut status,
+            (o.generation, o.now),
             "TargetsFound",
             false,
             "TargetNotFound",
@@ -193,6 +183,26 @@ pub fn plan(o: &Observed) -> Plan {
         events,
         requeue_after,
     }
+}
+
+/// Sets a condition as of `(generation, now)`.
+fn set(
+    status: &mut ErrorBudgetStatus,
+    (generation, now): (Option<i64>, Timestamp),
+    kind: &str,
+    ok: bool,
+    reason: &str,
+    message: String,
+) {
+    conditions::set(
+        &mut status.conditions,
+        kind,
+        ok,
+        reason,
+        message,
+        generation,
+        now,
+    );
 }
 
 /// The figures of a successful evaluation.
@@ -292,23 +302,13 @@ fn record(
         consumed_percent,
         remaining * 100.0
     ));
-    let set =
-        |status: &mut ErrorBudgetStatus, kind: &str, ok: bool, reason: &str, message: String| {
-            conditions::set(
-                &mut status.conditions,
-                kind,
-                ok,
-                reason,
-                message,
-                generation,
-                now,
-            );
-        };
-    set(status, "Ready", true, "Evaluated", String::new());
+    let at = (generation, now);
+    set(status, at, "Ready", true, "Evaluated", String::new());
     let healthy = phase == BudgetPhase::Healthy;
     let message = status.message.clone().unwrap_or_default();
     set(
         status,
+        at,
         "BudgetHealthy",
         healthy,
         if healthy {
@@ -324,6 +324,7 @@ fn record(
         let firing = long > alert.factor + slo::TOLERANCE && short > alert.factor + slo::TOLERANCE;
         set(
             status,
+            at,
             alert.name,
             firing,
             if firing {

@@ -100,6 +100,15 @@ pub fn resolve(
     }
 }
 
+/// [`resolve`] for a run's name as it stands in status.
+fn resolve_named(
+    name: &str,
+    strategy: &RolloutStrategy,
+    background: Option<&ResolvedAnalysis>,
+) -> Option<ResolvedAnalysis> {
+    resolve(name.parse().ok()?, strategy, background)
+}
+
 /// Starts (or restarts) the named runs, each judging its revision: any earlier run of the same
 /// name is replaced. Runs the spec no longer has are not started.
 pub fn start(
@@ -144,12 +153,7 @@ pub fn due(
     let (name, namespace) = rollout;
     let mut due = Vec::new();
     for run in status.analysis_runs.iter().filter(|r| is_going(r.phase)) {
-        let Some(resolved) = run
-            .name
-            .parse()
-            .ok()
-            .and_then(|n| resolve(n, strategy, background))
-        else {
+        let Some(resolved) = resolve_named(&run.name, strategy, background) else {
             continue;
         };
         let vars = TemplateVars {
@@ -184,12 +188,7 @@ pub fn record(
         let Some(run) = status.analysis_runs.iter_mut().find(|r| r.name == due.run) else {
             continue;
         };
-        let Some(resolved) = run
-            .name
-            .parse()
-            .ok()
-            .and_then(|n| resolve(n, strategy, background))
-        else {
+        let Some(resolved) = resolve_named(&run.name, strategy, background) else {
             continue;
         };
         let measurement = analysis::judge(&due.metric, outcome, now);
@@ -215,7 +214,7 @@ pub fn next_due(
         .iter()
         .filter(|r| is_going(r.phase))
         .filter_map(|run| {
-            let resolved = resolve(run.name.parse().ok()?, strategy, background)?;
+            let resolved = resolve_named(&run.name, strategy, background)?;
             analysis::earliest_due(&resolved, run)
         })
         .min()
