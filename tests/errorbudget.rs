@@ -363,3 +363,87 @@ async fn a_budget_that_cannot_be_judged_is_never_healthy_and_keeps_its_figures()
     .await;
     ns.delete().await;
 }
+
+#[tokio::test]
+#[ignore = "needs the local cluster: make test"]
+async fn the_canary_is_judged_by_its_own_burn_rate_not_the_diluted_service_wide_one() {
+    let ns = TestNamespace::new("burn").await;
+    let _controllers = start_controllers(&ns.name, prometheus_url()).await;
+    routing(&ns).await;
+    // A 99.9% objective: the canary at 5% errors burns 50 times too fast, but at 10% of the
+    // traffic the service as a whole burns about 5, under the 14.4 page threshold.
+    let (errors, total) = ratio_queries(&ns.name);
+    let notify_only = json!({"objective": "99.9", "targets": [],
+                             "policy": [{"whenConsumed": 100, "action": "Notify"}]});
+    create(
+        &ns,
+        &budget(&ns.name, "avail", &errors, &total, notify_only),
+    )
+    .await
+    .unwrap();
+    let analysis = json!({"interval": "3s", "failureLimit": 0, "inconclusiveLimit": 30,
+        "metrics": [{"name": "canary-burn",
+                     "errorBudget": {"name": "avail", "maxBurnRate": 14.4, "window": "20s"}}]});
+    let steps = json!([{"setWeight": 10}, {"pause": {}}]);
+    create(&ns, &rollout(&ns.name, "web:1", json!({}), analysis, steps))
+        .await
+        .unwrap();
+    let rollouts: Api<Rollout> = Api::namespaced(ns.client.clone(), &ns.name);
+    healthy(&rollouts).await;
+    set_template(
+        &rollouts,
+        "web:2",
+        json!({"sim.sluice.dev/error-rate": "0.05"}),
+    )
+    .await;
+    wait_for("10% on the canary", Duration::from_secs(60), || async {
+        (canary_weight(&ns).await? == 10).then_some(())
+    })
+    .await;
+    let at_ten = Instant::now();
+    let aborted = wait_for(
+        "the canary failed on its burn rate",
+        Duration::from_secs(90),
+        || async {
+            let s = status(&rollouts).await?;
+            s.aborted_at.is_some().then_some(s)
+        },
+    )
+    .await;
+    println!(
+        "MEASURE canary at 10% -> aborted on its own burn rate: {:?}",
+        at_ten.elapsed()
+    );
+    let run = aborted
+        .analysis_runs
+        .iter()
+        .find(|r| r.name == "background")
+        .expect("the background run");
+    let failed = run.metrics[0]
+        .measurements
+        .iter()
+        .rev()
+        .find(|m| m.phase == sluice::api::analysis::MeasurementPhase::Failed)
+        .expect("a failed measurement");
+    let value = failed.value.clone().unwrap_or_default();
+    let burn: f64 = value
+        .trim_start_matches('[')
+        .split(',')
+        .next()
+        .and_then(|b| b.trim().parse().ok())
+        .unwrap_or_else(|| panic!("a burn rate in {value}"));
+    assert!(
+        (25.0..=80.0).contains(&burn),
+        "the canary's burn {burn} is about 50"
+    );
+    // The service-wide burn over the same short window stayed under the threshold.
+    let budgets: Api<ErrorBudget> = Api::namespaced(ns.client.clone(), &ns.name);
+    let service = budget_status(&budgets, "avail").await.unwrap();
+    let service_burn = service.burn_rates.get("10s").copied().unwrap_or(f64::MAX);
+    assert!(
+        service_burn < 14.4,
+        "service-wide burn {service_burn} diluted below 14.4"
+    );
+    assert_eq!(canary_weight(&ns).await, Some(0));
+    ns.delete().await;
+}

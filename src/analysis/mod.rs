@@ -6,6 +6,7 @@
 
 pub mod condition;
 pub mod errorbudget;
+pub mod narrow;
 pub mod pool;
 pub mod prometheus;
 pub mod provider;

@@ -772,6 +772,8 @@ mod tests {
                     namespace: None,
                     max_burn_rate: Some(14.4),
                     min_remaining_percent: Some(20),
+                    revision_label: None,
+                    window: None,
                 }),
                 ..metric("slo", "unused")
             }],

@@ -141,11 +141,22 @@ pub struct ErrorBudgetMetric {
     /// Namespace of the ErrorBudget; defaults to the Rollout's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
-    /// Fail when the budget's shortest-window burn rate is above this (e.g. `14.4`, the
-    /// classic "2% of a 30-day budget in one hour" page threshold).
+    /// Fail when the canary's own burn rate is above this (e.g. `14.4`, the classic "2% of a
+    /// 30-day budget in one hour" page threshold). The canary's burn rate is the budget's
+    /// indicator with every selector narrowed to `revisionLabel="<canary revision>"`, over
+    /// `window`, divided by the budget: stable traffic does not dilute it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0.0))]
     pub max_burn_rate: Option<f64>,
+    /// The label that names a revision in the indicator's series, for `maxBurnRate`. Default
+    /// `destination_canonical_revision` (Istio reports it from the pod label
+    /// `service.istio.io/canonical-revision`, which Sluice sets to the revision hash).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[a-zA-Z_][a-zA-Z0-9_]*$"))]
+    pub revision_label: Option<String>,
+    /// The window of the canary's burn rate, for `maxBurnRate`. Default `1m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<Duration>,
     /// Fail when less than this percentage of the budget remains.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 100))]

@@ -212,3 +212,41 @@ pub struct ErrorBudgetStatus {
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
 }
+
+/// The objective as a fraction of good events, parsed exactly from the spec's decimal string.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Objective {
+    /// Good events required, in millionths of a percent (`"99.9"` is 99_900_000).
+    micro_percent: u64,
+}
+
+impl Objective {
+    /// Parses `"99.9"` (a percentage strictly between 0 and 100, up to six decimals).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (whole, fraction) = text.split_once('.').unwrap_or((text, ""));
+        let digits_ok = |s: &str| s.chars().all(|c| c.is_ascii_digit());
+        if whole.is_empty() || !digits_ok(whole) || !digits_ok(fraction) || fraction.len() > 6 {
+            return Err(format!(
+                "objective {text:?} is not a percentage such as \"99.9\""
+            ));
+        }
+        let whole: u64 = whole
+            .parse()
+            .map_err(|_| format!("objective {text:?} is too large"))?;
+        let fraction: u64 = format!("{fraction:0<6}")
+            .parse()
+            .map_err(|_| format!("objective {text:?} is not a percentage"))?;
+        let micro_percent = whole * 1_000_000 + fraction;
+        if micro_percent == 0 || micro_percent >= 100_000_000 {
+            return Err(format!(
+                "objective {text:?} must be strictly between 0 and 100"
+            ));
+        }
+        Ok(Self { micro_percent })
+    }
+
+    /// The error budget B = 1 - O, computed from the decimal digits (no float subtraction).
+    pub fn budget(self) -> f64 {
+        (100_000_000 - self.micro_percent) as f64 / 100_000_000.0
+    }
+}
