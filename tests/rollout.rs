@@ -308,6 +308,67 @@ async fn undo_brings_back_the_old_revision_itself() {
     ns.delete().await;
 }
 
+#[tokio::test]
+#[ignore = "needs the local cluster: make test"]
+async fn removing_traffic_routing_takes_back_the_revision_labels() {
+    let ns = TestNamespace::new("unroute").await;
+    let _controller = start_controller(&ns.name).await;
+    routing(&ns).await;
+    let steps = json!([{"setWeight": 50}, {"pause": {}}]);
+    let mut object = rollout(&ns.name, "web:1", json!({}), Value::Null, steps);
+    object["spec"]["strategy"]["canary"]
+        .as_object_mut()
+        .unwrap()
+        .remove("analysis");
+    create(&ns, &object).await.unwrap();
+    let api: Api<Rollout> = Api::namespaced(ns.client.clone(), &ns.name);
+    let stable = healthy(&api).await;
+    let rules: Api<DynamicObject> = Api::namespaced_with(
+        ns.client.clone(),
+        &ns.name,
+        &kube::api::ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(
+            "networking.istio.io",
+            "v1",
+            "DestinationRule",
+        )),
+    );
+    let pinned = |dr: &DynamicObject| -> Vec<Option<String>> {
+        dr.data["spec"]["subsets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                s["labels"]["sluice.dev/pod-template-hash"]
+                    .as_str()
+                    .map(String::from)
+            })
+            .collect()
+    };
+    wait_for("subsets pinned", Duration::from_secs(30), || async {
+        let dr = rules.get("web").await.ok()?;
+        (pinned(&dr) == vec![Some(stable.clone()), Some(stable.clone())]).then_some(())
+    })
+    .await;
+    // The user stops routing through Istio.
+    let patch = json!({"spec": {"strategy": {"canary": {"trafficRouting": null}}}});
+    api.patch("web", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    wait_for("the labels taken back", Duration::from_secs(30), || async {
+        let dr = rules.get("web").await.ok()?;
+        let s = status(&api).await?;
+        (pinned(&dr) == vec![None, None] && s.routed_objects.is_empty()).then_some(())
+    })
+    .await;
+    let dr = rules.get("web").await.unwrap();
+    assert_eq!(
+        dr.data["spec"]["subsets"][0]["name"], "stable",
+        "the rest is left alone"
+    );
+    assert_eq!(dr.data["spec"]["subsets"][0]["labels"]["app"], "web");
+    ns.delete().await;
+}
+
 fn background_analysis(interval: &str) -> Value {
     let query = r#"(sum(rate(istio_requests_total{destination_service_namespace="{{rollout.namespace}}",reporter="destination",destination_canonical_revision="{{canary.revision}}",response_code=~"5.."}[10s])) or vector(0)) / sum(rate(istio_requests_total{destination_service_namespace="{{rollout.namespace}}",reporter="destination",destination_canonical_revision="{{canary.revision}}"}[10s]))"#;
     json!({"interval": interval, "failureLimit": 0, "inconclusiveLimit": 50, "consecutiveErrorLimit": 2,

@@ -395,6 +395,15 @@ pub struct TrafficWeights {
     pub verified: Option<bool>,
 }
 
+/// An object in the Rollout's namespace whose revision label Sluice sets.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RoutedObject {
+    /// `DestinationRule` or `Service`.
+    pub kind: String,
+    pub name: String,
+}
+
 /// Where a blue-green release stands. Times are microseconds, like step times.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -554,6 +563,12 @@ pub struct RolloutStatus {
     /// Person's request: start an aborted release again. `kubectl sluice retry`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<Intent>,
+    /// Objects outside the Rollout that Sluice marked with the revision label (DestinationRule
+    /// subsets, Service selectors), so that it can take the label back when the spec stops
+    /// naming them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub routed_objects: Vec<RoutedObject>,
     /// Blue-green: where the release stands (preview ready, promotion decided, switch time).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blue_green: Option<BlueGreenStatus>,

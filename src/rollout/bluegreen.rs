@@ -18,7 +18,7 @@ use super::model::{
 };
 use super::release::{
     DEFAULT_SCALE_DOWN_DELAY, clear_intents, pause_for, paused_by_person, progress_deadline,
-    record_counts, record_phase, route_writes, run_phase, schedule, unhandled,
+    record_counts, record_phase, route_writes, run_phase, schedule, take_back, unhandled,
 };
 use super::runs::RunName;
 use crate::api::analysis::AnalysisPhase;
@@ -640,11 +640,14 @@ pub fn plan(o: &Observed, bg: &BlueGreenStrategy) -> Plan {
     clear_intents(&mut status);
     let busy = preview.is_some() || previous.is_some();
     let requeue_after = schedule(&mut status, o, &start_runs, &wakeups, busy);
-    let traffic_writes = match &traffic {
+    let mut traffic_writes = match &traffic {
         Some(intent) if !matches!(o.traffic, ObservedTraffic::None) => route_writes(o, intent),
         Some(intent) => selector_writes(o, bg, &intent.targets),
         None => Vec::new(),
     };
+    let (routed, take_back_writes) = take_back(o);
+    status.routed_objects = routed;
+    traffic_writes.extend(take_back_writes);
     Plan {
         replica_sets,
         traffic,
@@ -732,6 +735,7 @@ mod tests {
             background: None,
             services: Vec::new(),
             budgets: Vec::new(),
+            leftovers: Vec::new(),
             now: t(now),
         }
     }

@@ -14,7 +14,7 @@ use super::model::{
 };
 use super::release::{
     DEFAULT_SCALE_DOWN_DELAY, clear_intents, pause_for, paused_by_person, progress_deadline,
-    record_counts, record_phase, route_writes, run_phase, schedule, unhandled,
+    record_counts, record_phase, route_writes, run_phase, schedule, take_back, unhandled,
 };
 use super::runs::RunName;
 use super::steps::{self, Step};
@@ -829,9 +829,12 @@ fn finish(mut p: Planner, steps: &[Step], desired_weight: i32, promoted: Option<
         &p.wakeups,
         canary.is_some(),
     );
-    let traffic_writes = traffic
+    let mut traffic_writes = traffic
         .as_ref()
         .map_or_else(Vec::new, |intent| route_writes(o, intent));
+    let (routed, take_back_writes) = take_back(o);
+    p.status.routed_objects = routed;
+    traffic_writes.extend(take_back_writes);
     Plan {
         replica_sets,
         traffic,
@@ -933,6 +936,7 @@ mod tests {
             background: None,
             services: Vec::new(),
             budgets: Vec::new(),
+            leftovers: Vec::new(),
             now: t(10),
         }
     }

@@ -45,7 +45,8 @@ use crate::k8s::labels::{
 };
 use crate::traffic::{Router, RouterError, Targets};
 use model::{
-    BudgetHold, Observed, ObservedReplicaSet, ObservedService, ObservedTraffic, Plan, TrafficWrite,
+    BudgetHold, Observed, ObservedLeftover, ObservedReplicaSet, ObservedService, ObservedTraffic,
+    Plan, TrafficWrite,
 };
 
 const FINALIZER: &str = "sluice.dev/traffic";
@@ -404,6 +405,7 @@ async fn observe(state: &State, cached: &Rollout) -> Result<Option<World>, Error
         background,
         services,
         budgets: budget_holds(&state.budgets, &rollout),
+        leftovers: observe_leftovers(ctx, &namespace, &rollout).await?,
         now: Timestamp::now(),
     };
     Ok(Some(World {
@@ -412,6 +414,41 @@ async fn observe(state: &State, cached: &Rollout) -> Result<Option<World>, Error
         router,
         observed,
     }))
+}
+
+/// The objects Sluice marked that the spec no longer names, and whether they still carry
+/// the revision label.
+async fn observe_leftovers(
+    ctx: &Context,
+    namespace: &str,
+    rollout: &Rollout,
+) -> Result<Vec<ObservedLeftover>, Error> {
+    let named = release::routed_objects(&rollout.spec);
+    let recorded = rollout
+        .status
+        .as_ref()
+        .map(|s| s.routed_objects.clone())
+        .unwrap_or_default();
+    let mut leftovers = Vec::new();
+    for object in recorded.into_iter().filter(|o| !named.contains(o)) {
+        let marked = match object.kind.as_str() {
+            "DestinationRule" => {
+                crate::traffic::destination_rule_pinned(&ctx.client, namespace, &object.name)
+                    .await?
+                    .unwrap_or(false)
+            }
+            _ => {
+                match crate::traffic::selected_revision(&ctx.client, namespace, &object.name).await
+                {
+                    Ok(selects) => selects.is_some(),
+                    Err(RouterError::Misconfigured(_)) => false,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        };
+        leftovers.push(ObservedLeftover { object, marked });
+    }
+    Ok(leftovers)
 }
 
 async fn observe_service(
@@ -565,6 +602,9 @@ async fn carry_out(ctx: &Context, world: &World, mut plan: Plan) -> Result<(), E
             (TrafficWrite::Route { .. }, None) => Ok(()),
             (TrafficWrite::Selector { service, revision }, _) => {
                 crate::traffic::point_service(&ctx.client, &namespace, service, revision).await
+            }
+            (TrafficWrite::Release(object), _) => {
+                crate::traffic::release(&ctx.client, &namespace, &object.kind, &object.name).await
             }
         };
         match written {

@@ -8,7 +8,7 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use super::events::Reason;
 use crate::analysis::run::ResolvedAnalysis;
 use crate::api::errorbudget::BudgetAction;
-use crate::api::rollout::{RolloutSpec, RolloutStatus};
+use crate::api::rollout::{RolloutSpec, RolloutStatus, RoutedObject};
 use crate::traffic::{Targets, TrafficState};
 
 /// A ReplicaSet of this Rollout as observed.
@@ -39,6 +39,14 @@ pub struct ObservedService {
     pub selects: Option<String>,
     /// False when the Service does not exist.
     pub exists: bool,
+}
+
+/// An object Sluice once marked, that the spec no longer names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObservedLeftover {
+    pub object: RoutedObject,
+    /// Whether it still carries the revision label (false also when it is gone).
+    pub marked: bool,
 }
 
 /// An ErrorBudget that targets this Rollout and has a policy action in force.
@@ -85,6 +93,8 @@ pub struct Observed {
     pub services: Vec<ObservedService>,
     /// ErrorBudgets targeting this Rollout whose policy freezes or rolls back.
     pub budgets: Vec<BudgetHold>,
+    /// Objects in `status.routedObjects` that the spec no longer names.
+    pub leftovers: Vec<ObservedLeftover>,
     pub now: Timestamp,
 }
 
@@ -114,6 +124,8 @@ pub enum TrafficWrite {
     },
     /// A Service's selector pointed at a revision (blue-green without a router).
     Selector { service: String, revision: String },
+    /// The revision label taken back from an object the Rollout no longer routes through.
+    Release(RoutedObject),
 }
 
 /// A Kubernetes Event to record.

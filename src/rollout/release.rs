@@ -8,12 +8,16 @@ use std::time::Duration;
 use k8s_openapi::jiff::Timestamp;
 
 use super::events::Reason;
+#[cfg(test)]
+use super::model::ObservedLeftover;
 use super::model::{
     Observed, ObservedReplicaSet, ObservedTraffic, PlannedEvent, TrafficIntent, TrafficWrite, until,
 };
 use super::runs::{self, RunName};
 use crate::api::analysis::AnalysisPhase;
-use crate::api::rollout::{PauseCondition, PauseReason, RolloutPhase, RolloutStatus};
+use crate::api::rollout::{
+    PauseCondition, PauseReason, RolloutPhase, RolloutSpec, RolloutStatus, RoutedObject,
+};
 use crate::conditions;
 use crate::traffic::Targets;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -135,6 +139,66 @@ pub fn unhandled(status: &RolloutStatus) -> Intents {
         retry: fresh(&status.retry, &handled.retry),
         override_freeze: fresh(&status.override_freeze, &handled.override_freeze),
     }
+}
+
+/// The objects in the Rollout's namespace whose revision label Sluice sets for this spec:
+/// the DestinationRule's subsets, and the Services whose selectors it points.
+pub fn routed_objects(spec: &RolloutSpec) -> Vec<RoutedObject> {
+    let object = |kind: &str, name: &str| RoutedObject {
+        kind: kind.to_string(),
+        name: name.to_string(),
+    };
+    let mut objects = Vec::new();
+    let strategy = &spec.strategy;
+    if let Some(canary) = &strategy.canary
+        && let Some(routing) = &canary.traffic_routing
+    {
+        if let Some(dr) = routing
+            .istio
+            .as_ref()
+            .and_then(|i| i.destination_rule.as_ref())
+        {
+            objects.push(object("DestinationRule", &dr.name));
+        }
+        for service in [&canary.stable_service, &canary.canary_service]
+            .into_iter()
+            .flatten()
+        {
+            objects.push(object("Service", service));
+        }
+    }
+    if let Some(bg) = &strategy.blue_green {
+        let routing = bg.traffic_routing.as_ref();
+        if let Some(dr) = routing
+            .and_then(|r| r.istio.as_ref())
+            .and_then(|i| i.destination_rule.as_ref())
+        {
+            objects.push(object("DestinationRule", &dr.name));
+        }
+        // Without a router the selectors are the switch; with one, only host-level routing
+        // (a preview Service) points them.
+        if routing.is_none() || bg.preview_service.is_some() {
+            objects.push(object("Service", &bg.active_service));
+            objects.extend(bg.preview_service.iter().map(|p| object("Service", p)));
+        }
+    }
+    objects.sort();
+    objects.dedup();
+    objects
+}
+
+/// What Sluice marks now, and the writes that take the label back from objects the spec no
+/// longer names (kept on the list until they are seen unmarked, so a failed write is retried).
+pub fn take_back(o: &Observed) -> (Vec<RoutedObject>, Vec<TrafficWrite>) {
+    let mut marked = routed_objects(&o.spec);
+    let mut writes = Vec::new();
+    for leftover in o.leftovers.iter().filter(|l| l.marked) {
+        marked.push(leftover.object.clone());
+        writes.push(TrafficWrite::Release(leftover.object.clone()));
+    }
+    marked.sort();
+    marked.dedup();
+    (marked, writes)
 }
 
 /// Whether a person holds the release: `spec.paused`, or a `kubectl sluice pause` newer than
@@ -321,6 +385,7 @@ mod tests {
             background: None,
             services: Vec::new(),
             budgets: Vec::new(),
+            leftovers: Vec::new(),
             now: t(0),
         }
     }
@@ -408,6 +473,38 @@ mod tests {
             };
             assert_eq!(route_writes(&o, &intent), case.writes, "{}", case.what);
         }
+    }
+
+    #[test]
+    fn what_sluice_marked_is_taken_back_once_the_spec_stops_naming_it() {
+        let routed: RolloutSpec = serde_json::from_value(serde_json::json!({
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {"metadata": {"labels": {"app": "web"}}, "spec": {"containers": [{"name": "web", "image": "web:1"}]}},
+            "strategy": {"canary": {"trafficRouting": {"istio": {
+                "virtualService": {"name": "web"},
+                "destinationRule": {"name": "web", "stableSubset": "stable", "canarySubset": "canary"}}}}}
+        }))
+        .unwrap();
+        let dr = RoutedObject {
+            kind: "DestinationRule".into(),
+            name: "web".into(),
+        };
+        let mut o = world(None, ObservedTraffic::None);
+        o.spec = routed.clone();
+        assert_eq!(take_back(&o), (vec![dr.clone()], vec![]));
+        // Routing removed: the subsets still carry the label, so it is taken back, and the
+        // DestinationRule stays listed until it is seen unmarked.
+        o.spec.strategy.canary.as_mut().unwrap().traffic_routing = None;
+        o.leftovers = vec![ObservedLeftover {
+            object: dr.clone(),
+            marked: true,
+        }];
+        assert_eq!(
+            take_back(&o),
+            (vec![dr.clone()], vec![TrafficWrite::Release(dr.clone())])
+        );
+        o.leftovers[0].marked = false;
+        assert_eq!(take_back(&o), (vec![], vec![]));
     }
 
     #[test]

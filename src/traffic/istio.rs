@@ -225,6 +225,34 @@ pub fn point_subsets(
     Ok(changed)
 }
 
+/// Removes the revision label from every subset that has it. Returns whether anything changed.
+pub fn unpin_subsets(spec: &mut Value) -> bool {
+    let mut changed = false;
+    for subset in spec
+        .get_mut("subsets")
+        .and_then(Value::as_array_mut)
+        .into_iter()
+        .flatten()
+    {
+        if let Some(labels) = subset.get_mut("labels").and_then(Value::as_object_mut) {
+            changed |= labels.remove(HASH_LABEL).is_some();
+        }
+    }
+    changed
+}
+
+/// Whether any subset carries the revision label.
+pub fn subsets_pinned(spec: &Value) -> bool {
+    spec.get("subsets")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .any(|s| {
+            s.pointer(&format!("/labels/{}", HASH_LABEL.replace('/', "~1")))
+                .is_some()
+        })
+}
+
 /// The revisions the two subsets select now.
 pub fn read_subsets(
     spec: &Value,

@@ -230,6 +230,64 @@ fn agreed(weights: &[Option<i32>]) -> Option<i32> {
     weights.iter().all(|w| *w == Some(first)).then_some(first)
 }
 
+/// Whether a DestinationRule still carries the revision label (`None`: it does not exist).
+pub async fn destination_rule_pinned(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<bool>, RouterError> {
+    let api = Api::<DynamicObject>::namespaced_with(
+        client.clone(),
+        namespace,
+        &gvk("networking.istio.io", "v1", "DestinationRule"),
+    );
+    Ok(api
+        .get_opt(name)
+        .await?
+        .map(|dr| istio::subsets_pinned(dr.data.get("spec").unwrap_or(&Value::Null))))
+}
+
+/// Takes the revision label back from an object the Rollout no longer routes through: the
+/// DestinationRule's subsets, or the Service's selector key. A missing object is fine.
+pub async fn release(
+    client: &Client,
+    namespace: &str,
+    kind: &str,
+    name: &str,
+) -> Result<(), RouterError> {
+    match kind {
+        "DestinationRule" => {
+            let api = Api::<DynamicObject>::namespaced_with(
+                client.clone(),
+                namespace,
+                &gvk("networking.istio.io", "v1", "DestinationRule"),
+            );
+            let Some(mut dr) = api.get_opt(name).await? else {
+                return Ok(());
+            };
+            if let Some(spec) = dr.data.get_mut("spec")
+                && istio::unpin_subsets(spec)
+            {
+                replace(&api, &dr, "DestinationRule").await?;
+            }
+            Ok(())
+        }
+        _ => {
+            let api: Api<Service> = Api::namespaced(client.clone(), namespace);
+            let patch = json!({"spec": {"selector": {HASH_LABEL: null}}});
+            let params = PatchParams {
+                field_manager: Some(crate::FIELD_MANAGER.into()),
+                ..PatchParams::default()
+            };
+            match api.patch(name, &params, &Patch::Merge(&patch)).await {
+                Ok(_) => Ok(()),
+                Err(e) if crate::k8s::is_not_found(&e) => Ok(()),
+                Err(e) => Err(e.into()),
+            }
+        }
+    }
+}
+
 /// The revision a Service's selector names (`Ok(None)`: none), or `Misconfigured` when the
 /// Service does not exist.
 pub async fn selected_revision(
