@@ -1112,4 +1112,117 @@ mod tests {
         assert!(late.status.aborted_at.is_none());
         assert_eq!(late.status.stable_revision.as_deref(), Some("old"));
     }
+
+    fn arb_phase() -> impl proptest::strategy::Strategy<Value = Option<AnalysisPhase>> {
+        use proptest::prelude::*;
+        proptest::option::of(prop_oneof![
+            Just(AnalysisPhase::Pending),
+            Just(AnalysisPhase::Running),
+            Just(AnalysisPhase::Successful),
+            Just(AnalysisPhase::Failed),
+            Just(AnalysisPhase::Inconclusive),
+            Just(AnalysisPhase::Error),
+        ])
+    }
+
+    fn run(
+        name: RunName,
+        revision: &str,
+        phase: AnalysisPhase,
+    ) -> crate::api::analysis::AnalysisRunStatus {
+        crate::api::analysis::AnalysisRunStatus {
+            name: name.to_string(),
+            revision: revision.into(),
+            phase,
+            started_at: Time(t(0)),
+            finished_at: None,
+            message: Some("m".into()),
+            metrics: vec![],
+        }
+    }
+
+    proptest::prop_compose! {
+        /// Any blue-green world: in preview or switched, analyses in any phase, any request,
+        /// pods in any state, routed or not.
+        fn arb_world()(
+            switched in proptest::bool::ANY,
+            aborted in proptest::bool::ANY,
+            requested in proptest::bool::ANY,
+            ready_since in proptest::option::of(0..60i64),
+            pre in arb_phase(),
+            post in arb_phase(),
+            promote in proptest::bool::ANY,
+            promote_full in proptest::bool::ANY,
+            abort in proptest::bool::ANY,
+            new_available in 0..4i32,
+            old_available in 0..4i32,
+            observed_weight in proptest::option::of(0..=100i32),
+            routed in proptest::bool::ANY,
+            now in 0..120i64,
+        ) -> (Observed, bool) {
+            let analyses = serde_json::json!({
+                "autoPromotion": {"enabled": true, "after": "10s"},
+                "prePromotionAnalysis": {"metrics": [{"name": "m", "prometheus": {"query": "q"}, "successCondition": "true"}]},
+                "postPromotionAnalysis": {"metrics": [{"name": "m", "prometheus": {"query": "q"}, "successCondition": "true"}]}
+            });
+            let mut status = if switched { active("new") } else { active("old") };
+            if switched {
+                status.previous_revision = Some("old".into());
+                status.blue_green = Some(BlueGreenStatus { switched_at: Some(MicroTime(t(0))), ..BlueGreenStatus::default() });
+            } else {
+                status.canary_revision = Some("new".into());
+                status.blue_green = Some(BlueGreenStatus {
+                    preview_ready_at: ready_since.map(|s| MicroTime(t(s))),
+                    promotion_requested: requested.then_some(true),
+                    ..BlueGreenStatus::default()
+                });
+            }
+            if aborted && !switched { status.aborted_at = Some(Time(t(0))); }
+            if let Some(phase) = pre { status.analysis_runs.push(run(RunName::PrePromotion, "new", phase)); }
+            if let Some(phase) = post { status.analysis_runs.push(run(RunName::PostPromotion, "new", phase)); }
+            if promote { status.promote = intent("p"); }
+            if promote_full { status.promote_full = intent("f"); }
+            if abort { status.abort = intent("a"); }
+            let mut o = observed(spec(analyses), status, vec![rs("old", 3), rs("new", 3)], now);
+            o.replica_sets[0].available = old_available;
+            o.replica_sets[1].available = new_available;
+            o.traffic = if routed {
+                ObservedTraffic::State(TrafficState { canary_weight: observed_weight, targets_match: true })
+            } else {
+                ObservedTraffic::None
+            };
+            (o, aborted && !switched)
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn blue_green_never_sends_traffic_where_it_must_not(
+            (o, aborted) in arb_world()
+        ) {
+            let plan = plan(&o);
+            let weight = plan.traffic.as_ref().map_or(0, |t| t.canary_weight);
+            proptest::prop_assert!((0..=100).contains(&weight));
+            let preview_available = o.replica_sets[1].available;
+            if preview_available == 0 {
+                proptest::prop_assert_eq!(weight, 0, "no traffic to a preview without pods");
+            }
+            if aborted && o.status.retry.is_none() {
+                proptest::prop_assert_eq!(weight, 0);
+                proptest::prop_assert_eq!(plan.promoted.as_deref(), None, "an aborted preview never switches");
+            }
+            let pre_failed = o.status.analysis_runs.iter().any(|r| {
+                r.name == RunName::PrePromotion.to_string() && r.phase == AnalysisPhase::Failed
+            });
+            if pre_failed && o.status.promote_full.is_none() && o.status.previous_revision.is_none() {
+                proptest::prop_assert_eq!(plan.promoted.as_deref(), None, "a failed pre-promotion analysis never switches");
+            }
+            let post_failed = o.status.analysis_runs.iter().any(|r| {
+                r.name == RunName::PostPromotion.to_string() && r.phase == AnalysisPhase::Failed
+            });
+            if o.status.previous_revision.is_some() && post_failed {
+                proptest::prop_assert_eq!(plan.status.stable_revision.as_deref(), Some("old"), "a failed post-promotion analysis switches back");
+            }
+        }
+    }
 }
