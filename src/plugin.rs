@@ -344,6 +344,74 @@ pub fn render_budget(budget: &ErrorBudget) -> String {
     out
 }
 
+/// `kubectl sluice budget --rules`: Prometheus recording rules for the error ratio over every
+/// window Sluice evaluates, and the three multiwindow burn-rate alerts (the Sloth and Pyrra
+/// shape), so the SLO pages people even where Sluice is not running.
+pub fn render_rules(budget: &ErrorBudget) -> Result<String, String> {
+    use crate::analysis::template::{TemplateVars, render};
+    use crate::errorbudget::{plan, slo};
+    let spec = &budget.spec;
+    let name = budget.name_any();
+    let namespace = budget.namespace().unwrap_or_default();
+    let error_budget = crate::api::errorbudget::Objective::parse(&spec.objective)?.budget();
+    let ratio = &spec.indicator.ratio;
+    let record = |window: &str| format!("sluice:errorbudget_error_ratio:rate{window}");
+    let labels = json!({"sluice_errorbudget": name, "sluice_namespace": namespace});
+    let selector = format!(r#"{{sluice_errorbudget="{name}",sluice_namespace="{namespace}"}}"#);
+    let mut rules = Vec::new();
+    for window in plan::windows(spec) {
+        let text = plan::window_text(window);
+        let vars = TemplateVars {
+            window: Some(text.clone()),
+            ..TemplateVars::default()
+        };
+        let total = render(&ratio.total, &vars).map_err(|e| e.to_string())?;
+        let expr = match (&ratio.errors, &ratio.good) {
+            (Some(errors), _) => {
+                let errors = render(errors, &vars).map_err(|e| e.to_string())?;
+                format!("({errors})\n/\n({total})")
+            }
+            (None, Some(good)) => {
+                let good = render(good, &vars).map_err(|e| e.to_string())?;
+                format!("1 - (({good})\n/\n({total}))")
+            }
+            (None, None) => return Err("the ratio names neither errors nor good".into()),
+        };
+        rules.push(json!({"record": record(&text), "expr": expr, "labels": labels}));
+    }
+    for alert in slo::burn_alerts(spec.window.as_std()) {
+        let long = plan::window_text(alert.long);
+        let short = plan::window_text(alert.short);
+        let threshold = alert.factor * error_budget;
+        let severity = if alert.name == "SlowBurn" {
+            "ticket"
+        } else {
+            "page"
+        };
+        rules.push(json!({
+            "alert": format!("ErrorBudget{}", alert.name),
+            "expr": format!(
+                "{}{selector} > {threshold}\nand\n{}{selector} > {threshold}",
+                record(&long),
+                record(&short)
+            ),
+            "labels": {"severity": severity, "sluice_errorbudget": name, "sluice_namespace": namespace},
+            "annotations": {
+                "summary": format!(
+                    "ErrorBudget {namespace}/{name} burns over {:.1}x ({long} and {short})",
+                    alert.factor
+                ),
+                "description": format!(
+                    "{}% objective over {}: at this rate the budget is spent early. `kubectl sluice budget {namespace}/{name}` shows it.",
+                    spec.objective, spec.window
+                ),
+            },
+        }));
+    }
+    let document = json!({"groups": [{"name": format!("sluice-errorbudget-{namespace}-{name}"), "rules": rules}]});
+    serde_yaml::to_string(&document).map_err(|e| e.to_string())
+}
+
 /// The template a revision was declared with, for `undo`: the copy Sluice keeps in the
 /// ReplicaSet's annotation (exact, so the revision hashes the same and its ReplicaSet is
 /// reused), else (ReplicaSets made before that annotation) the ReplicaSet's template with the
@@ -445,6 +513,33 @@ mod tests {
             text.contains("shop/checkout (policy in force: FreezePromotions)"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn rules_record_every_window_and_alert_on_both_windows() {
+        let budget: ErrorBudget = serde_json::from_value(json!({
+            "apiVersion": "sluice.dev/v1alpha1", "kind": "ErrorBudget",
+            "metadata": {"name": "avail", "namespace": "shop"},
+            "spec": {"objective": "99.9", "window": "30d",
+                     "indicator": {"ratio": {"errors": "sum(rate(e[{{window}}]))", "total": "sum(rate(t[{{window}}]))"}}}
+        }))
+        .unwrap();
+        let rules: serde_json::Value =
+            serde_yaml::from_str(&render_rules(&budget).unwrap()).unwrap();
+        let rules = rules["groups"][0]["rules"].as_array().unwrap();
+        let records: Vec<&str> = rules.iter().filter_map(|r| r["record"].as_str()).collect();
+        assert_eq!(records.len(), 6, "{records:?}");
+        assert!(records.contains(&"sluice:errorbudget_error_ratio:rate5m"));
+        let fast = rules
+            .iter()
+            .find(|r| r["alert"] == "ErrorBudgetFastBurn")
+            .unwrap();
+        let expr = fast["expr"].as_str().unwrap();
+        assert!(
+            expr.contains("rate1h") && expr.contains("rate5m") && expr.contains("and"),
+            "{expr}"
+        );
+        assert!(expr.contains("> 0.0144"), "{expr}");
     }
 
     #[test]

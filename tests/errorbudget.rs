@@ -447,3 +447,36 @@ async fn the_canary_is_judged_by_its_own_burn_rate_not_the_diluted_service_wide_
     assert_eq!(canary_weight(&ns).await, Some(0));
     ns.delete().await;
 }
+
+#[tokio::test]
+#[ignore = "needs the local cluster: make test"]
+async fn the_printed_rules_pass_promtool() {
+    let ns = TestNamespace::new("rules").await;
+    let (errors, total) = ratio_queries(&ns.name);
+    let thirty_days = json!({"objective": "99.9", "window": "30d", "burnRateWindows": []});
+    create(
+        &ns,
+        &budget(&ns.name, "avail", &errors, &total, thirty_days),
+    )
+    .await
+    .unwrap();
+    let rules = plugin(&["budget", "--rules", &format!("{}/avail", ns.name)]);
+    let file = std::env::temp_dir().join(format!("sluice-rules-{}.yaml", ns.name));
+    std::fs::write(&file, &rules).unwrap();
+    // promtool ships in Debian's prometheus package, which the local cluster installs.
+    let checked = std::process::Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&file)
+        .output()
+        .expect("promtool runs");
+    let _ = std::fs::remove_file(&file);
+    assert!(
+        checked.status.success(),
+        "promtool refused the rules: {}\n{}\n{rules}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    let said = String::from_utf8_lossy(&checked.stdout);
+    assert!(said.contains("SUCCESS: 9 rules found"), "{said}");
+    ns.delete().await;
+}

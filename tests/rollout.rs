@@ -99,11 +99,7 @@ async fn a_bad_canary_is_rolled_back_by_analysis() {
     let ns = TestNamespace::new("bad").await;
     let _controller = start_controller(&ns.name).await;
     routing(&ns).await;
-    let window = "[10s]";
-    let query = format!(
-        r#"sum(rate(istio_requests_total{{destination_service_namespace="{{{{rollout.namespace}}}}",reporter="destination",destination_canonical_revision="{{{{canary.revision}}}}",response_code=~"5.."}}{window}))
-           / sum(rate(istio_requests_total{{destination_service_namespace="{{{{rollout.namespace}}}}",reporter="destination",destination_canonical_revision="{{{{canary.revision}}}}"}}{window}))"#
-    );
+    let query = CANARY_ERROR_RATE;
     let analysis = json!({"interval": "3s", "initialDelay": "4s", "failureLimit": 0, "inconclusiveLimit": 20,
                           "metrics": [{"name": "error-rate", "prometheus": {"query": query}, "successCondition": "result < 0.05"}]});
     let steps = json!([{"setWeight": 30}, {"pause": {}}]);
@@ -370,7 +366,7 @@ async fn removing_traffic_routing_takes_back_the_revision_labels() {
 }
 
 fn background_analysis(interval: &str) -> Value {
-    let query = r#"(sum(rate(istio_requests_total{destination_service_namespace="{{rollout.namespace}}",reporter="destination",destination_canonical_revision="{{canary.revision}}",response_code=~"5.."}[10s])) or vector(0)) / sum(rate(istio_requests_total{destination_service_namespace="{{rollout.namespace}}",reporter="destination",destination_canonical_revision="{{canary.revision}}"}[10s]))"#;
+    let query = CANARY_ERROR_RATE;
     json!({"interval": interval, "failureLimit": 0, "inconclusiveLimit": 50, "consecutiveErrorLimit": 2,
            "metrics": [{"name": "error-rate", "prometheus": {"query": query}, "successCondition": "result < 0.05"}]})
 }
@@ -788,7 +784,7 @@ async fn selects(ns: &TestNamespace, service: &str) -> Option<String> {
 }
 
 fn error_rate_analysis(count: i32) -> Value {
-    let query = r#"(sum(rate(istio_requests_total{destination_service_namespace="{{rollout.namespace}}",reporter="destination",destination_canonical_revision="{{canary.revision}}",response_code=~"5.."}[10s])) or vector(0)) / sum(rate(istio_requests_total{destination_service_namespace="{{rollout.namespace}}",reporter="destination",destination_canonical_revision="{{canary.revision}}"}[10s]))"#;
+    let query = CANARY_ERROR_RATE;
     json!({"interval": "2s", "initialDelay": "6s", "count": count, "inconclusiveLimit": 10,
            "metrics": [{"name": "error-rate", "prometheus": {"query": query}, "successCondition": "result < 0.05"}]})
 }

@@ -89,6 +89,9 @@ enum Command {
         /// Redraw every two seconds until interrupted.
         #[arg(short, long)]
         watch: bool,
+        /// Print Prometheus recording and multiwindow alerting rules for this SLO instead.
+        #[arg(long, conflicts_with = "watch")]
+        rules: bool,
     },
     /// Print the plugin version.
     Version,
@@ -168,13 +171,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             record(&client, target(&rollout), kind, user, reason).await
         }
-        Command::Budget { budget, watch } => {
+        Command::Budget {
+            budget,
+            watch,
+            rules,
+        } => {
             let (ns, name) = target(&budget);
             let api: Api<ErrorBudget> = Api::namespaced(client.clone(), &ns);
             loop {
                 let budget = api.get_opt(&name).await?.with_context(|| {
                     format!("ErrorBudget {ns}/{name} not found (kubectl get errorbudgets -A)")
                 })?;
+                if rules {
+                    print!(
+                        "{}",
+                        plugin::render_rules(&budget).map_err(anyhow::Error::msg)?
+                    );
+                    return Ok(());
+                }
                 let text = plugin::render_budget(&budget);
                 if !watch {
                     print!("{text}");

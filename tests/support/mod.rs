@@ -33,6 +33,10 @@ pub fn prometheus_url() -> String {
     std::env::var("SLUICE_PROMETHEUS_URL").unwrap_or_else(|_| "http://127.0.0.1:19090".into())
 }
 
+/// The canary's error ratio over 10 s, as Istio's metrics give it (0 while it has requests
+/// and no errors; no data while it has no requests).
+pub const CANARY_ERROR_RATE: &str = r#"(sum(rate(istio_requests_total{destination_service_namespace="{{rollout.namespace}}",reporter="destination",destination_canonical_revision="{{canary.revision}}",response_code=~"5.."}[10s])) or vector(0)) / sum(rate(istio_requests_total{destination_service_namespace="{{rollout.namespace}}",reporter="destination",destination_canonical_revision="{{canary.revision}}"}[10s]))"#;
+
 /// A namespace of its own for each test.
 /// Deleted when the test is done, even when it panics (see `Drop`).
 pub struct TestNamespace {
