@@ -560,7 +560,8 @@ async fn apply(cached: Arc<Rollout>, state: &State) -> Result<Action, Error> {
     // any query is awaited: when the plan acts on one, it is carried out at once and the
     // measurements wait for the next reconcile, which follows immediately.
     let before = plan::plan(&world.observed);
-    if before.status.handled_intents != world.observed.status.handled_intents {
+    let handled = |status: &RolloutStatus| status.handled_intents.clone().unwrap_or_default();
+    if handled(&before.status) != handled(&world.observed.status) {
         carry_out(ctx, &world, before).await?;
         return Ok(Action::requeue(Duration::ZERO));
     }
