@@ -524,8 +524,8 @@ mod tests {
                      "indicator": {"ratio": {"errors": "sum(rate(e[{{window}}]))", "total": "sum(rate(t[{{window}}]))"}}}
         }))
         .unwrap();
-        let rules: serde_json::Value =
-            serde_yaml::from_str(&render_rules(&budget).unwrap()).unwrap();
+        let text = render_rules(&budget).unwrap();
+        let rules: serde_json::Value = serde_yaml::from_str(&text).unwrap();
         let rules = rules["groups"][0]["rules"].as_array().unwrap();
         let records: Vec<&str> = rules.iter().filter_map(|r| r["record"].as_str()).collect();
         assert_eq!(records.len(), 6, "{records:?}");
