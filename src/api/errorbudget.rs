@@ -73,7 +73,8 @@ pub struct ErrorBudgetSpec {
     #[schemars(length(max = 8))]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["whenConsumed".into()]))]
     pub policy: Vec<BudgetPolicy>,
-    /// Rollouts this budget protects (the `Rollback` action aborts their releases).
+    /// Rollouts this budget protects: `FreezePromotions` holds their new revisions on stable,
+    /// `Rollback` aborts their releases in flight and rolls back recent ones.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64))]
     pub targets: Vec<BudgetTarget>,
@@ -110,14 +111,20 @@ pub struct RatioIndicator {
 }
 
 /// An action taken once a share of the budget is consumed.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.rollbackWindow) || self.action == 'Rollback'").message("rollbackWindow applies only to the Rollback action"))]
 pub struct BudgetPolicy {
     /// Percent of the budget consumed (0 to 100) at which the action applies.
     #[schemars(range(min = 0, max = 100))]
     pub when_consumed: i32,
     /// What to do.
     pub action: BudgetAction,
+    /// `Rollback` only: a release that completed less than this long ago is rolled back to
+    /// the revision before it (if its ReplicaSet still exists), without editing the spec.
+    /// Default `1h`; `0s` rolls back only releases in flight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback_window: Option<Duration>,
 }
 
 /// What an ErrorBudget policy does.
@@ -127,7 +134,8 @@ pub enum BudgetAction {
     Notify,
     /// Pipelines will not promote into the stages this budget gates.
     FreezePromotions,
-    /// Abort in-flight releases of the targets: traffic back to stable.
+    /// Abort in-flight releases of the targets (traffic back to stable), and roll back a
+    /// release that completed within `rollbackWindow` to the revision before it.
     Rollback,
 }
 

@@ -488,6 +488,36 @@ pub struct FreezeOverride {
     pub at: Time,
 }
 
+/// The last release that completed: what became stable, what it replaced, and when.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Promotion {
+    /// The revision that became stable.
+    pub revision: String,
+    /// The stable revision before it (what an ErrorBudget rollback returns to).
+    pub previous: String,
+    /// When it became stable.
+    pub at: Time,
+}
+
+/// An ErrorBudget rolled a completed release back to the revision before it. The spec is
+/// not edited: while this is set, the template's revision (`revision`) is not released again
+/// until the template changes or `kubectl sluice retry`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BudgetRollback {
+    /// The revision rolled back (the one the template declares).
+    pub revision: String,
+    /// The revision running instead.
+    pub to: String,
+    /// `namespace/name` of the ErrorBudget.
+    pub budget: String,
+    /// What the budget said when it acted.
+    pub reason: String,
+    /// When the rollback was decided.
+    pub at: Time,
+}
+
 /// What the operator observed and decided. Written only by the operator, except the intent
 /// fields (`abort`, `promote`, `promoteFull`, `retry`, `pause`, `resume`), which only
 /// `kubectl sluice` writes.
@@ -594,6 +624,12 @@ pub struct RolloutStatus {
     /// The freeze override in force, recorded for the audit trail.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub freeze_override: Option<FreezeOverride>,
+    /// The last release that completed (for an ErrorBudget's rollback window).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_promotion: Option<Promotion>,
+    /// Set while an ErrorBudget's rollback of a completed release is in force.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget_rollback: Option<BudgetRollback>,
     /// The intents the operator has acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handled_intents: Option<HandledIntents>,

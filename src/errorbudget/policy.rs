@@ -10,10 +10,12 @@ pub fn default_policy() -> Vec<BudgetPolicy> {
         BudgetPolicy {
             when_consumed: 80,
             action: BudgetAction::FreezePromotions,
+            rollback_window: None,
         },
         BudgetPolicy {
             when_consumed: 95,
             action: BudgetAction::Rollback,
+            rollback_window: None,
         },
     ]
 }
@@ -69,6 +71,7 @@ mod tests {
         policy.push(BudgetPolicy {
             when_consumed: 50,
             action: BudgetAction::Notify,
+            rollback_window: None,
         });
         let table = [
             (0.0, BudgetPhase::Healthy, None),
@@ -96,6 +99,7 @@ mod tests {
         let notify = [BudgetPolicy {
             when_consumed: 50,
             action: BudgetAction::Notify,
+            rollback_window: None,
         }];
         assert_eq!(
             judge(100.0, &notify),

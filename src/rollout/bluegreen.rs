@@ -22,6 +22,7 @@ use super::release::{
 };
 use super::runs::RunName;
 use crate::api::analysis::AnalysisPhase;
+use crate::api::errorbudget::BudgetAction;
 use crate::api::rollout::{
     BlueGreenStatus, BlueGreenStrategy, HandledIntents, PauseCondition, PauseReason, RolloutPhase,
     RolloutStatus, TrafficWeights,
@@ -148,6 +149,23 @@ pub fn plan(o: &Observed, bg: &BlueGreenStrategy) -> Plan {
         }
     }
 
+    // ErrorBudget policy in flight: a freeze holds the promotion, a rollback aborts the
+    // preview or switches straight back.
+    let freeze = o
+        .budgets
+        .iter()
+        .find(|b| b.action != BudgetAction::Notify)
+        .cloned();
+    let rollback = o
+        .budgets
+        .iter()
+        .find(|b| b.action == BudgetAction::Rollback)
+        .cloned();
+    status
+        .pause_conditions
+        .retain(|c| c.reason != PauseReason::BudgetFreeze);
+    let mut budget_hold = None;
+
     let mut switch_to: Option<String> = None;
     let mut switch_back = None;
     let mut desired_weight = 0;
@@ -163,7 +181,12 @@ pub fn plan(o: &Observed, bg: &BlueGreenStrategy) -> Plan {
         if has_post && post.is_none() {
             start_runs.push((RunName::PostPromotion, stable.clone()));
         }
-        if let Some(id) = intents.abort.clone() {
+        if let Some(hold) = &rollback {
+            switch_back = Some((
+                Reason::AbortedByErrorBudget,
+                format!("{}: switched back to {previous}", hold.describe()),
+            ));
+        } else if let Some(id) = intents.abort.clone() {
             handled.abort = Some(id);
             switch_back = Some((
                 Reason::AbortedByUser,
@@ -250,6 +273,26 @@ pub fn plan(o: &Observed, bg: &BlueGreenStrategy) -> Plan {
                 event(true, Reason::AbortedByUser, message);
             }
         }
+        if let Some(hold) = &rollback
+            && status.aborted_at.is_none()
+        {
+            status.aborted_at = Some(Time(o.now));
+            status.pause_conditions.clear();
+            let message = format!(
+                "{}: preview of {preview} aborted; {stable} stays active",
+                hold.describe()
+            );
+            conditions::set(
+                &mut status.conditions,
+                "Aborted",
+                true,
+                Reason::AbortedByErrorBudget.as_str(),
+                message.clone(),
+                o.generation,
+                o.now,
+            );
+            event(true, Reason::AbortedByErrorBudget, message);
+        }
         if status.aborted_at.is_none() {
             let preview_size = bg.preview_replica_count.unwrap_or(replicas).min(replicas);
             let ready = available(&preview) >= preview_size.max(1);
@@ -329,7 +372,14 @@ pub fn plan(o: &Observed, bg: &BlueGreenStrategy) -> Plan {
                     .pause_conditions
                     .retain(|c| c.reason != PauseReason::UserPause);
             }
-            let held = paused_by_person(o);
+            if let Some(hold) = &freeze {
+                pause_for(&mut status, PauseReason::BudgetFreeze, o.now);
+                budget_hold = Some(format!(
+                    "promotion of {preview} held: {}; `kubectl sluice promote --override-freeze --reason TEXT` releases it anyway",
+                    hold.describe()
+                ));
+            }
+            let held = paused_by_person(o) || freeze.is_some();
             let requested_before = bgs.promotion_requested == Some(true);
             let promote = !held
                 && status.aborted_at.is_none()
@@ -577,6 +627,13 @@ pub fn plan(o: &Observed, bg: &BlueGreenStrategy) -> Plan {
             "paused (spec.paused or `kubectl sluice pause`); `kubectl sluice resume` continues"
                 .to_string(),
         )
+    } else if let Some(message) = budget_hold.filter(|_| {
+        status
+            .pause_conditions
+            .iter()
+            .any(|c| c.reason == PauseReason::BudgetFreeze)
+    }) {
+        (RolloutPhase::Paused, message)
     } else if status
         .pause_conditions
         .iter()
@@ -759,6 +816,143 @@ mod tests {
             stable_revision: Some(hash.into()),
             ..RolloutStatus::default()
         }
+    }
+
+    fn hold(action: BudgetAction) -> crate::rollout::model::BudgetHold {
+        crate::rollout::model::BudgetHold {
+            budget: "shop/avail".into(),
+            action,
+            consumed_percent: Some(96.0),
+            threshold: Some(95),
+            rollback_window: Duration::from_secs(3600),
+        }
+    }
+
+    #[test]
+    fn error_budgets_hold_abort_and_switch_back_a_blue_green_release() {
+        let new_template = || {
+            observed(
+                spec(serde_json::json!({})),
+                active("old"),
+                vec![rs("old", 3)],
+                0,
+            )
+        };
+        // Frozen: the new revision is not even previewed.
+        let mut frozen = new_template();
+        frozen.budgets = vec![hold(BudgetAction::FreezePromotions)];
+        let held = plan(&frozen);
+        assert_eq!(held.status.canary_revision, None);
+        assert_eq!(held.status.phase, Some(RolloutPhase::Paused));
+        assert!(
+            held.replica_sets
+                .iter()
+                .all(|r| r.hash != "new" || r.replicas == 0)
+        );
+
+        // A freeze during a preview holds the promotion, even one a person asked for.
+        let mut previewing = new_template();
+        previewing.replica_sets.push(rs("new", 3));
+        previewing.status = plan(&previewing).status;
+        previewing.status.promote = intent("p");
+        previewing.budgets = vec![hold(BudgetAction::FreezePromotions)];
+        let waiting = plan(&previewing);
+        assert_eq!(waiting.traffic.as_ref().unwrap().canary_weight, 0);
+        assert_eq!(waiting.status.phase, Some(RolloutPhase::Paused));
+        assert!(
+            waiting
+                .status
+                .message
+                .clone()
+                .unwrap_or_default()
+                .contains("shop/avail"),
+            "{:?}",
+            waiting.status.message
+        );
+
+        // A rollback aborts the preview.
+        previewing.budgets = vec![hold(BudgetAction::Rollback)];
+        let aborted = plan(&previewing);
+        assert!(aborted.status.aborted_at.is_some());
+        assert!(
+            aborted
+                .events
+                .iter()
+                .any(|e| e.reason == Reason::AbortedByErrorBudget)
+        );
+
+        // After the switch, while the old revision is kept: straight back to it.
+        let mut switched = new_template();
+        switched.replica_sets.push(rs("new", 3));
+        switched.status = RolloutStatus {
+            stable_revision: Some("new".into()),
+            previous_revision: Some("old".into()),
+            blue_green: Some(BlueGreenStatus {
+                switched_at: Some(MicroTime(t(0))),
+                ..BlueGreenStatus::default()
+            }),
+            ..RolloutStatus::default()
+        };
+        switched.now = t(5);
+        switched.budgets = vec![hold(BudgetAction::Rollback)];
+        let back = plan(&switched);
+        assert_eq!(back.status.stable_revision.as_deref(), Some("old"));
+        assert!(back.status.aborted_at.is_some());
+        assert!(
+            back.events
+                .iter()
+                .any(|e| e.reason == Reason::AbortedByErrorBudget)
+        );
+    }
+
+    #[test]
+    fn a_rollback_takes_back_a_switch_whose_old_revision_was_already_scaled_down() {
+        let mut o = observed(
+            spec(serde_json::json!({})),
+            RolloutStatus {
+                stable_revision: Some("new".into()),
+                last_promotion: Some(crate::api::rollout::Promotion {
+                    revision: "new".into(),
+                    previous: "old".into(),
+                    at: Time(t(0)),
+                }),
+                ..RolloutStatus::default()
+            },
+            vec![rs("new", 3), rs("old", 0)],
+            600,
+        );
+        o.budgets = vec![hold(BudgetAction::Rollback)];
+        let restoring = plan(&o);
+        assert_eq!(restoring.status.stable_revision.as_deref(), Some("new"));
+        assert!(restoring.replica_sets.contains(&ReplicaSetIntent {
+            hash: "old".into(),
+            replicas: 3,
+            scale_down_at: None
+        }));
+        o.status = restoring.status;
+        o.replica_sets = vec![rs("new", 3), rs("old", 3)];
+        let moved = plan(&o);
+        assert_eq!(moved.status.stable_revision.as_deref(), Some("old"));
+        assert_eq!(moved.status.phase, Some(RolloutPhase::Degraded));
+        assert!(matches!(
+            moved.traffic_writes.first(),
+            Some(TrafficWrite::Route { targets, .. }) if targets.stable == "old"
+        ));
+        let new_rs = moved.replica_sets.iter().find(|r| r.hash == "new").unwrap();
+        assert_eq!((new_rs.replicas, new_rs.scale_down_at.is_some()), (3, true));
+        // Later plans keep it for its delay too (blue-green scales other old ones at once).
+        o.status = moved.status;
+        o.replica_sets = vec![
+            ObservedReplicaSet {
+                scale_down_at: new_rs.scale_down_at,
+                ..rs("new", 3)
+            },
+            rs("old", 3),
+        ];
+        let later = plan(&o);
+        let new_rs = later.replica_sets.iter().find(|r| r.hash == "new").unwrap();
+        assert_eq!(new_rs.replicas, 3);
+        assert_eq!(later.status.canary_revision, None, "not previewed again");
     }
 
     #[test]

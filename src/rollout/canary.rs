@@ -22,8 +22,7 @@ use crate::analysis::run as analysis;
 use crate::api::analysis::AnalysisPhase;
 use crate::api::errorbudget::BudgetAction;
 use crate::api::rollout::{
-    CanaryStrategy, FreezeOverride, HandledIntents, PauseReason, RolloutPhase, RolloutStatus,
-    TrafficWeights,
+    CanaryStrategy, HandledIntents, PauseReason, RolloutPhase, RolloutStatus, TrafficWeights,
 };
 use crate::conditions;
 use crate::traffic::{Targets, TrafficState};
@@ -187,8 +186,8 @@ pub fn plan(o: &Observed) -> Plan {
         p.reset_release(None);
     }
 
-    // An ErrorBudget policy: a freeze holds a new revision on stable (unless a person
-    // overrode it for this revision); a rollback aborts the release in flight.
+    // ErrorBudget policy in flight (a revision held on stable, an override and a rollback of
+    // a completed release are `budget`'s): a freeze holds the steps, a rollback aborts.
     let freeze = o
         .budgets
         .iter()
@@ -199,82 +198,10 @@ pub fn plan(o: &Observed) -> Plan {
         .iter()
         .find(|b| b.action == BudgetAction::Rollback)
         .cloned();
-    if let Some(id) = intents.override_freeze.clone() {
-        p.handled.override_freeze = Some(id);
-        if freeze.is_some() && o.desired_hash != stable {
-            let intent = o.status.override_freeze.clone();
-            let by = intent.as_ref().and_then(|i| i.requested_by.clone());
-            let why = intent.as_ref().and_then(|i| i.reason.clone());
-            p.status.freeze_override = Some(FreezeOverride {
-                revision: o.desired_hash.clone(),
-                requested_by: by.clone(),
-                reason: why.clone(),
-                at: Time(o.now),
-            });
-            p.event(
-                true,
-                Reason::FreezeOverridden,
-                format!(
-                    "{} released {} despite the freeze: {}",
-                    by.as_deref().unwrap_or("a user"),
-                    o.desired_hash,
-                    why.as_deref().unwrap_or("no reason given")
-                ),
-            );
-        }
-    }
-    if p.status
-        .freeze_override
-        .as_ref()
-        .is_some_and(|f| f.revision != o.desired_hash)
-    {
-        p.status.freeze_override = None;
-    }
-    let overridden = p.status.freeze_override.is_some();
     p.status
         .pause_conditions
         .retain(|c| c.reason != PauseReason::BudgetFreeze);
-    let held_on_stable = match &freeze {
-        Some(hold)
-            if !overridden
-                && o.desired_hash != stable
-                && p.status.canary_revision.as_deref() != Some(o.desired_hash.as_str()) =>
-        {
-            Some(hold.clone())
-        }
-        _ => None,
-    };
-
-    if let Some(hold) = &held_on_stable {
-        // The new revision waits on stable: no ReplicaSet, no traffic, until the budget
-        // recovers or a person overrides the freeze.
-        if !o
-            .status
-            .pause_conditions
-            .iter()
-            .any(|c| c.reason == PauseReason::BudgetFreeze)
-        {
-            p.event(
-                true,
-                Reason::FrozenByErrorBudget,
-                format!(
-                    "release of {} held on stable: {}",
-                    o.desired_hash,
-                    hold.describe()
-                ),
-            );
-        }
-        p.budget_hold = Some(format!(
-            "release of {} held on stable {stable}: {}; `kubectl sluice promote --override-freeze --reason TEXT` releases it anyway",
-            o.desired_hash,
-            hold.describe()
-        ));
-        if p.status.canary_revision.is_some() {
-            // A release in flight superseded by a frozen revision goes back to stable.
-            p.reset_release(None);
-        }
-        p.pause(PauseReason::BudgetFreeze, o.now);
-    } else if o.desired_hash != stable
+    if o.desired_hash != stable
         && p.status.canary_revision.as_deref() != Some(o.desired_hash.as_str())
     {
         match p.status.canary_revision.clone() {
@@ -336,7 +263,7 @@ pub fn plan(o: &Observed) -> Plan {
                 ),
             );
         }
-        if let Some(hold) = freeze.as_ref().filter(|_| !overridden)
+        if let Some(hold) = &freeze
             && p.status.aborted_at.is_none()
         {
             // In flight: steps hold where they are until the budget recovers.
@@ -849,8 +776,13 @@ fn finish(mut p: Planner, steps: &[Step], desired_weight: i32, promoted: Option<
 #[cfg(test)]
 mod tests {
     use super::*;
+    // The whole planner: the ErrorBudget policy around the canary strategy.
     use crate::api::common::Intent;
-    use crate::api::rollout::{CanaryStep, PauseStep, RolloutSpec, RolloutStrategy};
+    use crate::api::rollout::{
+        CanaryStep, FreezeOverride, PauseStep, RolloutSpec, RolloutStrategy,
+    };
+    use crate::rollout::model::TrafficWrite;
+    use crate::rollout::plan::plan;
     use proptest::prelude::*;
     use std::time::Duration;
 
@@ -1284,6 +1216,7 @@ mod tests {
             action,
             consumed_percent: Some(85.0),
             threshold: Some(80),
+            rollback_window: Duration::from_secs(3600),
         }
     }
 
@@ -1367,6 +1300,154 @@ mod tests {
                 .unwrap_or_default()
                 .contains("shop/avail")
         );
+    }
+
+    /// A release of NEW that completed at `t(0)` (OLD before it, now scaled down).
+    fn just_promoted() -> Observed {
+        let status = RolloutStatus {
+            stable_revision: Some(NEW.into()),
+            last_promotion: Some(crate::api::rollout::Promotion {
+                revision: NEW.into(),
+                previous: OLD.into(),
+                at: Time(t(0)),
+            }),
+            ..RolloutStatus::default()
+        };
+        let mut o = observed(vec![weight(50)], status, 4, Some(0));
+        o.replica_sets = vec![rs(NEW, 4, 4), rs(OLD, 0, 0)];
+        o
+    }
+
+    #[test]
+    fn a_rollback_threshold_takes_back_a_release_completed_within_the_window() {
+        let mut o = just_promoted();
+        o.budgets = vec![hold(BudgetAction::Rollback)];
+
+        // First the old revision's pods; traffic stays where it is until they are available.
+        let restoring = plan(&o);
+        let record = restoring.status.budget_rollback.clone().unwrap();
+        assert_eq!((record.revision.as_str(), record.to.as_str()), (NEW, OLD));
+        assert_eq!(restoring.status.stable_revision.as_deref(), Some(NEW));
+        assert!(restoring.replica_sets.contains(&ReplicaSetIntent {
+            hash: OLD.into(),
+            replicas: 4,
+            scale_down_at: None
+        }));
+        assert_eq!(restoring.traffic.as_ref().unwrap().targets.stable, NEW);
+        assert!(restoring.traffic_writes.is_empty());
+        assert_eq!(restoring.status.phase, Some(RolloutPhase::Progressing));
+        assert!(
+            restoring
+                .events
+                .iter()
+                .any(|e| e.reason == Reason::RolledBackByErrorBudget && e.warning)
+        );
+
+        // The old revision is up: stable moves to it at once, the new one waits its delay.
+        let mut o2 = o.clone();
+        o2.status = restoring.status.clone();
+        o2.replica_sets = vec![rs(NEW, 4, 4), rs(OLD, 4, 4)];
+        let moved = plan(&o2);
+        assert_eq!(moved.status.stable_revision.as_deref(), Some(OLD));
+        assert_eq!(moved.status.canary_revision, None);
+        assert_eq!(
+            moved.traffic_writes.first(),
+            Some(&TrafficWrite::Route {
+                targets: Targets {
+                    stable: OLD.into(),
+                    canary: OLD.into()
+                },
+                canary_weight: 0
+            })
+        );
+        let new_rs = moved.replica_sets.iter().find(|r| r.hash == NEW).unwrap();
+        assert_eq!(new_rs.replicas, 4, "kept for the scale-down delay");
+        assert!(new_rs.scale_down_at.is_some());
+        assert_eq!(moved.status.phase, Some(RolloutPhase::Degraded));
+        assert_eq!(
+            moved
+                .status
+                .conditions
+                .iter()
+                .find(|c| c.type_ == "Progressing")
+                .map(|c| c.reason.as_str()),
+            Some("RolledBackByErrorBudget")
+        );
+        assert_eq!(
+            moved.status.updated_replicas,
+            Some(4),
+            "the template's pods"
+        );
+
+        // The budget recovers: the rolled-back revision is not released again by itself.
+        let mut o3 = o2.clone();
+        o3.status = moved.status.clone();
+        o3.budgets.clear();
+        let stays = plan(&o3);
+        assert_eq!(stays.status.stable_revision.as_deref(), Some(OLD));
+        assert_eq!(stays.status.canary_revision, None);
+        assert!(stays.events.is_empty(), "{:?}", stays.events);
+
+        // A person retries: it is released again, as a canary from the old revision.
+        let mut o4 = o3.clone();
+        o4.status.retry = intent("r");
+        let retried = plan(&o4);
+        assert_eq!(retried.status.budget_rollback, None);
+        assert_eq!(retried.status.canary_revision.as_deref(), Some(NEW));
+
+        // Or the template changes: that revision is released from the old one.
+        let mut o5 = o3.clone();
+        o5.desired_hash = "newer".into();
+        let next = plan(&o5);
+        assert_eq!(next.status.budget_rollback, None);
+        assert_eq!(next.status.canary_revision.as_deref(), Some("newer"));
+        assert_eq!(next.status.stable_revision.as_deref(), Some(OLD));
+    }
+
+    #[test]
+    fn a_completed_release_is_not_rolled_back_outside_the_window_or_without_its_predecessor() {
+        let mut late = just_promoted();
+        late.budgets = vec![hold(BudgetAction::Rollback)];
+        late.now = t(3600);
+        assert_eq!(plan(&late).status.budget_rollback, None, "window over");
+
+        let mut gone = just_promoted();
+        gone.budgets = vec![hold(BudgetAction::Rollback)];
+        gone.replica_sets.retain(|r| r.hash != OLD);
+        assert_eq!(plan(&gone).status.budget_rollback, None, "no ReplicaSet");
+
+        let mut frozen = just_promoted();
+        frozen.budgets = vec![hold(BudgetAction::FreezePromotions)];
+        assert_eq!(plan(&frozen).status.budget_rollback, None, "a freeze only");
+
+        let mut overridden = just_promoted();
+        overridden.budgets = vec![hold(BudgetAction::Rollback)];
+        overridden.status.freeze_override = Some(FreezeOverride {
+            revision: NEW.into(),
+            requested_by: Some("alice".into()),
+            reason: Some("P0 fix".into()),
+            at: Time(t(0)),
+        });
+        assert_eq!(
+            plan(&overridden).status.budget_rollback,
+            None,
+            "released on purpose despite the budget"
+        );
+    }
+
+    #[test]
+    fn an_override_lets_a_release_through_a_rollback_threshold() {
+        let mut o = observed(vec![weight(50), pause(None)], releasing(1), 2, Some(50));
+        o.budgets = vec![hold(BudgetAction::Rollback)];
+        o.status.freeze_override = Some(FreezeOverride {
+            revision: NEW.into(),
+            requested_by: Some("alice".into()),
+            reason: Some("P0 fix".into()),
+            at: Time(t(0)),
+        });
+        let through = plan(&o);
+        assert_eq!(through.status.aborted_at, None);
+        assert_eq!(through.traffic.unwrap().canary_weight, 50);
     }
 
     #[test]

@@ -26,6 +26,9 @@ pub enum Reason {
     FreezeOverridden,
     /// An ErrorBudget's rollback threshold aborted the release in flight.
     AbortedByErrorBudget,
+    /// An ErrorBudget's rollback threshold took a recently completed release back to the
+    /// revision before it.
+    RolledBackByErrorBudget,
 }
 
 impl Reason {
@@ -48,7 +51,22 @@ impl Reason {
             Reason::FrozenByErrorBudget => "FrozenByErrorBudget",
             Reason::FreezeOverridden => "FreezeOverridden",
             Reason::AbortedByErrorBudget => "AbortedByErrorBudget",
+            Reason::RolledBackByErrorBudget => "RolledBackByErrorBudget",
         }
+    }
+}
+
+impl Reason {
+    /// Whether the Event records an ErrorBudget policy acting (it is recorded on the budget
+    /// too).
+    pub fn is_budget_action(self) -> bool {
+        matches!(
+            self,
+            Reason::FrozenByErrorBudget
+                | Reason::FreezeOverridden
+                | Reason::AbortedByErrorBudget
+                | Reason::RolledBackByErrorBudget
+        )
     }
 }
 

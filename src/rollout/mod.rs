@@ -5,6 +5,7 @@
 //! carries out the plan's writes in the order the plan lists them.
 
 pub mod bluegreen;
+pub mod budget;
 pub mod canary;
 pub mod events;
 pub mod model;
@@ -36,7 +37,7 @@ use tokio::sync::watch;
 
 use crate::analysis::provider::{self, ProviderContext};
 use crate::analysis::run as analysis;
-use crate::api::errorbudget::ErrorBudget;
+use crate::api::errorbudget::{BudgetAction, ErrorBudget};
 use crate::api::rollout::{Rollout, RolloutStatus};
 use crate::context::Context;
 use crate::k8s::labels::{
@@ -185,11 +186,24 @@ fn budget_holds(budgets: &Store<ErrorBudget>, rollout: &Rollout) -> Vec<BudgetHo
         .filter_map(|b| {
             let status = b.status.as_ref()?;
             let action = status.active_action?;
+            let policy = if b.spec.policy.is_empty() {
+                crate::errorbudget::policy::default_policy()
+            } else {
+                b.spec.policy.clone()
+            };
+            let rollback_window = policy
+                .iter()
+                .filter(|p| p.action == BudgetAction::Rollback)
+                .find(|p| Some(p.when_consumed) == status.threshold_in_force)
+                .or_else(|| policy.iter().find(|p| p.action == BudgetAction::Rollback))
+                .and_then(|p| p.rollback_window.as_ref())
+                .map_or(budget::DEFAULT_ROLLBACK_WINDOW, |w| w.as_std());
             Some(BudgetHold {
                 budget: format!("{}/{}", b.namespace().unwrap_or_default(), b.name_any()),
                 action,
                 consumed_percent: status.consumed_percent,
                 threshold: status.threshold_in_force,
+                rollback_window,
             })
         })
         .collect();
@@ -635,6 +649,38 @@ async fn carry_out(ctx: &Context, world: &World, mut plan: Plan) -> Result<(), E
             &event.message,
         )
         .await;
+        // A policy acting is recorded on the budgets too, naming the Rollout.
+        if event.reason.is_budget_action() {
+            for hold in world
+                .observed
+                .budgets
+                .iter()
+                .filter(|h| h.action != BudgetAction::Notify)
+            {
+                let (budget_namespace, budget) =
+                    hold.budget.split_once('/').unwrap_or(("", &hold.budget));
+                let on_budget = ObjectReference {
+                    api_version: Some("sluice.dev/v1alpha1".into()),
+                    kind: Some("ErrorBudget".into()),
+                    name: Some(budget.to_string()),
+                    namespace: Some(budget_namespace.to_string()),
+                    ..ObjectReference::default()
+                };
+                let message = format!(
+                    "Rollout {namespace}/{}: {}",
+                    rollout.name_any(),
+                    event.message
+                );
+                crate::k8s::events::publish(
+                    &ctx.recorder,
+                    &on_budget,
+                    event.warning,
+                    event.reason.as_str(),
+                    &message,
+                )
+                .await;
+            }
+        }
     }
     ctx.metrics().rollout_state(
         &namespace,
@@ -707,13 +753,17 @@ async fn prune_history(
                 ),
         })
         .collect();
+    // Also the revision an ErrorBudget would roll back to, and one it rolled back.
+    let status = &plan.status;
     let keep: Vec<&str> = [
-        &plan.status.stable_revision,
-        &plan.status.canary_revision,
-        &plan.status.previous_revision,
+        status.stable_revision.as_deref(),
+        status.canary_revision.as_deref(),
+        status.previous_revision.as_deref(),
+        status.last_promotion.as_ref().map(|p| p.previous.as_str()),
+        status.budget_rollback.as_ref().map(|r| r.revision.as_str()),
     ]
     .into_iter()
-    .filter_map(|h| h.as_deref())
+    .flatten()
     .collect();
     let api: Api<ReplicaSet> =
         Api::namespaced(ctx.client.clone(), &rollout.namespace().unwrap_or_default());

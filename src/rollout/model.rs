@@ -58,6 +58,8 @@ pub struct BudgetHold {
     pub consumed_percent: Option<f64>,
     /// The `whenConsumed` threshold of the action.
     pub threshold: Option<i32>,
+    /// How recent a completed release must be for `Rollback` to take it back.
+    pub rollback_window: Duration,
 }
 
 impl BudgetHold {

@@ -4,12 +4,14 @@
 //! its status (`runs`), calls [`plan`], and carries out the [`Plan`] in order.
 
 use super::model::{Observed, Plan};
-use super::{bluegreen, canary};
+use super::{bluegreen, budget, canary};
 
-/// Plans one reconcile with the Rollout's strategy.
+/// Plans one reconcile: the ErrorBudget policy around the Rollout's strategy.
 pub fn plan(o: &Observed) -> Plan {
-    match (&o.spec.strategy.canary, &o.spec.strategy.blue_green) {
-        (None, Some(blue_green)) => bluegreen::plan(o, blue_green),
-        _ => canary::plan(o),
-    }
+    budget::plan(o, |seen| {
+        match (&seen.spec.strategy.canary, &seen.spec.strategy.blue_green) {
+            (None, Some(blue_green)) => bluegreen::plan(seen, blue_green),
+            _ => canary::plan(seen),
+        }
+    })
 }

@@ -323,6 +323,15 @@ pub fn cases() -> Vec<Case> {
             expect: "ratio needs exactly one of errors or good",
         },
         Case {
+            name: "rollback window on a freeze",
+            file: BUDGET,
+            kind: "ErrorBudget",
+            edit: |v| {
+                v["spec"]["policy"] = json!([{"whenConsumed": 80, "action": "FreezePromotions", "rollbackWindow": "1h"}])
+            },
+            expect: "rollbackWindow applies only to the Rollback action",
+        },
+        Case {
             name: "unknown policy action",
             file: BUDGET,
             kind: "ErrorBudget",
