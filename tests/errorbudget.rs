@@ -482,3 +482,135 @@ async fn the_printed_rules_pass_promtool() {
     assert!(said.contains("SUCCESS: 9 rules found"), "{said}");
     ns.delete().await;
 }
+
+/// The revision the DestinationRule's stable subset selects.
+async fn stable_subset(ns: &TestNamespace) -> Option<String> {
+    use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
+    let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(
+        "networking.istio.io",
+        "v1",
+        "DestinationRule",
+    ));
+    let api: Api<DynamicObject> = Api::namespaced_with(ns.client.clone(), &ns.name, &resource);
+    let dr = api.get("web").await.ok()?;
+    dr.data["spec"]["subsets"]
+        .as_array()?
+        .iter()
+        .find(|s| s["name"] == "stable")?["labels"]["sluice.dev/pod-template-hash"]
+        .as_str()
+        .map(String::from)
+}
+
+#[tokio::test]
+#[ignore = "needs the local cluster: make test"]
+async fn a_completed_release_is_rolled_back_without_a_spec_change_and_stays_there() {
+    let ns = TestNamespace::new("rollback").await;
+    let _controllers = start_controllers(&ns.name, prometheus_url()).await;
+    routing(&ns).await;
+    let steps = json!([{"setWeight": 50}]);
+    create(
+        &ns,
+        &without_analysis(rollout(&ns.name, "web:1", json!({}), Value::Null, steps)),
+    )
+    .await
+    .unwrap();
+    let rollouts: Api<Rollout> = Api::namespaced(ns.client.clone(), &ns.name);
+    let first = healthy(&rollouts).await;
+    set_template(&rollouts, "web:2", json!({})).await;
+    let second = wait_for("web:2 released", Duration::from_secs(90), || async {
+        let s = status(&rollouts).await?;
+        (s.phase == Some(RolloutPhase::Healthy) && s.stable_revision.as_deref() != Some(&first))
+            .then_some(s.stable_revision?)
+    })
+    .await;
+    // The revision before it is scaled down (scaleDownDelay 2s), as it would be an hour on.
+    wait_for("web:1 scaled down", Duration::from_secs(30), || async {
+        let s = status(&rollouts).await?;
+        (s.available_replicas == Some(4) && s.replicas == Some(4)).then_some(())
+    })
+    .await;
+    let generation = rollouts.get("web").await.unwrap().metadata.generation;
+
+    // The new revision burns the budget: past the Rollback threshold within the window.
+    let (errors, total) = ratio_queries(&ns.name);
+    let policy = json!({"policy": [
+        {"whenConsumed": 80, "action": "FreezePromotions"},
+        {"whenConsumed": 95, "action": "Rollback", "rollbackWindow": "10m"}
+    ]});
+    create(&ns, &budget(&ns.name, "avail", &errors, &total, policy))
+        .await
+        .unwrap();
+    fail_pods(&ns, &second, "0.5").await;
+    let crossed = wait_for("Prometheus past 95%", Duration::from_secs(90), || async {
+        let window = |q: &str| q.replace("{{window}}", "1m");
+        let bad = prometheus_value(&window(&errors)).await.unwrap_or(0.0);
+        let all = prometheus_value(&window(&total)).await?;
+        (bad / all / 0.10 >= 0.95).then(Instant::now)
+    })
+    .await;
+    wait_for("stable back on web:1", Duration::from_secs(60), || async {
+        (stable_subset(&ns).await? == first).then_some(())
+    })
+    .await;
+    println!(
+        "MEASURE 95% crossed in Prometheus -> completed release rolled back (traffic on the previous revision): {:?}",
+        crossed.elapsed()
+    );
+    let rolled_back = status(&rollouts).await.unwrap();
+    assert_eq!(rolled_back.stable_revision.as_deref(), Some(first.as_str()));
+    assert_eq!(rolled_back.phase, Some(RolloutPhase::Degraded));
+    let record = rolled_back
+        .budget_rollback
+        .expect("the rollback is recorded");
+    assert_eq!(
+        (record.revision.as_str(), record.to.as_str()),
+        (second.as_str(), first.as_str())
+    );
+    assert!(record.budget.ends_with("/avail"), "{}", record.budget);
+    // GitOps owns the spec: it is untouched.
+    let rollout = rollouts.get("web").await.unwrap();
+    assert_eq!(rollout.metadata.generation, generation);
+    assert_eq!(
+        rollout.spec.template.spec.unwrap().containers[0]
+            .image
+            .as_deref(),
+        Some("web:2")
+    );
+    // Events on both objects.
+    let events: Api<Event> = Api::namespaced(ns.client.clone(), &ns.name);
+    let rolled_back_events: Vec<String> = events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("RolledBackByErrorBudget"))
+        .filter_map(|e| e.regarding.and_then(|r| r.kind))
+        .collect();
+    for kind in ["Rollout", "ErrorBudget"] {
+        assert!(
+            rolled_back_events.iter().any(|k| k == kind),
+            "{kind} in {rolled_back_events:?}"
+        );
+    }
+
+    // No flapping: with the budget gone (which also lifts any freeze), web:2 is not released
+    // again by itself.
+    let budgets: Api<ErrorBudget> = Api::namespaced(ns.client.clone(), &ns.name);
+    budgets.delete("avail", &Default::default()).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let after = status(&rollouts).await.unwrap();
+    assert_eq!(after.stable_revision.as_deref(), Some(first.as_str()));
+    assert_eq!(after.canary_revision, None);
+    assert_eq!(stable_subset(&ns).await.as_deref(), Some(first.as_str()));
+
+    // A person retries: web:2 is released again, from web:1.
+    plugin(&["retry", &format!("{}/web", ns.name)]);
+    wait_for("web:2 released again", Duration::from_secs(30), || async {
+        let s = status(&rollouts).await?;
+        (s.canary_revision.as_deref() == Some(second.as_str()) && s.budget_rollback.is_none())
+            .then_some(())
+    })
+    .await;
+    ns.delete().await;
+}

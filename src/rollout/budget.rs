@@ -1,6 +1,7 @@
 //! ErrorBudget policy around either strategy planner.
 //!
-//! - A freeze holds a new revision on stable, unless a person overrode it for that revision.
+//! - A freeze holds a new revision on stable, unless a person overrode it for that revision
+//!   (an override lifts the freeze, not a Rollback threshold).
 //! - A rollback takes a release that completed within the budget's rollback window back to
 //!   the revision before it, without editing the spec: the old revision is scaled up, traffic
 //!   moves once its pods are available, and the template's revision is not released again
@@ -93,8 +94,10 @@ pub fn plan(o: &Observed, strategy: impl Fn(&Observed) -> Plan) -> Plan {
     {
         seen.status.freeze_override = None;
     }
+    // An override lifts a freeze only: above a Rollback threshold the service is burning its
+    // budget, and a release is still aborted (fail safe).
     if seen.status.freeze_override.is_some() {
-        seen.budgets.clear();
+        seen.budgets.retain(|b| b.action == BudgetAction::Rollback);
     }
     let freeze = freeze.filter(|_| seen.status.freeze_override.is_none());
 

@@ -1421,33 +1421,37 @@ mod tests {
         assert_eq!(plan(&frozen).status.budget_rollback, None, "a freeze only");
 
         let mut overridden = just_promoted();
-        overridden.budgets = vec![hold(BudgetAction::Rollback)];
+        overridden.budgets = vec![hold(BudgetAction::FreezePromotions)];
         overridden.status.freeze_override = Some(FreezeOverride {
             revision: NEW.into(),
             requested_by: Some("alice".into()),
             reason: Some("P0 fix".into()),
             at: Time(t(0)),
         });
-        assert_eq!(
-            plan(&overridden).status.budget_rollback,
-            None,
-            "released on purpose despite the budget"
-        );
+        assert_eq!(plan(&overridden).status.budget_rollback, None);
     }
 
     #[test]
-    fn an_override_lets_a_release_through_a_rollback_threshold() {
+    fn an_override_lifts_a_freeze_but_not_a_rollback_threshold() {
         let mut o = observed(vec![weight(50), pause(None)], releasing(1), 2, Some(50));
-        o.budgets = vec![hold(BudgetAction::Rollback)];
         o.status.freeze_override = Some(FreezeOverride {
             revision: NEW.into(),
             requested_by: Some("alice".into()),
             reason: Some("P0 fix".into()),
             at: Time(t(0)),
         });
+        o.budgets = vec![hold(BudgetAction::FreezePromotions)];
         let through = plan(&o);
         assert_eq!(through.status.aborted_at, None);
-        assert_eq!(through.traffic.unwrap().canary_weight, 50);
+        assert!(
+            through
+                .status
+                .pause_conditions
+                .iter()
+                .all(|c| c.reason != PauseReason::BudgetFreeze)
+        );
+        o.budgets = vec![hold(BudgetAction::Rollback)];
+        assert!(plan(&o).status.aborted_at.is_some(), "fail safe");
     }
 
     #[test]
