@@ -119,6 +119,11 @@ async fn the_budget_freezes_releases_an_override_lets_one_through_and_exhaustion
     assert!(healthy_budget.remaining_percent.unwrap() > 99.0);
     let queries = healthy_budget.queries.unwrap();
     println!("MEASURE Prometheus queries per evaluation: {queries}");
+    let coverage = healthy_budget.window_coverage.expect("window coverage");
+    assert!(
+        coverage > 0.0 && coverage <= 100.0,
+        "{coverage}% of the window covered"
+    );
 
     // 8.7% errors against a 10% budget: 87% consumed once the window fills. Frozen.
     fail_pods(&ns, &stable, "0.087").await;
@@ -612,5 +617,78 @@ async fn a_completed_release_is_rolled_back_without_a_spec_change_and_stays_ther
             .then_some(())
     })
     .await;
+    ns.delete().await;
+}
+
+#[tokio::test]
+#[ignore = "needs the local cluster: make test"]
+async fn a_freeze_survives_an_operator_restart_and_deleting_the_budget_lifts_it() {
+    let ns = TestNamespace::new("thaw").await;
+    let controllers = start_controllers(&ns.name, prometheus_url()).await;
+    routing(&ns).await;
+    let steps = json!([{"setWeight": 20}, {"pause": {}}]);
+    create(
+        &ns,
+        &without_analysis(rollout(&ns.name, "web:1", json!({}), Value::Null, steps)),
+    )
+    .await
+    .unwrap();
+    let rollouts: Api<Rollout> = Api::namespaced(ns.client.clone(), &ns.name);
+    let stable = healthy(&rollouts).await;
+    let (errors, total) = ratio_queries(&ns.name);
+    let policy = json!({"policy": [{"whenConsumed": 10, "action": "FreezePromotions"}]});
+    create(&ns, &budget(&ns.name, "avail", &errors, &total, policy))
+        .await
+        .unwrap();
+    fail_pods(&ns, &stable, "0.05").await;
+    let budgets: Api<ErrorBudget> = Api::namespaced(ns.client.clone(), &ns.name);
+    phase_is(
+        &budgets,
+        "avail",
+        BudgetPhase::Frozen,
+        Duration::from_secs(90),
+    )
+    .await;
+    set_template(&rollouts, "web:2", json!({})).await;
+    let held = wait_for("the release held", Duration::from_secs(30), || async {
+        let s = status(&rollouts).await?;
+        (s.phase == Some(RolloutPhase::Paused) && s.canary_revision.is_none()).then_some(s)
+    })
+    .await;
+    let frozen_since = |s: &sluice::api::rollout::RolloutStatus| {
+        s.pause_conditions
+            .iter()
+            .find(|c| c.reason == sluice::api::rollout::PauseReason::BudgetFreeze)
+            .map(|c| c.start_time.clone())
+    };
+    let since = frozen_since(&held).expect("a BudgetFreeze pause");
+
+    // The operator goes away and comes back: the hold and its start time are kept.
+    controllers.send_replace(true);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let _controllers = start_controllers(&ns.name, prometheus_url()).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let after = status(&rollouts).await.unwrap();
+    assert_eq!(after.canary_revision, None, "still held after a restart");
+    assert_eq!(after.phase, Some(RolloutPhase::Paused));
+    assert_eq!(
+        frozen_since(&after),
+        Some(since),
+        "the freeze keeps its start"
+    );
+    assert_eq!(canary_weight(&ns).await, Some(0));
+
+    // The budget is deleted while it freezes: the freeze goes with it.
+    let deleted = Instant::now();
+    budgets.delete("avail", &Default::default()).await.unwrap();
+    wait_for("the release starts", Duration::from_secs(30), || async {
+        let s = status(&rollouts).await?;
+        s.canary_revision.is_some().then_some(())
+    })
+    .await;
+    println!(
+        "MEASURE budget deleted -> held release starts: {:?}",
+        deleted.elapsed()
+    );
     ns.delete().await;
 }

@@ -210,6 +210,10 @@ pub struct ErrorBudgetStatus {
     /// When evaluation was last attempted (successful or not).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_attempt_time: Option<Time>,
+    /// Percent of the window that has data (a new SLO, or retention shorter than the
+    /// window, covers less than 100): the figures describe only that part.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_coverage: Option<f64>,
     /// When the budget was last evaluated successfully.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_evaluation_time: Option<Time>,

@@ -100,17 +100,22 @@ async fn evaluate(cached: &ErrorBudget, ctx: &Context) -> Result<Action, Error> 
     let status = budget.status.clone().unwrap_or_default();
     let now = k8s_openapi::jiff::Timestamp::now();
     let due = plan::due(&budget.spec, &status, budget.metadata.generation, now);
-    let (answers, missing_targets) = if due {
-        let answers = ask_prometheus(ctx, &budget).await;
-        (Some(answers), Some(missing_targets(ctx, &budget).await?))
+    let (answers, coverage, missing_targets) = if due {
+        let (answers, coverage) = ask_prometheus(ctx, &budget).await;
+        (
+            Some(answers),
+            coverage,
+            Some(missing_targets(ctx, &budget).await?),
+        )
     } else {
-        (None, None)
+        (None, None, None)
     };
     let o = plan::Observed {
         generation: budget.metadata.generation,
         spec: budget.spec.clone(),
         status: status.clone(),
         answers,
+        coverage,
         missing_targets,
         now: k8s_openapi::jiff::Timestamp::now(),
     };
@@ -145,8 +150,12 @@ async fn missing_targets(ctx: &Context, budget: &ErrorBudget) -> Result<Vec<Stri
     Ok(missing)
 }
 
-/// Asks Prometheus for the bad and total rates of every window, all at once.
-async fn ask_prometheus(ctx: &Context, budget: &ErrorBudget) -> BTreeMap<Duration, plan::Answer> {
+/// Asks Prometheus for the bad and total rates of every window, and how much of the window
+/// has data, all at once.
+async fn ask_prometheus(
+    ctx: &Context,
+    budget: &ErrorBudget,
+) -> (BTreeMap<Duration, plan::Answer>, Option<f64>) {
     let namespace = budget.namespace().unwrap_or_default();
     let config = budget.spec.prometheus.clone().unwrap_or_default();
     let timeout = config
@@ -205,20 +214,36 @@ async fn ask_prometheus(ctx: &Context, budget: &ErrorBudget) -> BTreeMap<Duratio
             (window, answer)
         }
     });
-    let all = futures::future::join_all(asks);
+    let coverage = async {
+        let step = TemplateVars {
+            window: Some(plan::window_text(plan::coverage_step(&budget.spec))),
+            ..TemplateVars::default()
+        };
+        let total = template::render(&ratio.total, &step).ok()?;
+        let (query, points) = plan::coverage_query(&budget.spec, &total);
+        match query_prometheus(&provider_ctx, &config, &query, timeout).await {
+            Ok(MeasuredValue::Number(answered)) => Some(answered / points as f64),
+            Err(ProviderFailure::NoData(_)) => Some(0.0),
+            _ => None,
+        }
+    };
+    let all = futures::future::join(futures::future::join_all(asks), coverage);
     match tokio::time::timeout(EVALUATION_DEADLINE, all).await {
-        Ok(answers) => answers.into_iter().collect(),
-        Err(_) => plan::windows(&budget.spec)
-            .into_iter()
-            .map(|w| {
-                (
-                    w,
-                    Err(format!(
-                        "no answer within {}",
-                        crate::api::Duration::from_std(EVALUATION_DEADLINE)
-                    )),
-                )
-            })
-            .collect(),
+        Ok((answers, coverage)) => (answers.into_iter().collect(), coverage),
+        Err(_) => (
+            plan::windows(&budget.spec)
+                .into_iter()
+                .map(|w| {
+                    (
+                        w,
+                        Err(format!(
+                            "no answer within {}",
+                            crate::api::Duration::from_std(EVALUATION_DEADLINE)
+                        )),
+                    )
+                })
+                .collect(),
+            None,
+        ),
     }
 }

@@ -29,6 +29,9 @@ pub struct Observed {
     pub status: ErrorBudgetStatus,
     /// Prometheus's answers by window, when an evaluation was due and made.
     pub answers: Option<BTreeMap<Duration, Answer>>,
+    /// The share (0 to 1) of the window's coverage steps that have data, asked with the
+    /// answers (`None`: not asked, or Prometheus could not say).
+    pub coverage: Option<f64>,
     /// Targets that do not exist, as `namespace/name` (`None`: not looked at this time;
     /// they are looked at with each evaluation).
     pub missing_targets: Option<Vec<String>>,
@@ -95,6 +98,40 @@ pub fn windows(spec: &ErrorBudgetSpec) -> BTreeSet<Duration> {
         .collect()
 }
 
+/// How many points the coverage query samples across the window.
+const COVERAGE_POINTS: u64 = 60;
+
+/// The step of the coverage query: a sixtieth of the window, but never shorter than the
+/// shortest burn-rate window (a rate over less than that may hold no two scrapes).
+pub fn coverage_step(spec: &ErrorBudgetSpec) -> Duration {
+    let shortest = spec
+        .burn_rate_windows
+        .iter()
+        .map(|d| d.as_std())
+        .min()
+        .unwrap_or(Duration::from_secs(DEFAULT_BURN_WINDOWS[0]));
+    let window = spec.window.as_std();
+    let sixtieth = Duration::from_secs((window.as_secs() / COVERAGE_POINTS).max(1));
+    sixtieth.max(shortest).min(window)
+}
+
+/// How much of the window has data: the total query, rated over one step, sampled at every
+/// step across the window; the points with an answer over the points asked.
+/// `total_over_step` is the total query with `{{window}}` already set to the step.
+pub fn coverage_query(spec: &ErrorBudgetSpec, total_over_step: &str) -> (String, u64) {
+    let step = coverage_step(spec);
+    let window = spec.window.as_std();
+    let points = (window.as_secs() / step.as_secs().max(1)).max(1);
+    (
+        format!(
+            "count_over_time(({total_over_step})[{}:{}])",
+            window_text(window),
+            window_text(step)
+        ),
+        points,
+    )
+}
+
 /// How a window is written in queries and in status (`5m`, `1h`, `3d`).
 pub fn window_text(window: Duration) -> String {
     crate::api::Duration::from_std(window).to_string()
@@ -157,7 +194,10 @@ pub fn plan(o: &Observed) -> Plan {
         Some(answers) => {
             status.observed_generation = o.generation;
             status.last_attempt_time = Some(Time(o.now));
-            status.queries = Some(2 * answers.len() as i32);
+            status.queries = Some(2 * answers.len() as i32 + 1);
+            if let Some(coverage) = o.coverage {
+                status.window_coverage = Some(round(coverage.clamp(0.0, 1.0) * 100.0, 1));
+            }
             match evaluate(&o.spec, answers) {
                 Ok(figures) => record(&mut status, &o.spec, figures, o.now, o.generation),
                 Err(Blind { phase, why }) => blind(&mut status, phase, why, o.now, o.generation),
@@ -297,8 +337,15 @@ fn record(
         (Some(a), Some(t)) => format!("; {a:?} at {t}%"),
         _ => String::new(),
     };
+    let coverage_text = match status.window_coverage {
+        Some(c) if c < 99.0 => format!(
+            "; data covers {c:.0}% of the {} window",
+            window_text(window)
+        ),
+        _ => String::new(),
+    };
     status.message = Some(format!(
-        "{:.1}% of the budget consumed, {:.1}% left{threshold_text}",
+        "{:.1}% of the budget consumed, {:.1}% left{threshold_text}{coverage_text}",
         consumed_percent,
         remaining * 100.0
     ));
@@ -412,9 +459,44 @@ mod tests {
             spec: spec(),
             status,
             answers,
+            coverage: None,
             missing_targets: Some(Vec::new()),
             now: t(100),
         }
+    }
+
+    #[test]
+    fn coverage_samples_the_window_at_a_step_no_shorter_than_a_burn_window() {
+        // 30 days with the default 5m burn window: 12h steps, 60 points.
+        let mut month = spec();
+        month.window = crate::api::Duration::from_secs(30 * 86_400);
+        month.burn_rate_windows.clear();
+        let (query, points) = coverage_query(&month, "sum(rate(x[12h]))");
+        assert_eq!(query, "count_over_time((sum(rate(x[12h])))[30d:12h])");
+        assert_eq!(points, 60);
+        // A one-minute window with a 10s burn window: 10s steps, 6 points.
+        let mut short = spec();
+        short.window = crate::api::Duration::from_secs(60);
+        short.burn_rate_windows = vec![crate::api::Duration::from_secs(10)];
+        assert_eq!(coverage_step(&short), Duration::from_secs(10));
+        assert_eq!(coverage_query(&short, "t").1, 6);
+        // Half the points answered: 50% covered, and the message says so.
+        let mut o = observed(
+            Some(answers(&spec(), 0.0, 100.0)),
+            ErrorBudgetStatus::default(),
+        );
+        o.coverage = Some(0.5);
+        let status = plan(&o).status;
+        assert_eq!(status.window_coverage, Some(50.0));
+        let message = status.message.clone().unwrap_or_default();
+        assert!(
+            message.contains("covers 50% of the 10m window"),
+            "{message}"
+        );
+        // A coverage query that failed keeps the last figure.
+        o.status = status.clone();
+        o.coverage = None;
+        assert_eq!(plan(&o).status.window_coverage, Some(50.0));
     }
 
     #[test]
@@ -439,7 +521,8 @@ mod tests {
             assert_eq!(plan.status.phase, Some(phase), "{bad}");
             assert_eq!(plan.status.active_action, action, "{bad}");
             assert!((plan.status.consumed_percent.unwrap() - bad * 100.0).abs() < 1e-6);
-            assert_eq!(plan.status.queries, Some(2 * windows(&s).len() as i32));
+            // Two per window, and one for the window's coverage.
+            assert_eq!(plan.status.queries, Some(2 * windows(&s).len() as i32 + 1));
             assert_eq!(plan.events.len(), 1, "a phase change is an Event");
         }
     }

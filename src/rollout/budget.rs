@@ -217,7 +217,7 @@ pub fn plan(o: &Observed, strategy: impl Fn(&Observed) -> Plan) -> Plan {
 
     // A freeze pause keeps its first start time.
     if let (Some(since), Some(pause)) = (
-        frozen_since,
+        frozen_since.clone(),
         plan.status
             .pause_conditions
             .iter_mut()
@@ -240,7 +240,8 @@ pub fn plan(o: &Observed, strategy: impl Fn(&Observed) -> Plan) -> Plan {
     if let Some(hold) = &held {
         // The strategy saw no new revision; "template back to stable" is not what happened.
         plan.events.retain(|e| e.reason != Reason::ReleaseCancelled);
-        pause_for(&mut plan.status, PauseReason::BudgetFreeze, o.now);
+        let since = frozen_since.as_ref().map_or(o.now, |t| t.0);
+        pause_for(&mut plan.status, PauseReason::BudgetFreeze, since);
         let message = format!(
             "release of {} held on stable {stable}: {}; `kubectl sluice promote --override-freeze --reason TEXT` releases it anyway",
             o.desired_hash,

@@ -1248,10 +1248,16 @@ mod tests {
         );
         assert_eq!(held.traffic.as_ref().unwrap().canary_weight, 0);
 
-        // Held again: no second Event.
+        // Held again: no second Event, and the pause keeps its start.
         let mut again = o.clone();
         again.status = held.status.clone();
-        assert!(plan(&again).events.is_empty());
+        again.now = t(60);
+        let still = plan(&again);
+        assert!(still.events.is_empty());
+        assert_eq!(
+            still.status.pause_conditions, held.status.pause_conditions,
+            "same reason, same start"
+        );
 
         // A person overrides: the release starts, and the override is on record.
         let mut status = held.status.clone();
