@@ -242,8 +242,9 @@ pub fn render_row(rollout: &Rollout) -> String {
 }
 
 /// `kubectl sluice budget`: the objective, a consumption bar, burn rates against the
-/// multiwindow factors, the phase, the policy with the threshold in force marked, the targets.
-pub fn render_budget(budget: &ErrorBudget) -> String {
+/// multiwindow factors, the phase, the policy with the threshold in force marked, and each
+/// target with what the policy did to it (`targets`: the Rollouts as read, `None` when absent).
+pub fn render_budget(budget: &ErrorBudget, targets: &[(String, Option<Rollout>)]) -> String {
     let spec = &budget.spec;
     let status = budget.status.clone().unwrap_or_default();
     let mut out = String::new();
@@ -276,6 +277,9 @@ pub fn render_budget(budget: &ErrorBudget) -> String {
             "#".repeat(used),
             ".".repeat(WIDTH - used)
         );
+    }
+    if let Some(coverage) = status.window_coverage {
+        let _ = writeln!(out, "Coverage:  {coverage:.0}% of the window has data");
     }
     if let Some(left) = &status.time_to_exhaustion {
         let _ = writeln!(out, "Exhausted in {left} at the current burn");
@@ -315,33 +319,80 @@ pub fn render_budget(budget: &ErrorBudget) -> String {
     for rule in &policy {
         let in_force = status.threshold_in_force == Some(rule.when_consumed)
             && status.active_action == Some(rule.action);
+        let window = match (rule.action, &rule.rollback_window) {
+            (crate::api::errorbudget::BudgetAction::Rollback, Some(w)) => {
+                format!(" (releases completed within {w})")
+            }
+            (crate::api::errorbudget::BudgetAction::Rollback, None) => {
+                " (releases completed within 1h)".to_string()
+            }
+            _ => String::new(),
+        };
         let _ = writeln!(
             out,
-            "  {} at {:>3}% {:?}",
+            "  {} at {:>3}% {:?}{window}",
             if in_force { "=>" } else { "  " },
             rule.when_consumed,
             rule.action
         );
     }
-    let own = budget.namespace().unwrap_or_default();
-    let targets: Vec<String> = spec
-        .targets
-        .iter()
-        .map(|t| format!("{}/{}", t.namespace.as_deref().unwrap_or(&own), t.rollout))
-        .collect();
     let action = status
         .active_action
         .map_or("nothing".to_string(), |a| format!("{a:?}"));
-    let _ = writeln!(
-        out,
-        "Targets:   {} (policy in force: {action})",
-        if targets.is_empty() {
-            "none".to_string()
-        } else {
-            targets.join(", ")
-        }
-    );
+    let _ = writeln!(out, "Targets:   (policy in force: {action})");
+    if targets.is_empty() {
+        let _ = writeln!(out, "  none");
+    }
+    for (name, rollout) in targets {
+        let _ = writeln!(out, "  {name}: {}", policy_effect(rollout.as_ref()));
+    }
     out
+}
+
+/// What an ErrorBudget's policy is doing to a target Rollout, in a few words.
+fn policy_effect(rollout: Option<&Rollout>) -> String {
+    let Some(rollout) = rollout else {
+        return "not found".to_string();
+    };
+    let status = rollout.status.clone().unwrap_or_default();
+    let stable = status.stable_revision.as_deref().unwrap_or("-");
+    if let Some(rolled_back) = &status.budget_rollback {
+        return format!(
+            "rolled back from {} to {} at {} (retry or a new template releases again)",
+            rolled_back.revision, rolled_back.to, rolled_back.at.0
+        );
+    }
+    let aborted_by_budget = status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == "Aborted" && c.status == "True" && c.reason == "AbortedByErrorBudget");
+    if aborted_by_budget {
+        return format!(
+            "release of {} aborted, stable {stable}",
+            status.canary_revision.as_deref().unwrap_or("-")
+        );
+    }
+    if let Some(pause) = status
+        .pause_conditions
+        .iter()
+        .find(|c| c.reason == crate::api::rollout::PauseReason::BudgetFreeze)
+    {
+        return format!("held since {} (stable {stable})", pause.start_time.0);
+    }
+    if let Some(by) = &status.freeze_override {
+        return format!(
+            "released {} despite the budget ({}: {})",
+            by.revision,
+            by.requested_by.as_deref().unwrap_or("a user"),
+            by.reason.as_deref().unwrap_or("no reason")
+        );
+    }
+    format!(
+        "untouched ({}, stable {stable})",
+        status
+            .phase
+            .map_or("not reconciled".to_string(), |p| format!("{p:?}"))
+    )
 }
 
 /// `kubectl sluice budget --rules`: Prometheus recording rules for the error ratio over every
@@ -505,14 +556,35 @@ mod tests {
                        "burnRates": {"5m": 2.5}}
         }))
         .unwrap();
-        let text = render_budget(&budget);
+        let held: Rollout = serde_json::from_value(json!({
+            "apiVersion": "sluice.dev/v1alpha1", "kind": "Rollout",
+            "metadata": {"name": "checkout", "namespace": "shop"},
+            "spec": {"selector": {}, "template": {}, "strategy": {"canary": {}}},
+            "status": {"stableRevision": "abc", "phase": "Paused",
+                       "pauseConditions": [{"reason": "BudgetFreeze", "startTime": "2026-12-01T10:00:00Z"}]}
+        }))
+        .unwrap();
+        let targets = [
+            ("shop/checkout".to_string(), Some(held)),
+            ("shop/gone".to_string(), None),
+        ];
+        let text = render_budget(&budget, &targets);
         assert!(text.contains("=> at  80% FreezePromotions"), "{text}");
+        assert!(
+            text.contains("at  95% Rollback (releases completed within 1h)"),
+            "{text}"
+        );
         assert!(text.contains("85.0% used, 15.0% left"), "{text}");
         assert!(text.contains("FastBurn (1h/5m > 14.4)"), "{text}");
         assert!(
-            text.contains("shop/checkout (policy in force: FreezePromotions)"),
+            text.contains("(policy in force: FreezePromotions)"),
             "{text}"
         );
+        assert!(
+            text.contains("shop/checkout: held since 2026-12-01T10:00:00Z (stable abc)"),
+            "{text}"
+        );
+        assert!(text.contains("shop/gone: not found"), "{text}");
     }
 
     #[test]

@@ -599,6 +599,15 @@ async fn a_completed_release_is_rolled_back_without_a_spec_change_and_stays_ther
         );
     }
 
+    let view = plugin(&["budget", &format!("{}/avail", ns.name)]);
+    assert!(
+        view.contains(&format!(
+            "{}/web: rolled back from {second} to {first}",
+            ns.name
+        )),
+        "{view}"
+    );
+
     // No flapping: with the budget gone (which also lifts any freeze), web:2 is not released
     // again by itself.
     let budgets: Api<ErrorBudget> = Api::namespaced(ns.client.clone(), &ns.name);

@@ -189,7 +189,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     );
                     return Ok(());
                 }
-                let text = plugin::render_budget(&budget);
+                let own = budget.namespace().unwrap_or_default();
+                let mut targets = Vec::new();
+                for target in &budget.spec.targets {
+                    let target_ns = target.namespace.clone().unwrap_or_else(|| own.clone());
+                    let rollouts: Api<Rollout> = Api::namespaced(client.clone(), &target_ns);
+                    let rollout = rollouts.get_opt(&target.rollout).await?;
+                    targets.push((format!("{target_ns}/{}", target.rollout), rollout));
+                }
+                let text = plugin::render_budget(&budget, &targets);
                 if !watch {
                     print!("{text}");
                     return Ok(());
