@@ -77,14 +77,6 @@ async fn fail_pods(ns: &TestNamespace, hash: &str, rate: &str) {
     }
 }
 
-fn without_analysis(mut rollout: Value) -> Value {
-    rollout["spec"]["strategy"]["canary"]
-        .as_object_mut()
-        .unwrap()
-        .remove("analysis");
-    rollout
-}
-
 #[tokio::test]
 #[ignore = "needs the local cluster: make test"]
 async fn the_budget_freezes_releases_an_override_lets_one_through_and_exhaustion_rolls_it_back() {
@@ -92,14 +84,7 @@ async fn the_budget_freezes_releases_an_override_lets_one_through_and_exhaustion
     let _controllers = start_controllers(&ns.name, prometheus_url()).await;
     routing(&ns).await;
     let steps = json!([{"setWeight": 20}, {"pause": {}}]);
-    create(
-        &ns,
-        &without_analysis(rollout(&ns.name, "web:1", json!({}), Value::Null, steps)),
-    )
-    .await
-    .unwrap();
-    let rollouts: Api<Rollout> = Api::namespaced(ns.client.clone(), &ns.name);
-    let stable = healthy(&rollouts).await;
+    let (rollouts, stable) = healthy_rollout(&ns, steps).await;
 
     let (errors, total) = ratio_queries(&ns.name);
     create(&ns, &budget(&ns.name, "avail", &errors, &total, json!({})))
@@ -236,14 +221,7 @@ async fn a_budget_that_cannot_be_judged_is_never_healthy_and_keeps_its_figures()
     let _controllers = start_controllers(&ns.name, prometheus.url()).await;
     routing(&ns).await;
     let steps = json!([{"setWeight": 20}, {"pause": {}}]);
-    create(
-        &ns,
-        &without_analysis(rollout(&ns.name, "web:1", json!({}), Value::Null, steps)),
-    )
-    .await
-    .unwrap();
-    let rollouts: Api<Rollout> = Api::namespaced(ns.client.clone(), &ns.name);
-    healthy(&rollouts).await;
+    healthy_rollout(&ns, steps).await;
     let budgets: Api<ErrorBudget> = Api::namespaced(ns.client.clone(), &ns.name);
     let (errors, total) = ratio_queries(&ns.name);
     create(&ns, &budget(&ns.name, "avail", &errors, &total, json!({})))
@@ -513,14 +491,7 @@ async fn a_completed_release_is_rolled_back_without_a_spec_change_and_stays_ther
     let _controllers = start_controllers(&ns.name, prometheus_url()).await;
     routing(&ns).await;
     let steps = json!([{"setWeight": 50}]);
-    create(
-        &ns,
-        &without_analysis(rollout(&ns.name, "web:1", json!({}), Value::Null, steps)),
-    )
-    .await
-    .unwrap();
-    let rollouts: Api<Rollout> = Api::namespaced(ns.client.clone(), &ns.name);
-    let first = healthy(&rollouts).await;
+    let (rollouts, first) = healthy_rollout(&ns, steps).await;
     set_template(&rollouts, "web:2", json!({})).await;
     let second = wait_for("web:2 released", Duration::from_secs(90), || async {
         let s = status(&rollouts).await?;
@@ -636,14 +607,7 @@ async fn a_freeze_survives_an_operator_restart_and_deleting_the_budget_lifts_it(
     let controllers = start_controllers(&ns.name, prometheus_url()).await;
     routing(&ns).await;
     let steps = json!([{"setWeight": 20}, {"pause": {}}]);
-    create(
-        &ns,
-        &without_analysis(rollout(&ns.name, "web:1", json!({}), Value::Null, steps)),
-    )
-    .await
-    .unwrap();
-    let rollouts: Api<Rollout> = Api::namespaced(ns.client.clone(), &ns.name);
-    let stable = healthy(&rollouts).await;
+    let (rollouts, stable) = healthy_rollout(&ns, steps).await;
     let (errors, total) = ratio_queries(&ns.name);
     let policy = json!({"policy": [{"whenConsumed": 10, "action": "FreezePromotions"}]});
     create(&ns, &budget(&ns.name, "avail", &errors, &total, policy))

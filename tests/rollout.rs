@@ -195,14 +195,7 @@ async fn abort_does_not_wait_for_a_prometheus_that_never_answers() {
     let hanging = json!({"metrics": [{"name": "hangs",
         "prometheus": {"query": "vector(0)", "timeout": "30s"}, "successCondition": "result < 1"}]});
     let steps = json!([{"setWeight": 30}, {"pause": {"duration": "1s"}}, {"analysis": hanging}]);
-    let mut object = rollout(&ns.name, "web:1", json!({}), Value::Null, steps);
-    object["spec"]["strategy"]["canary"]
-        .as_object_mut()
-        .unwrap()
-        .remove("analysis");
-    create(&ns, &object).await.unwrap();
-    let api: Api<Rollout> = Api::namespaced(ns.client.clone(), &ns.name);
-    healthy(&api).await;
+    let (api, _) = healthy_rollout(&ns, steps).await;
     set_template(&api, "web:2", json!({})).await;
     let mut took = Vec::new();
     for cycle in 0..3 {
@@ -255,14 +248,7 @@ async fn undo_brings_back_the_old_revision_itself() {
     let _controller = start_controller(&ns.name).await;
     routing(&ns).await;
     let steps = json!([{"setWeight": 50}, {"pause": {}}]);
-    let mut object = rollout(&ns.name, "web:1", json!({}), Value::Null, steps);
-    object["spec"]["strategy"]["canary"]
-        .as_object_mut()
-        .unwrap()
-        .remove("analysis");
-    create(&ns, &object).await.unwrap();
-    let api: Api<Rollout> = Api::namespaced(ns.client.clone(), &ns.name);
-    let first = healthy(&api).await;
+    let (api, first) = healthy_rollout(&ns, steps).await;
     let target = format!("{}/web", ns.name);
     set_template(&api, "web:2", json!({})).await;
     at_step(&api, 1, RolloutPhase::Paused).await;
@@ -311,14 +297,7 @@ async fn removing_traffic_routing_takes_back_the_revision_labels() {
     let _controller = start_controller(&ns.name).await;
     routing(&ns).await;
     let steps = json!([{"setWeight": 50}, {"pause": {}}]);
-    let mut object = rollout(&ns.name, "web:1", json!({}), Value::Null, steps);
-    object["spec"]["strategy"]["canary"]
-        .as_object_mut()
-        .unwrap()
-        .remove("analysis");
-    create(&ns, &object).await.unwrap();
-    let api: Api<Rollout> = Api::namespaced(ns.client.clone(), &ns.name);
-    let stable = healthy(&api).await;
+    let (api, stable) = healthy_rollout(&ns, steps).await;
     let rules: Api<DynamicObject> = Api::namespaced_with(
         ns.client.clone(),
         &ns.name,

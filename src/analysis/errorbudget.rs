@@ -22,7 +22,6 @@ use crate::api::errorbudget::{BudgetPhase, ErrorBudget, ErrorBudgetSpec, Objecti
 /// The label Istio reports a workload's canonical revision in.
 pub const DEFAULT_REVISION_LABEL: &str = "destination_canonical_revision";
 const DEFAULT_CANARY_WINDOW: Duration = Duration::from_secs(60);
-const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl MetricProvider for ErrorBudgetMetric {
     fn measure<'a>(
@@ -101,10 +100,7 @@ async fn canary_burn(
     let (events, total, good) = canary_queries(spec, window, label, revision)
         .map_err(|e| ProviderFailure::Error(format!("ErrorBudget {}: {e}", metric.name)))?;
     let config = spec.prometheus.clone().unwrap_or_default();
-    let timeout = config
-        .timeout
-        .as_ref()
-        .map_or(DEFAULT_TIMEOUT, |d| d.as_std());
+    let timeout = super::pool::query_timeout(None, &config);
     let rate = |query: String| {
         let config = &config;
         async move {

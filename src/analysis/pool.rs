@@ -18,6 +18,15 @@ use crate::api::common::SecretKeyRef;
 const CLIENT_TTL: Duration = Duration::from_secs(60);
 /// Pooled clients at most (distinct connection settings in use at once).
 const POOL_LIMIT: usize = 256;
+/// A query's timeout when neither the metric nor the Prometheus settings set one.
+const DEFAULT_QUERY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The timeout of a query: the metric's own, else the Prometheus settings', else 10 s.
+pub fn query_timeout(metric: Option<&crate::api::Duration>, config: &PrometheusConfig) -> Duration {
+    metric
+        .or(config.timeout.as_ref())
+        .map_or(DEFAULT_QUERY_TIMEOUT, |d| d.as_std())
+}
 
 /// Prometheus clients keyed by everything that shapes them (address, timeout, headers,
 /// auth and TLS, and the namespace whose Secrets they read), reused for [`CLIENT_TTL`].

@@ -12,8 +12,6 @@ use super::run::{PrometheusSource, ProviderFailure};
 use super::template::{self, TemplateVars};
 use crate::api::analysis::PrometheusConfig;
 
-const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
-
 impl MetricProvider for PrometheusSource {
     fn measure<'a>(
         &'a self,
@@ -23,12 +21,7 @@ impl MetricProvider for PrometheusSource {
         Box::pin(async move {
             let query = template::render(&self.metric.query, vars)
                 .map_err(|e| ProviderFailure::Error(e.to_string()))?;
-            let timeout = self
-                .metric
-                .timeout
-                .as_ref()
-                .or(self.config.timeout.as_ref())
-                .map_or(DEFAULT_TIMEOUT, |d| d.as_std());
+            let timeout = super::pool::query_timeout(self.metric.timeout.as_ref(), &self.config);
             let started = Instant::now();
             let result = query_prometheus(ctx, &self.config, &query, timeout).await;
             ctx.metrics.observe_query(started.elapsed());

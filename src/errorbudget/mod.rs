@@ -32,7 +32,6 @@ use crate::context::Context;
 use slo::Rates;
 
 const CONTROLLER: &str = "errorbudget";
-const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 /// One evaluation (every window's queries, run together) gets at most this long.
 const EVALUATION_DEADLINE: Duration = Duration::from_secs(20);
 
@@ -43,19 +42,13 @@ pub enum Error {
 }
 
 /// Runs the ErrorBudget controller until `stop`.
-pub async fn run(ctx: Arc<Context>, mut stop: watch::Receiver<bool>) {
+pub async fn run(ctx: Arc<Context>, stop: watch::Receiver<bool>) {
     let budgets: Api<ErrorBudget> =
         crate::k8s::scoped(&ctx.client, ctx.settings.namespace.as_deref());
     Controller::new(budgets, watcher::Config::default())
-        .graceful_shutdown_on(async move {
-            let _ = stop.wait_for(|s| *s).await;
-        })
+        .graceful_shutdown_on(crate::k8s::stopped(stop))
         .run(reconcile, error_policy, ctx)
-        .for_each(|result| async move {
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "reconcile loop");
-            }
-        })
+        .for_each(crate::k8s::log_loop_error)
         .await;
 }
 
@@ -158,10 +151,7 @@ async fn ask_prometheus(
 ) -> (BTreeMap<Duration, plan::Answer>, Option<f64>) {
     let namespace = budget.namespace().unwrap_or_default();
     let config = budget.spec.prometheus.clone().unwrap_or_default();
-    let timeout = config
-        .timeout
-        .as_ref()
-        .map_or(DEFAULT_TIMEOUT, |d| d.as_std());
+    let timeout = crate::analysis::pool::query_timeout(None, &config);
     let provider_ctx = ProviderContext {
         client: &ctx.client,
         namespace: &namespace,

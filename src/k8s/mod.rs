@@ -34,6 +34,19 @@ pub fn scoped_dynamic(
     }
 }
 
+/// Resolves once `stop` turns true (or its sender is gone): a controller's shutdown signal.
+pub async fn stopped(mut stop: tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// What a controller loop does with each reconcile's result: the reconcile already logged and
+/// counted its own failure, so the loop only notes it at debug level.
+pub async fn log_loop_error<T, E: std::fmt::Display>(result: Result<T, E>) {
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "reconcile loop");
+    }
+}
+
 /// What a failed API call means for the caller.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ErrorKind {

@@ -17,8 +17,9 @@ use super::model::{
     add,
 };
 use super::release::{
-    DEFAULT_SCALE_DOWN_DELAY, clear_intents, pause_for, paused_by_person, progress_deadline,
-    record_counts, record_phase, route_writes, run_phase, schedule, take_back, unhandled,
+    DEFAULT_SCALE_DOWN_DELAY, abort, clear_intents, first_revision, pause_for, paused_by_person,
+    progress_deadline, record_counts, record_phase, route_writes, run_phase, schedule, take_back,
+    unhandled,
 };
 use super::runs::RunName;
 use crate::api::analysis::AnalysisPhase;
@@ -49,6 +50,14 @@ fn restart_or_pause(
     }
 }
 
+fn note(events: &mut Vec<PlannedEvent>, warning: bool, reason: Reason, message: String) {
+    events.push(PlannedEvent {
+        warning,
+        reason,
+        message,
+    });
+}
+
 /// Plans one reconcile of a blue-green Rollout.
 pub fn plan(o: &Observed, bg: &BlueGreenStrategy) -> Plan {
     let replicas = o.spec.replicas.unwrap_or(1).max(0);
@@ -58,13 +67,6 @@ pub fn plan(o: &Observed, bg: &BlueGreenStrategy) -> Plan {
     let mut events = Vec::new();
     let mut start_runs = Vec::new();
     let mut wakeups = Vec::new();
-    let mut event = |warning: bool, reason: Reason, message: String| {
-        events.push(PlannedEvent {
-            warning,
-            reason,
-            message,
-        })
-    };
     let available = |hash: &str| {
         o.replica_sets
             .iter()
@@ -78,31 +80,21 @@ pub fn plan(o: &Observed, bg: &BlueGreenStrategy) -> Plan {
     status.observed_generation = o.generation;
     let mut bgs = status.blue_green.take().unwrap_or_default();
 
-    let stable = match status.stable_revision.clone() {
-        Some(s) => s,
-        None => {
-            event(
-                false,
-                Reason::Deployed,
-                format!("first revision {} deployed as active", o.desired_hash),
-            );
-            status.stable_revision = Some(o.desired_hash.clone());
-            o.desired_hash.clone()
-        }
-    };
-    let mut stable = stable;
+    let mut stable = first_revision(&mut status, &mut events, o, "active");
 
     // A new template: preview it (unless it is the active one, or the one just switched from).
     if o.desired_hash != stable
         && status.canary_revision.as_deref() != Some(o.desired_hash.as_str())
     {
         match status.canary_revision.clone() {
-            Some(old) => event(
+            Some(old) => note(
+                &mut events,
                 false,
                 Reason::ReleaseSuperseded,
                 format!("revision {} supersedes {old}", o.desired_hash),
             ),
-            None => event(
+            None => note(
+                &mut events,
                 false,
                 Reason::ReleaseStarted,
                 format!("previewing revision {} (active {stable})", o.desired_hash),
@@ -110,7 +102,8 @@ pub fn plan(o: &Observed, bg: &BlueGreenStrategy) -> Plan {
         }
         if let Some(previous) = status.previous_revision.take() {
             // A new release ends the last one's rollback window.
-            event(
+            note(
+                &mut events,
                 false,
                 Reason::PreviousScaledDown,
                 format!("{previous} scaled down: a new release started"),
@@ -128,7 +121,8 @@ pub fn plan(o: &Observed, bg: &BlueGreenStrategy) -> Plan {
         && status.canary_revision.is_some()
         && status.previous_revision.is_none()
     {
-        event(
+        note(
+            &mut events,
             false,
             Reason::ReleaseCancelled,
             format!("template is back to active {stable}; preview cancelled"),
@@ -145,7 +139,12 @@ pub fn plan(o: &Observed, bg: &BlueGreenStrategy) -> Plan {
             status.analysis_runs.clear();
             bgs.promotion_requested = None;
             bgs.preview_started_at = Some(MicroTime(o.now));
-            event(false, Reason::Retried, "preview started again".into());
+            note(
+                &mut events,
+                false,
+                Reason::Retried,
+                "preview started again".into(),
+            );
         }
     }
 
@@ -221,7 +220,8 @@ pub fn plan(o: &Observed, bg: &BlueGreenStrategy) -> Plan {
             if checked && delay_over {
                 status.previous_revision = None;
                 bgs.switched_at = None;
-                event(
+                note(
+                    &mut events,
                     false,
                     Reason::PreviousScaledDown,
                     format!("{previous} scaled down; the switch to {stable} is final"),
@@ -234,18 +234,7 @@ pub fn plan(o: &Observed, bg: &BlueGreenStrategy) -> Plan {
             status.canary_revision = Some(stable.clone());
             status.stable_revision = Some(previous.clone());
             status.previous_revision = None;
-            status.aborted_at = Some(Time(o.now));
-            status.pause_conditions.clear();
-            conditions::set(
-                &mut status.conditions,
-                "Aborted",
-                true,
-                reason.as_str(),
-                message.clone(),
-                o.generation,
-                o.now,
-            );
-            event(true, reason, message);
+            abort(&mut status, &mut events, (reason, message), o);
             stable = previous;
         }
     }
@@ -257,41 +246,29 @@ pub fn plan(o: &Observed, bg: &BlueGreenStrategy) -> Plan {
         if let Some(id) = intents.abort.clone() {
             handled.abort = Some(id);
             if status.aborted_at.is_none() {
-                status.aborted_at = Some(Time(o.now));
-                status.pause_conditions.clear();
                 let message =
                     format!("preview of {preview} aborted by a user; {stable} stays active");
-                conditions::set(
-                    &mut status.conditions,
-                    "Aborted",
-                    true,
-                    "AbortedByUser",
-                    message.clone(),
-                    o.generation,
-                    o.now,
+                abort(
+                    &mut status,
+                    &mut events,
+                    (Reason::AbortedByUser, message),
+                    o,
                 );
-                event(true, Reason::AbortedByUser, message);
             }
         }
         if let Some(hold) = &rollback
             && status.aborted_at.is_none()
         {
-            status.aborted_at = Some(Time(o.now));
-            status.pause_conditions.clear();
             let message = format!(
                 "{}: preview of {preview} aborted; {stable} stays active",
                 hold.describe()
             );
-            conditions::set(
-                &mut status.conditions,
-                "Aborted",
-                true,
-                Reason::AbortedByErrorBudget.as_str(),
-                message.clone(),
-                o.generation,
-                o.now,
+            abort(
+                &mut status,
+                &mut events,
+                (Reason::AbortedByErrorBudget, message),
+                o,
             );
-            event(true, Reason::AbortedByErrorBudget, message);
         }
         if status.aborted_at.is_none() {
             let preview_size = bg.preview_replica_count.unwrap_or(replicas).min(replicas);
@@ -320,18 +297,12 @@ pub fn plan(o: &Observed, bg: &BlueGreenStrategy) -> Plan {
                     let message = format!(
                         "pre-promotion analysis of {preview} failed ({why}); {stable} stays active"
                     );
-                    status.aborted_at = Some(Time(o.now));
-                    status.pause_conditions.clear();
-                    conditions::set(
-                        &mut status.conditions,
-                        "Aborted",
-                        true,
-                        "AnalysisFailed",
-                        message.clone(),
-                        o.generation,
-                        o.now,
+                    abort(
+                        &mut status,
+                        &mut events,
+                        (Reason::AnalysisFailed, message),
+                        o,
                     );
-                    event(true, Reason::AnalysisFailed, message);
                     false
                 }
                 Some(AnalysisPhase::Inconclusive | AnalysisPhase::Error) => {
@@ -461,7 +432,8 @@ pub fn plan(o: &Observed, bg: &BlueGreenStrategy) -> Plan {
 
     let promoted = switch_to.clone();
     if let Some(new_active) = switch_to {
-        event(
+        note(
+            &mut events,
             false,
             Reason::Promoted,
             format!("switched traffic to {new_active} (was {stable})"),

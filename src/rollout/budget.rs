@@ -16,11 +16,12 @@
 use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use k8s_openapi::jiff::Timestamp;
 
 use super::events::Reason;
 use super::model::{Observed, Plan, PlannedEvent, ReplicaSetIntent, TrafficWrite, add, until};
-use super::release::{DEFAULT_SCALE_DOWN_DELAY, pause_for, record_counts, record_phase, unhandled};
+use super::release::{
+    DEFAULT_SCALE_DOWN_DELAY, pause_for, record_counts, record_phase, scale_down_later, unhandled,
+};
 use crate::api::errorbudget::BudgetAction;
 use crate::api::rollout::{BudgetRollback, FreezeOverride, PauseReason, Promotion, RolloutPhase};
 
@@ -274,8 +275,12 @@ pub fn plan(o: &Observed, strategy: impl Fn(&Observed) -> Plan) -> Plan {
         let bad = rolled_back.revision.clone();
         plan.replica_sets.retain(|r| r.hash != bad);
         if let Some(rs) = o.replica_sets.iter().find(|r| r.hash == bad) {
-            plan.replica_sets
-                .push(scale_down_later(rs, o.now, &mut wakeups));
+            plan.replica_sets.push(scale_down_later(
+                rs,
+                o.now,
+                DEFAULT_SCALE_DOWN_DELAY,
+                &mut wakeups,
+            ));
         }
         if moved && let Some(intent) = &plan.traffic {
             // The router was observed against the old stable: write the move explicitly.
@@ -314,25 +319,4 @@ pub fn plan(o: &Observed, strategy: impl Fn(&Observed) -> Plan) -> Plan {
     events.append(&mut plan.events);
     plan.events = events;
     plan
-}
-
-/// The rolled-back revision keeps its pods for the scale-down delay after traffic left it
-/// (the deadline is kept on the ReplicaSet, so a restart keeps it).
-fn scale_down_later(
-    rs: &super::model::ObservedReplicaSet,
-    now: Timestamp,
-    wakeups: &mut Vec<Timestamp>,
-) -> ReplicaSetIntent {
-    let (replicas, scale_down_at) = match rs.scale_down_at {
-        _ if rs.replicas == 0 => (0, None),
-        Some(at) if at <= now => (0, None),
-        Some(at) => (rs.replicas, Some(at)),
-        None => (rs.replicas, Some(add(now, DEFAULT_SCALE_DOWN_DELAY))),
-    };
-    wakeups.extend(scale_down_at);
-    ReplicaSetIntent {
-        hash: rs.hash.clone(),
-        replicas,
-        scale_down_at,
-    }
 }

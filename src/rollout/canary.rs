@@ -13,8 +13,9 @@ use super::model::{
     TrafficIntent, add,
 };
 use super::release::{
-    DEFAULT_SCALE_DOWN_DELAY, clear_intents, pause_for, paused_by_person, progress_deadline,
-    record_counts, record_phase, route_writes, run_phase, schedule, take_back, unhandled,
+    DEFAULT_SCALE_DOWN_DELAY, abort, clear_intents, first_revision, pause_for, paused_by_person,
+    progress_deadline, record_counts, record_phase, route_writes, run_phase, scale_down_later,
+    schedule, take_back, unhandled,
 };
 use super::runs::RunName;
 use super::steps::{self, Step};
@@ -81,18 +82,12 @@ impl Planner<'_> {
     }
 
     fn abort(&mut self, reason: Reason, message: String) {
-        self.status.aborted_at = Some(Time(self.o.now));
-        self.status.pause_conditions.clear();
-        conditions::set(
-            &mut self.status.conditions,
-            "Aborted",
-            true,
-            reason.as_str(),
-            message.clone(),
-            self.o.generation,
-            self.o.now,
+        abort(
+            &mut self.status,
+            &mut self.events,
+            (reason, message),
+            self.o,
         );
-        self.event(true, reason, message);
     }
 
     fn run_phase(&self, name: RunName) -> Option<AnalysisPhase> {
@@ -161,19 +156,7 @@ pub fn plan(o: &Observed) -> Plan {
     let intents = unhandled(&o.status);
     p.status.observed_generation = o.generation;
 
-    // The first revision goes straight to stable: there is nothing to compare it with.
-    let stable = match p.status.stable_revision.clone() {
-        Some(stable) => stable,
-        None => {
-            p.status.stable_revision = Some(o.desired_hash.clone());
-            p.event(
-                false,
-                Reason::Deployed,
-                format!("first revision {} deployed as stable", o.desired_hash),
-            );
-            o.desired_hash.clone()
-        }
-    };
+    let stable = first_revision(&mut p.status, &mut p.events, o, "stable");
 
     if o.desired_hash == stable
         && let Some(old) = p.status.canary_revision.clone()
@@ -578,36 +561,12 @@ fn finish(mut p: Planner, steps: &[Step], desired_weight: i32, promoted: Option<
         .iter()
         .filter(|r| r.hash != stable && Some(&r.hash) != canary.as_ref())
     {
-        let intent = match old.scale_down_at {
-            _ if old.replicas == 0 => ReplicaSetIntent {
-                hash: old.hash.clone(),
-                replicas: 0,
-                scale_down_at: None,
-            },
-            Some(at) if at <= o.now => ReplicaSetIntent {
-                hash: old.hash.clone(),
-                replicas: 0,
-                scale_down_at: None,
-            },
-            Some(at) => {
-                p.wakeups.push(at);
-                ReplicaSetIntent {
-                    hash: old.hash.clone(),
-                    replicas: old.replicas,
-                    scale_down_at: Some(at),
-                }
-            }
-            None => {
-                let at = add(o.now, scale_down_delay);
-                p.wakeups.push(at);
-                ReplicaSetIntent {
-                    hash: old.hash.clone(),
-                    replicas: old.replicas,
-                    scale_down_at: Some(at),
-                }
-            }
-        };
-        replica_sets.push(intent);
+        replica_sets.push(scale_down_later(
+            old,
+            o.now,
+            scale_down_delay,
+            &mut p.wakeups,
+        ));
     }
 
     // Counts and weights as observed.

@@ -90,7 +90,7 @@ pub struct State {
 }
 
 /// Runs the Rollout controller until `stop`.
-pub async fn run(ctx: Arc<Context>, mut stop: watch::Receiver<bool>) {
+pub async fn run(ctx: Arc<Context>, stop: watch::Receiver<bool>) {
     let client = ctx.client.clone();
     let namespace = ctx.settings.namespace.clone();
     let rollouts: Api<Rollout> = crate::k8s::scoped(&client, namespace.as_deref());
@@ -153,15 +153,9 @@ pub async fn run(ctx: Arc<Context>, mut stop: watch::Receiver<bool>) {
         budgets,
     });
     controller
-        .graceful_shutdown_on(async move {
-            let _ = stop.wait_for(|s| *s).await;
-        })
+        .graceful_shutdown_on(crate::k8s::stopped(stop))
         .run(reconcile, error_policy, state)
-        .for_each(|result| async move {
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "reconcile loop");
-            }
-        })
+        .for_each(crate::k8s::log_loop_error)
         .await;
 }
 

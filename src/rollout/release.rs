@@ -11,7 +11,8 @@ use super::events::Reason;
 #[cfg(test)]
 use super::model::ObservedLeftover;
 use super::model::{
-    Observed, ObservedReplicaSet, ObservedTraffic, PlannedEvent, TrafficIntent, TrafficWrite, until,
+    Observed, ObservedReplicaSet, ObservedTraffic, PlannedEvent, ReplicaSetIntent, TrafficIntent,
+    TrafficWrite, add, until,
 };
 use super::runs::{self, RunName};
 use crate::api::analysis::AnalysisPhase;
@@ -325,6 +326,74 @@ pub fn record_phase(
             generation,
             now,
         );
+    }
+}
+
+/// The stable revision, or, for a Rollout's very first revision, the template's: it goes
+/// straight to stable (`role`: what the strategy calls it), with nothing to compare it to.
+pub fn first_revision(
+    status: &mut RolloutStatus,
+    events: &mut Vec<PlannedEvent>,
+    o: &Observed,
+    role: &str,
+) -> String {
+    if let Some(stable) = &status.stable_revision {
+        return stable.clone();
+    }
+    events.push(PlannedEvent {
+        warning: false,
+        reason: Reason::Deployed,
+        message: format!("first revision {} deployed as {role}", o.desired_hash),
+    });
+    status.stable_revision = Some(o.desired_hash.clone());
+    o.desired_hash.clone()
+}
+
+/// Aborts the release in flight: recorded in `abortedAt`, the `Aborted` condition and a
+/// Warning Event; its pauses no longer apply. What happens to traffic is the strategy's.
+pub fn abort(
+    status: &mut RolloutStatus,
+    events: &mut Vec<PlannedEvent>,
+    (reason, message): (Reason, String),
+    o: &Observed,
+) {
+    status.aborted_at = Some(Time(o.now));
+    status.pause_conditions.clear();
+    conditions::set(
+        &mut status.conditions,
+        "Aborted",
+        true,
+        reason.as_str(),
+        message.clone(),
+        o.generation,
+        o.now,
+    );
+    events.push(PlannedEvent {
+        warning: true,
+        reason,
+        message,
+    });
+}
+
+/// An old revision's ReplicaSet after traffic left it: it keeps its pods for `delay`, then
+/// scales to zero. The deadline is kept on the ReplicaSet, so a restart keeps it.
+pub fn scale_down_later(
+    rs: &ObservedReplicaSet,
+    now: Timestamp,
+    delay: Duration,
+    wakeups: &mut Vec<Timestamp>,
+) -> ReplicaSetIntent {
+    let (replicas, scale_down_at) = match rs.scale_down_at {
+        _ if rs.replicas == 0 => (0, None),
+        Some(at) if at <= now => (0, None),
+        Some(at) => (rs.replicas, Some(at)),
+        None => (rs.replicas, Some(add(now, delay))),
+    };
+    wakeups.extend(scale_down_at);
+    ReplicaSetIntent {
+        hash: rs.hash.clone(),
+        replicas,
+        scale_down_at,
     }
 }
 

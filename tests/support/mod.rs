@@ -416,6 +416,19 @@ pub fn rollout(ns: &str, image: &str, annotations: Value, analysis: Value, steps
     })
 }
 
+/// Creates the `web` Rollout at `web:1` with these canary steps and no analysis, and waits
+/// until it is Healthy: its Api and its stable revision.
+pub async fn healthy_rollout(ns: &TestNamespace, steps: Value) -> (Api<Rollout>, String) {
+    let mut object = rollout(&ns.name, "web:1", json!({}), Value::Null, steps);
+    if let Some(canary) = object["spec"]["strategy"]["canary"].as_object_mut() {
+        canary.remove("analysis");
+    }
+    create(ns, &object).await.unwrap();
+    let api: Api<Rollout> = Api::namespaced(ns.client.clone(), &ns.name);
+    let stable = healthy(&api).await;
+    (api, stable)
+}
+
 pub async fn routing(ns: &TestNamespace) {
     create(ns, &service(&ns.name, "web")).await.unwrap();
     let mut dr = destination_rule(&ns.name, "web", "x", "x");
