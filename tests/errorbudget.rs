@@ -25,6 +25,31 @@ fn ratio_queries(ns: &str) -> (String, String) {
     )
 }
 
+/// A fresh namespace with the `web` routing objects, watched by both controllers (running
+/// until the returned sender is dropped or set).
+async fn routed_namespace(prefix: &str) -> (TestNamespace, tokio::sync::watch::Sender<bool>) {
+    let ns = TestNamespace::new(prefix).await;
+    let controllers = start_controllers(&ns.name, prometheus_url()).await;
+    routing(&ns).await;
+    (ns, controllers)
+}
+
+/// The share of the test budget (10% over one minute) consumed, as Prometheus computes it.
+async fn consumed_in_prometheus(errors: &str, total: &str) -> Option<f64> {
+    let window = |q: &str| q.replace("{{window}}", "1m");
+    let bad = prometheus_value(&window(errors)).await.unwrap_or(0.0);
+    let all = prometheus_value(&window(total)).await?;
+    Some(bad / all / 0.10)
+}
+
+/// Waits for Prometheus's own figure to cross 95% consumed, and says when it did.
+async fn past_95_percent(errors: &str, total: &str) -> Instant {
+    wait_for("Prometheus past 95%", Duration::from_secs(90), || async {
+        (consumed_in_prometheus(errors, total).await? >= 0.95).then(Instant::now)
+    })
+    .await
+}
+
 /// A 90% objective (a 10% budget) over one minute, evaluated every 2 s.
 fn budget(ns: &str, name: &str, errors: &str, total: &str, extra: Value) -> Value {
     let mut budget = json!({
@@ -80,9 +105,7 @@ async fn fail_pods(ns: &TestNamespace, hash: &str, rate: &str) {
 #[tokio::test]
 #[ignore = "needs the local cluster: make test"]
 async fn the_budget_freezes_releases_an_override_lets_one_through_and_exhaustion_rolls_it_back() {
-    let ns = TestNamespace::new("budget").await;
-    let _controllers = start_controllers(&ns.name, prometheus_url()).await;
-    routing(&ns).await;
+    let (ns, _controllers) = routed_namespace("budget").await;
     let steps = json!([{"setWeight": 20}, {"pause": {}}]);
     let (rollouts, stable) = healthy_rollout(&ns, steps).await;
 
@@ -121,12 +144,7 @@ async fn the_budget_freezes_releases_an_override_lets_one_through_and_exhaustion
     .await;
     assert_eq!(frozen.active_action, Some(BudgetAction::FreezePromotions));
     let consumed = frozen.consumed_percent.unwrap();
-    let measured = {
-        let window = |q: &str| q.replace("{{window}}", "1m");
-        let bad = prometheus_value(&window(&errors)).await.unwrap_or(0.0);
-        let all = prometheus_value(&window(&total)).await.unwrap();
-        bad / all / 0.10 * 100.0
-    };
+    let measured = consumed_in_prometheus(&errors, &total).await.unwrap() * 100.0;
     assert!(
         (consumed - measured).abs() < 10.0,
         "status says {consumed}%, Prometheus {measured}%"
@@ -168,13 +186,7 @@ async fn the_budget_freezes_releases_an_override_lets_one_through_and_exhaustion
     // Errors climb past 95%: the release in flight is rolled back. Measured from the moment
     // Prometheus's own figure crosses 95% to the route at 100% stable.
     fail_pods(&ns, &stable, "0.5").await;
-    let crossed = wait_for("Prometheus past 95%", Duration::from_secs(90), || async {
-        let window = |q: &str| q.replace("{{window}}", "1m");
-        let bad = prometheus_value(&window(&errors)).await.unwrap_or(0.0);
-        let all = prometheus_value(&window(&total)).await?;
-        (bad / all / 0.10 >= 0.95).then(Instant::now)
-    })
-    .await;
+    let crossed = past_95_percent(&errors, &total).await;
     while canary_weight(&ns).await != Some(0) {
         assert!(
             crossed.elapsed() < Duration::from_secs(30),
@@ -350,9 +362,7 @@ async fn a_budget_that_cannot_be_judged_is_never_healthy_and_keeps_its_figures()
 #[tokio::test]
 #[ignore = "needs the local cluster: make test"]
 async fn the_canary_is_judged_by_its_own_burn_rate_not_the_diluted_service_wide_one() {
-    let ns = TestNamespace::new("burn").await;
-    let _controllers = start_controllers(&ns.name, prometheus_url()).await;
-    routing(&ns).await;
+    let (ns, _controllers) = routed_namespace("burn").await;
     // A 99.9% objective: the canary at 5% errors burns 50 times too fast, but at 10% of the
     // traffic the service as a whole burns about 5, under the 14.4 page threshold.
     let (errors, total) = ratio_queries(&ns.name);
@@ -487,9 +497,7 @@ async fn stable_subset(ns: &TestNamespace) -> Option<String> {
 #[tokio::test]
 #[ignore = "needs the local cluster: make test"]
 async fn a_completed_release_is_rolled_back_without_a_spec_change_and_stays_there() {
-    let ns = TestNamespace::new("rollback").await;
-    let _controllers = start_controllers(&ns.name, prometheus_url()).await;
-    routing(&ns).await;
+    let (ns, _controllers) = routed_namespace("rollback").await;
     let steps = json!([{"setWeight": 50}]);
     let (rollouts, first) = healthy_rollout(&ns, steps).await;
     set_template(&rollouts, "web:2", json!({})).await;
@@ -517,13 +525,7 @@ async fn a_completed_release_is_rolled_back_without_a_spec_change_and_stays_ther
         .await
         .unwrap();
     fail_pods(&ns, &second, "0.5").await;
-    let crossed = wait_for("Prometheus past 95%", Duration::from_secs(90), || async {
-        let window = |q: &str| q.replace("{{window}}", "1m");
-        let bad = prometheus_value(&window(&errors)).await.unwrap_or(0.0);
-        let all = prometheus_value(&window(&total)).await?;
-        (bad / all / 0.10 >= 0.95).then(Instant::now)
-    })
-    .await;
+    let crossed = past_95_percent(&errors, &total).await;
     wait_for("stable back on web:1", Duration::from_secs(60), || async {
         (stable_subset(&ns).await? == first).then_some(())
     })
@@ -603,9 +605,7 @@ async fn a_completed_release_is_rolled_back_without_a_spec_change_and_stays_ther
 #[tokio::test]
 #[ignore = "needs the local cluster: make test"]
 async fn a_freeze_survives_an_operator_restart_and_deleting_the_budget_lifts_it() {
-    let ns = TestNamespace::new("thaw").await;
-    let controllers = start_controllers(&ns.name, prometheus_url()).await;
-    routing(&ns).await;
+    let (ns, controllers) = routed_namespace("thaw").await;
     let steps = json!([{"setWeight": 20}, {"pause": {}}]);
     let (rollouts, stable) = healthy_rollout(&ns, steps).await;
     let (errors, total) = ratio_queries(&ns.name);

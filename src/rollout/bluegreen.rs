@@ -14,7 +14,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
 use super::events::Reason;
 use super::model::{
     Observed, ObservedTraffic, Plan, PlannedEvent, ReplicaSetIntent, TrafficIntent, TrafficWrite,
-    add,
+    add, budget_actions,
 };
 use super::release::{
     DEFAULT_SCALE_DOWN_DELAY, abort, clear_intents, first_revision, pause_for, paused_by_person,
@@ -23,7 +23,6 @@ use super::release::{
 };
 use super::runs::RunName;
 use crate::api::analysis::AnalysisPhase;
-use crate::api::errorbudget::BudgetAction;
 use crate::api::rollout::{
     BlueGreenStatus, BlueGreenStrategy, HandledIntents, PauseCondition, PauseReason, RolloutPhase,
     RolloutStatus, TrafficWeights,
@@ -150,16 +149,7 @@ pub fn plan(o: &Observed, bg: &BlueGreenStrategy) -> Plan {
 
     // ErrorBudget policy in flight: a freeze holds the promotion, a rollback aborts the
     // preview or switches straight back.
-    let freeze = o
-        .budgets
-        .iter()
-        .find(|b| b.action != BudgetAction::Notify)
-        .cloned();
-    let rollback = o
-        .budgets
-        .iter()
-        .find(|b| b.action == BudgetAction::Rollback)
-        .cloned();
+    let (freeze, rollback) = budget_actions(&o.budgets);
     status
         .pause_conditions
         .retain(|c| c.reason != PauseReason::BudgetFreeze);
@@ -712,6 +702,7 @@ fn selector_writes(o: &Observed, bg: &BlueGreenStrategy, targets: &Targets) -> V
 mod tests {
     use super::*;
     use crate::api::common::Intent;
+    use crate::api::errorbudget::BudgetAction;
     use crate::api::rollout::{RolloutSpec, RolloutStatus};
     use crate::rollout::model::ObservedReplicaSet;
     use crate::traffic::TrafficState;

@@ -18,7 +18,9 @@ use std::time::Duration;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::events::Reason;
-use super::model::{Observed, Plan, PlannedEvent, ReplicaSetIntent, TrafficWrite, add, until};
+use super::model::{
+    Observed, Plan, PlannedEvent, ReplicaSetIntent, TrafficWrite, add, budget_actions, until,
+};
 use super::release::{
     DEFAULT_SCALE_DOWN_DELAY, pause_for, record_counts, record_phase, scale_down_later, unhandled,
 };
@@ -57,11 +59,7 @@ pub fn plan(o: &Observed, strategy: impl Fn(&Observed) -> Plan) -> Plan {
 
     // A person's override releases one revision despite the budget (the SRE policy's
     // exception for P0 and security fixes); it lasts while the template declares it.
-    let freeze = o
-        .budgets
-        .iter()
-        .find(|b| b.action != BudgetAction::Notify)
-        .cloned();
+    let (freeze, _) = budget_actions(&o.budgets);
     if let Some(id) = intents.override_freeze.clone() {
         handled.override_freeze = Some(id);
         if freeze.is_some() && o.desired_hash != stable {

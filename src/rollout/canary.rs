@@ -10,7 +10,7 @@ use k8s_openapi::jiff::Timestamp;
 use super::events::Reason;
 use super::model::{
     Observed, ObservedReplicaSet, ObservedTraffic, Plan, PlannedEvent, ReplicaSetIntent,
-    TrafficIntent, add,
+    TrafficIntent, add, budget_actions,
 };
 use super::release::{
     DEFAULT_SCALE_DOWN_DELAY, abort, clear_intents, first_revision, pause_for, paused_by_person,
@@ -21,7 +21,6 @@ use super::runs::RunName;
 use super::steps::{self, Step};
 use crate::analysis::run as analysis;
 use crate::api::analysis::AnalysisPhase;
-use crate::api::errorbudget::BudgetAction;
 use crate::api::rollout::{
     CanaryStrategy, HandledIntents, PauseReason, RolloutPhase, RolloutStatus, TrafficWeights,
 };
@@ -171,16 +170,7 @@ pub fn plan(o: &Observed) -> Plan {
 
     // ErrorBudget policy in flight (a revision held on stable, an override and a rollback of
     // a completed release are `budget`'s): a freeze holds the steps, a rollback aborts.
-    let freeze = o
-        .budgets
-        .iter()
-        .find(|b| b.action != BudgetAction::Notify)
-        .cloned();
-    let rollback = o
-        .budgets
-        .iter()
-        .find(|b| b.action == BudgetAction::Rollback)
-        .cloned();
+    let (freeze, rollback) = budget_actions(&o.budgets);
     p.status
         .pause_conditions
         .retain(|c| c.reason != PauseReason::BudgetFreeze);
@@ -735,6 +725,7 @@ fn finish(mut p: Planner, steps: &[Step], desired_weight: i32, promoted: Option<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::errorbudget::BudgetAction;
     // The whole planner: the ErrorBudget policy around the canary strategy.
     use crate::api::common::Intent;
     use crate::api::rollout::{

@@ -79,6 +79,17 @@ impl BudgetHold {
     }
 }
 
+/// The budget actions in force on a release: the freeze (a `FreezePromotions` or a
+/// `Rollback` threshold, which includes it) and the rollback.
+pub fn budget_actions(budgets: &[BudgetHold]) -> (Option<BudgetHold>, Option<BudgetHold>) {
+    let find =
+        |wanted: fn(BudgetAction) -> bool| budgets.iter().find(|b| wanted(b.action)).cloned();
+    (
+        find(|a| a != BudgetAction::Notify),
+        find(|a| a == BudgetAction::Rollback),
+    )
+}
+
 /// The world, as the reconciler saw it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Observed {
