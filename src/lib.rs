@@ -15,6 +15,7 @@ pub mod errorbudget;
 pub mod k8s;
 pub mod leader;
 pub mod operator;
+pub mod pipeline;
 pub mod plugin;
 pub mod rollout;
 pub mod server;

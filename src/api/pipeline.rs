@@ -101,6 +101,25 @@ pub struct Gates {
 pub struct ApprovalGate {
     /// Whether an approval is required.
     pub required: bool,
+    /// Who may approve, besides needing the RBAC verb `approve` on this Pipeline: a user named
+    /// here, or a member of a group named here. Empty: anyone with the verb. The apiserver
+    /// enforces it (the ValidatingAdmissionPolicy `sluice-pipeline-approvals`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approvers: Option<Approvers>,
+}
+
+/// People who may approve a stage.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Approvers {
+    /// User names as the apiserver authenticates them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub users: Vec<String>,
+    /// Groups as the apiserver authenticates them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub groups: Vec<String>,
 }
 
 /// An ErrorBudget that must have at least `minRemainingPercent` left and not be frozen.
@@ -117,6 +136,10 @@ pub struct ErrorBudgetGate {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 100))]
     pub min_remaining_percent: Option<i32>,
+    /// Let a release through while the budget is `InsufficientData` (too few events to judge).
+    /// Default false: fail closed. An `Unknown` budget never passes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_insufficient_data: Option<bool>,
 }
 
 /// An ArgoCD Application gate.
@@ -179,9 +202,18 @@ pub struct GateResult {
 pub struct StageStatus {
     /// The stage name.
     pub name: String,
-    /// The release this stage runs or is about to run.
+    /// The release admitted to this stage: its Rollouts may release it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub release: Option<Release>,
+    /// The release the stage's Rollouts declare, waiting at the gates (absent once admitted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<Release>,
+    /// A sentence for humans: what the stage waits for, or how it is doing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// When the gates will be looked at again at the latest (a soak ending, say).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_check: Option<Time>,
     /// Where the stage stands.
     pub phase: StagePhase,
     /// Since when the stage is in this phase (soak counts from `Healthy`).
@@ -192,7 +224,9 @@ pub struct StageStatus {
     pub gates: Vec<GateResult>,
 }
 
-/// An approval, written by `kubectl sluice approve`.
+/// An approval (or a rejection), written by `kubectl sluice approve` or `reject`. The
+/// apiserver checks that `intent.requestedBy` is the authenticated user and that this user may
+/// approve the stage.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Approval {
@@ -200,8 +234,18 @@ pub struct Approval {
     pub stage: String,
     /// The release approved; an approval does not carry over to a different release.
     pub release: Release,
+    /// Approved (default) or Rejected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision: Option<Decision>,
     /// Who, when and why.
     pub intent: Intent,
+}
+
+/// A person's decision on a release for a stage.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+pub enum Decision {
+    Approved,
+    Rejected,
 }
 
 /// What happened, for the audit trail.
@@ -215,6 +259,10 @@ pub enum HistoryAction {
     Failed,
     /// A stage was frozen by an error budget.
     Frozen,
+    /// A person rejected a release for a stage.
+    Rejected,
+    /// A stage's Rollouts all run the release, Healthy.
+    Healthy,
 }
 
 /// One entry of the pipeline history.
@@ -235,6 +283,9 @@ pub struct HistoryEntry {
     /// Why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The id of the person's request this entry records (approvals and rejections).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<String>,
 }
 
 /// The per-stage view of the pipeline.
@@ -262,7 +313,8 @@ pub struct PipelineStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 50))]
     pub history: Vec<HistoryEntry>,
-    /// Standard conditions: `Ready`.
+    /// Standard conditions: `Ready` (every stage's Rollouts exist and belong to this Pipeline
+    /// alone; its budgets exist).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,

@@ -438,6 +438,8 @@ pub enum PauseReason {
     UserPause,
     /// An ErrorBudget that targets the Rollout freezes promotions.
     BudgetFreeze,
+    /// The Rollout is in a Pipeline stage that has not admitted the new release yet.
+    PipelineGate,
 }
 
 /// A reason the rollout is paused, and since when.

@@ -647,6 +647,8 @@ fn finish(mut p: Planner, steps: &[Step], desired_weight: i32, promoted: Option<
                     .to_string()
             }
             PauseReason::BlueGreenPause => "waiting for promotion".to_string(),
+            // Set (with its message) around the planner, in `budget`.
+            PauseReason::PipelineGate => "held by a Pipeline".to_string(),
             PauseReason::BudgetFreeze => p
                 .budget_hold
                 .clone()

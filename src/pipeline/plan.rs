@@ -1,0 +1,1027 @@
+//! The Pipeline planner: which release each stage may run, and why the others wait. Pure.
+//!
+//! A stage's Rollouts declare a release (their templates' images, as git set them). The stage
+//! admits it once every gate passes, judged from what the reconciler read just now: the
+//! previous stage Healthy on it for the soak, the error budgets, a person's approval. An
+//! admitted release is the stage's until its Rollouts declare another one.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::PodTemplateSpec;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+
+use crate::api::errorbudget::{BudgetAction, BudgetPhase, ErrorBudgetStatus};
+use crate::api::pipeline::{
+    Decision, GateResult, HistoryAction, HistoryEntry, PipelineSpec, PipelineStatus, Release,
+    Stage, StagePhase, StageStatus,
+};
+use crate::conditions;
+
+/// History entries kept (the newest).
+pub const HISTORY_LIMIT: usize = 50;
+/// How often a stage waiting on something without a clock (a budget, an approval) is looked
+/// at again; watches bring most changes sooner.
+const RECHECK: Duration = Duration::from_secs(30);
+
+/// The release a pod template declares: its container images, sorted, without repeats.
+pub fn release_of(template: &PodTemplateSpec) -> Release {
+    let mut images: Vec<String> = template
+        .spec
+        .iter()
+        .flat_map(|spec| {
+            spec.init_containers
+                .iter()
+                .flatten()
+                .chain(&spec.containers)
+        })
+        .filter_map(|c| c.image.clone())
+        .collect();
+    images.sort();
+    images.dedup();
+    Release { images }
+}
+
+/// "api:1.4, web:2.0"
+pub fn describe(release: &Release) -> String {
+    release.images.join(", ")
+}
+
+/// How a Rollout of a stage is doing with the release its template declares.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RolloutState {
+    /// Not found.
+    Missing,
+    /// Listed by another Pipeline or another stage too (named).
+    Claimed(String),
+    /// Runs the declared release as stable, Healthy.
+    Healthy,
+    /// Aborted or Degraded on the declared release (why).
+    Failed(String),
+    /// Anything else: releasing, held, waiting for pods.
+    Busy,
+}
+
+/// A Rollout of a stage, as observed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ObservedRollout {
+    /// `namespace/name`.
+    pub key: String,
+    /// What its template declares (`None` when it is missing).
+    pub declared: Option<Release>,
+    pub state: RolloutState,
+}
+
+/// The world as the reconciler saw it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Observed {
+    pub generation: Option<i64>,
+    /// The Pipeline's own namespace (the default for budget references).
+    pub namespace: String,
+    pub spec: PipelineSpec,
+    pub status: PipelineStatus,
+    /// The Rollouts of each stage, in spec order.
+    pub rollouts: Vec<Vec<ObservedRollout>>,
+    /// ErrorBudget statuses by `namespace/name` (`None`: the budget does not exist).
+    pub budgets: BTreeMap<String, Option<ErrorBudgetStatus>>,
+    pub now: Timestamp,
+}
+
+/// An Event to record on the Pipeline.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlannedEvent {
+    pub warning: bool,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    pub status: PipelineStatus,
+    pub events: Vec<PlannedEvent>,
+    pub requeue_after: Duration,
+}
+
+/// The `namespace/name` of a budget gate.
+pub fn budget_key(namespace: &Option<String>, name: &str, own: &str) -> String {
+    format!("{}/{name}", namespace.as_deref().unwrap_or(own))
+}
+
+fn add(t: Timestamp, d: Duration) -> Timestamp {
+    t.checked_add(SignedDuration::try_from(d).unwrap_or(SignedDuration::MAX))
+        .unwrap_or(Timestamp::MAX)
+}
+
+fn since(from: Timestamp, now: Timestamp) -> Duration {
+    Duration::try_from(now.duration_since(from)).unwrap_or(Duration::ZERO)
+}
+
+fn text(d: Duration) -> String {
+    crate::api::Duration::from_secs(d.as_secs()).to_string()
+}
+
+/// Why a gate holds a release, and what that makes the stage.
+struct Held {
+    phase: StagePhase,
+    message: String,
+}
+
+struct Verdicts {
+    results: Vec<GateResult>,
+    /// The first gate that holds (in the order soak, budgets, approval).
+    held: Option<Held>,
+    /// When a clock-bound gate (the soak) passes by itself.
+    wake_at: Option<Timestamp>,
+}
+
+impl Verdicts {
+    fn add(&mut self, gate: String, passed: bool, message: String, phase: StagePhase) {
+        if !passed && self.held.is_none() {
+            self.held = Some(Held {
+                phase,
+                message: format!("{gate}: {message}"),
+            });
+        }
+        self.results.push(GateResult {
+            gate,
+            passed,
+            message: Some(message),
+        });
+    }
+}
+
+/// Every gate of `stage` for `release`, judged now.
+fn judge(
+    o: &Observed,
+    stage: &Stage,
+    release: &Release,
+    previous: Option<(&str, &StageStatus)>,
+) -> Verdicts {
+    let mut v = Verdicts {
+        results: Vec::new(),
+        held: None,
+        wake_at: None,
+    };
+    let gates = stage.gates.clone().unwrap_or_default();
+    // The previous stage runs this release, Healthy, for the soak (no soak: Healthy at all).
+    if let Some((name, prev)) = previous {
+        let soak = gates.soak.as_ref().map_or(Duration::ZERO, |d| d.as_std());
+        let healthy_since = (prev.phase == StagePhase::Healthy
+            && prev.release.as_ref() == Some(release))
+        .then(|| prev.since.as_ref().map_or(o.now, |t| t.0));
+        let (passed, message) = match healthy_since {
+            None => (
+                false,
+                format!(
+                    "{name} is not Healthy on this release yet ({:?})",
+                    prev.phase
+                ),
+            ),
+            Some(from) => {
+                let soaked = since(from, o.now);
+                if soaked < soak {
+                    v.wake_at = Some(add(from, soak));
+                }
+                (
+                    soaked >= soak,
+                    format!("soaked {} of {}", text(soaked.min(soak)), text(soak)),
+                )
+            }
+        };
+        v.add("soak".into(), passed, message, StagePhase::Soaking);
+    }
+    for gate in &gates.error_budgets {
+        let key = budget_key(&gate.namespace, &gate.name, &o.namespace);
+        let needed = f64::from(gate.min_remaining_percent.unwrap_or(0));
+        let (passed, message, phase) = match o.budgets.get(&key).cloned().flatten() {
+            None => (
+                false,
+                format!("ErrorBudget {key} not found"),
+                StagePhase::WaitingForGates,
+            ),
+            Some(status) => {
+                budget_verdict(&status, needed, gate.allow_insufficient_data == Some(true))
+            }
+        };
+        v.add(format!("errorBudget/{key}"), passed, message, phase);
+    }
+    if gates.approval.as_ref().is_some_and(|a| a.required) {
+        let approval = o
+            .status
+            .approvals
+            .iter()
+            .find(|a| a.stage == stage.name && &a.release == release);
+        let (passed, message) = match approval {
+            None => (
+                false,
+                format!(
+                    "waiting for approval of {} (`kubectl sluice approve pipeline/NAME --stage {}`)",
+                    describe(release),
+                    stage.name
+                ),
+            ),
+            Some(a) => {
+                let by = a.intent.requested_by.as_deref().unwrap_or("someone");
+                let why = a
+                    .intent
+                    .reason
+                    .as_deref()
+                    .map_or(String::new(), |r| format!(": {r}"));
+                match a.decision.unwrap_or(Decision::Approved) {
+                    Decision::Approved => (true, format!("approved by {by}{why}")),
+                    Decision::Rejected => (false, format!("rejected by {by}{why}")),
+                }
+            }
+        };
+        v.add(
+            "approval".into(),
+            passed,
+            message,
+            StagePhase::WaitingForApproval,
+        );
+    }
+    v
+}
+
+/// An error-budget gate: enough left, not frozen, and judged at all.
+fn budget_verdict(
+    status: &ErrorBudgetStatus,
+    needed: f64,
+    allow_insufficient: bool,
+) -> (bool, String, StagePhase) {
+    let remaining = status.remaining_percent;
+    let left = remaining.map_or("an unknown share".to_string(), |r| format!("{r:.0}%"));
+    match status.phase {
+        Some(BudgetPhase::Frozen | BudgetPhase::Exhausted) => (
+            false,
+            format!(
+                "is {:?} with {left} left",
+                status.phase.unwrap_or(BudgetPhase::Frozen)
+            ),
+            StagePhase::Frozen,
+        ),
+        _ if matches!(
+            status.active_action,
+            Some(BudgetAction::FreezePromotions | BudgetAction::Rollback)
+        ) =>
+        {
+            (false, "freezes promotions".into(), StagePhase::Frozen)
+        }
+        Some(BudgetPhase::InsufficientData) if allow_insufficient => (
+            true,
+            "too few events to judge; the gate lets it through".into(),
+            StagePhase::WaitingForGates,
+        ),
+        Some(BudgetPhase::InsufficientData) => (
+            false,
+            "too few events to judge (allowInsufficientData lets it through)".into(),
+            StagePhase::WaitingForGates,
+        ),
+        None | Some(BudgetPhase::Unknown) => (
+            false,
+            "cannot be judged now (Unknown)".into(),
+            StagePhase::WaitingForGates,
+        ),
+        _ => match remaining {
+            Some(r) if r + 1e-9 >= needed => (
+                true,
+                format!("{left} left, needs {needed:.0}%"),
+                StagePhase::WaitingForGates,
+            ),
+            _ => (
+                false,
+                format!("has {left} left, needs {needed:.0}%"),
+                StagePhase::WaitingForGates,
+            ),
+        },
+    }
+}
+
+/// The release a stage's Rollouts agree on, or why there is none.
+fn declared(rollouts: &[ObservedRollout]) -> Result<Release, String> {
+    for r in rollouts {
+        match &r.state {
+            RolloutState::Missing => return Err(format!("Rollout {} not found", r.key)),
+            RolloutState::Claimed(by) => {
+                return Err(format!(
+                    "Rollout {} is also in {by}; a Rollout belongs to one stage",
+                    r.key
+                ));
+            }
+            _ => {}
+        }
+    }
+    let mut releases: Vec<&Release> = rollouts
+        .iter()
+        .filter_map(|r| r.declared.as_ref())
+        .collect();
+    releases.dedup();
+    match releases.as_slice() {
+        [one] => Ok((*one).clone()),
+        [] => Err("no Rollouts".into()),
+        _ => Err(format!(
+            "the stage's Rollouts declare different releases ({})",
+            releases
+                .iter()
+                .map(|r| describe(r))
+                .collect::<Vec<_>>()
+                .join(" / ")
+        )),
+    }
+}
+
+fn record(history: &mut Vec<HistoryEntry>, entry: HistoryEntry) {
+    history.push(entry);
+    let excess = history.len().saturating_sub(HISTORY_LIMIT);
+    history.drain(..excess);
+}
+
+/// Plans one reconcile.
+pub fn plan(o: &Observed) -> Plan {
+    let mut status = o.status.clone();
+    let mut events = Vec::new();
+    let mut stages: Vec<StageStatus> = Vec::new();
+    let mut problems = Vec::new();
+    let mut wakeups: Vec<Timestamp> = Vec::new();
+    let mut waiting = false;
+    let entry =
+        |stage: &str, release: &Release, action, by: Option<String>, reason: Option<String>| {
+            HistoryEntry {
+                stage: stage.to_string(),
+                release: release.clone(),
+                action,
+                time: Time(o.now),
+                by,
+                reason,
+                request: None,
+            }
+        };
+
+    // Decisions people made since the last look.
+    for approval in &o.status.approvals {
+        let seen = o
+            .status
+            .history
+            .iter()
+            .any(|h| h.request.as_deref() == Some(approval.intent.id.as_str()));
+        if !seen {
+            let action = match approval.decision.unwrap_or(Decision::Approved) {
+                Decision::Approved => HistoryAction::Approved,
+                Decision::Rejected => HistoryAction::Rejected,
+            };
+            let by = approval.intent.requested_by.clone();
+            events.push(PlannedEvent {
+                warning: action == HistoryAction::Rejected,
+                reason: if action == HistoryAction::Approved {
+                    "Approved"
+                } else {
+                    "Rejected"
+                },
+                message: format!(
+                    "{} {} {} for stage {}{}",
+                    by.as_deref().unwrap_or("someone"),
+                    if action == HistoryAction::Approved {
+                        "approved"
+                    } else {
+                        "rejected"
+                    },
+                    describe(&approval.release),
+                    approval.stage,
+                    approval
+                        .intent
+                        .reason
+                        .as_deref()
+                        .map_or(String::new(), |r| format!(": {r}"))
+                ),
+            });
+            record(
+                &mut status.history,
+                HistoryEntry {
+                    request: Some(approval.intent.id.clone()),
+                    ..entry(
+                        &approval.stage,
+                        &approval.release,
+                        action,
+                        by,
+                        approval.intent.reason.clone(),
+                    )
+                },
+            );
+        }
+    }
+
+    for (index, stage) in o.spec.stages.iter().enumerate() {
+        let before = o
+            .status
+            .stages
+            .iter()
+            .find(|s| s.name == stage.name)
+            .cloned()
+            .unwrap_or(StageStatus {
+                name: stage.name.clone(),
+                release: None,
+                pending: None,
+                message: None,
+                next_check: None,
+                phase: StagePhase::Pending,
+                since: None,
+                gates: Vec::new(),
+            });
+        let mut st = before.clone();
+        st.next_check = None;
+        let previous = index
+            .checked_sub(1)
+            .and_then(|i| Some((o.spec.stages.get(i)?.name.as_str(), stages.get(i)?)));
+        let rollouts = o.rollouts.get(index).map(Vec::as_slice).unwrap_or_default();
+        let set_phase = |st: &mut StageStatus, phase: StagePhase| {
+            if st.phase != phase {
+                st.phase = phase;
+                st.since = Some(Time(o.now));
+            }
+        };
+        match declared(rollouts) {
+            Err(why) => {
+                problems.push(format!("stage {}: {why}", stage.name));
+                st.message = Some(why);
+                st.gates.clear();
+            }
+            Ok(release) if st.release.as_ref() == Some(&release) => {
+                // Admitted: the stage's Rollouts release it; the stage follows them.
+                st.pending = None;
+                st.gates.clear();
+                let failed: Vec<String> = rollouts
+                    .iter()
+                    .filter_map(|r| match &r.state {
+                        RolloutState::Failed(why) => Some(format!("{}: {why}", r.key)),
+                        _ => None,
+                    })
+                    .collect();
+                if !failed.is_empty() {
+                    if st.phase != StagePhase::Failed {
+                        events.push(PlannedEvent {
+                            warning: true,
+                            reason: "StageFailed",
+                            message: format!(
+                                "stage {} failed on {}: {}",
+                                stage.name,
+                                describe(&release),
+                                failed.join("; ")
+                            ),
+                        });
+                        record(
+                            &mut status.history,
+                            entry(
+                                &stage.name,
+                                &release,
+                                HistoryAction::Failed,
+                                None,
+                                Some(failed.join("; ")),
+                            ),
+                        );
+                    }
+                    set_phase(&mut st, StagePhase::Failed);
+                    st.message = Some(format!(
+                        "{} failed; later stages will not receive it, a newer release can proceed",
+                        describe(&release)
+                    ));
+                } else if rollouts.iter().all(|r| r.state == RolloutState::Healthy) {
+                    if st.phase != StagePhase::Healthy {
+                        events.push(PlannedEvent {
+                            warning: false,
+                            reason: "StageHealthy",
+                            message: format!(
+                                "stage {} runs {}, Healthy",
+                                stage.name,
+                                describe(&release)
+                            ),
+                        });
+                        record(
+                            &mut status.history,
+                            entry(&stage.name, &release, HistoryAction::Healthy, None, None),
+                        );
+                    }
+                    set_phase(&mut st, StagePhase::Healthy);
+                    st.message = Some(format!("runs {}", describe(&release)));
+                } else {
+                    set_phase(&mut st, StagePhase::Progressing);
+                    st.message = Some(format!("releasing {}", describe(&release)));
+                }
+            }
+            Ok(release)
+                if !rollouts.is_empty()
+                    && rollouts.iter().all(|r| r.state == RolloutState::Healthy) =>
+            {
+                // Already running it everywhere (a new Pipeline over running Rollouts, or a
+                // first revision, which no one can hold): nothing to admit, it is the stage's.
+                record(
+                    &mut status.history,
+                    entry(
+                        &stage.name,
+                        &release,
+                        HistoryAction::Healthy,
+                        None,
+                        Some("already running".into()),
+                    ),
+                );
+                st.release = Some(release.clone());
+                st.pending = None;
+                st.gates.clear();
+                set_phase(&mut st, StagePhase::Healthy);
+                st.message = Some(format!("runs {}", describe(&release)));
+            }
+            Ok(release) => {
+                // Declared, not admitted: every gate, from fresh reads.
+                let verdicts = judge(o, stage, &release, previous);
+                st.gates = verdicts.results;
+                match verdicts.held {
+                    None => {
+                        let reasons: Vec<String> = st
+                            .gates
+                            .iter()
+                            .filter_map(|g| g.message.clone().map(|m| format!("{}: {m}", g.gate)))
+                            .collect();
+                        events.push(PlannedEvent {
+                            warning: false,
+                            reason: "Admitted",
+                            message: format!(
+                                "{} admitted to stage {}{}",
+                                describe(&release),
+                                stage.name,
+                                if reasons.is_empty() {
+                                    String::new()
+                                } else {
+                                    format!(" ({})", reasons.join("; "))
+                                }
+                            ),
+                        });
+                        let approver = st
+                            .gates
+                            .iter()
+                            .any(|g| g.gate == "approval")
+                            .then(|| {
+                                o.status
+                                    .approvals
+                                    .iter()
+                                    .find(|a| a.stage == stage.name && a.release == release)
+                                    .and_then(|a| a.intent.requested_by.clone())
+                            })
+                            .flatten();
+                        record(
+                            &mut status.history,
+                            entry(
+                                &stage.name,
+                                &release,
+                                HistoryAction::Promoted,
+                                approver,
+                                Some(reasons.join("; ")),
+                            ),
+                        );
+                        st.release = Some(release.clone());
+                        st.pending = None;
+                        set_phase(&mut st, StagePhase::Progressing);
+                        st.message = Some(format!("releasing {}", describe(&release)));
+                    }
+                    Some(held) => {
+                        waiting = true;
+                        if held.phase == StagePhase::Frozen && st.phase != StagePhase::Frozen {
+                            record(
+                                &mut status.history,
+                                entry(
+                                    &stage.name,
+                                    &release,
+                                    HistoryAction::Frozen,
+                                    None,
+                                    Some(held.message.clone()),
+                                ),
+                            );
+                        }
+                        st.pending = Some(release.clone());
+                        set_phase(&mut st, held.phase);
+                        st.message =
+                            Some(format!("{} waits: {}", describe(&release), held.message));
+                        if let Some(at) = verdicts.wake_at {
+                            wakeups.push(at);
+                        }
+                        let next = verdicts.wake_at.unwrap_or_else(|| add(o.now, RECHECK));
+                        st.next_check = Some(Time(next.min(add(o.now, RECHECK))));
+                    }
+                }
+            }
+        }
+        stages.push(st);
+    }
+
+    status.observed_generation = o.generation;
+    status.summary = Some(
+        stages
+            .iter()
+            .map(|s| format!("{}:{:?}", s.name, s.phase))
+            .collect::<Vec<_>>()
+            .join(" "),
+    );
+    status.message = Some(if problems.is_empty() {
+        stages
+            .iter()
+            .find(|s| s.pending.is_some() || s.phase == StagePhase::Failed)
+            .and_then(|s| s.message.clone().map(|m| format!("{}: {m}", s.name)))
+            .unwrap_or_else(|| "every stage runs its admitted release".into())
+    } else {
+        problems.join("; ")
+    });
+    let ready = problems.is_empty();
+    conditions::set(
+        &mut status.conditions,
+        "Ready",
+        ready,
+        if ready {
+            "StagesResolved"
+        } else {
+            "InvalidStage"
+        },
+        problems.join("; "),
+        o.generation,
+        o.now,
+    );
+    status.stages = stages;
+    let requeue_after = wakeups
+        .iter()
+        .map(|at| since(o.now, *at))
+        .chain(waiting.then_some(RECHECK))
+        .min()
+        .unwrap_or(Duration::from_secs(300))
+        .max(Duration::from_millis(200));
+    Plan {
+        status,
+        events,
+        requeue_after,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::common::Intent;
+    use crate::api::pipeline::Approval;
+    use proptest::prelude::*;
+
+    fn t(secs: i64) -> Timestamp {
+        Timestamp::from_second(1_700_000_000 + secs).unwrap()
+    }
+
+    fn spec() -> PipelineSpec {
+        serde_json::from_value(serde_json::json!({"stages": [
+            {"name": "dev", "rollouts": [{"namespace": "dev", "name": "web"}]},
+            {"name": "staging", "rollouts": [{"namespace": "staging", "name": "web"}],
+             "gates": {"soak": "10m"}},
+            {"name": "prod", "rollouts": [{"namespace": "prod", "name": "web"}],
+             "gates": {"soak": "10m", "approval": {"required": true},
+                       "errorBudgets": [{"namespace": "prod", "name": "avail", "minRemainingPercent": 20}]}}
+        ]}))
+        .unwrap()
+    }
+
+    fn release(tag: &str) -> Release {
+        Release {
+            images: vec![format!("web:{tag}")],
+        }
+    }
+
+    fn rollout(stage: &str, tag: &str, state: RolloutState) -> Vec<ObservedRollout> {
+        vec![ObservedRollout {
+            key: format!("{stage}/web"),
+            declared: Some(release(tag)),
+            state,
+        }]
+    }
+
+    fn budget(phase: BudgetPhase, remaining: f64) -> Option<ErrorBudgetStatus> {
+        Some(ErrorBudgetStatus {
+            phase: Some(phase),
+            remaining_percent: Some(remaining),
+            ..ErrorBudgetStatus::default()
+        })
+    }
+
+    /// Every stage declares `tag`, in the states given; the prod budget healthy.
+    fn world(tag: &str, states: [RolloutState; 3], status: PipelineStatus, now: i64) -> Observed {
+        let [dev, staging, prod] = states;
+        Observed {
+            generation: Some(1),
+            namespace: "sluice-system".into(),
+            spec: spec(),
+            status,
+            rollouts: vec![
+                rollout("dev", tag, dev),
+                rollout("staging", tag, staging),
+                rollout("prod", tag, prod),
+            ],
+            budgets: BTreeMap::from([(
+                "prod/avail".to_string(),
+                budget(BudgetPhase::Healthy, 80.0),
+            )]),
+            now: t(now),
+        }
+    }
+
+    fn stage<'a>(plan: &'a Plan, name: &str) -> &'a StageStatus {
+        plan.status.stages.iter().find(|s| s.name == name).unwrap()
+    }
+
+    use RolloutState::{Busy, Healthy};
+
+    /// All three stages adopt v1, which they already run.
+    fn running_v1() -> PipelineStatus {
+        plan(&world(
+            "1",
+            [Healthy, Healthy, Healthy],
+            PipelineStatus::default(),
+            0,
+        ))
+        .status
+    }
+
+    #[test]
+    fn what_already_runs_is_adopted_without_gates() {
+        let status = running_v1();
+        for s in &status.stages {
+            assert_eq!(
+                (s.phase, s.release.clone()),
+                (StagePhase::Healthy, Some(release("1")))
+            );
+        }
+        assert_eq!(
+            status.summary.as_deref(),
+            Some("dev:Healthy staging:Healthy prod:Healthy")
+        );
+    }
+
+    #[test]
+    fn a_release_moves_through_the_stages_behind_soak_approval_and_budget() {
+        // Git declares v2 everywhere at once: dev admits it, the others wait.
+        let p1 = plan(&world("2", [Busy, Busy, Busy], running_v1(), 100));
+        assert_eq!(stage(&p1, "dev").release, Some(release("2")));
+        assert_eq!(stage(&p1, "dev").phase, StagePhase::Progressing);
+        assert_eq!(stage(&p1, "staging").release, Some(release("1")));
+        assert_eq!(stage(&p1, "staging").phase, StagePhase::Soaking);
+        assert_eq!(stage(&p1, "staging").pending, Some(release("2")));
+        assert!(p1.events.iter().any(|e| e.reason == "Admitted"));
+
+        // Dev Healthy at 200; at 440 staging has soaked 4m of 10m.
+        let p2 = plan(&world("2", [Healthy, Busy, Busy], p1.status, 200));
+        let p3 = plan(&world("2", [Healthy, Busy, Busy], p2.status, 440));
+        let staging = stage(&p3, "staging");
+        assert_eq!(staging.phase, StagePhase::Soaking);
+        let soak = &staging.gates[0];
+        assert_eq!(
+            (soak.passed, soak.message.as_deref()),
+            (false, Some("soaked 4m of 10m"))
+        );
+        assert_eq!(
+            staging.next_check,
+            Some(Time(t(470))),
+            "rechecked within 30s"
+        );
+        assert_eq!(p3.requeue_after, Duration::from_secs(30));
+
+        // Soaked at 800: staging admits v2.
+        let p4 = plan(&world("2", [Healthy, Busy, Busy], p3.status, 800));
+        assert_eq!(stage(&p4, "staging").release, Some(release("2")));
+        // Staging Healthy at 900, soaked at 1500: prod still waits for a person.
+        let p5 = plan(&world("2", [Healthy, Healthy, Busy], p4.status, 900));
+        let p6 = plan(&world("2", [Healthy, Healthy, Busy], p5.status, 1500));
+        let prod = stage(&p6, "prod");
+        assert_eq!(prod.phase, StagePhase::WaitingForApproval);
+        assert_eq!(prod.release, Some(release("1")));
+
+        // An approval of another release admits nothing; one of this release does.
+        let approve = |status: &PipelineStatus, tag: &str, id: &str| {
+            let mut status = status.clone();
+            status.approvals = vec![Approval {
+                stage: "prod".into(),
+                release: release(tag),
+                decision: None,
+                intent: Intent {
+                    id: id.into(),
+                    requested_at: Time(t(1500)),
+                    requested_by: Some("alice".into()),
+                    reason: Some("looks good".into()),
+                },
+            }];
+            status
+        };
+        let p7 = plan(&world(
+            "2",
+            [Healthy, Healthy, Busy],
+            approve(&p6.status, "1", "a"),
+            1510,
+        ));
+        assert_eq!(stage(&p7, "prod").release, Some(release("1")));
+        let p8 = plan(&world(
+            "2",
+            [Healthy, Healthy, Busy],
+            approve(&p7.status, "2", "b"),
+            1520,
+        ));
+        assert_eq!(stage(&p8, "prod").release, Some(release("2")));
+        let promoted = p8
+            .status
+            .history
+            .iter()
+            .rev()
+            .find(|h| h.action == HistoryAction::Promoted)
+            .unwrap();
+        assert_eq!(
+            (promoted.stage.as_str(), promoted.by.as_deref()),
+            ("prod", Some("alice"))
+        );
+        assert!(
+            p8.status
+                .history
+                .iter()
+                .any(|h| h.action == HistoryAction::Approved && h.request.as_deref() == Some("b"))
+        );
+        // The approval is recorded once.
+        let p9 = plan(&world(
+            "2",
+            [Healthy, Healthy, Busy],
+            p8.status.clone(),
+            1530,
+        ));
+        assert_eq!(p9.status.history.len(), p8.status.history.len());
+    }
+
+    #[test]
+    fn a_frozen_or_short_budget_holds_prod() {
+        let soaked = {
+            let p1 = plan(&world("2", [Healthy, Healthy, Busy], running_v1(), 0));
+            // Pretend dev and staging have been Healthy on v2 for an hour.
+            let mut status = p1.status;
+            for s in status.stages.iter_mut().filter(|s| s.name != "prod") {
+                s.release = Some(release("2"));
+                s.phase = StagePhase::Healthy;
+                s.since = Some(Time(t(0)));
+            }
+            status.approvals = vec![Approval {
+                stage: "prod".into(),
+                release: release("2"),
+                decision: None,
+                intent: Intent {
+                    id: "a".into(),
+                    requested_at: Time(t(0)),
+                    requested_by: Some("alice".into()),
+                    reason: None,
+                },
+            }];
+            status
+        };
+        let table = [
+            (budget(BudgetPhase::Frozen, 15.0), StagePhase::Frozen, false),
+            (
+                budget(BudgetPhase::Healthy, 12.0),
+                StagePhase::WaitingForGates,
+                false,
+            ),
+            (
+                budget(BudgetPhase::Unknown, 90.0),
+                StagePhase::WaitingForGates,
+                false,
+            ),
+            (
+                budget(BudgetPhase::InsufficientData, 100.0),
+                StagePhase::WaitingForGates,
+                false,
+            ),
+            (None, StagePhase::WaitingForGates, false),
+            (
+                budget(BudgetPhase::Healthy, 25.0),
+                StagePhase::Progressing,
+                true,
+            ),
+        ];
+        for (status, phase, admitted) in table {
+            let mut o = world("2", [Healthy, Healthy, Busy], soaked.clone(), 3600);
+            o.budgets.insert("prod/avail".into(), status.clone());
+            let p = plan(&o);
+            let prod = stage(&p, "prod");
+            assert_eq!(prod.phase, phase, "{status:?}: {:?}", prod.message);
+            assert_eq!(prod.release == Some(release("2")), admitted, "{status:?}");
+        }
+        let frozen = {
+            let mut o = world("2", [Healthy, Healthy, Busy], soaked.clone(), 3600);
+            o.budgets
+                .insert("prod/avail".into(), budget(BudgetPhase::Healthy, 12.0));
+            plan(&o)
+        };
+        assert!(
+            stage(&frozen, "prod")
+                .message
+                .clone()
+                .unwrap_or_default()
+                .contains("has 12% left, needs 20%"),
+            "{:?}",
+            stage(&frozen, "prod").message
+        );
+    }
+
+    #[test]
+    fn a_failed_stage_never_passes_its_release_on_and_a_newer_one_proceeds() {
+        let p1 = plan(&world("2", [Busy, Busy, Busy], running_v1(), 0));
+        let p2 = plan(&world(
+            "2",
+            [RolloutState::Failed("aborted".into()), Busy, Busy],
+            p1.status,
+            10,
+        ));
+        assert_eq!(stage(&p2, "dev").phase, StagePhase::Failed);
+        assert!(p2.events.iter().any(|e| e.reason == "StageFailed"));
+        let p3 = plan(&world(
+            "2",
+            [RolloutState::Failed("aborted".into()), Busy, Busy],
+            p2.status,
+            100_000,
+        ));
+        assert_eq!(
+            stage(&p3, "staging").release,
+            Some(release("1")),
+            "never receives it"
+        );
+        // v3 is declared: dev admits it.
+        let p4 = plan(&world("3", [Busy, Busy, Busy], p3.status, 100_010));
+        assert_eq!(stage(&p4, "dev").release, Some(release("3")));
+    }
+
+    #[test]
+    fn bad_stages_are_named_and_the_others_keep_working() {
+        let mut o = world("2", [Busy, Busy, Busy], running_v1(), 0);
+        o.rollouts[2][0].state = RolloutState::Missing;
+        o.rollouts[1][0].state = RolloutState::Claimed("Pipeline other/checkout".into());
+        let p = plan(&o);
+        assert_eq!(stage(&p, "dev").release, Some(release("2")));
+        let message = p.status.message.clone().unwrap_or_default();
+        assert!(message.contains("Rollout prod/web not found"), "{message}");
+        assert!(
+            message.contains("also in Pipeline other/checkout"),
+            "{message}"
+        );
+        assert_eq!(
+            conditions::message(&p.status.conditions, "Ready"),
+            Some(message.as_str())
+        );
+    }
+
+    fn arb_state() -> impl Strategy<Value = RolloutState> {
+        prop_oneof![
+            Just(RolloutState::Healthy),
+            Just(RolloutState::Busy),
+            Just(RolloutState::Failed("x".into())),
+        ]
+    }
+
+    proptest! {
+        /// Over any sequence of Rollout states, releases, approvals and times: a release
+        /// enters a stage only if the stage before was Healthy on it for the soak, and never
+        /// enters prod without an approval of that very release.
+        #[test]
+        fn no_stage_is_skipped_and_no_unapproved_release_reaches_prod(
+            steps in proptest::collection::vec(
+                ((1..4u8), proptest::array::uniform3(arb_state()), 0..400i64, proptest::option::of(1..4u8)),
+                1..40,
+            )
+        ) {
+            let mut status = running_v1();
+            let mut now = 0;
+            for (tag, states, wait, approved) in steps {
+                now += wait;
+                let before = status.clone();
+                let mut o = world(&tag.to_string(), states, status, now);
+                if let Some(a) = approved {
+                    o.status.approvals = vec![Approval {
+                        stage: "prod".into(),
+                        release: release(&a.to_string()),
+                        decision: None,
+                        intent: Intent { id: format!("{now}"), requested_at: Time(t(now)), requested_by: Some("alice".into()), reason: None },
+                    }];
+                }
+                let approvals = o.status.approvals.clone();
+                let adopt = o.rollouts.iter().map(|r| r[0].state == RolloutState::Healthy).collect::<Vec<_>>();
+                let p = plan(&o);
+                for (i, s) in p.status.stages.iter().enumerate().skip(1) {
+                    let old = before.stages.iter().find(|b| b.name == s.name).and_then(|b| b.release.clone());
+                    if s.release == old || adopt[i] {
+                        continue;
+                    }
+                    let prev = &p.status.stages[i - 1];
+                    prop_assert_eq!(prev.phase, StagePhase::Healthy);
+                    prop_assert_eq!(&prev.release, &s.release);
+                    let since = prev.since.as_ref().unwrap().0;
+                    prop_assert!(since.duration_since(t(now)).as_secs() <= -600, "soaked 10m");
+                    if s.name == "prod" {
+                        prop_assert!(approvals.iter().any(|a| Some(&a.release) == s.release.as_ref()));
+                    }
+                }
+                status = p.status;
+            }
+        }
+    }
+}
