@@ -1,7 +1,6 @@
 //! The set of controllers the leader runs.
 //!
-//! The Rollout and ErrorBudget controllers run here; the Pipeline controller joins them once
-//! it is built.
+//! The Rollout, ErrorBudget and Pipeline controllers, sharing one context.
 
 use std::sync::Arc;
 
@@ -14,7 +13,8 @@ pub async fn run(context: Arc<Context>, stop: watch::Receiver<bool>) -> anyhow::
     tracing::info!("controllers started");
     futures::join!(
         crate::rollout::run(context.clone(), stop.clone()),
-        crate::errorbudget::run(context, stop),
+        crate::errorbudget::run(context.clone(), stop.clone()),
+        crate::pipeline::run(context, stop),
     );
     Ok(())
 }

@@ -88,7 +88,27 @@ pub struct Metrics {
     budget_consumed: Family<RolloutLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     budget_burn: Family<BurnLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     budget_phase: Family<PhaseLabels, Gauge>,
+    stage_phase: Family<StageLabels, Gauge>,
 }
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StageLabels {
+    namespace: String,
+    name: String,
+    stage: String,
+    phase: String,
+}
+
+const STAGE_PHASES: [&str; 8] = [
+    "Pending",
+    "Soaking",
+    "WaitingForGates",
+    "WaitingForApproval",
+    "Progressing",
+    "Healthy",
+    "Failed",
+    "Frozen",
+];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BurnLabels {
@@ -190,7 +210,14 @@ impl Metrics {
             "1 for the phase each ErrorBudget is in",
             budget_phase.clone(),
         );
+        let stage_phase = Family::<StageLabels, Gauge>::default();
+        registry.register(
+            "pipeline_stage_phase",
+            "1 for the phase each Pipeline stage is in",
+            stage_phase.clone(),
+        );
         Self {
+            stage_phase,
             budget_remaining,
             budget_consumed,
             budget_burn,
@@ -315,6 +342,27 @@ impl Metrics {
                 name: name.into(),
                 phase: candidate.into(),
             });
+        }
+    }
+
+    pub fn pipeline_state(
+        &self,
+        namespace: &str,
+        name: &str,
+        stages: &[crate::api::pipeline::StageStatus],
+    ) {
+        for stage in stages {
+            let current = format!("{:?}", stage.phase);
+            for candidate in STAGE_PHASES {
+                self.stage_phase
+                    .get_or_create(&StageLabels {
+                        namespace: namespace.into(),
+                        name: name.into(),
+                        stage: stage.name.clone(),
+                        phase: candidate.into(),
+                    })
+                    .set(i64::from(candidate == current));
+            }
         }
     }
 

@@ -1,3 +1,254 @@
 //! The Pipeline controller: admits releases to stages once their gates pass.
+//!
+//! Observe (the stages' Rollouts, the gated ErrorBudgets, all read fresh) -> plan (pure, in
+//! `plan`) -> write the Pipeline's status. It writes nothing else: the Rollout controller reads
+//! the admitted release of each stage through a watch and holds what is not admitted yet.
 
 pub mod plan;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::Api;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
+use kube::{Resource, ResourceExt};
+use tokio::sync::watch;
+
+use crate::api::errorbudget::ErrorBudget;
+use crate::api::pipeline::Pipeline;
+use crate::api::rollout::{Rollout, RolloutPhase};
+use crate::context::Context;
+use plan::{ObservedRollout, RolloutState};
+
+const CONTROLLER: &str = "pipeline";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+}
+
+/// `namespace/name`
+fn key_of(namespace: &str, name: &str) -> String {
+    format!("{namespace}/{name}")
+}
+
+/// Every `(pipeline, stage)` that lists the Rollout `namespace/name`.
+pub fn stages_listing(
+    pipelines: &[Arc<Pipeline>],
+    namespace: &str,
+    name: &str,
+) -> Vec<(Arc<Pipeline>, String)> {
+    pipelines
+        .iter()
+        .flat_map(|p| {
+            p.spec
+                .stages
+                .iter()
+                .filter(|s| {
+                    s.rollouts
+                        .iter()
+                        .any(|r| r.namespace == namespace && r.name == name)
+                })
+                .map(|s| (p.clone(), s.name.clone()))
+        })
+        .collect()
+}
+
+/// Runs the Pipeline controller until `stop`.
+pub async fn run(ctx: Arc<Context>, stop: watch::Receiver<bool>) {
+    let client = ctx.client.clone();
+    let namespace = ctx.settings.namespace.clone();
+    let pipelines: Api<Pipeline> = crate::k8s::scoped(&client, namespace.as_deref());
+    let controller = Controller::new(pipelines, watcher::Config::default());
+    let store = controller.store();
+    let by_rollout = store.clone();
+    let by_budget = store.clone();
+    let rollouts: Api<Rollout> = crate::k8s::scoped(&client, namespace.as_deref());
+    let budgets: Api<ErrorBudget> = crate::k8s::scoped(&client, namespace.as_deref());
+    controller
+        .watches(rollouts, watcher::Config::default(), move |rollout| {
+            let (ns, name) = (rollout.namespace().unwrap_or_default(), rollout.name_any());
+            stages_listing(&by_rollout.state(), &ns, &name)
+                .into_iter()
+                .map(|(p, _)| ObjectRef::from_obj(p.as_ref()))
+                .collect::<Vec<_>>()
+        })
+        .watches(budgets, watcher::Config::default(), move |budget| {
+            gating(&by_budget, &budget)
+        })
+        .graceful_shutdown_on(crate::k8s::stopped(stop))
+        .run(reconcile, error_policy, Arc::new(State { ctx, store }))
+        .for_each(crate::k8s::log_loop_error)
+        .await;
+}
+
+struct State {
+    ctx: Arc<Context>,
+    /// Every Pipeline, to tell a Rollout claimed by two of them.
+    store: Store<Pipeline>,
+}
+
+/// The Pipelines with a gate on this budget.
+fn gating(store: &Store<Pipeline>, budget: &ErrorBudget) -> Vec<ObjectRef<Pipeline>> {
+    let key = key_of(&budget.namespace().unwrap_or_default(), &budget.name_any());
+    store
+        .state()
+        .iter()
+        .filter(|p| {
+            let own = p.namespace().unwrap_or_default();
+            p.spec.stages.iter().any(|s| {
+                s.gates
+                    .iter()
+                    .flat_map(|g| &g.error_budgets)
+                    .any(|g| plan::budget_key(&g.namespace, &g.name, &own) == key)
+            })
+        })
+        .map(|p| ObjectRef::from_obj(p.as_ref()))
+        .collect()
+}
+
+fn backoff_key(pipeline: &Pipeline) -> String {
+    format!(
+        "Pipeline/{}/{}",
+        pipeline.namespace().unwrap_or_default(),
+        pipeline.name_any()
+    )
+}
+
+fn error_policy(pipeline: Arc<Pipeline>, error: &Error, state: Arc<State>) -> Action {
+    state.ctx.metrics().reconcile_errors(CONTROLLER, "kube");
+    let delay = state.ctx.backoff.failed(&backoff_key(&pipeline));
+    tracing::warn!(error = %error, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+#[tracing::instrument(skip(cached, state), fields(pipeline = %cached.name_any(), namespace = cached.namespace().unwrap_or_default()))]
+async fn reconcile(cached: Arc<Pipeline>, state: Arc<State>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let result = admit(&cached, &state).await;
+    state
+        .ctx
+        .metrics()
+        .observe_reconcile(CONTROLLER, started.elapsed());
+    if result.is_ok() {
+        state.ctx.backoff.succeeded(&backoff_key(&cached));
+    }
+    result
+}
+
+/// How a Rollout is doing with the release its template declares.
+pub fn rollout_state(rollout: &Rollout) -> RolloutState {
+    let status = rollout.status.clone().unwrap_or_default();
+    let declared = crate::rollout::revision::template_hash(&rollout.spec.template);
+    match status.phase {
+        Some(RolloutPhase::Healthy) if status.stable_revision.as_deref() == Some(&declared) => {
+            RolloutState::Healthy
+        }
+        Some(RolloutPhase::Degraded) => {
+            RolloutState::Failed(status.message.unwrap_or_else(|| "Degraded".into()))
+        }
+        _ => RolloutState::Busy,
+    }
+}
+
+async fn admit(cached: &Pipeline, state: &State) -> Result<Action, Error> {
+    let ctx = state.ctx.as_ref();
+    let namespace = cached.namespace().unwrap_or_default();
+    let name = cached.name_any();
+    let api: Api<Pipeline> = Api::namespaced(ctx.client.clone(), &namespace);
+    // Fresh: gates are judged from what is true now, not from a cache.
+    let Some(pipeline) = api.get_opt(&name).await? else {
+        return Ok(Action::await_change());
+    };
+    let me = key_of(&namespace, &name);
+    let all = state.store.state();
+    let mut rollouts = Vec::new();
+    for stage in &pipeline.spec.stages {
+        let mut observed = Vec::new();
+        for r in &stage.rollouts {
+            let key = key_of(&r.namespace, &r.name);
+            let claims: Vec<String> = stages_listing(&all, &r.namespace, &r.name)
+                .into_iter()
+                .map(|(p, s)| {
+                    let owner = key_of(&p.namespace().unwrap_or_default(), &p.name_any());
+                    format!("Pipeline {owner} stage {s}")
+                })
+                .filter(|c| *c != format!("Pipeline {me} stage {}", stage.name))
+                .collect();
+            let duplicate = stage
+                .rollouts
+                .iter()
+                .filter(|o| o.namespace == r.namespace && o.name == r.name)
+                .count()
+                > 1;
+            let found = Api::<Rollout>::namespaced(ctx.client.clone(), &r.namespace)
+                .get_opt(&r.name)
+                .await?;
+            let state = match &found {
+                None => RolloutState::Missing,
+                Some(_) if duplicate => {
+                    RolloutState::Claimed(format!("stage {} twice", stage.name))
+                }
+                Some(_) if !claims.is_empty() => RolloutState::Claimed(claims.join(", ")),
+                Some(rollout) => rollout_state(rollout),
+            };
+            observed.push(ObservedRollout {
+                key,
+                declared: found.as_ref().map(|r| plan::release_of(&r.spec.template)),
+                state,
+            });
+        }
+        rollouts.push(observed);
+    }
+    let mut budgets = BTreeMap::new();
+    for stage in &pipeline.spec.stages {
+        for gate in stage.gates.iter().flat_map(|g| &g.error_budgets) {
+            let key = plan::budget_key(&gate.namespace, &gate.name, &namespace);
+            let budget_ns = gate.namespace.clone().unwrap_or_else(|| namespace.clone());
+            let found = Api::<ErrorBudget>::namespaced(ctx.client.clone(), &budget_ns)
+                .get_opt(&gate.name)
+                .await?;
+            budgets.insert(key, found.map(|b| b.status.unwrap_or_default()));
+        }
+    }
+    let status = pipeline.status.clone().unwrap_or_default();
+    let o = plan::Observed {
+        generation: pipeline.metadata.generation,
+        namespace: namespace.clone(),
+        spec: pipeline.spec.clone(),
+        status: status.clone(),
+        rollouts,
+        budgets,
+        now: Timestamp::now(),
+    };
+    let plan = plan::plan(&o);
+    // Approvals belong to the plugin's field manager: not ours to compare or write.
+    let mut current = status;
+    current.approvals.clear();
+    let mut desired = plan.status.clone();
+    desired.approvals.clear();
+    crate::k8s::status::apply(&api, &pipeline, Some(&current), &desired).await?;
+    let reference: ObjectReference = pipeline.object_ref(&());
+    for event in &plan.events {
+        crate::k8s::events::publish(
+            &ctx.recorder,
+            &reference,
+            event.warning,
+            event.reason,
+            &event.message,
+        )
+        .await;
+    }
+    ctx.metrics()
+        .pipeline_state(&namespace, &name, &plan.status.stages);
+    Ok(Action::requeue(
+        plan.requeue_after.min(Duration::from_secs(300)),
+    ))
+}

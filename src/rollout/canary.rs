@@ -169,7 +169,7 @@ pub fn plan(o: &Observed) -> Plan {
     }
 
     // ErrorBudget policy in flight (a revision held on stable, an override and a rollback of
-    // a completed release are `budget`'s): a freeze holds the steps, a rollback aborts.
+    // a completed release are `policy`'s): a freeze holds the steps, a rollback aborts.
     let (freeze, rollback) = budget_actions(&o.budgets);
     p.status
         .pause_conditions
@@ -647,7 +647,7 @@ fn finish(mut p: Planner, steps: &[Step], desired_weight: i32, promoted: Option<
                     .to_string()
             }
             PauseReason::BlueGreenPause => "waiting for promotion".to_string(),
-            // Set (with its message) around the planner, in `budget`.
+            // Set (with its message) around the planner, in `policy`.
             PauseReason::PipelineGate => "held by a Pipeline".to_string(),
             PauseReason::BudgetFreeze => p
                 .budget_hold
@@ -821,6 +821,8 @@ mod tests {
             services: Vec::new(),
             budgets: Vec::new(),
             leftovers: Vec::new(),
+            release: Default::default(),
+            pipeline: None,
             now: t(10),
         }
     }
@@ -1410,6 +1412,70 @@ mod tests {
         );
         o.budgets = vec![hold(BudgetAction::Rollback)];
         assert!(plan(&o).status.aborted_at.is_some(), "fail safe");
+    }
+
+    #[test]
+    fn a_pipeline_stage_holds_a_release_it_has_not_admitted() {
+        use crate::api::pipeline::Release;
+        use crate::rollout::model::PipelineGate;
+        let release = |tag: &str| Release {
+            images: vec![format!("web:{tag}")],
+        };
+        let stable_only = RolloutStatus {
+            stable_revision: Some(OLD.into()),
+            ..RolloutStatus::default()
+        };
+        let mut o = observed(vec![weight(50)], stable_only, 0, Some(0));
+        o.release = release("2");
+        o.pipeline = Some(PipelineGate {
+            pipeline: "sluice-system/checkout".into(),
+            stage: "prod".into(),
+            admitted: Some(release("1")),
+            waiting: Some("approval: waiting for approval".into()),
+            conflict: None,
+        });
+        let held = plan(&o);
+        assert_eq!(held.status.canary_revision, None);
+        assert_eq!(held.status.phase, Some(RolloutPhase::Paused));
+        assert!(
+            held.status
+                .pause_conditions
+                .iter()
+                .any(|c| c.reason == PauseReason::PipelineGate)
+        );
+        let message = held.status.message.clone().unwrap_or_default();
+        assert!(
+            message.contains("sluice-system/checkout") && message.contains("stage prod"),
+            "{message}"
+        );
+        assert!(
+            held.events
+                .iter()
+                .any(|e| e.reason == Reason::HeldByPipeline)
+        );
+
+        // Admitted: the release starts.
+        let mut admitted = o.clone();
+        admitted.status = held.status.clone();
+        admitted.pipeline.as_mut().unwrap().admitted = Some(release("2"));
+        let started = plan(&admitted);
+        assert_eq!(started.status.canary_revision.as_deref(), Some(NEW));
+        assert!(started.status.pause_conditions.is_empty());
+
+        // Listed twice: held, whatever is admitted.
+        let mut claimed = admitted.clone();
+        claimed.status = held.status.clone();
+        claimed.pipeline.as_mut().unwrap().conflict =
+            Some("Pipeline a/b stage x, Pipeline c/d stage y".into());
+        let refused = plan(&claimed);
+        assert_eq!(refused.status.canary_revision, None);
+        assert!(
+            refused
+                .status
+                .message
+                .unwrap_or_default()
+                .contains("more than one Pipeline stage")
+        );
     }
 
     #[test]

@@ -29,6 +29,8 @@ pub enum Reason {
     /// An ErrorBudget's rollback threshold took a recently completed release back to the
     /// revision before it.
     RolledBackByErrorBudget,
+    /// A new release waits on stable until its Pipeline stage admits it.
+    HeldByPipeline,
 }
 
 impl Reason {
@@ -52,6 +54,7 @@ impl Reason {
             Reason::FreezeOverridden => "FreezeOverridden",
             Reason::AbortedByErrorBudget => "AbortedByErrorBudget",
             Reason::RolledBackByErrorBudget => "RolledBackByErrorBudget",
+            Reason::HeldByPipeline => "HeldByPipeline",
         }
     }
 }

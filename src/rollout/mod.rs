@@ -5,11 +5,11 @@
 //! carries out the plan's writes in the order the plan lists them.
 
 pub mod bluegreen;
-pub mod budget;
 pub mod canary;
 pub mod events;
 pub mod model;
 pub mod plan;
+pub mod policy;
 pub mod release;
 pub mod revision;
 pub mod runs;
@@ -38,6 +38,7 @@ use tokio::sync::watch;
 use crate::analysis::provider::{self, ProviderContext};
 use crate::analysis::run as analysis;
 use crate::api::errorbudget::{BudgetAction, ErrorBudget};
+use crate::api::pipeline::Pipeline;
 use crate::api::rollout::{Rollout, RolloutStatus};
 use crate::context::Context;
 use crate::k8s::labels::{
@@ -68,6 +69,8 @@ pub enum Error {
     Router(#[from] RouterError),
     #[error("finalizer: {0}")]
     Finalizer(String),
+    #[error("not ready: {0}")]
+    NotReady(String),
 }
 
 impl Error {
@@ -76,6 +79,7 @@ impl Error {
             Error::Kube(_) => "kube",
             Error::Router(_) => "router",
             Error::Finalizer(_) => "finalizer",
+            Error::NotReady(_) => "not_ready",
         }
     }
 }
@@ -87,6 +91,40 @@ pub struct State {
     rollouts: Store<Rollout>,
     /// ErrorBudgets, to apply their policy to the Rollouts they target.
     budgets: Store<ErrorBudget>,
+    /// Pipelines, to hold a release until the Rollout's stage admits it.
+    pipelines: Store<Pipeline>,
+}
+
+/// How long a reconcile waits for the Pipeline and ErrorBudget caches after a start: until
+/// they are filled, nothing is released (a hold could be missed).
+const CACHE_WAIT: Duration = Duration::from_secs(5);
+
+/// The Pipeline stage that lists `rollout`, with what it admitted; a Rollout listed by more
+/// than one stage is held with the conflict named.
+fn pipeline_gate(pipelines: &Store<Pipeline>, rollout: &Rollout) -> Option<model::PipelineGate> {
+    let namespace = rollout.namespace().unwrap_or_default();
+    let listing =
+        crate::pipeline::stages_listing(&pipelines.state(), &namespace, &rollout.name_any());
+    let name_of = |p: &Pipeline| format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any());
+    let (pipeline, stage) = listing.first()?;
+    let conflict = (listing.len() > 1).then(|| {
+        listing
+            .iter()
+            .map(|(p, s)| format!("Pipeline {} stage {s}", name_of(p)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    });
+    let stage_status = pipeline
+        .status
+        .as_ref()
+        .and_then(|s| s.stages.iter().find(|st| &st.name == stage));
+    Some(model::PipelineGate {
+        pipeline: name_of(pipeline),
+        stage: stage.clone(),
+        admitted: stage_status.and_then(|s| s.release.clone()),
+        waiting: stage_status.and_then(|s| s.message.clone()),
+        conflict,
+    })
 }
 
 /// Runs the Rollout controller until `stop`.
@@ -147,10 +185,29 @@ pub async fn run(ctx: Arc<Context>, stop: watch::Receiver<bool>) {
     controller = controller.watches(budget_api, watcher::Config::default(), |budget| {
         targets_of(&budget)
     });
+    // Pipelines: a cache to read the admitted releases from, and a watch that wakes the
+    // Rollouts a Pipeline lists when it admits something.
+    let pipeline_api: Api<Pipeline> = crate::k8s::scoped(&client, namespace.as_deref());
+    let (pipelines, writer) = reflector::store();
+    let pipeline_cache = reflector::reflector(
+        writer,
+        watcher(pipeline_api.clone(), watcher::Config::default()),
+    );
+    tokio::spawn(pipeline_cache.for_each(|_| futures::future::ready(())));
+    controller = controller.watches(pipeline_api, watcher::Config::default(), |pipeline| {
+        pipeline
+            .spec
+            .stages
+            .iter()
+            .flat_map(|s| &s.rollouts)
+            .map(|r| ObjectRef::new(&r.name).within(&r.namespace))
+            .collect::<Vec<_>>()
+    });
     let state = Arc::new(State {
         ctx,
         rollouts: store,
         budgets,
+        pipelines,
     });
     controller
         .graceful_shutdown_on(crate::k8s::stopped(stop))
@@ -191,7 +248,7 @@ fn budget_holds(budgets: &Store<ErrorBudget>, rollout: &Rollout) -> Vec<BudgetHo
                 .find(|p| Some(p.when_consumed) == status.threshold_in_force)
                 .or_else(|| policy.iter().find(|p| p.action == BudgetAction::Rollback))
                 .and_then(|p| p.rollback_window.as_ref())
-                .map_or(budget::DEFAULT_ROLLBACK_WINDOW, |w| w.as_std());
+                .map_or(policy::DEFAULT_ROLLBACK_WINDOW, |w| w.as_std());
             Some(BudgetHold {
                 budget: format!("{}/{}", b.namespace().unwrap_or_default(), b.name_any()),
                 action,
@@ -414,6 +471,8 @@ async fn observe(state: &State, cached: &Rollout) -> Result<Option<World>, Error
         services,
         budgets: budget_holds(&state.budgets, &rollout),
         leftovers: observe_leftovers(ctx, &namespace, &rollout).await?,
+        release: crate::pipeline::plan::release_of(&rollout.spec.template),
+        pipeline: pipeline_gate(&state.pipelines, &rollout),
         now: Timestamp::now(),
     };
     Ok(Some(World {
@@ -561,6 +620,16 @@ async fn measure(ctx: &Context, store: &Store<Rollout>, world: &mut World) -> bo
 
 async fn apply(cached: Arc<Rollout>, state: &State) -> Result<Action, Error> {
     let ctx = state.ctx.as_ref();
+    // Fail closed: without the budgets and Pipelines in cache, a hold could be missed.
+    let caches = async {
+        let _ = state.budgets.wait_until_ready().await;
+        let _ = state.pipelines.wait_until_ready().await;
+    };
+    if tokio::time::timeout(CACHE_WAIT, caches).await.is_err() {
+        return Err(Error::NotReady(
+            "ErrorBudgets or Pipelines cannot be listed yet".into(),
+        ));
+    }
     let Some(mut world) = observe(state, &cached).await? else {
         return Ok(Action::await_change());
     };

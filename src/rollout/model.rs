@@ -8,6 +8,7 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use super::events::Reason;
 use crate::analysis::run::ResolvedAnalysis;
 use crate::api::errorbudget::BudgetAction;
+use crate::api::pipeline::Release;
 use crate::api::rollout::{RolloutSpec, RolloutStatus, RoutedObject};
 use crate::traffic::{Targets, TrafficState};
 
@@ -90,6 +91,20 @@ pub fn budget_actions(budgets: &[BudgetHold]) -> (Option<BudgetHold>, Option<Bud
     )
 }
 
+/// The Pipeline stage a Rollout belongs to, as far as it decides when a release may start.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PipelineGate {
+    /// `namespace/name` of the Pipeline.
+    pub pipeline: String,
+    pub stage: String,
+    /// The release the stage admitted (`None`: none yet).
+    pub admitted: Option<Release>,
+    /// What the stage waits for, in the Pipeline's words.
+    pub waiting: Option<String>,
+    /// Set when the Rollout is listed in more than one stage or Pipeline (they are named).
+    pub conflict: Option<String>,
+}
+
 /// The world, as the reconciler saw it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Observed {
@@ -108,6 +123,10 @@ pub struct Observed {
     pub budgets: Vec<BudgetHold>,
     /// Objects in `status.routedObjects` that the spec no longer names.
     pub leftovers: Vec<ObservedLeftover>,
+    /// The release the template declares (its images, sorted).
+    pub release: Release,
+    /// The Pipeline stage the Rollout is in, if any.
+    pub pipeline: Option<PipelineGate>,
     pub now: Timestamp,
 }
 

@@ -4,11 +4,11 @@
 //! its status (`runs`), calls [`plan`], and carries out the [`Plan`] in order.
 
 use super::model::{Observed, Plan};
-use super::{bluegreen, budget, canary};
+use super::{bluegreen, canary, policy};
 
-/// Plans one reconcile: the ErrorBudget policy around the Rollout's strategy.
+/// Plans one reconcile: the ErrorBudget and Pipeline holds around the Rollout's strategy.
 pub fn plan(o: &Observed) -> Plan {
-    budget::plan(o, |seen| {
+    policy::plan(o, |seen| {
         match (&seen.spec.strategy.canary, &seen.spec.strategy.blue_green) {
             (None, Some(blue_green)) => bluegreen::plan(seen, blue_green),
             _ => canary::plan(seen),

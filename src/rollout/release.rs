@@ -455,6 +455,8 @@ mod tests {
             services: Vec::new(),
             budgets: Vec::new(),
             leftovers: Vec::new(),
+            release: Default::default(),
+            pipeline: None,
             now: t(0),
         }
     }

@@ -1,5 +1,6 @@
-//! ErrorBudget policy around either strategy planner.
+//! What ErrorBudgets and Pipelines do around either strategy planner.
 //!
+//! - A Pipeline stage holds a new release on stable until it admits it.
 //! - A freeze holds a new revision on stable, unless a person overrode it for that revision
 //!   (an override lifts the freeze, not a Rollback threshold).
 //! - A rollback takes a release that completed within the budget's rollback window back to
@@ -210,6 +211,32 @@ pub fn plan(o: &Observed, strategy: impl Fn(&Observed) -> Plan) -> Plan {
         }
         seen.desired_hash = stable.clone();
     }
+    // A Pipeline stage holds a release it has not admitted (or a Rollout claimed twice).
+    let pipeline_since = o
+        .status
+        .pause_conditions
+        .iter()
+        .find(|c| c.reason == PauseReason::PipelineGate)
+        .map(|c| c.start_time.clone());
+    seen.status
+        .pause_conditions
+        .retain(|c| c.reason != PauseReason::PipelineGate);
+    let waits_for_pipeline = pipeline_wait(o).filter(|_| {
+        seen.status.budget_rollback.is_none()
+            && o.desired_hash != stable
+            && o.status.canary_revision.as_deref() != Some(o.desired_hash.as_str())
+    });
+    if let Some(message) = &waits_for_pipeline {
+        if pipeline_since.is_none() {
+            event(
+                &mut events,
+                false,
+                Reason::HeldByPipeline,
+                format!("release of {} held on stable: {message}", o.desired_hash),
+            );
+        }
+        seen.desired_hash = stable.clone();
+    }
     seen.status.handled_intents = Some(handled);
 
     let mut plan = strategy(&seen);
@@ -236,6 +263,16 @@ pub fn plan(o: &Observed, strategy: impl Fn(&Observed) -> Plan) -> Plan {
             o,
         );
     };
+    if let Some(message) = &waits_for_pipeline {
+        plan.events.retain(|e| e.reason != Reason::ReleaseCancelled);
+        let since = pipeline_since.as_ref().map_or(o.now, |t| t.0);
+        pause_for(&mut plan.status, PauseReason::PipelineGate, since);
+        let message = format!(
+            "release of {} held on stable {stable}: {message}",
+            o.desired_hash
+        );
+        rephase(&mut plan, RolloutPhase::Paused, message, "ReleasePaused");
+    }
     if let Some(hold) = &held {
         // The strategy saw no new revision; "template back to stable" is not what happened.
         plan.events.retain(|e| e.reason != Reason::ReleaseCancelled);
@@ -317,4 +354,24 @@ pub fn plan(o: &Observed, strategy: impl Fn(&Observed) -> Plan) -> Plan {
     events.append(&mut plan.events);
     plan.events = events;
     plan
+}
+
+/// Why the Rollout's Pipeline stage does not let the template's release start, if it does not.
+fn pipeline_wait(o: &Observed) -> Option<String> {
+    let gate = o.pipeline.as_ref()?;
+    if let Some(conflict) = &gate.conflict {
+        return Some(format!(
+            "listed in more than one Pipeline stage ({conflict}); a Rollout belongs to one stage"
+        ));
+    }
+    if gate.admitted.as_ref() == Some(&o.release) {
+        return None;
+    }
+    Some(format!(
+        "Pipeline {} has not admitted {} to stage {} ({})",
+        gate.pipeline,
+        crate::pipeline::plan::describe(&o.release),
+        gate.stage,
+        gate.waiting.as_deref().unwrap_or("not evaluated yet")
+    ))
 }
