@@ -54,12 +54,19 @@ test: lint unit crds-check
 	  exit $$status
 
 ## cluster-test: the tests that need the local cluster (make cluster-up first); keeps it up
+# The Pipeline test runs alone, after the others: its controllers watch every namespace.
 cluster-test:
 	e2e/simulator/run.sh start "$$($(MAKE) -s kubeconfig)"
+	$$(e2e/tools/build.sh --print-bin-dir)/kubectl --kubeconfig "$$($(MAKE) -s kubeconfig)" \
+	  apply --server-side --force-conflicts -f crds/ -f config/approvals/approvals.yaml
 	KUBECONFIG=$$($(MAKE) -s kubeconfig) \
 	  KUBECTL=$$(e2e/tools/build.sh --print-bin-dir)/kubectl \
 	  SLUICE_PROMETHEUS_URL=$$($(MAKE) -s prometheus-url) \
 	  $(CARGO) test $(CARGO_FLAGS) -p sluice --test cluster --test rollout --test errorbudget -- --ignored --test-threads=2
+	KUBECONFIG=$$($(MAKE) -s kubeconfig) \
+	  KUBECTL=$$(e2e/tools/build.sh --print-bin-dir)/kubectl \
+	  SLUICE_PROMETHEUS_URL=$$($(MAKE) -s prometheus-url) \
+	  $(CARGO) test $(CARGO_FLAGS) -p sluice --test pipeline -- --ignored --test-threads=1
 
 ## run: run the operator against the local cluster (make cluster-up first)
 run:

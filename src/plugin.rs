@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 
 use crate::api::common::Intent;
 use crate::api::errorbudget::ErrorBudget;
+use crate::api::pipeline::{Approval, Decision, Pipeline};
 use crate::api::rollout::Rollout;
 use crate::k8s::labels::{
     HASH_LABEL, ISTIO_CANONICAL_REVISION_LABEL, REVISION_ANNOTATION, TEMPLATE_ANNOTATION,
@@ -393,6 +394,137 @@ fn policy_effect(rollout: Option<&Rollout>) -> String {
             .phase
             .map_or("not reconciled".to_string(), |p| format!("{p:?}"))
     )
+}
+
+/// The approvals to write for a decision on `stage`: the Pipeline's approvals with that
+/// stage's entry replaced (the plugin applies the whole list, so other stages keep theirs).
+/// Refused when the stage does not exist or has no release waiting for a decision.
+pub fn approvals_with(
+    pipeline: &Pipeline,
+    stage: &str,
+    decision: Decision,
+    intent: Intent,
+) -> Result<Vec<Approval>, String> {
+    let name = pipeline.name_any();
+    if !pipeline.spec.stages.iter().any(|s| s.name == stage) {
+        let stages: Vec<&str> = pipeline
+            .spec
+            .stages
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect();
+        return Err(format!(
+            "Pipeline {name} has no stage {stage} (stages: {})",
+            stages.join(", ")
+        ));
+    }
+    let status = pipeline.status.clone().unwrap_or_default();
+    let release = status
+        .stages
+        .iter()
+        .find(|s| s.name == stage)
+        .and_then(|s| s.pending.clone())
+        .ok_or_else(|| {
+            format!("stage {stage} of Pipeline {name} has no release waiting for a decision")
+        })?;
+    let mut approvals: Vec<Approval> = status
+        .approvals
+        .into_iter()
+        .filter(|a| a.stage != stage)
+        .collect();
+    approvals.push(Approval {
+        stage: stage.to_string(),
+        release,
+        decision: Some(decision),
+        intent,
+    });
+    Ok(approvals)
+}
+
+/// `kubectl sluice pipeline`: the stages left to right, each with its phase, release, what it
+/// waits for and its gates.
+pub fn render_pipeline(pipeline: &Pipeline, now: Timestamp) -> String {
+    const WIDTH: usize = 34;
+    let status = pipeline.status.clone().unwrap_or_default();
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "Pipeline {}/{}: {}",
+        pipeline.namespace().unwrap_or_default(),
+        pipeline.name_any(),
+        status.message.as_deref().unwrap_or("not evaluated yet")
+    );
+    let columns: Vec<Vec<String>> = pipeline
+        .spec
+        .stages
+        .iter()
+        .map(|stage| {
+            let st = status.stages.iter().find(|s| s.name == stage.name);
+            let mut lines = vec![stage.name.clone()];
+            let phase = st.map_or("Pending".to_string(), |s| format!("{:?}", s.phase));
+            let since = st.map_or(String::new(), |s| {
+                format!(" {}", age(s.since.as_ref(), now))
+            });
+            lines.push(format!("{phase}{since}"));
+            let runs = st
+                .and_then(|s| s.release.as_ref())
+                .map_or("-".to_string(), crate::pipeline::plan::describe);
+            lines.push(format!("runs {runs}"));
+            if let Some(pending) = st.and_then(|s| s.pending.as_ref()) {
+                lines.push(format!("next {}", crate::pipeline::plan::describe(pending)));
+            }
+            for gate in st.map(|s| s.gates.as_slice()).unwrap_or_default() {
+                let mark = if gate.passed { "ok " } else { "..." };
+                lines.push(format!(
+                    "{mark} {}: {}",
+                    gate.gate,
+                    gate.message.as_deref().unwrap_or("")
+                ));
+            }
+            lines
+        })
+        .collect();
+    let rows = columns.iter().map(Vec::len).max().unwrap_or(0);
+    for row in 0..rows {
+        let cells: Vec<String> = columns
+            .iter()
+            .map(|c| {
+                let cell: String = c.get(row).cloned().unwrap_or_default();
+                let cut: String = cell.chars().take(WIDTH).collect();
+                format!("{cut:<WIDTH$}")
+            })
+            .collect();
+        let joint = if row == 0 { " -> " } else { "    " };
+        let _ = writeln!(out, "{}", cells.join(joint).trim_end());
+    }
+    let recent: Vec<String> = status
+        .history
+        .iter()
+        .rev()
+        .take(5)
+        .map(|h| {
+            format!(
+                "  {} {} {:?} {}{}{}",
+                h.time.0,
+                h.stage,
+                h.action,
+                crate::pipeline::plan::describe(&h.release),
+                h.by.as_deref()
+                    .map_or(String::new(), |b| format!(" by {b}")),
+                h.reason
+                    .as_deref()
+                    .filter(|r| !r.is_empty())
+                    .map_or(String::new(), |r| format!(" ({r})"))
+            )
+        })
+        .collect();
+    if !recent.is_empty() {
+        let _ = writeln!(out, "History (newest first):");
+        for line in recent {
+            let _ = writeln!(out, "{line}");
+        }
+    }
+    out
 }
 
 /// `kubectl sluice budget --rules`: Prometheus recording rules for the error ratio over every

@@ -23,3 +23,17 @@ fn check(dir: &Path) {
         "crds/ holds a file no type generates"
     );
 }
+
+/// The Helm chart ships the approval policy from `config/approvals` unchanged.
+#[test]
+fn the_chart_ships_the_approval_policy_unchanged() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let config =
+        std::fs::read_to_string(format!("{root}/config/approvals/approvals.yaml")).unwrap();
+    let chart =
+        std::fs::read_to_string(format!("{root}/charts/sluice/templates/approvals.yaml")).unwrap();
+    assert_eq!(
+        config, chart,
+        "copy config/approvals/approvals.yaml to charts/sluice/templates/approvals.yaml"
+    );
+}

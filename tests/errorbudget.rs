@@ -9,64 +9,10 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ListParams, Patch, PatchParams};
-use serde_json::{Value, json};
+use serde_json::json;
 use sluice::api::errorbudget::{BudgetAction, BudgetPhase, ErrorBudget, ErrorBudgetStatus};
 use sluice::api::rollout::{Rollout, RolloutPhase};
 use support::*;
-
-/// The error and total rates of the `web` Service's requests in namespace `ns`.
-fn ratio_queries(ns: &str) -> (String, String) {
-    let selector = format!(r#"destination_service_namespace="{ns}",reporter="destination""#);
-    (
-        format!(
-            r#"sum(rate(istio_requests_total{{{selector},response_code=~"5.."}}[{{{{window}}}}]))"#
-        ),
-        format!(r#"sum(rate(istio_requests_total{{{selector}}}[{{{{window}}}}]))"#),
-    )
-}
-
-/// A fresh namespace with the `web` routing objects, watched by both controllers (running
-/// until the returned sender is dropped or set).
-async fn routed_namespace(prefix: &str) -> (TestNamespace, tokio::sync::watch::Sender<bool>) {
-    let ns = TestNamespace::new(prefix).await;
-    let controllers = start_controllers(&ns.name, prometheus_url()).await;
-    routing(&ns).await;
-    (ns, controllers)
-}
-
-/// The share of the test budget (10% over one minute) consumed, as Prometheus computes it.
-async fn consumed_in_prometheus(errors: &str, total: &str) -> Option<f64> {
-    let window = |q: &str| q.replace("{{window}}", "1m");
-    let bad = prometheus_value(&window(errors)).await.unwrap_or(0.0);
-    let all = prometheus_value(&window(total)).await?;
-    Some(bad / all / 0.10)
-}
-
-/// Waits for Prometheus's own figure to cross 95% consumed, and says when it did.
-async fn past_95_percent(errors: &str, total: &str) -> Instant {
-    wait_for("Prometheus past 95%", Duration::from_secs(90), || async {
-        (consumed_in_prometheus(errors, total).await? >= 0.95).then(Instant::now)
-    })
-    .await
-}
-
-/// A 90% objective (a 10% budget) over one minute, evaluated every 2 s.
-fn budget(ns: &str, name: &str, errors: &str, total: &str, extra: Value) -> Value {
-    let mut budget = json!({
-        "apiVersion": "sluice.dev/v1alpha1", "kind": "ErrorBudget",
-        "metadata": {"name": name, "namespace": ns},
-        "spec": {
-            "objective": "90", "window": "1m", "evaluationInterval": "2s",
-            "burnRateWindows": ["10s"],
-            "indicator": {"ratio": {"errors": errors, "total": total}},
-            "targets": [{"rollout": "web"}]
-        }
-    });
-    for (k, v) in extra.as_object().cloned().unwrap_or_default() {
-        budget["spec"][k] = v;
-    }
-    budget
-}
 
 async fn budget_status(api: &Api<ErrorBudget>, name: &str) -> Option<ErrorBudgetStatus> {
     api.get(name).await.ok()?.status

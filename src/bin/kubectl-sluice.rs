@@ -7,10 +7,12 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use k8s_openapi::api::apps::v1::ReplicaSet;
+use k8s_openapi::api::authentication::v1::SelfSubjectReview;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use sluice::api::errorbudget::ErrorBudget;
+use sluice::api::pipeline::{Decision, Pipeline};
 use sluice::api::rollout::Rollout;
 use sluice::plugin::{self, RolloutIntent};
 use sluice::rollout::revision::{REVISION_ANNOTATION, ROLLOUT_LABEL};
@@ -93,6 +95,35 @@ enum Command {
         #[arg(long, conflicts_with = "watch")]
         rules: bool,
     },
+    /// Approve the release waiting at a Pipeline stage. The apiserver records who you are
+    /// and refuses you unless you may approve that stage.
+    Approve {
+        /// pipeline/NAME, NAMESPACE/NAME or NAME.
+        pipeline: String,
+        #[arg(long)]
+        stage: String,
+        /// Why (kept in the Pipeline's history).
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Reject the release waiting at a Pipeline stage: it does not enter the stage.
+    Reject {
+        /// pipeline/NAME, NAMESPACE/NAME or NAME.
+        pipeline: String,
+        #[arg(long)]
+        stage: String,
+        /// Why (kept in the Pipeline's history).
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// A Pipeline: its stages left to right, with their release, phase and gates.
+    Pipeline {
+        /// pipeline/NAME, NAMESPACE/NAME or NAME.
+        pipeline: String,
+        /// Redraw every two seconds until interrupted.
+        #[arg(short, long)]
+        watch: bool,
+    },
     /// Print the plugin version.
     Version,
 }
@@ -129,6 +160,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let user = std::env::var("USER").ok();
     let client = Client::try_from(config)?;
     let target = |r: &str| split(r, cli.namespace.as_deref(), &default_ns);
+    // `pipeline/NAME` names the kind, not a namespace.
+    let pipeline_target = |r: &str| {
+        let bare = ["pipeline/", "pipelines/", "spl/"]
+            .iter()
+            .find_map(|kind| r.strip_prefix(kind))
+            .unwrap_or(r);
+        split(bare, cli.namespace.as_deref(), &default_ns)
+    };
     match cli.command {
         Command::Status { rollout, watch } => {
             let (ns, name) = target(&rollout);
@@ -229,8 +268,109 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             rollout,
             to_revision,
         } => undo(&client, target(&rollout), to_revision).await,
+        Command::Approve {
+            pipeline,
+            stage,
+            reason,
+        } => {
+            decide(
+                &client,
+                pipeline_target(&pipeline),
+                &stage,
+                Decision::Approved,
+                reason,
+            )
+            .await
+        }
+        Command::Reject {
+            pipeline,
+            stage,
+            reason,
+        } => {
+            decide(
+                &client,
+                pipeline_target(&pipeline),
+                &stage,
+                Decision::Rejected,
+                reason,
+            )
+            .await
+        }
+        Command::Pipeline { pipeline, watch } => {
+            let (ns, name) = pipeline_target(&pipeline);
+            let api: Api<Pipeline> = Api::namespaced(client.clone(), &ns);
+            loop {
+                let found = api.get_opt(&name).await?.with_context(|| {
+                    format!("Pipeline {ns}/{name} not found (kubectl get pipelines -A)")
+                })?;
+                let text = plugin::render_pipeline(&found, Timestamp::now());
+                if !watch {
+                    print!("{text}");
+                    return Ok(());
+                }
+                print!("\x1b[2J\x1b[H{text}");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        }
         Command::Version => Ok(()),
     }
+}
+
+/// Who the apiserver says we are: what an approval records (and what the admission policy
+/// compares it with), never a name the client picks.
+async fn whoami(client: &Client) -> anyhow::Result<String> {
+    let api: Api<SelfSubjectReview> = Api::all(client.clone());
+    let review = api
+        .create(&PostParams::default(), &SelfSubjectReview::default())
+        .await
+        .context("could not ask the apiserver who you are (SelfSubjectReview)")?;
+    review
+        .status
+        .and_then(|s| s.user_info)
+        .and_then(|u| u.username)
+        .context("the apiserver did not say who you are")
+}
+
+/// Records an approval or a rejection of the release waiting at `stage`.
+async fn decide(
+    client: &Client,
+    (ns, name): (String, String),
+    stage: &str,
+    decision: Decision,
+    reason: Option<String>,
+) -> anyhow::Result<()> {
+    let api: Api<Pipeline> = Api::namespaced(client.clone(), &ns);
+    let pipeline = api
+        .get_opt(&name)
+        .await?
+        .with_context(|| format!("Pipeline {ns}/{name} not found (kubectl get pipelines -A)"))?;
+    let user = whoami(client).await?;
+    let intent = plugin::new_intent(Timestamp::now(), Some(user.clone()), reason);
+    let approvals =
+        plugin::approvals_with(&pipeline, stage, decision, intent).map_err(anyhow::Error::msg)?;
+    let patch = serde_json::json!({
+        "apiVersion": "sluice.dev/v1alpha1",
+        "kind": "Pipeline",
+        "status": {"approvals": approvals},
+    });
+    api.patch_status(
+        &name,
+        &PatchParams::apply(plugin::FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map_err(|e| match e {
+        // The admission policy's message says who may approve.
+        kube::Error::Api(status) => anyhow::anyhow!("{}", status.message),
+        other => anyhow::Error::new(other),
+    })
+    .with_context(|| format!("could not record the decision on Pipeline {ns}/{name}"))?;
+    let release = approvals
+        .last()
+        .map(|a| sluice::pipeline::plan::describe(&a.release))
+        .unwrap_or_default();
+    println!("{decision:?} {release} for stage {stage} of Pipeline {ns}/{name} as {user}");
+    Ok(())
 }
 
 async fn get(api: &Api<Rollout>, ns: &str, name: &str) -> anyhow::Result<Rollout> {

@@ -380,18 +380,24 @@ pub async fn start_controller_as(
     stop_tx
 }
 
-/// Starts the Rollout and the ErrorBudget controllers, sharing one context, as the operator
-/// runs them.
-pub async fn start_controllers(ns: &str, prometheus: String) -> watch::Sender<bool> {
+/// Starts the Rollout, ErrorBudget and Pipeline controllers, sharing one context, as the
+/// operator runs them, watching `ns` (`None`: the whole cluster).
+pub async fn start_controllers_in(ns: Option<&str>, prometheus: String) -> watch::Sender<bool> {
     let (stop_tx, stop_rx) = watch::channel(false);
-    let settings = sluice::context::Settings::local(Some(ns.to_string()), Some(prometheus));
+    let settings = sluice::context::Settings::local(ns.map(String::from), Some(prometheus));
     let ctx = Arc::new(sluice::context::Context::for_tests(
         client().await,
         settings,
     ));
     tokio::spawn(sluice::rollout::run(ctx.clone(), stop_rx.clone()));
-    tokio::spawn(sluice::errorbudget::run(ctx, stop_rx));
+    tokio::spawn(sluice::errorbudget::run(ctx.clone(), stop_rx.clone()));
+    tokio::spawn(sluice::pipeline::run(ctx, stop_rx));
     stop_tx
+}
+
+/// [`start_controllers_in`] one namespace.
+pub async fn start_controllers(ns: &str, prometheus: String) -> watch::Sender<bool> {
+    start_controllers_in(Some(ns), prometheus).await
 }
 
 pub fn rollout(ns: &str, image: &str, annotations: Value, analysis: Value, steps: Value) -> Value {
@@ -427,6 +433,86 @@ pub async fn healthy_rollout(ns: &TestNamespace, steps: Value) -> (Api<Rollout>,
     let api: Api<Rollout> = Api::namespaced(ns.client.clone(), &ns.name);
     let stable = healthy(&api).await;
     (api, stable)
+}
+
+/// The error and total rates of the `web` Service's requests in namespace `ns`.
+pub fn ratio_queries(ns: &str) -> (String, String) {
+    let selector = format!(r#"destination_service_namespace="{ns}",reporter="destination""#);
+    (
+        format!(
+            r#"sum(rate(istio_requests_total{{{selector},response_code=~"5.."}}[{{{{window}}}}]))"#
+        ),
+        format!(r#"sum(rate(istio_requests_total{{{selector}}}[{{{{window}}}}]))"#),
+    )
+}
+
+/// A fresh namespace with the `web` routing objects, watched by both controllers (running
+/// until the returned sender is dropped or set).
+pub async fn routed_namespace(prefix: &str) -> (TestNamespace, tokio::sync::watch::Sender<bool>) {
+    let ns = TestNamespace::new(prefix).await;
+    let controllers = start_controllers(&ns.name, prometheus_url()).await;
+    routing(&ns).await;
+    (ns, controllers)
+}
+
+/// The share of the test budget (10% over one minute) consumed, as Prometheus computes it.
+pub async fn consumed_in_prometheus(errors: &str, total: &str) -> Option<f64> {
+    let window = |q: &str| q.replace("{{window}}", "1m");
+    let bad = prometheus_value(&window(errors)).await.unwrap_or(0.0);
+    let all = prometheus_value(&window(total)).await?;
+    Some(bad / all / 0.10)
+}
+
+/// Waits for Prometheus's own figure to cross 95% consumed, and says when it did.
+pub async fn past_95_percent(errors: &str, total: &str) -> Instant {
+    wait_for("Prometheus past 95%", Duration::from_secs(90), || async {
+        (consumed_in_prometheus(errors, total).await? >= 0.95).then(Instant::now)
+    })
+    .await
+}
+
+/// A 90% objective (a 10% budget) over one minute, evaluated every 2 s.
+pub fn budget(ns: &str, name: &str, errors: &str, total: &str, extra: Value) -> Value {
+    let mut budget = json!({
+        "apiVersion": "sluice.dev/v1alpha1", "kind": "ErrorBudget",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {
+            "objective": "90", "window": "1m", "evaluationInterval": "2s",
+            "burnRateWindows": ["10s"],
+            "indicator": {"ratio": {"errors": errors, "total": total}},
+            "targets": [{"rollout": "web"}]
+        }
+    });
+    for (k, v) in extra.as_object().cloned().unwrap_or_default() {
+        budget["spec"][k] = v;
+    }
+    budget
+}
+
+/// A client that authenticates as the ServiceAccount `name` in `namespace` (a token from the
+/// TokenRequest API), to act as someone other than the test's admin.
+pub async fn client_as(name: &str, namespace: &str) -> kube::Client {
+    let token = std::process::Command::new(kubectl())
+        .args(["create", "token", name, "-n", namespace])
+        .output()
+        .expect("kubectl runs");
+    assert!(
+        token.status.success(),
+        "create token: {}",
+        String::from_utf8_lossy(&token.stderr)
+    );
+    let mut config = kube::Config::infer().await.unwrap();
+    config.auth_info = kube::config::AuthInfo {
+        token: Some(
+            String::from_utf8(token.stdout)
+                .unwrap()
+                .trim()
+                .to_string()
+                .into(),
+        ),
+        ..Default::default()
+    };
+    kube::Client::try_from(config).unwrap()
 }
 
 pub async fn routing(ns: &TestNamespace) {
