@@ -402,7 +402,7 @@ fn policy_effect(rollout: Option<&Rollout>) -> String {
 pub fn approvals_with(
     pipeline: &Pipeline,
     stage: &str,
-    decision: Decision,
+    (decision, override_windows): (Decision, bool),
     intent: Intent,
 ) -> Result<Vec<Approval>, String> {
     let name = pipeline.name_any();
@@ -436,6 +436,7 @@ pub fn approvals_with(
         stage: stage.to_string(),
         release,
         decision: Some(decision),
+        override_windows: override_windows.then_some(true),
         intent,
     });
     Ok(approvals)

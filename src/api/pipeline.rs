@@ -93,6 +93,37 @@ pub struct Gates {
     /// An ArgoCD Application that must be Synced and Healthy.
     #[serde(default, rename = "argoCD", skip_serializing_if = "Option::is_none")]
     pub argo_cd: Option<ArgoCdGate>,
+    /// When a release may enter, in the shape of ArgoCD sync windows: inside an `allow`
+    /// window (when any are listed) and outside every `deny` window (a deployment freeze).
+    /// `kubectl sluice approve --override-windows --reason TEXT` lets one release through.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub windows: Vec<DeployWindow>,
+}
+
+/// A recurring window of time.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeployWindow {
+    /// `allow` or `deny`.
+    pub kind: WindowKind,
+    /// When the window opens: a standard five-field cron expression, e.g. `0 9 * * 1-5`.
+    #[schemars(length(min = 9, max = 256), regex(pattern = r"^\S+(\s+\S+){4}$"))]
+    pub schedule: String,
+    /// How long it stays open, e.g. `8h`.
+    pub duration: Duration,
+    /// IANA time zone of the schedule, e.g. `Europe/Berlin`. Default `UTC`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
+    pub time_zone: Option<String>,
+}
+
+/// Whether a window lets releases in or keeps them out.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum WindowKind {
+    Allow,
+    Deny,
 }
 
 /// Manual approval.
@@ -237,6 +268,9 @@ pub struct Approval {
     /// Approved (default) or Rejected.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decision: Option<Decision>,
+    /// An emergency: the release enters although the stage's windows keep it out now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub override_windows: Option<bool>,
     /// Who, when and why.
     pub intent: Intent,
 }

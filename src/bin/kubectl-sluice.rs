@@ -105,6 +105,10 @@ enum Command {
         /// Why (kept in the Pipeline's history).
         #[arg(long)]
         reason: Option<String>,
+        /// An emergency: let the release in although the stage's windows keep it out now.
+        /// Needs --reason; recorded.
+        #[arg(long, requires = "reason")]
+        override_windows: bool,
     },
     /// Reject the release waiting at a Pipeline stage: it does not enter the stage.
     Reject {
@@ -272,12 +276,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             pipeline,
             stage,
             reason,
+            override_windows,
         } => {
             decide(
                 &client,
                 pipeline_target(&pipeline),
                 &stage,
-                Decision::Approved,
+                (Decision::Approved, override_windows),
                 reason,
             )
             .await
@@ -291,7 +296,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 &client,
                 pipeline_target(&pipeline),
                 &stage,
-                Decision::Rejected,
+                (Decision::Rejected, false),
                 reason,
             )
             .await
@@ -336,7 +341,7 @@ async fn decide(
     client: &Client,
     (ns, name): (String, String),
     stage: &str,
-    decision: Decision,
+    (decision, override_windows): (Decision, bool),
     reason: Option<String>,
 ) -> anyhow::Result<()> {
     let api: Api<Pipeline> = Api::namespaced(client.clone(), &ns);
@@ -346,8 +351,8 @@ async fn decide(
         .with_context(|| format!("Pipeline {ns}/{name} not found (kubectl get pipelines -A)"))?;
     let user = whoami(client).await?;
     let intent = plugin::new_intent(Timestamp::now(), Some(user.clone()), reason);
-    let approvals =
-        plugin::approvals_with(&pipeline, stage, decision, intent).map_err(anyhow::Error::msg)?;
+    let approvals = plugin::approvals_with(&pipeline, stage, (decision, override_windows), intent)
+        .map_err(anyhow::Error::msg)?;
     let patch = serde_json::json!({
         "apiVersion": "sluice.dev/v1alpha1",
         "kind": "Pipeline",

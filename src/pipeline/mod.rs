@@ -5,6 +5,7 @@
 //! the admitted release of each stage through a watch and holds what is not admitted yet.
 
 pub mod plan;
+pub mod windows;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::Api;
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, ListParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
@@ -218,6 +219,17 @@ async fn admit(cached: &Pipeline, state: &State) -> Result<Action, Error> {
             budgets.insert(key, found.map(|b| b.status.unwrap_or_default()));
         }
     }
+    let mut applications = BTreeMap::new();
+    for gate in pipeline
+        .spec
+        .stages
+        .iter()
+        .filter_map(|s| s.gates.as_ref()?.argo_cd.as_ref())
+    {
+        let key = plan::application_key(gate);
+        let seen = observe_application(ctx, gate).await?;
+        applications.insert(key, seen);
+    }
     let status = pipeline.status.clone().unwrap_or_default();
     let o = plan::Observed {
         generation: pipeline.metadata.generation,
@@ -226,6 +238,7 @@ async fn admit(cached: &Pipeline, state: &State) -> Result<Action, Error> {
         status: status.clone(),
         rollouts,
         budgets,
+        applications,
         now: Timestamp::now(),
     };
     let plan = plan::plan(&o);
@@ -251,4 +264,42 @@ async fn admit(cached: &Pipeline, state: &State) -> Result<Action, Error> {
     Ok(Action::requeue(
         plan.requeue_after.min(Duration::from_secs(300)),
     ))
+}
+
+/// An ArgoCD Application as the gate needs it: sync and health status, and the images ArgoCD
+/// reports.
+async fn observe_application(
+    ctx: &Context,
+    gate: &crate::api::pipeline::ArgoCdGate,
+) -> Result<plan::Application, Error> {
+    let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(
+        "argoproj.io",
+        "v1alpha1",
+        "Application",
+    ));
+    let namespace = gate.namespace.as_deref().unwrap_or("argocd");
+    let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), namespace, &resource);
+    match api.get_opt(&gate.application).await {
+        // A 404 for the object and one for the whole kind look alike: ask for the kind.
+        Ok(None) => match api.list(&ListParams::default().limit(1)).await {
+            Ok(_) => Ok(plan::Application::Missing),
+            Err(e) if crate::k8s::is_not_found(&e) => Ok(plan::Application::NotServed),
+            Err(e) => Err(e.into()),
+        },
+        Ok(Some(app)) => {
+            let status = &app.data["status"];
+            let text = |v: &serde_json::Value| v.as_str().map(String::from);
+            Ok(plan::Application::Seen {
+                sync: text(&status["sync"]["status"]),
+                health: text(&status["health"]["status"]),
+                images: status["summary"]["images"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|i| i.as_str().map(String::from))
+                    .collect(),
+            })
+        }
+        Err(e) => Err(e.into()),
+    }
 }

@@ -19,6 +19,8 @@ use crate::api::pipeline::{
 };
 use crate::conditions;
 
+use super::windows;
+
 /// History entries kept (the newest).
 pub const HISTORY_LIMIT: usize = 50;
 /// How often a stage waiting on something without a clock (a budget, an approval) is looked
@@ -85,6 +87,8 @@ pub struct Observed {
     pub rollouts: Vec<Vec<ObservedRollout>>,
     /// ErrorBudget statuses by `namespace/name` (`None`: the budget does not exist).
     pub budgets: BTreeMap<String, Option<ErrorBudgetStatus>>,
+    /// ArgoCD Applications of the stages' gates, by `namespace/name`.
+    pub applications: BTreeMap<String, Application>,
     pub now: Timestamp,
 }
 
@@ -136,6 +140,10 @@ struct Verdicts {
 }
 
 impl Verdicts {
+    fn wake(&mut self, at: Timestamp) {
+        self.wake_at = Some(self.wake_at.map_or(at, |w| w.min(at)));
+    }
+
     fn add(&mut self, gate: String, passed: bool, message: String, phase: StagePhase) {
         if !passed && self.held.is_none() {
             self.held = Some(Held {
@@ -181,7 +189,7 @@ fn judge(
             Some(from) => {
                 let soaked = since(from, o.now);
                 if soaked < soak {
-                    v.wake_at = Some(add(from, soak));
+                    v.wake(add(from, soak));
                 }
                 (
                     soaked >= soak,
@@ -190,6 +198,39 @@ fn judge(
             }
         };
         v.add("soak".into(), passed, message, StagePhase::Soaking);
+    }
+    if !gates.windows.is_empty() {
+        let overridden = o.status.approvals.iter().find(|a| {
+            a.stage == stage.name
+                && &a.release == release
+                && a.override_windows == Some(true)
+                && a.decision.unwrap_or(Decision::Approved) == Decision::Approved
+        });
+        let (passed, message) = match (windows::judge(&gates.windows, o.now), overridden) {
+            (Err(why), _) => (false, format!("{why}; no release enters until it is fixed")),
+            (Ok(verdict), _) if verdict.open => (true, verdict.message),
+            (Ok(verdict), Some(by)) => (
+                true,
+                format!(
+                    "{}, overridden by {}: {}",
+                    verdict.message,
+                    by.intent.requested_by.as_deref().unwrap_or("someone"),
+                    by.intent.reason.as_deref().unwrap_or("no reason given")
+                ),
+            ),
+            (Ok(verdict), None) => {
+                if let Some(at) = verdict.changes_at {
+                    v.wake(at);
+                }
+                (false, verdict.message)
+            }
+        };
+        v.add(
+            "windows".into(),
+            passed,
+            message,
+            StagePhase::WaitingForGates,
+        );
     }
     for gate in &gates.error_budgets {
         let key = budget_key(&gate.namespace, &gate.name, &o.namespace);
@@ -241,7 +282,75 @@ fn judge(
             StagePhase::WaitingForApproval,
         );
     }
+    if let Some(argo) = &gates.argo_cd {
+        let key = application_key(argo);
+        let (passed, message) = match o.applications.get(&key) {
+            None | Some(Application::Missing) => (false, format!("Application {key} not found")),
+            Some(Application::NotServed) => (
+                false,
+                "the ArgoCD Application CRD (argoproj.io/v1alpha1) is not installed".to_string(),
+            ),
+            Some(Application::Seen {
+                sync,
+                health,
+                images,
+            }) => {
+                let missing: Vec<&String> = release
+                    .images
+                    .iter()
+                    .filter(|i| !images.contains(i))
+                    .collect();
+                let synced = sync.as_deref() == Some("Synced");
+                let healthy = health.as_deref() == Some("Healthy");
+                let state = format!(
+                    "{} and {}",
+                    sync.as_deref().unwrap_or("sync unknown"),
+                    health.as_deref().unwrap_or("health unknown")
+                );
+                if synced && healthy && missing.is_empty() {
+                    (true, format!("{key} is {state} with {}", describe(release)))
+                } else if missing.is_empty() {
+                    (false, format!("{key} is {state}"))
+                } else {
+                    let missing: Vec<&str> = missing.iter().map(|s| s.as_str()).collect();
+                    (
+                        false,
+                        format!("{key} is {state}, without {}", missing.join(", ")),
+                    )
+                }
+            }
+        };
+        v.add(
+            format!("argoCD/{key}"),
+            passed,
+            message,
+            StagePhase::WaitingForGates,
+        );
+    }
     v
+}
+
+/// `namespace/name` of an ArgoCD gate's Application.
+pub fn application_key(gate: &crate::api::pipeline::ArgoCdGate) -> String {
+    format!(
+        "{}/{}",
+        gate.namespace.as_deref().unwrap_or("argocd"),
+        gate.application
+    )
+}
+
+/// An ArgoCD Application as the gate sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Application {
+    /// The CRD is not served by this cluster.
+    NotServed,
+    Missing,
+    /// `status.sync.status`, `status.health.status` and `status.summary.images`.
+    Seen {
+        sync: Option<String>,
+        health: Option<String>,
+        images: Vec<String>,
+    },
 }
 
 /// An error-budget gate: enough left, not frozen, and judged at all.
@@ -440,6 +549,19 @@ pub fn plan(o: &Observed) -> Plan {
                 st.since = Some(Time(o.now));
             }
         };
+        if let Some(gates) = &stage.gates {
+            if let Err(why) = windows::validate(&gates.windows) {
+                problems.push(format!("stage {}: {why}", stage.name));
+            }
+            if let Some(argo) = &gates.argo_cd
+                && o.applications.get(&application_key(argo)) == Some(&Application::NotServed)
+            {
+                problems.push(format!(
+                    "stage {}: the ArgoCD Application CRD (argoproj.io/v1alpha1) is not installed",
+                    stage.name
+                ));
+            }
+        }
         match declared(rollouts) {
             Err(why) => {
                 problems.push(format!("stage {}: {why}", stage.name));
@@ -720,6 +842,7 @@ mod tests {
                 "prod/avail".to_string(),
                 budget(BudgetPhase::Healthy, 80.0),
             )]),
+            applications: BTreeMap::new(),
             now: t(now),
         }
     }
@@ -801,6 +924,7 @@ mod tests {
                 stage: "prod".into(),
                 release: release(tag),
                 decision: None,
+                override_windows: None,
                 intent: Intent {
                     id: id.into(),
                     requested_at: Time(t(1500)),
@@ -866,6 +990,7 @@ mod tests {
                 stage: "prod".into(),
                 release: release("2"),
                 decision: None,
+                override_windows: None,
                 intent: Intent {
                     id: "a".into(),
                     requested_at: Time(t(0)),
@@ -970,6 +1095,152 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_deny_window_holds_a_release_until_it_ends_or_a_person_overrides_it() {
+        let mut o = world("2", [Healthy, Busy, Busy], running_v1(), 0);
+        // dev Healthy on v2 for an hour already.
+        for s in o.status.stages.iter_mut().filter(|s| s.name == "dev") {
+            s.release = Some(release("2"));
+            s.since = Some(Time(t(-3600)));
+        }
+        // now = t(0) = 2023-11-14T22:13:20Z; a deny window from 22:00 UTC for 1h.
+        o.spec.stages[1].gates.as_mut().unwrap().windows =
+            vec![crate::api::pipeline::DeployWindow {
+                kind: crate::api::pipeline::WindowKind::Deny,
+                schedule: "0 22 * * *".into(),
+                duration: crate::api::Duration::from_secs(3600),
+                time_zone: None,
+            }];
+        let held = plan(&o);
+        let staging = stage(&held, "staging");
+        assert_eq!(staging.phase, StagePhase::WaitingForGates);
+        assert!(
+            staging
+                .message
+                .clone()
+                .unwrap_or_default()
+                .contains("inside a deny window until 23:00 UTC"),
+            "{:?}",
+            staging.message
+        );
+        // It ends at 23:00: the gate is looked at again then (or sooner).
+        assert!(held.requeue_after <= Duration::from_secs(30));
+        // After it ends, the release enters.
+        let mut later = o.clone();
+        later.status = held.status.clone();
+        later.now = t(47 * 60);
+        assert_eq!(stage(&plan(&later), "staging").release, Some(release("2")));
+        // Or a person overrides it, on the record.
+        let mut urgent = o.clone();
+        urgent.status = held.status.clone();
+        urgent.status.approvals = vec![Approval {
+            stage: "staging".into(),
+            release: release("2"),
+            decision: None,
+            override_windows: Some(true),
+            intent: Intent {
+                id: "o".into(),
+                requested_at: Time(t(0)),
+                requested_by: Some("alice".into()),
+                reason: Some("P0".into()),
+            },
+        }];
+        let through = plan(&urgent);
+        assert_eq!(stage(&through, "staging").release, Some(release("2")));
+        let admitted = through
+            .status
+            .history
+            .iter()
+            .rev()
+            .find(|h| h.action == HistoryAction::Promoted)
+            .unwrap();
+        assert!(
+            admitted
+                .reason
+                .clone()
+                .unwrap_or_default()
+                .contains("overridden by alice: P0"),
+            "{:?}",
+            admitted.reason
+        );
+        // A schedule that does not parse is named, and holds the stage (fail closed).
+        let mut bad = o.clone();
+        bad.spec.stages[1].gates.as_mut().unwrap().windows[0].schedule = "0 99 * * *".into();
+        let refused = plan(&bad);
+        assert_eq!(stage(&refused, "staging").release, Some(release("1")));
+        assert!(
+            refused
+                .status
+                .message
+                .clone()
+                .unwrap_or_default()
+                .contains("stage staging: window 1: schedule")
+        );
+    }
+
+    #[test]
+    fn the_argocd_gate_wants_synced_healthy_and_the_release_images() {
+        let mut o = world("2", [Healthy, Healthy, Busy], running_v1(), 3600);
+        for s in o.status.stages.iter_mut().filter(|s| s.name != "prod") {
+            s.release = Some(release("2"));
+            s.since = Some(Time(t(0)));
+        }
+        let prod = o.spec.stages[2].gates.as_mut().unwrap();
+        prod.approval = None;
+        prod.argo_cd = Some(crate::api::pipeline::ArgoCdGate {
+            application: "web-prod".into(),
+            namespace: None,
+        });
+        let seen = |sync: &str, health: &str, images: &[&str]| Application::Seen {
+            sync: Some(sync.into()),
+            health: Some(health.into()),
+            images: images.iter().map(|i| i.to_string()).collect(),
+        };
+        let table = [
+            (
+                seen("OutOfSync", "Healthy", &["web:1"]),
+                false,
+                "is OutOfSync and Healthy, without web:2",
+            ),
+            (
+                seen("Synced", "Progressing", &["web:2"]),
+                false,
+                "is Synced and Progressing",
+            ),
+            (
+                Application::Missing,
+                false,
+                "Application argocd/web-prod not found",
+            ),
+            (
+                Application::NotServed,
+                false,
+                "CRD (argoproj.io/v1alpha1) is not installed",
+            ),
+            (
+                seen("Synced", "Healthy", &["web:2", "sidecar:1"]),
+                true,
+                "is Synced and Healthy with web:2",
+            ),
+        ];
+        for (app, admitted, says) in table {
+            o.applications = BTreeMap::from([("argocd/web-prod".to_string(), app.clone())]);
+            let p = plan(&o);
+            let prod = stage(&p, "prod");
+            assert_eq!(prod.release == Some(release("2")), admitted, "{app:?}");
+            let gate = prod
+                .gates
+                .iter()
+                .find(|g| g.gate == "argoCD/argocd/web-prod")
+                .unwrap();
+            assert!(
+                gate.message.clone().unwrap_or_default().contains(says),
+                "{app:?}: {:?}",
+                gate.message
+            );
+        }
+    }
+
     fn arb_state() -> impl Strategy<Value = RolloutState> {
         prop_oneof![
             Just(RolloutState::Healthy),
@@ -1000,6 +1271,7 @@ mod tests {
                         stage: "prod".into(),
                         release: release(&a.to_string()),
                         decision: None,
+                override_windows: None,
                         intent: Intent { id: format!("{now}"), requested_at: Time(t(now)), requested_by: Some("alice".into()), reason: None },
                     }];
                 }
