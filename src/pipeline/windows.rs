@@ -164,18 +164,18 @@ mod tests {
         // Weekdays 09:00-17:00 in Berlin (UTC+1 in December).
         let office = window(WindowKind::Allow, "0 9 * * 1-5", 8, Some("Europe/Berlin"));
         // Wednesday 2026-12-02.
-        let early = judge(&[office.clone()], at("2026-12-02T07:30:00Z")).unwrap();
+        let early = judge(std::slice::from_ref(&office), at("2026-12-02T07:30:00Z")).unwrap();
         assert!(!early.open);
         assert_eq!(
             early.message,
             "outside the allowed windows until 09:00 Europe/Berlin"
         );
         assert_eq!(early.changes_at, Some(at("2026-12-02T08:00:00Z")));
-        let inside = judge(&[office.clone()], at("2026-12-02T10:00:00Z")).unwrap();
+        let inside = judge(std::slice::from_ref(&office), at("2026-12-02T10:00:00Z")).unwrap();
         assert!(inside.open, "{}", inside.message);
         assert_eq!(inside.changes_at, Some(at("2026-12-02T16:00:00Z")));
         // Saturday: the next window is Monday.
-        let weekend = judge(&[office.clone()], at("2026-12-05T10:00:00Z")).unwrap();
+        let weekend = judge(std::slice::from_ref(&office), at("2026-12-05T10:00:00Z")).unwrap();
         assert!(!weekend.open);
         assert!(
             weekend.message.contains("2026-12-07 09:00"),
