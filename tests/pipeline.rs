@@ -43,11 +43,22 @@ async fn stage_is(
     within: Duration,
     check: impl Fn(&StageStatus) -> bool,
 ) -> StageStatus {
-    wait_for(&format!("stage {name}: {what}"), within, || async {
-        let status = pipeline_status(api).await?;
-        stage(&status, name).filter(|s| check(s)).cloned()
+    let last = std::sync::Mutex::new(None);
+    let found = tokio::time::timeout(
+        within,
+        wait_for(&format!("stage {name}: {what}"), within * 2, || async {
+            let status = pipeline_status(api).await?;
+            *last.lock().unwrap() = Some(status.clone());
+            stage(&status, name).filter(|s| check(s)).cloned()
+        }),
+    )
+    .await;
+    found.unwrap_or_else(|_| {
+        panic!(
+            "timed out after {within:?} waiting for stage {name}: {what}; last seen {:#?}",
+            last.lock().unwrap()
+        )
     })
-    .await
 }
 
 async fn whoami(client: &kube::Client) -> String {
@@ -502,6 +513,123 @@ async fn a_release_moves_dev_staging_prod_behind_soak_budget_and_a_verified_appr
 
     drop(controllers);
     for ns in [&dev, &staging, &prod, &home] {
+        ns.delete().await;
+    }
+}
+
+/// The `web` Application in `namespace` as ArgoCD would report it: Synced, Healthy, `images`.
+async fn application(ns: &TestNamespace, deploys_to: &str, images: &[String]) {
+    let resource = kube::api::ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(
+        "argoproj.io",
+        "v1alpha1",
+        "Application",
+    ));
+    let api: Api<kube::api::DynamicObject> =
+        Api::namespaced_with(ns.client.clone(), &ns.name, &resource);
+    let app = json!({
+        "apiVersion": "argoproj.io/v1alpha1", "kind": "Application",
+        "metadata": {"name": "web-prod", "namespace": ns.name},
+        "spec": {"project": "default",
+                 "destination": {"server": "https://kubernetes.default.svc", "namespace": deploys_to},
+                 "source": {"repoURL": "https://example.invalid/deploy.git", "path": "prod"}},
+        "status": {"sync": {"status": "Synced"}, "health": {"status": "Healthy"},
+                   "summary": {"images": images}}
+    });
+    api.patch(
+        "web-prod",
+        &PatchParams::apply("argocd-application-controller").force(),
+        &Patch::Apply(&app),
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+#[ignore = "needs the local cluster: make test"]
+async fn a_deny_window_holds_a_release_until_it_ends_and_argocd_must_report_it() {
+    let _controllers = start_controllers_in(None, prometheus_url()).await;
+    let home = TestNamespace::new("plw").await;
+    let dev = TestNamespace::new("plw-dev").await;
+    let prod = TestNamespace::new("plw-prod").await;
+    for ns in [&dev, &prod] {
+        routing(ns).await;
+    }
+    let steps = json!([{"setWeight": 50}]);
+    let (dev_api, _) = healthy_rollout(&dev, steps.clone()).await;
+    let (prod_api, _) = healthy_rollout(&prod, steps).await;
+    application(&home, &prod.name, &[image(1)]).await;
+
+    // A deny window open now (this minute, UTC) that ends 25 s from now.
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let zoned = now.to_zoned(k8s_openapi::jiff::tz::TimeZone::UTC);
+    let into_minute = zoned.second() as i64;
+    // The window opened at the start of this minute and lasts `into_minute + 25` whole seconds.
+    let ends = k8s_openapi::jiff::Timestamp::from_second(now.as_second() + 25).unwrap();
+    let pipeline = json!({
+        "apiVersion": "sluice.dev/v1alpha1", "kind": "Pipeline",
+        "metadata": {"name": "web", "namespace": home.name},
+        "spec": {"stages": [
+            {"name": "dev", "rollouts": [{"namespace": dev.name, "name": "web"}]},
+            {"name": "prod", "rollouts": [{"namespace": prod.name, "name": "web"}],
+             "gates": {
+                "windows": [{"kind": "deny",
+                             "schedule": format!("{} {} * * *", zoned.minute(), zoned.hour()),
+                             "duration": format!("{}s", into_minute + 25)}],
+                "argoCD": {"application": "web-prod", "namespace": home.name}}}
+        ]}
+    });
+    create(&home, &pipeline).await.unwrap();
+    let pipelines: Api<Pipeline> = Api::namespaced(home.client.clone(), &home.name);
+    for name in ["dev", "prod"] {
+        stage_is(
+            &pipelines,
+            name,
+            "adopted web:1",
+            Duration::from_secs(30),
+            |s| s.phase == StagePhase::Healthy,
+        )
+        .await;
+    }
+    for api in [&dev_api, &prod_api] {
+        set_template(api, &image(2), json!({})).await;
+    }
+    let held = stage_is(
+        &pipelines,
+        "prod",
+        "held by the window",
+        Duration::from_secs(30),
+        |s| s.pending.is_some() && s.gates.iter().any(|g| g.gate == "windows" && !g.passed),
+    )
+    .await;
+    let windows = held.gates.iter().find(|g| g.gate == "windows").unwrap();
+    assert!(
+        windows
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains("inside a deny window until") && m.contains("UTC")),
+        "{windows:?}"
+    );
+    // ArgoCD has synced web:2 (as it would, from git).
+    let argo = held
+        .gates
+        .iter()
+        .find(|g| g.gate.starts_with("argoCD/"))
+        .unwrap();
+    assert!(!argo.passed, "{argo:?}");
+    application(&home, &prod.name, &[image(2)]).await;
+
+    let started = release_started(&prod_api, 2, Duration::from_secs(60)).await;
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let after_end = now.duration_since(ends).as_secs_f64() - started.elapsed().as_secs_f64();
+    assert!(
+        after_end >= 0.0,
+        "released {after_end}s before the window ended"
+    );
+    println!("MEASURE deny window ends -> prod Rollout starts the release: {after_end:.2}s");
+    let admitted = pipeline_status(&pipelines).await.unwrap();
+    let gates = &stage(&admitted, "prod").unwrap().gates;
+    assert!(gates.iter().all(|g| g.passed), "{gates:?}");
+    for ns in [&dev, &prod, &home] {
         ns.delete().await;
     }
 }

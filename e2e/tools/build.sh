@@ -8,7 +8,8 @@
 #   kwok   from sigs.k8s.io/kwok/cmd/kwok     (e2e/tools/kwok/go.mod)
 #   helm   from helm.sh/helm/v3/cmd/helm      (e2e/tools/helm/go.mod)
 #
-# plus the CRD YAML the local cluster applies (istio.io/api, gateway-api).
+# plus the CRD YAML the local cluster applies (istio.io/api, gateway-api, and the ArgoCD
+# Application CRD from github.com/argoproj/argo-cd/v3).
 #
 # Binaries go to a cache outside the repo, keyed by version:
 #   ${SLUICE_TOOLS_DIR:-$HOME/.cache/sluice/tools}/k8s-<ver>/bin   <- the bin dir
@@ -38,6 +39,8 @@ BUILD_LOCK="${SLUICE_BUILD_LOCK:-/tmp/sluice-build.lock}"
 # CRD sources (Go modules that ship the YAML). Override via env if needed.
 ISTIO_API_VERSION="${ISTIO_API_VERSION:-v1.31.1}"
 GATEWAY_API_VERSION="${GATEWAY_API_VERSION:-v1.4.1}"
+# v3.6 needs Go 1.27; v3.5.7 is the newest that Go 1.26 fetches.
+ARGOCD_VERSION="${ARGOCD_VERSION:-v3.5.7}"
 
 export GOTOOLCHAIN=local
 export GOFLAGS="-mod=mod -buildvcs=false"
@@ -63,6 +66,7 @@ HELM_VERSION="$(modver "${TOOLS_SRC}/helm/go.mod" helm.sh/helm/v3)"
 BIN_DIR="${TOOLS_DIR}/k8s-${K8S_VERSION}/bin"
 ISTIO_CRD_DIR="${TOOLS_DIR}/crds/istio-api-${ISTIO_API_VERSION}"
 GATEWAY_CRD_DIR="${TOOLS_DIR}/crds/gateway-api-${GATEWAY_API_VERSION}"
+ARGOCD_CRD_DIR="${TOOLS_DIR}/crds/argo-cd-${ARGOCD_VERSION}"
 
 # stamp_of DIR EXTRA... -> hash of the wrapper module's inputs plus build flags.
 stamp_of() {
@@ -157,6 +161,13 @@ ensure_crds() {
     touch "${GATEWAY_CRD_DIR}/.done"
     log "gateway-api CRDs: ${GATEWAY_CRD_DIR}"
   fi
+  if [[ ! -f "${ARGOCD_CRD_DIR}/.done" ]]; then
+    src="$(fetch_module "github.com/argoproj/argo-cd/v3@${ARGOCD_VERSION}")"
+    mkdir -p "${ARGOCD_CRD_DIR}"
+    install -m 0644 "${src}/manifests/crds/application-crd.yaml" "${ARGOCD_CRD_DIR}/"
+    touch "${ARGOCD_CRD_DIR}/.done"
+    log "ArgoCD Application CRD: ${ARGOCD_CRD_DIR}"
+  fi
 }
 
 regen_k8s_mod() {
@@ -188,8 +199,8 @@ FORCE=0
 main() {
   case "${1:-}" in
     --print-bin-dir) echo "${BIN_DIR}"; exit 0 ;;
-    --print-crd-dirs) printf '%s\n' "${ISTIO_CRD_DIR}" "${GATEWAY_CRD_DIR}"; exit 0 ;;
-    --crds) mkdir -p "${TOOLS_DIR}"; ensure_crds; printf '%s\n' "${ISTIO_CRD_DIR}" "${GATEWAY_CRD_DIR}"; exit 0 ;;
+    --print-crd-dirs) printf '%s\n' "${ISTIO_CRD_DIR}" "${GATEWAY_CRD_DIR}" "${ARGOCD_CRD_DIR}"; exit 0 ;;
+    --crds) mkdir -p "${TOOLS_DIR}"; ensure_crds; printf '%s\n' "${ISTIO_CRD_DIR}" "${GATEWAY_CRD_DIR}" "${ARGOCD_CRD_DIR}"; exit 0 ;;
     --force) FORCE=1 ;;
     --regen-k8s-mod) mkdir -p "${TOOLS_DIR}"; regen_k8s_mod; exit 0 ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
