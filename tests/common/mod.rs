@@ -346,6 +346,23 @@ pub fn cases() -> Vec<Case> {
             expect: "120 is greater than the maximum of 100",
         },
         Case {
+            name: "window schedule in words",
+            file: PIPELINE,
+            kind: "Pipeline",
+            edit: |v| {
+                v["spec"]["stages"][2]["gates"]["windows"][0]["schedule"] =
+                    json!("weekdays at nine")
+            },
+            expect: "does not match",
+        },
+        Case {
+            name: "window kind unknown",
+            file: PIPELINE,
+            kind: "Pipeline",
+            edit: |v| v["spec"]["stages"][2]["gates"]["windows"][0]["kind"] = json!("maybe"),
+            expect: "is not one of",
+        },
+        Case {
             name: "no stages",
             file: PIPELINE,
             kind: "Pipeline",
