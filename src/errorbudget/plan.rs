@@ -38,13 +38,8 @@ pub struct Observed {
     pub now: Timestamp,
 }
 
-/// An Event to record on the ErrorBudget.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PlannedEvent {
-    pub warning: bool,
-    pub reason: &'static str,
-    pub message: String,
-}
+/// An Event to record.
+pub use crate::k8s::events::PlannedEvent;
 
 /// What the reconciler must do.
 #[derive(Clone, Debug, PartialEq)]

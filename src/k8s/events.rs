@@ -3,6 +3,33 @@
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::events::{Event, EventType, Recorder};
 
+/// An Event a planner decided on (the ErrorBudget and Pipeline planners; the Rollout planner's
+/// reasons are typed).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlannedEvent {
+    pub warning: bool,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// Records each planned Event on `reference`, in order.
+pub async fn publish_all(
+    recorder: &Recorder,
+    reference: &ObjectReference,
+    events: &[PlannedEvent],
+) {
+    for event in events {
+        publish(
+            recorder,
+            reference,
+            event.warning,
+            event.reason,
+            &event.message,
+        )
+        .await;
+    }
+}
+
 /// Events are bounded by the API; longer notes are cut.
 const MAX_NOTE: usize = 1024;
 

@@ -249,16 +249,7 @@ async fn admit(cached: &Pipeline, state: &State) -> Result<Action, Error> {
     desired.approvals.clear();
     crate::k8s::status::apply(&api, &pipeline, Some(&current), &desired).await?;
     let reference: ObjectReference = pipeline.object_ref(&());
-    for event in &plan.events {
-        crate::k8s::events::publish(
-            &ctx.recorder,
-            &reference,
-            event.warning,
-            event.reason,
-            &event.message,
-        )
-        .await;
-    }
+    crate::k8s::events::publish_all(&ctx.recorder, &reference, &plan.events).await;
     ctx.metrics()
         .pipeline_state(&namespace, &name, &plan.status.stages);
     Ok(Action::requeue(

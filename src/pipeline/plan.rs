@@ -92,13 +92,8 @@ pub struct Observed {
     pub now: Timestamp,
 }
 
-/// An Event to record on the Pipeline.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PlannedEvent {
-    pub warning: bool,
-    pub reason: &'static str,
-    pub message: String,
-}
+/// An Event to record.
+pub use crate::k8s::events::PlannedEvent;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Plan {
@@ -847,6 +842,15 @@ mod tests {
         }
     }
 
+    fn last_promoted(plan: &Plan) -> &HistoryEntry {
+        plan.status
+            .history
+            .iter()
+            .rev()
+            .find(|h| h.action == HistoryAction::Promoted)
+            .unwrap()
+    }
+
     fn stage<'a>(plan: &'a Plan, name: &str) -> &'a StageStatus {
         plan.status.stages.iter().find(|s| s.name == name).unwrap()
     }
@@ -948,13 +952,7 @@ mod tests {
             1520,
         ));
         assert_eq!(stage(&p8, "prod").release, Some(release("2")));
-        let promoted = p8
-            .status
-            .history
-            .iter()
-            .rev()
-            .find(|h| h.action == HistoryAction::Promoted)
-            .unwrap();
+        let promoted = last_promoted(&p8);
         assert_eq!(
             (promoted.stage.as_str(), promoted.by.as_deref()),
             ("prod", Some("alice"))
@@ -1147,13 +1145,7 @@ mod tests {
         }];
         let through = plan(&urgent);
         assert_eq!(stage(&through, "staging").release, Some(release("2")));
-        let admitted = through
-            .status
-            .history
-            .iter()
-            .rev()
-            .find(|h| h.action == HistoryAction::Promoted)
-            .unwrap();
+        let admitted = last_promoted(&through);
         assert!(
             admitted
                 .reason
