@@ -147,7 +147,7 @@ async fn reconcile(cached: Arc<Pipeline>, state: Arc<State>) -> Result<Action, E
 /// How a Rollout is doing with the release its template declares.
 pub fn rollout_state(rollout: &Rollout) -> RolloutState {
     let status = rollout.status.clone().unwrap_or_default();
-    let declared = crate::rollout::revision::template_hash(&rollout.spec.template);
+    let declared = crate::k8s::labels::template_hash(&rollout.spec.template);
     match status.phase {
         Some(RolloutPhase::Healthy) if status.stable_revision.as_deref() == Some(&declared) => {
             RolloutState::Healthy

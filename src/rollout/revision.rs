@@ -1,36 +1,8 @@
 //! Revisions: a pod template's identity (its hash) and the labels that tell revisions apart.
 
-use k8s_openapi::api::core::v1::PodTemplateSpec;
-
 pub use crate::k8s::labels::{
-    HASH_LABEL, REVISION_ANNOTATION, ROLLOUT_LABEL, SCALE_DOWN_AT_ANNOTATION,
+    HASH_LABEL, REVISION_ANNOTATION, ROLLOUT_LABEL, SCALE_DOWN_AT_ANNOTATION, template_hash,
 };
-
-/// A short, stable hash of the pod template as the user wrote it.
-///
-/// FNV-1a (64 bits) over the canonical JSON, rendered in the alphabet Kubernetes uses for
-/// generated names (no vowels, so hashes never spell words). Two different templates with the
-/// same hash are not told apart: at 64 bits that is about one chance in 10^19 per pair.
-pub fn template_hash(template: &PodTemplateSpec) -> String {
-    // serde_json output is deterministic: struct fields in declaration order, maps sorted.
-    let json = serde_json::to_vec(template).unwrap_or_default();
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in &json {
-        hash ^= u64::from(*byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    safe_encode(hash)
-}
-
-fn safe_encode(mut value: u64) -> String {
-    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
-    let mut out = Vec::with_capacity(10);
-    for _ in 0..10 {
-        out.push(ALPHABET[(value % ALPHABET.len() as u64) as usize]);
-        value /= ALPHABET.len() as u64;
-    }
-    String::from_utf8(out).unwrap_or_default()
-}
 
 /// The ReplicaSet name of a revision.
 pub fn replica_set_name(rollout: &str, hash: &str) -> String {
@@ -67,7 +39,7 @@ pub fn beyond_history_limit(entries: &[HistoryEntry], limit: usize, keep: &[&str
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::api::core::v1::{Container, PodSpec};
+    use k8s_openapi::api::core::v1::{Container, PodSpec, PodTemplateSpec};
 
     fn template(image: &str) -> PodTemplateSpec {
         PodTemplateSpec {
