@@ -89,6 +89,15 @@ pub struct Metrics {
     budget_burn: Family<BurnLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     budget_phase: Family<PhaseLabels, Gauge>,
     stage_phase: Family<StageLabels, Gauge>,
+    time_to_stage: Family<StageOnly, Histogram>,
+    approval_wait: Family<StageOnly, Histogram>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StageOnly {
+    namespace: String,
+    name: String,
+    stage: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -216,7 +225,23 @@ impl Metrics {
             "1 for the phase each Pipeline stage is in",
             stage_phase.clone(),
         );
+        // From a minute to about three weeks.
+        let stage_buckets = || Histogram::new(exponential_buckets(60.0, 2.0, 15));
+        let time_to_stage = Family::<StageOnly, Histogram>::new_with_constructor(stage_buckets);
+        registry.register(
+            "pipeline_time_to_stage_seconds",
+            "Time from a release entering a Pipeline's first stage to being admitted to this stage",
+            time_to_stage.clone(),
+        );
+        let approval_wait = Family::<StageOnly, Histogram>::new_with_constructor(stage_buckets);
+        registry.register(
+            "pipeline_approval_wait_seconds",
+            "Time a release waited at a stage for a person's approval",
+            approval_wait.clone(),
+        );
         Self {
+            time_to_stage,
+            approval_wait,
             stage_phase,
             budget_remaining,
             budget_consumed,
@@ -364,6 +389,28 @@ impl Metrics {
                     .set(i64::from(candidate == current));
             }
         }
+    }
+
+    /// A release admitted to `stage`, `took` after it entered the first stage.
+    pub fn observe_time_to_stage(&self, namespace: &str, name: &str, stage: &str, took: f64) {
+        self.time_to_stage
+            .get_or_create(&StageOnly {
+                namespace: namespace.into(),
+                name: name.into(),
+                stage: stage.into(),
+            })
+            .observe(took);
+    }
+
+    /// A release approved for `stage` after waiting `took` for it.
+    pub fn observe_approval_wait(&self, namespace: &str, name: &str, stage: &str, took: f64) {
+        self.approval_wait
+            .get_or_create(&StageOnly {
+                namespace: namespace.into(),
+                name: name.into(),
+                stage: stage.into(),
+            })
+            .observe(took);
     }
 
     pub fn observe_release(&self, took: std::time::Duration) {

@@ -252,6 +252,16 @@ async fn admit(cached: &Pipeline, state: &State) -> Result<Action, Error> {
     crate::k8s::events::publish_all(&ctx.recorder, &reference, &plan.events).await;
     ctx.metrics()
         .pipeline_state(&namespace, &name, &plan.status.stages);
+    for timing in &plan.timings {
+        match timing {
+            plan::Timing::ToStage { stage, seconds } => ctx
+                .metrics()
+                .observe_time_to_stage(&namespace, &name, stage, *seconds),
+            plan::Timing::ApprovalWait { stage, seconds } => ctx
+                .metrics()
+                .observe_approval_wait(&namespace, &name, stage, *seconds),
+        }
+    }
     Ok(Action::requeue(
         plan.requeue_after.min(Duration::from_secs(300)),
     ))

@@ -100,6 +100,17 @@ pub struct Plan {
     pub status: PipelineStatus,
     pub events: Vec<PlannedEvent>,
     pub requeue_after: Duration,
+    /// Durations this plan completed, for the metrics.
+    pub timings: Vec<Timing>,
+}
+
+/// A duration to record in a metric.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Timing {
+    /// A release admitted to `stage`, this long after its admission to the first stage.
+    ToStage { stage: String, seconds: f64 },
+    /// A release approved for `stage` after waiting this long at its approval gate.
+    ApprovalWait { stage: String, seconds: f64 },
 }
 
 /// The `namespace/name` of a budget gate.
@@ -449,6 +460,8 @@ pub fn plan(o: &Observed) -> Plan {
     let mut problems = Vec::new();
     let mut wakeups: Vec<Timestamp> = Vec::new();
     let mut waiting = false;
+    let mut timings = Vec::new();
+    let first_stage = o.spec.stages.first().map(|s| s.name.clone());
     let entry =
         |stage: &str, release: &Release, action, by: Option<String>, reason: Option<String>| {
             HistoryEntry {
@@ -475,6 +488,22 @@ pub fn plan(o: &Observed) -> Plan {
                 Decision::Rejected => HistoryAction::Rejected,
             };
             let by = approval.intent.requested_by.clone();
+            if let Some(waited_since) = o
+                .status
+                .stages
+                .iter()
+                .find(|s| {
+                    s.name == approval.stage
+                        && s.phase == StagePhase::WaitingForApproval
+                        && s.pending.as_ref() == Some(&approval.release)
+                })
+                .and_then(|s| s.since.as_ref())
+            {
+                timings.push(Timing::ApprovalWait {
+                    stage: approval.stage.clone(),
+                    seconds: since(waited_since.0, o.now).as_secs_f64(),
+                });
+            }
             events.push(PlannedEvent {
                 warning: action == HistoryAction::Rejected,
                 reason: if action == HistoryAction::Approved {
@@ -694,6 +723,17 @@ pub fn plan(o: &Observed) -> Plan {
                                 Some(reasons.join("; ")),
                             ),
                         );
+                        let entered_first = status.history.iter().find(|h| {
+                            Some(&h.stage) == first_stage.as_ref()
+                                && h.release == release
+                                && h.action == HistoryAction::Promoted
+                        });
+                        if let Some(entered) = entered_first.filter(|_| index > 0) {
+                            timings.push(Timing::ToStage {
+                                stage: stage.name.clone(),
+                                seconds: since(entered.time.0, o.now).as_secs_f64(),
+                            });
+                        }
                         st.release = Some(release.clone());
                         st.pending = None;
                         set_phase(&mut st, StagePhase::Progressing);
@@ -772,6 +812,7 @@ pub fn plan(o: &Observed) -> Plan {
         status,
         events,
         requeue_after,
+        timings,
     }
 }
 
@@ -963,6 +1004,15 @@ mod tests {
                 .iter()
                 .any(|h| h.action == HistoryAction::Approved && h.request.as_deref() == Some("b"))
         );
+        // Measured: prod waited for the approval from 1500 to 1520; v2 entered dev at 100.
+        assert!(p8.timings.contains(&Timing::ApprovalWait {
+            stage: "prod".into(),
+            seconds: 20.0
+        }));
+        assert!(p8.timings.contains(&Timing::ToStage {
+            stage: "prod".into(),
+            seconds: 1420.0
+        }));
         // The approval is recorded once.
         let p9 = plan(&world(
             "2",

@@ -17,9 +17,9 @@ use super::model::{
     add, budget_actions,
 };
 use super::release::{
-    DEFAULT_SCALE_DOWN_DELAY, abort, clear_intents, first_revision, pause_for, paused_by_person,
-    progress_deadline, record_counts, record_phase, route_writes, run_phase, schedule, take_back,
-    unhandled,
+    DEFAULT_SCALE_DOWN_DELAY, TemplateChange, abort, clear_intents, first_revision,
+    follow_template, pause_for, paused_by_person, progress_deadline, record_counts, record_phase,
+    reset, route_writes, run_phase, schedule, take_back, unhandled,
 };
 use super::runs::RunName;
 use crate::api::analysis::AnalysisPhase;
@@ -81,61 +81,33 @@ pub fn plan(o: &Observed, bg: &BlueGreenStrategy) -> Plan {
 
     let mut stable = first_revision(&mut status, &mut events, o, "active");
 
-    // A new template: preview it (unless it is the active one, or the one just switched from).
-    if o.desired_hash != stable
-        && status.canary_revision.as_deref() != Some(o.desired_hash.as_str())
-    {
-        match status.canary_revision.clone() {
-            Some(old) => note(
-                &mut events,
-                false,
-                Reason::ReleaseSuperseded,
-                format!("revision {} supersedes {old}", o.desired_hash),
-            ),
-            None => note(
-                &mut events,
-                false,
-                Reason::ReleaseStarted,
-                format!("previewing revision {} (active {stable})", o.desired_hash),
-            ),
+    // A new template: preview it; the template back at the active revision cancels the preview.
+    match follow_template(&mut status, &mut events, o, (&stable, "active")) {
+        Some(TemplateChange::Release(_)) => {
+            if let Some(previous) = status.previous_revision.take() {
+                // A new release ends the last one's rollback window.
+                note(
+                    &mut events,
+                    false,
+                    Reason::PreviousScaledDown,
+                    format!("{previous} scaled down: a new release started"),
+                );
+            }
+            bgs = BlueGreenStatus {
+                preview_started_at: Some(MicroTime(o.now)),
+                ..BlueGreenStatus::default()
+            };
         }
-        if let Some(previous) = status.previous_revision.take() {
-            // A new release ends the last one's rollback window.
-            note(
-                &mut events,
-                false,
-                Reason::PreviousScaledDown,
-                format!("{previous} scaled down: a new release started"),
-            );
-        }
-        status.canary_revision = Some(o.desired_hash.clone());
-        bgs = BlueGreenStatus {
-            preview_started_at: Some(MicroTime(o.now)),
-            ..BlueGreenStatus::default()
-        };
-        status.aborted_at = None;
-        status.pause_conditions.clear();
-        status.analysis_runs.clear();
-    } else if o.desired_hash == stable
-        && status.canary_revision.is_some()
-        && status.previous_revision.is_none()
-    {
-        note(
-            &mut events,
-            false,
-            Reason::ReleaseCancelled,
-            format!("template is back to active {stable}; preview cancelled"),
-        );
-        status.canary_revision = None;
-        bgs = BlueGreenStatus::default();
-        status.aborted_at = None;
-        status.pause_conditions.clear();
+        Some(TemplateChange::Cancel) => bgs = BlueGreenStatus::default(),
+        None => {}
     }
 
     if let Some(id) = intents.retry.clone() {
         handled.retry = Some(id);
-        if status.aborted_at.take().is_some() {
-            status.analysis_runs.clear();
+        if status.aborted_at.is_some()
+            && let Some(preview) = status.canary_revision.clone()
+        {
+            reset(&mut status, Some(preview), o);
             bgs.promotion_requested = None;
             bgs.preview_started_at = Some(MicroTime(o.now));
             note(

@@ -13,9 +13,9 @@ use super::model::{
     TrafficIntent, add, budget_actions,
 };
 use super::release::{
-    DEFAULT_SCALE_DOWN_DELAY, abort, clear_intents, first_revision, pause_for, paused_by_person,
-    progress_deadline, record_counts, record_phase, route_writes, run_phase, scale_down_later,
-    schedule, take_back, unhandled,
+    DEFAULT_SCALE_DOWN_DELAY, abort, clear_intents, first_revision, follow_template, pause_for,
+    paused_by_person, progress_deadline, record_counts, record_phase, reset, route_writes,
+    run_phase, scale_down_later, schedule, take_back, unhandled,
 };
 use super::runs::RunName;
 use super::steps::{self, Step};
@@ -57,27 +57,11 @@ impl Planner<'_> {
         self.rs(hash).map_or(0, |r| r.available)
     }
 
-    fn reset_release(&mut self, canary: Option<String>) {
-        self.status.canary_revision = canary;
-        self.status.current_step_index = self.status.canary_revision.as_ref().map(|_| 0);
-        self.status.current_step_started_at = self
-            .status
-            .canary_revision
-            .as_ref()
-            .map(|_| MicroTime(self.o.now));
-        self.status.pause_conditions.clear();
-        self.status.aborted_at = None;
-        // A new, cancelled or retried release starts without verdicts.
-        self.status.analysis_runs.clear();
-        conditions::set(
-            &mut self.status.conditions,
-            "Aborted",
-            false,
-            "NotAborted",
-            "",
-            self.o.generation,
-            self.o.now,
-        );
+    /// A release (re)starts at its first step, or none is in flight.
+    fn restart_steps(&mut self) {
+        let in_flight = self.status.canary_revision.is_some();
+        self.status.current_step_index = in_flight.then_some(0);
+        self.status.current_step_started_at = in_flight.then_some(MicroTime(self.o.now));
     }
 
     fn abort(&mut self, reason: Reason, message: String) {
@@ -157,15 +141,8 @@ pub fn plan(o: &Observed) -> Plan {
 
     let stable = first_revision(&mut p.status, &mut p.events, o, "stable");
 
-    if o.desired_hash == stable
-        && let Some(old) = p.status.canary_revision.clone()
-    {
-        p.event(
-            false,
-            Reason::ReleaseCancelled,
-            format!("template is back to stable {stable}; release of {old} cancelled"),
-        );
-        p.reset_release(None);
+    if follow_template(&mut p.status, &mut p.events, o, (&stable, "stable")).is_some() {
+        p.restart_steps();
     }
 
     // ErrorBudget policy in flight (a revision held on stable, an override and a rollback of
@@ -174,23 +151,6 @@ pub fn plan(o: &Observed) -> Plan {
     p.status
         .pause_conditions
         .retain(|c| c.reason != PauseReason::BudgetFreeze);
-    if o.desired_hash != stable
-        && p.status.canary_revision.as_deref() != Some(o.desired_hash.as_str())
-    {
-        match p.status.canary_revision.clone() {
-            Some(old) => p.event(
-                false,
-                Reason::ReleaseSuperseded,
-                format!("revision {} supersedes {old}", o.desired_hash),
-            ),
-            None => p.event(
-                false,
-                Reason::ReleaseStarted,
-                format!("releasing revision {} (stable {stable})", o.desired_hash),
-            ),
-        }
-        p.reset_release(Some(o.desired_hash.clone()));
-    }
 
     let steps = steps::effective(&p.canary.steps);
     let mut desired_weight = 0;
@@ -217,7 +177,8 @@ pub fn plan(o: &Observed) -> Plan {
         if let Some(id) = intents.retry.clone() {
             p.handled.retry = Some(id);
             if p.status.aborted_at.is_some() {
-                p.reset_release(Some(canary_hash.clone()));
+                reset(&mut p.status, Some(canary_hash.clone()), o);
+                p.restart_steps();
                 p.event(
                     false,
                     Reason::Retried,

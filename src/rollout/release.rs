@@ -349,6 +349,81 @@ pub fn first_revision(
     o.desired_hash.clone()
 }
 
+/// What the template did to the release in flight.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TemplateChange {
+    /// A new revision: a release starts (or supersedes the one in flight).
+    Release(String),
+    /// The template is back at stable: the release in flight is cancelled.
+    Cancel,
+}
+
+/// Follows the template: a new revision starts a release (superseding the one in flight), the
+/// template back at stable cancels it. Resets what every strategy keeps per release and
+/// records the Event (`role`: what the strategy calls stable); the strategy then sets its own
+/// fields. `None` when the release in flight already is the template's.
+pub fn follow_template(
+    status: &mut RolloutStatus,
+    events: &mut Vec<PlannedEvent>,
+    o: &Observed,
+    (stable, role): (&str, &str),
+) -> Option<TemplateChange> {
+    let in_flight = status.canary_revision.clone();
+    let (reason, message, change) = if o.desired_hash == stable {
+        let old = in_flight?;
+        (
+            Reason::ReleaseCancelled,
+            format!("template is back to {role} {stable}; release of {old} cancelled"),
+            TemplateChange::Cancel,
+        )
+    } else if in_flight.as_deref() == Some(o.desired_hash.as_str()) {
+        return None;
+    } else {
+        let new = o.desired_hash.clone();
+        match in_flight {
+            Some(old) => (
+                Reason::ReleaseSuperseded,
+                format!("revision {new} supersedes {old}"),
+                TemplateChange::Release(new),
+            ),
+            None => (
+                Reason::ReleaseStarted,
+                format!("releasing revision {new} ({role} {stable})"),
+                TemplateChange::Release(new),
+            ),
+        }
+    };
+    events.push(PlannedEvent {
+        warning: false,
+        reason,
+        message,
+    });
+    let revision = match &change {
+        TemplateChange::Release(new) => Some(new.clone()),
+        TemplateChange::Cancel => None,
+    };
+    reset(status, revision, o);
+    Some(change)
+}
+
+/// What every strategy resets when a release starts, is cancelled or is retried: no pauses,
+/// not aborted, no verdicts (old ones must not judge the new release).
+pub fn reset(status: &mut RolloutStatus, revision: Option<String>, o: &Observed) {
+    status.canary_revision = revision;
+    status.pause_conditions.clear();
+    status.aborted_at = None;
+    status.analysis_runs.clear();
+    conditions::set(
+        &mut status.conditions,
+        "Aborted",
+        false,
+        "NotAborted",
+        "",
+        o.generation,
+        o.now,
+    );
+}
+
 /// Aborts the release in flight: recorded in `abortedAt`, the `Aborted` condition and a
 /// Warning Event; its pauses no longer apply. What happens to traffic is the strategy's.
 pub fn abort(

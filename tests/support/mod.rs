@@ -114,7 +114,12 @@ pub async fn create(ns: &TestNamespace, object: &Value) -> Result<(), String> {
     }
     let cluster_scoped = matches!(
         object["kind"].as_str(),
-        Some("ClusterRole" | "ClusterRoleBinding")
+        Some(
+            "ClusterRole"
+                | "ClusterRoleBinding"
+                | "ValidatingAdmissionPolicy"
+                | "ValidatingAdmissionPolicyBinding"
+        )
     );
     let api: Api<DynamicObject> = if cluster_scoped {
         Api::all_with(ns.client.clone(), &resource)
