@@ -332,9 +332,14 @@ async fn the_canary_is_judged_by_its_own_burn_rate_not_the_diluted_service_wide_
         "metrics": [{"name": "canary-burn",
                      "errorBudget": {"name": "avail", "maxBurnRate": 14.4, "window": "20s"}}]});
     let steps = json!([{"setWeight": 10}, {"pause": {}}]);
-    create(&ns, &rollout(&ns.name, "web:1", json!({}), analysis, steps))
-        .await
-        .unwrap();
+    create(
+        &ns,
+        &WebRollout::canary(&ns.name, steps)
+            .analysis(analysis)
+            .json(),
+    )
+    .await
+    .unwrap();
     let rollouts: Api<Rollout> = Api::namespaced(ns.client.clone(), &ns.name);
     healthy(&rollouts).await;
     set_template(

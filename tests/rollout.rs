@@ -21,12 +21,9 @@ async fn canary_happy_path_moves_weights_step_by_step_and_promotes() {
     let steps = json!([{"setCanaryScale": {"replicas": 4}}, {"setWeight": 10}, {"pause": {"duration": "1s"}},
                        {"setWeight": 25}, {"pause": {"duration": "1s"}},
                        {"setWeight": 50}, {"pause": {"duration": "1s"}}, {"setWeight": 75}, {"pause": {"duration": "1s"}}]);
-    create(
-        &ns,
-        &rollout(&ns.name, "web:1", json!({}), json!(null), steps),
-    )
-    .await
-    .unwrap();
+    create(&ns, &WebRollout::canary(&ns.name, steps).json())
+        .await
+        .unwrap();
     let api: Api<Rollout> = Api::namespaced(ns.client.clone(), &ns.name);
     let first = wait_for(
         "first revision Healthy",
@@ -103,9 +100,14 @@ async fn a_bad_canary_is_rolled_back_by_analysis() {
     let analysis = json!({"interval": "3s", "initialDelay": "4s", "failureLimit": 0, "inconclusiveLimit": 20,
                           "metrics": [{"name": "error-rate", "prometheus": {"query": query}, "successCondition": "result < 0.05"}]});
     let steps = json!([{"setWeight": 30}, {"pause": {}}]);
-    create(&ns, &rollout(&ns.name, "web:1", json!({}), analysis, steps))
-        .await
-        .unwrap();
+    create(
+        &ns,
+        &WebRollout::canary(&ns.name, steps)
+            .analysis(analysis)
+            .json(),
+    )
+    .await
+    .unwrap();
     let api: Api<Rollout> = Api::namespaced(ns.client.clone(), &ns.name);
     let stable = wait_for(
         "first revision Healthy",
@@ -361,13 +363,9 @@ async fn prometheus_outage_pauses_the_release_and_promote_continues_it() {
         json!([{"setWeight": 20}, {"pause": {"duration": "3s"}}, {"setWeight": 50}, {"pause": {}}]);
     create(
         &ns,
-        &rollout(
-            &ns.name,
-            "web:1",
-            json!({}),
-            background_analysis("2s"),
-            steps,
-        ),
+        &WebRollout::canary(&ns.name, steps)
+            .analysis(background_analysis("2s"))
+            .json(),
     )
     .await
     .unwrap();
@@ -427,12 +425,9 @@ async fn the_operator_restarted_mid_step_resumes_where_it_was() {
     routing(&ns).await;
     let steps =
         json!([{"setWeight": 25}, {"pause": {"duration": "6s"}}, {"setWeight": 60}, {"pause": {}}]);
-    create(
-        &ns,
-        &rollout(&ns.name, "web:1", json!({}), json!(null), steps),
-    )
-    .await
-    .unwrap();
+    create(&ns, &WebRollout::canary(&ns.name, steps).json())
+        .await
+        .unwrap();
     let api: Api<Rollout> = Api::namespaced(ns.client.clone(), &ns.name);
     healthy(&api).await;
     set_template(&api, "web:2", json!({})).await;
@@ -463,12 +458,9 @@ async fn people_steer_the_release_with_the_plugin() {
     let _controller = start_controller(&ns.name).await;
     routing(&ns).await;
     let steps = json!([{"setWeight": 25}, {"pause": {}}, {"setWeight": 50}, {"pause": {}}]);
-    create(
-        &ns,
-        &rollout(&ns.name, "web:1", json!({}), json!(null), steps),
-    )
-    .await
-    .unwrap();
+    create(&ns, &WebRollout::canary(&ns.name, steps).json())
+        .await
+        .unwrap();
     let api: Api<Rollout> = Api::namespaced(ns.client.clone(), &ns.name);
     let first = healthy(&api).await;
     let name = format!("{}/web", ns.name);
@@ -551,18 +543,9 @@ async fn host_level_routing_leaves_other_routes_alone_and_puts_drift_back() {
             {"name": "primary", "route": [{"destination": {"host": "web-stable"}, "weight": 100},
                                           {"destination": {"host": "web-canary"}, "weight": 0}]}]}});
     create(&ns, &vs).await.unwrap();
-    let mut r = rollout(
-        &ns.name,
-        "web:1",
-        json!({}),
-        json!(null),
-        json!([{"setWeight": 30}, {"pause": {}}]),
-    );
-    r["spec"]["strategy"]["canary"]["stableService"] = json!("web-stable");
-    r["spec"]["strategy"]["canary"]["canaryService"] = json!("web-canary");
-    r["spec"]["strategy"]["canary"]["trafficRouting"] =
-        json!({"istio": {"virtualService": {"name": "web", "routes": ["primary"]}}});
-    create(&ns, &r).await.unwrap();
+    let r = WebRollout::canary(&ns.name, json!([{"setWeight": 30}, {"pause": {}}]))
+        .routing(Routing::IstioHosts);
+    create(&ns, &r.json()).await.unwrap();
     let api: Api<Rollout> = Api::namespaced(ns.client.clone(), &ns.name);
     let stable = healthy(&api).await;
     let vs_api: Api<DynamicObject> =
@@ -652,18 +635,9 @@ async fn gateway_api_canary_sets_backend_weights_and_leaves_the_rest() {
              "filters": [{"type": "ResponseHeaderModifier", "responseHeaderModifier": {"set": [{"name": "x-served-by", "value": "web"}]}}],
              "backendRefs": [{"name": "web-stable", "port": 80, "weight": 100}, {"name": "web-canary", "port": 80, "weight": 0}]}]}});
     create(&ns, &route).await.unwrap();
-    let mut r = rollout(
-        &ns.name,
-        "web:1",
-        json!({}),
-        json!(null),
-        json!([{"setWeight": 30}, {"pause": {}}]),
-    );
-    r["spec"]["strategy"]["canary"]["stableService"] = json!("web-stable");
-    r["spec"]["strategy"]["canary"]["canaryService"] = json!("web-canary");
-    r["spec"]["strategy"]["canary"]["trafficRouting"] =
-        json!({"gatewayAPI": {"httpRoute": {"name": "web", "rules": ["main"]}}});
-    create(&ns, &r).await.unwrap();
+    let r = WebRollout::canary(&ns.name, json!([{"setWeight": 30}, {"pause": {}}]))
+        .routing(Routing::GatewayApi);
+    create(&ns, &r.json()).await.unwrap();
     let api: Api<Rollout> = Api::namespaced(ns.client.clone(), &ns.name);
     let first = healthy(&api).await;
     let resource = kube::api::ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(
@@ -709,24 +683,6 @@ async fn gateway_api_canary_sets_backend_weights_and_leaves_the_rest() {
         "other rules, filters or parents changed"
     );
     ns.delete().await;
-}
-
-fn blue_green(ns: &str, extra: Value) -> Value {
-    let mut bg =
-        json!({"activeService": "web", "previewService": "web-preview", "scaleDownDelay": "4s"});
-    for (k, v) in extra.as_object().unwrap() {
-        bg[k] = v.clone();
-    }
-    json!({
-        "apiVersion": "sluice.dev/v1alpha1", "kind": "Rollout",
-        "metadata": {"name": "web", "namespace": ns},
-        "spec": {
-            "replicas": 3,
-            "selector": {"matchLabels": {"app": "web"}},
-            "template": {"metadata": {"labels": {"app": "web"}}, "spec": {"containers": [{"name": "web", "image": "web:1"}]}},
-            "strategy": {"blueGreen": bg}
-        }
-    })
 }
 
 /// Active and preview Services, each with a VirtualService so the simulator sends them
@@ -775,7 +731,9 @@ async fn blue_green_previews_checks_switches_and_switches_back() {
     let _controller = start_controller(&ns.name).await;
     blue_green_services(&ns).await;
     let extra = json!({"prePromotionAnalysis": error_rate_analysis(2), "postPromotionAnalysis": error_rate_analysis(4)});
-    create(&ns, &blue_green(&ns.name, extra)).await.unwrap();
+    create(&ns, &WebRollout::blue_green(&ns.name, extra).json())
+        .await
+        .unwrap();
     let api: Api<Rollout> = Api::namespaced(ns.client.clone(), &ns.name);
     let v1 = healthy(&api).await;
     assert_eq!(selects(&ns, "web").await.as_deref(), Some(v1.as_str()));
@@ -888,10 +846,11 @@ async fn blue_green_auto_promotes_after_the_delay_and_abort_keeps_the_active() {
     blue_green_services(&ns).await;
     create(
         &ns,
-        &blue_green(
+        &WebRollout::blue_green(
             &ns.name,
             json!({"autoPromotion": {"enabled": true, "after": "3s"}}),
-        ),
+        )
+        .json(),
     )
     .await
     .unwrap();
@@ -946,10 +905,9 @@ async fn blue_green_through_a_gateway_api_route_switches_weights_at_once() {
         "spec": {"parentRefs": [{"name": "gw"}], "rules": [{"name": "main",
             "backendRefs": [{"name": "web", "port": 80, "weight": 100}, {"name": "web-preview", "port": 80, "weight": 0}]}]}});
     create(&ns, &route).await.unwrap();
-    let mut r = blue_green(&ns.name, json!({}));
-    r["spec"]["strategy"]["blueGreen"]["trafficRouting"] =
-        json!({"gatewayAPI": {"httpRoute": {"name": "web"}}});
-    create(&ns, &r).await.unwrap();
+    let r = WebRollout::blue_green(&ns.name, json!({}))
+        .blue_green_routing(json!({"gatewayAPI": {"httpRoute": {"name": "web"}}}));
+    create(&ns, &r.json()).await.unwrap();
     let api: Api<Rollout> = Api::namespaced(ns.client.clone(), &ns.name);
     let v1 = healthy(&api).await;
     let resource = kube::api::ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(
@@ -995,18 +953,9 @@ async fn blue_green_through_a_gateway_api_route_switches_weights_at_once() {
 async fn without_a_router_the_weight_follows_replica_counts() {
     let ns = TestNamespace::new("norouter").await;
     let _controller = start_controller(&ns.name).await;
-    let mut r = rollout(
-        &ns.name,
-        "web:1",
-        json!({}),
-        json!(null),
-        json!([{"setWeight": 50}, {"pause": {}}]),
-    );
-    r["spec"]["strategy"]["canary"]
-        .as_object_mut()
-        .unwrap()
-        .remove("trafficRouting");
-    create(&ns, &r).await.unwrap();
+    let r = WebRollout::canary(&ns.name, json!([{"setWeight": 50}, {"pause": {}}]))
+        .routing(Routing::None);
+    create(&ns, &r.json()).await.unwrap();
     let api: Api<Rollout> = Api::namespaced(ns.client.clone(), &ns.name);
     let v1 = healthy(&api).await;
     set_template(&api, "web:2", json!({})).await;
@@ -1053,13 +1002,7 @@ async fn a_missing_virtual_service_degrades_with_its_name() {
     create(&ns, &service(&ns.name, "web")).await.unwrap();
     create(
         &ns,
-        &rollout(
-            &ns.name,
-            "web:1",
-            json!({}),
-            json!(null),
-            json!([{"setWeight": 50}]),
-        ),
+        &WebRollout::canary(&ns.name, json!([{"setWeight": 50}])).json(),
     )
     .await
     .unwrap();
@@ -1157,13 +1100,7 @@ async fn the_helm_charts_rbac_is_all_the_controller_needs() {
     routing(&ns).await;
     create(
         &ns,
-        &rollout(
-            &ns.name,
-            "web:1",
-            json!({}),
-            json!(null),
-            json!([{"setWeight": 40}, {"pause": {}}]),
-        ),
+        &WebRollout::canary(&ns.name, json!([{"setWeight": 40}, {"pause": {}}])).json(),
     )
     .await
     .unwrap();

@@ -405,36 +405,124 @@ pub async fn start_controllers(ns: &str, prometheus: String) -> watch::Sender<bo
     start_controllers_in(Some(ns), prometheus).await
 }
 
-pub fn rollout(ns: &str, image: &str, annotations: Value, analysis: Value, steps: Value) -> Value {
-    json!({
-        "apiVersion": "sluice.dev/v1alpha1", "kind": "Rollout",
-        "metadata": {"name": "web", "namespace": ns},
-        "spec": {
-            "replicas": 4,
-            "selector": {"matchLabels": {"app": "web"}},
-            "template": {"metadata": {"labels": {"app": "web"}, "annotations": annotations},
-                         "spec": {"containers": [{"name": "web", "image": image}]}},
-            "strategy": {"canary": {
-                "trafficRouting": {"istio": {
-                    "virtualService": {"name": "web", "routes": ["primary"]},
-                    "destinationRule": {"name": "web", "stableSubset": "stable", "canarySubset": "canary"}}},
-                "steps": steps,
-                "analysis": analysis,
-                "scaleDownDelay": "2s",
-                "abortScaleDownDelay": "2s"
-            }}
+/// How a test Rollout routes traffic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Routing {
+    /// Istio, subset-level: the `web` VirtualService's `primary` route and the `web`
+    /// DestinationRule's `stable` and `canary` subsets (what [`routing`] creates).
+    IstioSubsets,
+    /// Istio, host-level: the `primary` route between the `web-stable` and `web-canary`
+    /// Services.
+    IstioHosts,
+    /// The Gateway API: the `main` rule of the `web` HTTPRoute, between `web-stable` and
+    /// `web-canary`.
+    GatewayApi,
+    /// No router: the weight follows replica counts.
+    None,
+}
+
+/// The `web` Rollout of a cluster test, said by what it is (strategy, routing, analysis)
+/// rather than patched by JSON path. `json()` gives the object to create.
+#[derive(Clone, Debug)]
+pub struct WebRollout {
+    namespace: String,
+    replicas: i32,
+    strategy: Value,
+}
+
+impl WebRollout {
+    /// A canary Rollout of 4 replicas at `web:1`, through Istio subsets, without analysis,
+    /// scaling old revisions down 2 s after traffic leaves them.
+    pub fn canary(ns: &str, steps: Value) -> Self {
+        Self {
+            namespace: ns.to_string(),
+            replicas: 4,
+            strategy: json!({"canary": {
+                "steps": steps, "scaleDownDelay": "2s", "abortScaleDownDelay": "2s"}}),
         }
-    })
+        .routing(Routing::IstioSubsets)
+    }
+
+    /// A blue-green Rollout of 3 replicas at `web:1`, active `web`, preview `web-preview`,
+    /// with `settings` added to (or replacing) the strategy's defaults.
+    pub fn blue_green(ns: &str, settings: Value) -> Self {
+        let mut blue_green = json!({"activeService": "web", "previewService": "web-preview", "scaleDownDelay": "4s"});
+        for (k, v) in settings.as_object().cloned().unwrap_or_default() {
+            blue_green[k] = v;
+        }
+        Self {
+            namespace: ns.to_string(),
+            replicas: 3,
+            strategy: json!({"blueGreen": blue_green}),
+        }
+    }
+
+    /// The canary's background analysis.
+    pub fn analysis(mut self, analysis: Value) -> Self {
+        self.strategy["canary"]["analysis"] = analysis;
+        self
+    }
+
+    /// How the canary routes traffic.
+    pub fn routing(mut self, routing: Routing) -> Self {
+        let canary = &mut self.strategy["canary"];
+        let hosts = |c: &mut Value| {
+            c["stableService"] = json!("web-stable");
+            c["canaryService"] = json!("web-canary");
+        };
+        if let Some(c) = canary.as_object_mut() {
+            for key in ["trafficRouting", "stableService", "canaryService"] {
+                c.remove(key);
+            }
+        }
+        match routing {
+            Routing::IstioSubsets => {
+                canary["trafficRouting"] = json!({"istio": {
+                    "virtualService": {"name": "web", "routes": ["primary"]},
+                    "destinationRule": {"name": "web", "stableSubset": "stable", "canarySubset": "canary"}}});
+            }
+            Routing::IstioHosts => {
+                hosts(canary);
+                canary["trafficRouting"] =
+                    json!({"istio": {"virtualService": {"name": "web", "routes": ["primary"]}}});
+            }
+            Routing::GatewayApi => {
+                hosts(canary);
+                canary["trafficRouting"] =
+                    json!({"gatewayAPI": {"httpRoute": {"name": "web", "rules": ["main"]}}});
+            }
+            Routing::None => {}
+        }
+        self
+    }
+
+    /// Blue-green through a router (Gateway API or Istio), instead of Service selectors.
+    pub fn blue_green_routing(mut self, routing: Value) -> Self {
+        self.strategy["blueGreen"]["trafficRouting"] = routing;
+        self
+    }
+
+    pub fn json(&self) -> Value {
+        json!({
+            "apiVersion": "sluice.dev/v1alpha1", "kind": "Rollout",
+            "metadata": {"name": "web", "namespace": self.namespace},
+            "spec": {
+                "replicas": self.replicas,
+                "selector": {"matchLabels": {"app": "web"}},
+                "template": {"metadata": {"labels": {"app": "web"}},
+                             "spec": {"containers": [{"name": "web", "image": "web:1"}]}},
+                "strategy": self.strategy
+            }
+        })
+    }
 }
 
 /// Creates the `web` Rollout at `web:1` with these canary steps and no analysis, and waits
 /// until it is Healthy: its Api and its stable revision.
 pub async fn healthy_rollout(ns: &TestNamespace, steps: Value) -> (Api<Rollout>, String) {
-    let mut object = rollout(&ns.name, "web:1", json!({}), Value::Null, steps);
-    if let Some(canary) = object["spec"]["strategy"]["canary"].as_object_mut() {
-        canary.remove("analysis");
-    }
-    create(ns, &object).await.unwrap();
+    create(ns, &WebRollout::canary(&ns.name, steps).json())
+        .await
+        .unwrap();
     let api: Api<Rollout> = Api::namespaced(ns.client.clone(), &ns.name);
     let stable = healthy(&api).await;
     (api, stable)
