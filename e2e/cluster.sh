@@ -4,11 +4,12 @@
 # modules (e2e/tools/build.sh), kwok simulating 3 Nodes and their Pods, and
 # Debian's Prometheus. No container engine; everything listens on 127.0.0.1.
 #
-# Usage: e2e/cluster.sh up|down|status|kubeconfig|prometheus-url|env
+# Usage: e2e/cluster.sh up|down|status|restart NAME|kubeconfig|prometheus-url|env
 #
 #   up              start everything (idempotent: exits 0 at once if already up)
 #   down            stop everything, delete etcd/prometheus data (keeps certs)
 #   status          show processes and health; exit 0 only if all is healthy
+#   restart NAME    stop and start etcd, kube-apiserver or prometheus (keeps data)
 #   kubeconfig      print the admin kubeconfig path
 #   prometheus-url  print the Prometheus base URL
 #   env             print `export ...` lines for eval: KUBECONFIG, PATH (bin dir),
@@ -316,7 +317,23 @@ start_etcd() {
   wait_for "etcd /health" 30 etcd etcd_healthy
 }
 
+# The audit log records who wrote what (user agent included), so tests can tell the
+# operator's replicas apart without trusting the operator's own logs.
+write_audit_policy() {
+  cat > "${WORK}/audit-policy.yaml" <<EOF
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+  - level: Metadata
+    users: ["sluice-admin"]
+    verbs: [create, update, patch, delete, deletecollection]
+  - level: None
+EOF
+}
+
 start_apiserver() {
+  write_audit_policy
   start kube-apiserver "${BIN}/kube-apiserver" \
     --etcd-servers="http://${HOST}:${ETCD_PORT}" \
     --bind-address="${HOST}" \
@@ -339,6 +356,10 @@ start_apiserver() {
     --service-account-signing-key-file="${PKI}/sa.key" \
     --service-cluster-ip-range="${SERVICE_CIDR}" \
     --allow-privileged=true \
+    --audit-policy-file="${WORK}/audit-policy.yaml" \
+    --audit-log-path="${LOGS}/audit.log" \
+    --audit-log-maxsize=200 \
+    --audit-log-maxbackup=1 \
     --profiling=false
   wait_for "kube-apiserver /readyz" 120 kube-apiserver apiserver_ready
 }
@@ -541,6 +562,26 @@ cmd_down() {
   log "cluster down (certs kept in ${PKI}, logs in ${LOGS})"
 }
 
+# cmd_restart NAME: stop one component and start it again with the same flags and data
+# (fault injection for the reliability tests).
+cmd_restart() {
+  local name="$1"
+  mkdir -p "${PIDS}"
+  [[ -f "${WORK}/.up" ]] || die "the cluster is not up"
+  BIN="$(bin_dir)"
+  KCTL=("${BIN}/kubectl" --kubeconfig="${KUBECONFIG_FILE}")
+  stop "${name}"
+  case "${name}" in
+    etcd) start_etcd ;;
+    kube-apiserver) start_apiserver ;;
+    prometheus)
+      start_prometheus
+      wait_for "prometheus /-/ready" 60 prometheus prom_ready
+      ;;
+    *) die "restart: unknown component '${name}' (etcd, kube-apiserver, prometheus)" ;;
+  esac
+}
+
 cmd_status() {
   local c pid ok=0 state
   for c in "${COMPONENTS[@]}"; do
@@ -576,9 +617,10 @@ case "${1:-}" in
   up) cmd_up ;;
   down) cmd_down ;;
   status) cmd_status ;;
+  restart) cmd_restart "${2:-}" ;;
   kubeconfig) echo "${KUBECONFIG_FILE}" ;;
   prometheus-url) echo "${PROM_URL}" ;;
   env) cmd_env ;;
   -h|--help|help) sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//' ;;
-  *) echo "usage: $0 up|down|status|kubeconfig|prometheus-url|env" >&2; exit 2 ;;
+  *) echo "usage: $0 up|down|status|restart NAME|kubeconfig|prometheus-url|env" >&2; exit 2 ;;
 esac

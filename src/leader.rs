@@ -4,6 +4,7 @@
 //! Lease, decides, and writes it back with optimistic concurrency (a `replace` carrying the
 //! `resourceVersion` it read), so two candidates racing for an expired Lease cannot both win.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
@@ -12,6 +13,8 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{ObjectMeta, PostParams};
 use kube::{Api, Client};
 use tokio::sync::watch;
+
+use crate::fence::{self, Fence};
 
 /// Settings of the elector.
 #[derive(Clone, Debug)]
@@ -157,6 +160,7 @@ pub async fn release(api: &Api<Lease>, settings: &LeaseSettings) -> kube::Result
 pub async fn campaign(
     client: Client,
     settings: LeaseSettings,
+    fence: Arc<Fence>,
     leading: watch::Sender<bool>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
@@ -164,9 +168,13 @@ pub async fn campaign(
     let mut renewed = std::time::Instant::now();
     loop {
         let was_leading = *leading.borrow();
+        let started = std::time::Instant::now();
         let round = try_lead(&api, &settings).await;
         if matches!(round, Ok(true)) {
-            renewed = std::time::Instant::now();
+            renewed = started;
+            fence.open_until(started + fence::write_window(settings.lease_duration));
+        } else if round.is_ok() {
+            fence.close();
         }
         match round {
             Ok(true) if !was_leading => {
@@ -190,6 +198,7 @@ pub async fn campaign(
                 // One failed round is not a lost Lease: give up only when it may have lapsed
                 // (two thirds of its duration without a renewal), before a standby can take it.
                 if was_leading && renewed.elapsed() >= settings.lease_duration * 2 / 3 {
+                    fence.close();
                     leading.send_replace(false);
                     anyhow::bail!(
                         "could not renew the leader Lease for {:?}: {e}",
@@ -204,6 +213,8 @@ pub async fn campaign(
         }
     }
     if *leading.borrow() {
+        // Nothing may be written once a standby can take over.
+        fence.close();
         if let Err(e) = release(&api, &settings).await {
             tracing::warn!(error = %e, "could not release the leader Lease; it will lapse");
         }

@@ -5,10 +5,14 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use kube::Client;
+use http::HeaderValue;
+use http::header::USER_AGENT;
+use kube::client::ClientBuilder;
+use kube::{Client, Config};
 use tokio::sync::watch;
 
 use crate::context::Context;
+use crate::fence::{Fence, FenceLayer};
 use crate::leader;
 use crate::server::{self, Health};
 use crate::telemetry::Metrics;
@@ -17,9 +21,18 @@ pub use crate::context::Settings;
 
 /// Runs until SIGTERM/SIGINT (graceful: the Lease is released) or until leadership is lost.
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
-    let client = Client::try_default().await.map_err(|e| {
-        anyhow::anyhow!("cannot build a Kubernetes client (in-cluster, or KUBECONFIG): {e}")
-    })?;
+    let identity = settings.lease.as_ref().map(|l| l.identity.as_str());
+    let config = client_config(identity).await?;
+    // The controllers write through the fence; the election loop (which must keep renewing
+    // and reading the Lease) through a plain client.
+    let fence = match settings.lease {
+        Some(_) => Fence::closed(),
+        None => Fence::always_open(),
+    };
+    let client = ClientBuilder::try_from(config.clone())?
+        .with_layer(&FenceLayer(fence.clone()))
+        .build();
+    let election_client = Client::try_from(config)?;
     let version = client
         .apiserver_version()
         .await
@@ -43,8 +56,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         Some(lease) => {
             tracing::info!(lease = %lease.name, namespace = %lease.namespace, identity = %lease.identity, "campaigning for leadership");
             tokio::spawn(leader::campaign(
-                client.clone(),
+                election_client,
                 lease,
+                fence,
                 leading_tx,
                 stop_rx.clone(),
             ))
@@ -77,6 +91,22 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     stop_tx.send_replace(true);
     finish(campaign, server).await;
     result
+}
+
+/// The cluster connection (in-cluster, or KUBECONFIG), with a User-Agent that names this
+/// replica, so the apiserver's audit log tells replicas apart.
+async fn client_config(identity: Option<&str>) -> anyhow::Result<Config> {
+    let mut config = Config::infer().await.map_err(|e| {
+        anyhow::anyhow!("cannot build a Kubernetes client (in-cluster, or KUBECONFIG): {e}")
+    })?;
+    let agent = match identity {
+        Some(identity) => format!("sluice/{} ({identity})", crate::VERSION),
+        None => format!("sluice/{}", crate::VERSION),
+    };
+    if let Ok(value) = HeaderValue::from_str(&agent) {
+        config.headers.push((USER_AGENT, value));
+    }
+    Ok(config)
 }
 
 /// Waits (bounded) for the campaign to release the Lease and the server to drain.
