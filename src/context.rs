@@ -5,10 +5,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use kube::Client;
-use kube::runtime::events::{Recorder, Reporter};
 
 use crate::analysis::pool::PrometheusPool;
 use crate::k8s::backoff::Backoff;
+use crate::k8s::events::Recorder;
 use crate::leader::LeaseSettings;
 use crate::server::Health;
 use crate::telemetry::Metrics;
@@ -42,7 +42,7 @@ pub struct Context {
     pub client: Client,
     pub health: Arc<Health>,
     pub settings: Settings,
-    /// One recorder for the process: Events are deduplicated and counted per recorder.
+    /// Writes the Events: one per decision, counted when the same decision is recorded again.
     pub recorder: Recorder,
     /// Prometheus clients by connection settings, so queries reuse connections.
     pub prometheus: PrometheusPool,
@@ -52,13 +52,10 @@ pub struct Context {
 
 impl Context {
     pub fn new(client: Client, health: Arc<Health>, settings: Settings) -> Self {
-        let recorder = Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: crate::FIELD_MANAGER.into(),
-                instance: std::env::var("POD_NAME").ok(),
-            },
-        );
+        let instance = std::env::var("POD_NAME")
+            .or_else(|_| std::env::var("HOSTNAME"))
+            .unwrap_or_else(|_| "sluice".into());
+        let recorder = Recorder::new(client.clone(), instance);
         Self {
             prometheus: PrometheusPool::new(client.clone()),
             client,

@@ -357,7 +357,10 @@ pub fn plan(o: &Observed) -> Plan {
                 p.event(
                     false,
                     Reason::StepCompleted,
-                    format!("step {index}/{} done; next: {next}", steps.len()),
+                    format!(
+                        "step {index}/{} of {canary_hash} done; next: {next}",
+                        steps.len()
+                    ),
                 );
             }
             p.status.current_step_index = Some(index as i32);
