@@ -6,6 +6,7 @@ pub mod backoff;
 pub mod events;
 pub mod labels;
 pub mod status;
+pub mod watch;
 
 use kube::api::{Api, ApiResource, DynamicObject};
 use kube::{Client, Resource};

@@ -16,7 +16,7 @@ use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, ListParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use tokio::sync::watch;
@@ -67,23 +67,31 @@ pub async fn run(ctx: Arc<Context>, stop: watch::Receiver<bool>) {
     let client = ctx.client.clone();
     let namespace = ctx.settings.namespace.clone();
     let pipelines: Api<Pipeline> = crate::k8s::scoped(&client, namespace.as_deref());
-    let controller = Controller::new(pipelines, watcher::Config::default());
-    let store = controller.store();
+    // Every trigger watch backs off on its own: see k8s/watch.rs.
+    let (store, writer) = reflector::store();
+    let controller = Controller::for_stream(
+        crate::k8s::watch::reflected(pipelines, watcher::Config::default(), writer),
+        store.clone(),
+    );
     let by_rollout = store.clone();
     let by_budget = store.clone();
     let rollouts: Api<Rollout> = crate::k8s::scoped(&client, namespace.as_deref());
     let budgets: Api<ErrorBudget> = crate::k8s::scoped(&client, namespace.as_deref());
     controller
-        .watches(rollouts, watcher::Config::default(), move |rollout| {
-            let (ns, name) = (rollout.namespace().unwrap_or_default(), rollout.name_any());
-            stages_listing(&by_rollout.state(), &ns, &name)
-                .into_iter()
-                .map(|(p, _)| ObjectRef::from_obj(p.as_ref()))
-                .collect::<Vec<_>>()
-        })
-        .watches(budgets, watcher::Config::default(), move |budget| {
-            gating(&by_budget, &budget)
-        })
+        .watches_stream(
+            crate::k8s::watch::trigger(rollouts, watcher::Config::default()),
+            move |rollout| {
+                let (ns, name) = (rollout.namespace().unwrap_or_default(), rollout.name_any());
+                stages_listing(&by_rollout.state(), &ns, &name)
+                    .into_iter()
+                    .map(|(p, _)| ObjectRef::from_obj(p.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .watches_stream(
+            crate::k8s::watch::trigger(budgets, watcher::Config::default()),
+            move |budget| gating(&by_budget, &budget),
+        )
         .graceful_shutdown_on(crate::k8s::stopped(stop))
         .run(reconcile, error_policy, Arc::new(State { ctx, store }))
         .for_each(crate::k8s::log_loop_error)

@@ -133,11 +133,16 @@ pub async fn run(ctx: Arc<Context>, stop: watch::Receiver<bool>) {
     let namespace = ctx.settings.namespace.clone();
     let rollouts: Api<Rollout> = crate::k8s::scoped(&client, namespace.as_deref());
     let replica_sets: Api<ReplicaSet> = crate::k8s::scoped(&client, namespace.as_deref());
-    let mut controller = Controller::new(rollouts, watcher::Config::default()).owns(
+    // Every trigger watch backs off on its own: see k8s/watch.rs.
+    let (store, writer) = reflector::store();
+    let mut controller = Controller::for_stream(
+        crate::k8s::watch::reflected(rollouts, watcher::Config::default(), writer),
+        store.clone(),
+    )
+    .owns_stream(crate::k8s::watch::trigger(
         replica_sets,
         watcher::Config::default().labels(ROLLOUT_LABEL),
-    );
-    let store = controller.store();
+    ));
     for (group, kind) in [
         ("networking.istio.io", "VirtualService"),
         ("networking.istio.io", "DestinationRule"),
@@ -152,57 +157,53 @@ pub async fn run(ctx: Arc<Context>, stop: watch::Receiver<bool>) {
         }
         let store = store.clone();
         let kind_name = kind.to_string();
-        controller = controller.watches_with(
-            api,
-            resource,
-            watcher::Config::default(),
+        controller = controller.watches_stream_with(
+            crate::k8s::watch::trigger(api, watcher::Config::default()),
             move |object: DynamicObject| {
                 referring(&store, &kind_name, &object.name_any(), &object.namespace())
             },
+            resource,
         );
     }
     // Services whose selectors Sluice points at revisions: a selector changed by hand is put
     // back at once, not at the next resync.
     let services: Api<Service> = crate::k8s::scoped(&client, namespace.as_deref());
     let service_store = store.clone();
-    controller = controller.watches(services, watcher::Config::default(), move |service| {
-        referring(
-            &service_store,
-            "Service",
-            &service.name_any(),
-            &service.namespace(),
-        )
-    });
-    // ErrorBudgets: a cache to read their policy from, and a watch that wakes the Rollouts
-    // a budget targets when its status (or the budget itself) changes.
+    controller = controller.watches_stream(
+        crate::k8s::watch::trigger(services, watcher::Config::default()),
+        move |service| {
+            referring(
+                &service_store,
+                "Service",
+                &service.name_any(),
+                &service.namespace(),
+            )
+        },
+    );
+    // ErrorBudgets: a cache to read their policy from, which also wakes the Rollouts a budget
+    // targets when its status (or the budget itself) changes.
     let budget_api: Api<ErrorBudget> = crate::k8s::scoped(&client, namespace.as_deref());
     let (budgets, writer) = reflector::store();
-    let budget_cache = reflector::reflector(
-        writer,
-        watcher(budget_api.clone(), watcher::Config::default()),
+    controller = controller.watches_stream(
+        crate::k8s::watch::reflected(budget_api, watcher::Config::default(), writer),
+        |budget| targets_of(&budget),
     );
-    tokio::spawn(budget_cache.for_each(|_| futures::future::ready(())));
-    controller = controller.watches(budget_api, watcher::Config::default(), |budget| {
-        targets_of(&budget)
-    });
-    // Pipelines: a cache to read the admitted releases from, and a watch that wakes the
-    // Rollouts a Pipeline lists when it admits something.
+    // Pipelines: a cache to read the admitted releases from, which also wakes the Rollouts a
+    // Pipeline lists when it admits something.
     let pipeline_api: Api<Pipeline> = crate::k8s::scoped(&client, namespace.as_deref());
     let (pipelines, writer) = reflector::store();
-    let pipeline_cache = reflector::reflector(
-        writer,
-        watcher(pipeline_api.clone(), watcher::Config::default()),
+    controller = controller.watches_stream(
+        crate::k8s::watch::reflected(pipeline_api, watcher::Config::default(), writer),
+        |pipeline| {
+            pipeline
+                .spec
+                .stages
+                .iter()
+                .flat_map(|s| &s.rollouts)
+                .map(|r| ObjectRef::new(&r.name).within(&r.namespace))
+                .collect::<Vec<_>>()
+        },
     );
-    tokio::spawn(pipeline_cache.for_each(|_| futures::future::ready(())));
-    controller = controller.watches(pipeline_api, watcher::Config::default(), |pipeline| {
-        pipeline
-            .spec
-            .stages
-            .iter()
-            .flat_map(|s| &s.rollouts)
-            .map(|r| ObjectRef::new(&r.name).within(&r.namespace))
-            .collect::<Vec<_>>()
-    });
     let state = Arc::new(State {
         ctx,
         rollouts: store,
