@@ -12,6 +12,9 @@ pub mod context;
 pub mod controllers;
 pub mod crdgen;
 pub mod errorbudget;
+pub mod fence;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod k8s;
 pub mod leader;
 pub mod operator;

@@ -48,6 +48,39 @@ impl RolloutIntent {
     }
 }
 
+/// `NAMESPACE/NAME` or `NAME` (in `namespace`, else `default`), refusing what cannot name an
+/// object: an empty part, or a second `/`.
+pub fn object_reference(
+    reference: &str,
+    namespace: Option<&str>,
+    default: &str,
+) -> Result<(String, String), String> {
+    let (ns, name) = match reference.split_once('/') {
+        Some((ns, name)) => (ns, name),
+        None => (namespace.unwrap_or(default), reference),
+    };
+    if ns.is_empty() || name.is_empty() || name.contains('/') {
+        return Err(format!(
+            "{reference:?} does not name an object: use NAME or NAMESPACE/NAME"
+        ));
+    }
+    Ok((ns.to_string(), name.to_string()))
+}
+
+/// As [`object_reference`], also accepting the kind in front (`pipeline/NAME`), as kubectl
+/// does.
+pub fn pipeline_reference(
+    reference: &str,
+    namespace: Option<&str>,
+    default: &str,
+) -> Result<(String, String), String> {
+    let bare = ["pipeline/", "pipelines/", "spl/"]
+        .iter()
+        .find_map(|kind| reference.strip_prefix(kind))
+        .unwrap_or(reference);
+    object_reference(bare, namespace, default)
+}
+
 /// A fresh intent: its id is the request time, unique enough for one person's commands.
 pub fn new_intent(now: Timestamp, requested_by: Option<String>, reason: Option<String>) -> Intent {
     Intent {
@@ -762,5 +795,38 @@ mod tests {
         assert!(text.contains("done  1. setWeight 20"), "{text}");
         assert!(text.contains("  =>  2. pause until promoted"), "{text}");
         assert!(text.contains("stable 80%  canary 20% (verified)"), "{text}");
+    }
+}
+
+#[cfg(test)]
+mod reference_tests {
+    use super::*;
+
+    #[test]
+    fn references_name_one_object_or_are_refused() {
+        let ok = |ns: &str, name: &str| Ok((ns.to_string(), name.to_string()));
+        assert_eq!(
+            object_reference("shop/web", None, "default"),
+            ok("shop", "web")
+        );
+        assert_eq!(
+            object_reference("web", Some("shop"), "default"),
+            ok("shop", "web")
+        );
+        assert_eq!(
+            object_reference("web", None, "default"),
+            ok("default", "web")
+        );
+        for bad in ["", "/web", "shop/", "a/b/c", "/"] {
+            assert!(object_reference(bad, None, "default").is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            pipeline_reference("pipeline/shop", Some("ops"), "default"),
+            ok("ops", "shop")
+        );
+        assert_eq!(
+            pipeline_reference("ops/shop", None, "default"),
+            ok("ops", "shop")
+        );
     }
 }

@@ -7,6 +7,13 @@ use promql_parser::parser::{self, Expr, VectorSelector};
 
 /// The query with `label="value"` on every vector selector, printed back as PromQL.
 pub fn narrow(query: &str, label: &str, value: &str) -> Result<String, String> {
+    // The parser prints matcher values as they are, unescaped: a quote or a backslash in the
+    // value would print a different (or broken) query. Revisions never hold one; refuse it.
+    if value.contains(['"', '\\', '\n', '\r']) {
+        return Err(format!(
+            "cannot narrow to {label}={value:?}: the value holds a quote, backslash or line break"
+        ));
+    }
     let mut expr = parser::parse(query).map_err(|e| format!("cannot parse {query:?}: {e}"))?;
     let mut selectors = 0;
     visit(&mut expr, &mut |selector| {
@@ -59,6 +66,18 @@ fn visit(expr: &mut Expr, f: &mut impl FnMut(&mut VectorSelector)) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn values_the_printer_cannot_quote_are_refused() {
+        // Found by fuzzing: printed unescaped, this value ended the string and the query.
+        for value in ["x\"}) or vector(1) #", "a\\b", "a\nb"] {
+            assert!(
+                narrow("sum(rate(x[1m]))", "revision", value).is_err(),
+                "{value:?}"
+            );
+        }
+        assert!(narrow("sum(rate(x[1m]))", "revision", "5d8f7c").is_ok());
+    }
 
     fn selectors_of(query: &str) -> Vec<String> {
         let mut expr = parser::parse(query).unwrap();

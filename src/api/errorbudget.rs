@@ -248,7 +248,10 @@ impl Objective {
         let fraction: u64 = format!("{fraction:0<6}")
             .parse()
             .map_err(|_| format!("objective {text:?} is not a percentage"))?;
-        let micro_percent = whole * 1_000_000 + fraction;
+        let micro_percent = whole
+            .checked_mul(1_000_000)
+            .and_then(|w| w.checked_add(fraction))
+            .ok_or_else(|| format!("objective {text:?} must be strictly between 0 and 100"))?;
         if micro_percent == 0 || micro_percent >= 100_000_000 {
             return Err(format!(
                 "objective {text:?} must be strictly between 0 and 100"

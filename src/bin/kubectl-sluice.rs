@@ -142,16 +142,6 @@ async fn main() {
     }
 }
 
-fn split(reference: &str, namespace: Option<&str>, default: &str) -> (String, String) {
-    match reference.split_once('/') {
-        Some((ns, name)) => (ns.to_string(), name.to_string()),
-        None => (
-            namespace.unwrap_or(default).to_string(),
-            reference.to_string(),
-        ),
-    }
-}
-
 async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::Version = cli.command {
         println!("kubectl-sluice {}", sluice::VERSION);
@@ -163,18 +153,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let default_ns = config.default_namespace.clone();
     let user = std::env::var("USER").ok();
     let client = Client::try_from(config)?;
-    let target = |r: &str| split(r, cli.namespace.as_deref(), &default_ns);
+    let target = |r: &str| {
+        sluice::plugin::object_reference(r, cli.namespace.as_deref(), &default_ns)
+            .map_err(anyhow::Error::msg)
+    };
     // `pipeline/NAME` names the kind, not a namespace.
     let pipeline_target = |r: &str| {
-        let bare = ["pipeline/", "pipelines/", "spl/"]
-            .iter()
-            .find_map(|kind| r.strip_prefix(kind))
-            .unwrap_or(r);
-        split(bare, cli.namespace.as_deref(), &default_ns)
+        sluice::plugin::pipeline_reference(r, cli.namespace.as_deref(), &default_ns)
+            .map_err(anyhow::Error::msg)
     };
     match cli.command {
         Command::Status { rollout, watch } => {
-            let (ns, name) = target(&rollout);
+            let (ns, name) = target(&rollout)?;
             loop {
                 let text = status_text(&client, &ns, &name).await?;
                 if watch {
@@ -212,14 +202,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 (false, true) => RolloutIntent::PromoteFull,
                 (false, false) => RolloutIntent::Promote,
             };
-            record(&client, target(&rollout), kind, user, reason).await
+            record(&client, target(&rollout)?, kind, user, reason).await
         }
         Command::Budget {
             budget,
             watch,
             rules,
         } => {
-            let (ns, name) = target(&budget);
+            let (ns, name) = target(&budget)?;
             let api: Api<ErrorBudget> = Api::namespaced(client.clone(), &ns);
             loop {
                 let budget = api.get_opt(&name).await?.with_context(|| {
@@ -252,7 +242,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Abort { rollout, reason } => {
             record(
                 &client,
-                target(&rollout),
+                target(&rollout)?,
                 RolloutIntent::Abort,
                 user,
                 reason,
@@ -260,18 +250,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .await
         }
         Command::Retry { rollout } => {
-            record(&client, target(&rollout), RolloutIntent::Retry, user, None).await
+            record(&client, target(&rollout)?, RolloutIntent::Retry, user, None).await
         }
         Command::Pause { rollout } => {
-            record(&client, target(&rollout), RolloutIntent::Pause, user, None).await
+            record(&client, target(&rollout)?, RolloutIntent::Pause, user, None).await
         }
         Command::Resume { rollout } => {
-            record(&client, target(&rollout), RolloutIntent::Resume, user, None).await
+            record(
+                &client,
+                target(&rollout)?,
+                RolloutIntent::Resume,
+                user,
+                None,
+            )
+            .await
         }
         Command::Undo {
             rollout,
             to_revision,
-        } => undo(&client, target(&rollout), to_revision).await,
+        } => undo(&client, target(&rollout)?, to_revision).await,
         Command::Approve {
             pipeline,
             stage,
@@ -280,7 +277,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             decide(
                 &client,
-                pipeline_target(&pipeline),
+                pipeline_target(&pipeline)?,
                 &stage,
                 (Decision::Approved, override_windows),
                 reason,
@@ -294,7 +291,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             decide(
                 &client,
-                pipeline_target(&pipeline),
+                pipeline_target(&pipeline)?,
                 &stage,
                 (Decision::Rejected, false),
                 reason,
@@ -302,7 +299,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .await
         }
         Command::Pipeline { pipeline, watch } => {
-            let (ns, name) = pipeline_target(&pipeline);
+            let (ns, name) = pipeline_target(&pipeline)?;
             let api: Api<Pipeline> = Api::namespaced(client.clone(), &ns);
             loop {
                 let found = api.get_opt(&name).await?.with_context(|| {

@@ -148,6 +148,8 @@ mod tests {
             ("99.999999", Some(0.000_000_01)),
             ("0.5", Some(0.995)),
             ("100", None),
+            // Found by fuzzing: overflowed the exact arithmetic.
+            ("18446744073709551", None),
             ("0", None),
             ("99.9999999", None),
             ("9a", None),
