@@ -2,9 +2,11 @@
 
 CARGO ?= cargo
 CARGO_FLAGS ?= --locked
+SLUICE_CHAOS_KILLS ?= 15
+SLUICE_CHAOS_FAILOVERS ?= 1
 
 .DEFAULT_GOAL := help
-.PHONY: help build release fmt fmt-check lint unit crds crds-check test cluster-test run demo
+.PHONY: help build release fmt fmt-check lint unit fuzz crds crds-check test cluster-test chaos run demo
 
 ## help: list the targets
 help:
@@ -33,6 +35,11 @@ lint: fmt-check
 unit:
 	$(CARGO) test $(CARGO_FLAGS) --workspace
 
+## fuzz: run every fuzz target for FUZZ_SECONDS (cargo-fuzz on nightly; built once, cached)
+FUZZ_SECONDS ?= 60
+fuzz:
+	e2e/fuzz.sh $(FUZZ_SECONDS)
+
 ## crds: regenerate crds/ (and the Helm chart's copy) from src/api
 crds:
 	$(CARGO) run $(CARGO_FLAGS) --quiet --bin sluice -- crdgen --out crds
@@ -46,6 +53,7 @@ crds-check:
 ## test: everything CI runs: lint, unit tests, CRD drift check, then the cluster tests on a
 ##       local cluster it starts (tools are built once and cached) and stops again
 test: lint unit crds-check
+	@$(MAKE) --no-print-directory fuzz FUZZ_SECONDS=15
 	@$(MAKE) --no-print-directory cluster-up
 	@status=0; $(MAKE) --no-print-directory cluster-test || status=$$?; \
 	  e2e/simulator/run.sh stop >/dev/null 2>&1 || true; \
@@ -54,7 +62,8 @@ test: lint unit crds-check
 	  exit $$status
 
 ## cluster-test: the tests that need the local cluster (make cluster-up first); keeps it up
-# The Pipeline test runs alone, after the others: its controllers watch every namespace.
+# The Pipeline test runs alone, after the others: its controllers watch every namespace. The
+# reliability tests run last, one at a time: they restart the apiserver, etcd and Prometheus.
 cluster-test:
 	e2e/simulator/run.sh start "$$($(MAKE) -s kubeconfig)"
 	$$(e2e/tools/build.sh --print-bin-dir)/kubectl --kubeconfig "$$($(MAKE) -s kubeconfig)" \
@@ -67,6 +76,21 @@ cluster-test:
 	  KUBECTL=$$(e2e/tools/build.sh --print-bin-dir)/kubectl \
 	  SLUICE_PROMETHEUS_URL=$$($(MAKE) -s prometheus-url) \
 	  $(CARGO) test $(CARGO_FLAGS) -p sluice --test pipeline -- --ignored --test-threads=1
+	@$(MAKE) --no-print-directory chaos-run
+
+## chaos: the full reliability run on the local cluster (make cluster-up first): 100 operator
+##        kills, three leader failovers, 20 Prometheus flaps, apiserver and etcd restarts
+chaos:
+	e2e/simulator/run.sh start "$$($(MAKE) -s kubeconfig)"
+	@$(MAKE) --no-print-directory chaos-run SLUICE_CHAOS_KILLS=100 SLUICE_CHAOS_FAILOVERS=3
+
+# The reliability tests; `make test` runs them short (15 kills, one failover).
+chaos-run:
+	KUBECONFIG=$$($(MAKE) -s kubeconfig) \
+	  KUBECTL=$$(e2e/tools/build.sh --print-bin-dir)/kubectl \
+	  SLUICE_PROMETHEUS_URL=$$($(MAKE) -s prometheus-url) \
+	  SLUICE_CHAOS_KILLS=$(SLUICE_CHAOS_KILLS) SLUICE_CHAOS_FAILOVERS=$(SLUICE_CHAOS_FAILOVERS) \
+	  $(CARGO) test $(CARGO_FLAGS) -p sluice --test chaos -- --ignored --test-threads=1 --nocapture
 
 ## run: run the operator against the local cluster (make cluster-up first)
 run:
