@@ -145,13 +145,16 @@ pub fn plan(o: &Observed, bg: &BlueGreenStrategy) -> Plan {
         if let Some(hold) = &rollback {
             switch_back = Some((
                 Reason::AbortedByErrorBudget,
-                format!("{}: switched back to {previous}", hold.describe()),
+                format!(
+                    "{}: switched back from {stable} to {previous}",
+                    hold.describe()
+                ),
             ));
         } else if let Some(id) = intents.abort.clone() {
             handled.abort = Some(id);
             switch_back = Some((
                 Reason::AbortedByUser,
-                format!("switched back to {previous} by a user"),
+                format!("switched back from {stable} to {previous} by a user"),
             ));
         } else if post == Some(AnalysisPhase::Failed) {
             let why = status
@@ -162,7 +165,9 @@ pub fn plan(o: &Observed, bg: &BlueGreenStrategy) -> Plan {
                 .unwrap_or_default();
             switch_back = Some((
                 Reason::AnalysisFailed,
-                format!("post-promotion analysis failed ({why}); switched back to {previous}"),
+                format!(
+                    "post-promotion analysis of {stable} failed ({why}); switched back to {previous}"
+                ),
             ));
         } else if matches!(
             post,
