@@ -6,9 +6,8 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::events::v1::Event;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, ListParams};
 use serde_json::json;
 use sluice::api::errorbudget::{BudgetAction, BudgetPhase, ErrorBudget, ErrorBudgetStatus};
 use sluice::api::rollout::{Rollout, RolloutPhase};
@@ -29,23 +28,6 @@ async fn phase_is(
         (s.phase == Some(phase)).then_some(s)
     })
     .await
-}
-
-/// Sets the simulator's error rate on the running pods of `web` at revision `hash`.
-async fn fail_pods(ns: &TestNamespace, hash: &str, rate: &str) {
-    let pods: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
-    let selector = format!("sluice.dev/pod-template-hash={hash}");
-    let patch = json!({"metadata": {"annotations": {"sim.sluice.dev/error-rate": rate}}});
-    for pod in pods
-        .list(&ListParams::default().labels(&selector))
-        .await
-        .unwrap()
-    {
-        let name = pod.metadata.name.unwrap_or_default();
-        pods.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-            .unwrap();
-    }
 }
 
 #[tokio::test]
@@ -433,24 +415,6 @@ async fn the_printed_rules_pass_promtool() {
     let said = String::from_utf8_lossy(&checked.stdout);
     assert!(said.contains("SUCCESS: 9 rules found"), "{said}");
     ns.delete().await;
-}
-
-/// The revision the DestinationRule's stable subset selects.
-async fn stable_subset(ns: &TestNamespace) -> Option<String> {
-    use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
-    let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(
-        "networking.istio.io",
-        "v1",
-        "DestinationRule",
-    ));
-    let api: Api<DynamicObject> = Api::namespaced_with(ns.client.clone(), &ns.name, &resource);
-    let dr = api.get("web").await.ok()?;
-    dr.data["spec"]["subsets"]
-        .as_array()?
-        .iter()
-        .find(|s| s["name"] == "stable")?["labels"]["sluice.dev/pod-template-hash"]
-        .as_str()
-        .map(String::from)
 }
 
 #[tokio::test]

@@ -685,39 +685,6 @@ async fn gateway_api_canary_sets_backend_weights_and_leaves_the_rest() {
     ns.delete().await;
 }
 
-/// Active and preview Services, each with a VirtualService so the simulator sends them
-/// traffic (users on the active one, smoke tests on the preview one).
-async fn blue_green_services(ns: &TestNamespace) {
-    web_services(ns, &["web", "web-preview"]).await;
-    for svc in ["web", "web-preview"] {
-        let vs = json!({"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
-            "metadata": {"name": svc, "namespace": ns.name},
-            "spec": {"hosts": [svc], "http": [{"route": [{"destination": {"host": svc}}]}]}});
-        create(ns, &vs).await.unwrap();
-    }
-}
-
-/// Services that select the `web` app; Sluice adds the revision to their selectors.
-async fn web_services(ns: &TestNamespace, names: &[&str]) {
-    for name in names {
-        let mut svc = service(&ns.name, name);
-        svc["spec"]["selector"] = json!({"app": "web"});
-        create(ns, &svc).await.unwrap();
-    }
-}
-
-async fn selects(ns: &TestNamespace, service: &str) -> Option<String> {
-    let api: Api<k8s_openapi::api::core::v1::Service> =
-        Api::namespaced(ns.client.clone(), &ns.name);
-    api.get(service)
-        .await
-        .ok()?
-        .spec?
-        .selector?
-        .get("sluice.dev/pod-template-hash")
-        .cloned()
-}
-
 fn error_rate_analysis(count: i32) -> Value {
     let query = CANARY_ERROR_RATE;
     json!({"interval": "2s", "initialDelay": "6s", "count": count, "inconclusiveLimit": 10,

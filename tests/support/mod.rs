@@ -688,3 +688,72 @@ pub async fn at_step(api: &Api<Rollout>, index: i32, phase: RolloutPhase) {
     )
     .await;
 }
+
+// Shared by the Rollout, ErrorBudget and reliability tests.
+
+/// Active and preview Services, each with a VirtualService so the simulator sends them
+/// traffic (users on the active one, smoke tests on the preview one).
+pub async fn blue_green_services(ns: &TestNamespace) {
+    web_services(ns, &["web", "web-preview"]).await;
+    for svc in ["web", "web-preview"] {
+        let vs = json!({"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+            "metadata": {"name": svc, "namespace": ns.name},
+            "spec": {"hosts": [svc], "http": [{"route": [{"destination": {"host": svc}}]}]}});
+        create(ns, &vs).await.unwrap();
+    }
+}
+
+/// Services that select the `web` app; Sluice adds the revision to their selectors.
+pub async fn web_services(ns: &TestNamespace, names: &[&str]) {
+    for name in names {
+        let mut svc = service(&ns.name, name);
+        svc["spec"]["selector"] = json!({"app": "web"});
+        create(ns, &svc).await.unwrap();
+    }
+}
+
+pub async fn selects(ns: &TestNamespace, service: &str) -> Option<String> {
+    let api: Api<k8s_openapi::api::core::v1::Service> =
+        Api::namespaced(ns.client.clone(), &ns.name);
+    api.get(service)
+        .await
+        .ok()?
+        .spec?
+        .selector?
+        .get("sluice.dev/pod-template-hash")
+        .cloned()
+}
+
+/// Sets the simulator's error rate on the running pods of `web` at revision `hash`.
+pub async fn fail_pods(ns: &TestNamespace, hash: &str, rate: &str) {
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(ns.client.clone(), &ns.name);
+    let selector = format!("sluice.dev/pod-template-hash={hash}");
+    let patch = json!({"metadata": {"annotations": {"sim.sluice.dev/error-rate": rate}}});
+    for pod in pods
+        .list(&kube::api::ListParams::default().labels(&selector))
+        .await
+        .unwrap()
+    {
+        let name = pod.metadata.name.unwrap_or_default();
+        pods.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap();
+    }
+}
+
+/// The revision the DestinationRule's stable subset selects.
+pub async fn stable_subset(ns: &TestNamespace) -> Option<String> {
+    let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(
+        "networking.istio.io",
+        "v1",
+        "DestinationRule",
+    ));
+    let api: Api<DynamicObject> = Api::namespaced_with(ns.client.clone(), &ns.name, &resource);
+    let dr = api.get("web").await.ok()?;
+    dr.data["spec"]["subsets"]
+        .as_array()?
+        .iter()
+        .find(|s| s["name"] == "stable")?["labels"]["sluice.dev/pod-template-hash"]
+        .as_str()
+        .map(String::from)
+}
