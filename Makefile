@@ -53,7 +53,7 @@ crds-check:
 ## test: everything CI runs: lint, unit tests, CRD drift check, then the cluster tests on a
 ##       local cluster it starts (tools are built once and cached) and stops again
 test: lint unit crds-check
-	@$(MAKE) --no-print-directory fuzz FUZZ_SECONDS=15
+	@SLUICE_FUZZ_SEED=1 $(MAKE) --no-print-directory fuzz FUZZ_SECONDS=15
 	@$(MAKE) --no-print-directory cluster-up
 	@status=0; $(MAKE) --no-print-directory cluster-test || status=$$?; \
 	  e2e/simulator/run.sh stop >/dev/null 2>&1 || true; \

@@ -11,6 +11,9 @@
 set -euo pipefail
 
 SECONDS_EACH="${1:-15}"
+# make test passes a fixed seed, so its short run explores the same inputs every time (a
+# failure there reproduces); make fuzz leaves it unset, to explore anew.
+SEED="${SLUICE_FUZZ_SEED:-}"
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TOOLS_DIR="${SLUICE_TOOLS_DIR:-${HOME}/.cache/sluice/tools}"
 CARGO_FUZZ_VERSION=0.13.2
@@ -41,7 +44,7 @@ for target in $(cargo +nightly fuzz list); do
   mkdir -p "${WORK}/${target}"
   log "${target}: ${SECONDS_EACH}s"
   if ! cargo +nightly fuzz run "${FLAGS[@]}" "${target}" "${WORK}/${target}" "corpus/${target}" \
-      -- -max_total_time="${SECONDS_EACH}" -print_final_stats=1 >"${WORK}/${target}.log" 2>&1; then
+      -- -max_total_time="${SECONDS_EACH}" -print_final_stats=1 ${SEED:+-seed="${SEED}"} >"${WORK}/${target}.log" 2>&1; then
     tail -n 40 "${WORK}/${target}.log" >&2
     log "${target} FAILED; the input is under ${REPO}/fuzz/artifacts/${target}/ (log: ${WORK}/${target}.log)"
     exit 1
