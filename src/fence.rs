@@ -16,6 +16,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use http::{Method, Request};
+use prometheus_client::metrics::counter::Counter;
 use tower::{BoxError, Layer, Service};
 
 /// Raised instead of sending a write while the fence is closed.
@@ -29,7 +30,8 @@ pub struct Fence {
     base: Instant,
     /// Nanoseconds after `base` until which writes pass; `u64::MAX`: always, 0: never.
     open_until: AtomicU64,
-    refused: AtomicU64,
+    /// Writes refused so far: `sluice_fenced_writes_total`.
+    refused: Counter,
 }
 
 impl Fence {
@@ -47,7 +49,7 @@ impl Fence {
         Self {
             base: Instant::now(),
             open_until: AtomicU64::new(open_until),
-            refused: AtomicU64::new(0),
+            refused: Counter::default(),
         }
     }
 
@@ -72,9 +74,9 @@ impl Fence {
         allows(method, elapsed, open_until)
     }
 
-    /// Writes refused so far.
-    pub fn refused(&self) -> u64 {
-        self.refused.load(Ordering::Relaxed)
+    /// The count of writes refused, to register with the operator's metrics.
+    pub fn refused_writes(&self) -> Counter {
+        self.refused.clone()
     }
 }
 
@@ -130,7 +132,7 @@ where
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
         if !self.fence.allows(request.method()) {
-            self.fence.refused.fetch_add(1, Ordering::Relaxed);
+            self.fence.refused.inc();
             tracing::warn!(method = %request.method(), path = %request.uri().path(), "write refused: the leader Lease may have lapsed");
             return Box::pin(std::future::ready(Err(Box::new(Fenced) as BoxError)));
         }

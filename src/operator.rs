@@ -43,7 +43,13 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let stop_tx = Arc::new(stop_tx);
     tokio::spawn(stop_on_signal(stop_tx.clone()));
 
-    let health = Arc::new(Health::new(Metrics::new()));
+    let mut metrics = Metrics::new();
+    metrics.registry.register(
+        "fenced_writes",
+        "Writes this replica refused to send because its leader Lease may have lapsed",
+        fence.refused_writes(),
+    );
+    let health = Arc::new(Health::new(metrics));
     let server = tokio::spawn(server::serve(
         settings.listen,
         health.clone(),

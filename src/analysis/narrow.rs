@@ -45,11 +45,10 @@ pub fn parse(query: &str) -> Result<Expr, String> {
     let mut before: [Option<u16>; 2] = [None, None];
     for lexeme in lexer.iter().flatten() {
         let token = lexeme.tok_id();
-        let in_duration_position = match before {
-            [_, Some(T_LEFT_BRACKET | T_COLON | T_OFFSET)] => true,
-            [Some(T_OFFSET), Some(T_ADD | T_SUB)] => true,
-            _ => false,
-        };
+        let in_duration_position = matches!(
+            before,
+            [_, Some(T_LEFT_BRACKET | T_COLON | T_OFFSET)] | [Some(T_OFFSET), Some(T_ADD | T_SUB)]
+        );
         if token == T_NUMBER && in_duration_position {
             let text = lexer.span_str(lexeme.span());
             let seconds = promql_parser::util::parse_str_radix(text)?;
@@ -136,7 +135,13 @@ mod tests {
         // The lexer refuses a name inside brackets itself.
         assert!(narrow("rate(x[inf])", "revision", "web").is_err());
         // Numbers elsewhere, and plain-number durations that fit, are left alone.
-        for query in ["x > inf", "rate(x[300])", "x offset 60", "x[5m:30]", "x @ 1e400 > 1"] {
+        for query in [
+            "x > inf",
+            "rate(x[300])",
+            "x offset 60",
+            "x[5m:30]",
+            "x @ 1e400 > 1",
+        ] {
             let _ = narrow(query, "revision", "web");
         }
         assert!(narrow("rate(x[300]) > inf", "revision", "web").is_ok());

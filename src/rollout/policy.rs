@@ -174,66 +174,65 @@ pub fn plan(o: &Observed, strategy: impl Fn(&Observed) -> Plan) -> Plan {
             .unwrap_or_else(|| stable.clone());
     }
 
-    // A freeze holds a revision that is not yet being released on stable.
-    let held = freeze.filter(|_| {
-        seen.status.budget_rollback.is_none()
-            && o.desired_hash != stable
-            && o.status.canary_revision.as_deref() != Some(o.desired_hash.as_str())
-    });
-    let frozen_since = o
-        .status
-        .pause_conditions
-        .iter()
-        .find(|c| c.reason == PauseReason::BudgetFreeze)
-        .map(|c| c.start_time.clone());
-    seen.status
-        .pause_conditions
-        .retain(|c| c.reason != PauseReason::BudgetFreeze);
-    if let Some(hold) = &held {
-        if frozen_since.is_none() {
-            let superseding = o
-                .status
-                .canary_revision
-                .as_ref()
-                .map_or(String::new(), |c| {
-                    format!("; the release of {c} is cancelled")
-                });
-            event(
-                &mut events,
-                true,
-                Reason::FrozenByErrorBudget,
-                format!(
-                    "release of {} held on stable: {}{superseding}",
-                    o.desired_hash,
-                    hold.describe()
-                ),
-            );
-        }
-        seen.desired_hash = stable.clone();
+    // What holds a revision that is not yet being released on stable: a Pipeline stage that
+    // has not admitted it (or a Rollout claimed twice), and a freeze. The freeze goes last, so
+    // when both hold, its message (with the way out) is the one shown.
+    let since = |pause: PauseReason| {
+        o.status
+            .pause_conditions
+            .iter()
+            .find(|c| c.reason == pause)
+            .map(|c| c.start_time.clone())
+    };
+    let frozen_since = since(PauseReason::BudgetFreeze);
+    let mut holds = Vec::new();
+    let not_in_flight = seen.status.budget_rollback.is_none()
+        && o.desired_hash != stable
+        && o.status.canary_revision.as_deref() != Some(o.desired_hash.as_str());
+    if not_in_flight && let Some(why) = pipeline_wait(o) {
+        holds.push(Hold {
+            pause: PauseReason::PipelineGate,
+            since: since(PauseReason::PipelineGate),
+            warning: false,
+            reason: Reason::HeldByPipeline,
+            event: format!("release of {} held on stable: {why}", o.desired_hash),
+            message: format!(
+                "release of {} held on stable {stable}: {why}",
+                o.desired_hash
+            ),
+        });
     }
-    // A Pipeline stage holds a release it has not admitted (or a Rollout claimed twice).
-    let pipeline_since = o
-        .status
-        .pause_conditions
-        .iter()
-        .find(|c| c.reason == PauseReason::PipelineGate)
-        .map(|c| c.start_time.clone());
+    if not_in_flight && let Some(freeze) = &freeze {
+        let superseding = o
+            .status
+            .canary_revision
+            .as_ref()
+            .map_or(String::new(), |c| {
+                format!("; the release of {c} is cancelled")
+            });
+        holds.push(Hold {
+            pause: PauseReason::BudgetFreeze,
+            since: frozen_since.clone(),
+            warning: true,
+            reason: Reason::FrozenByErrorBudget,
+            event: format!(
+                "release of {} held on stable: {}{superseding}",
+                o.desired_hash,
+                freeze.describe()
+            ),
+            message: format!(
+                "release of {} held on stable {stable}: {}; `kubectl sluice promote --override-freeze --reason TEXT` releases it anyway",
+                o.desired_hash,
+                freeze.describe()
+            ),
+        });
+    }
     seen.status
         .pause_conditions
-        .retain(|c| c.reason != PauseReason::PipelineGate);
-    let waits_for_pipeline = pipeline_wait(o).filter(|_| {
-        seen.status.budget_rollback.is_none()
-            && o.desired_hash != stable
-            && o.status.canary_revision.as_deref() != Some(o.desired_hash.as_str())
-    });
-    if let Some(message) = &waits_for_pipeline {
-        if pipeline_since.is_none() {
-            event(
-                &mut events,
-                false,
-                Reason::HeldByPipeline,
-                format!("release of {} held on stable: {message}", o.desired_hash),
-            );
+        .retain(|c| c.reason != PauseReason::BudgetFreeze && c.reason != PauseReason::PipelineGate);
+    for hold in &holds {
+        if hold.since.is_none() {
+            event(&mut events, hold.warning, hold.reason, hold.event.clone());
         }
         seen.desired_hash = stable.clone();
     }
@@ -263,27 +262,17 @@ pub fn plan(o: &Observed, strategy: impl Fn(&Observed) -> Plan) -> Plan {
             o,
         );
     };
-    if let Some(message) = &waits_for_pipeline {
-        plan.events.retain(|e| e.reason != Reason::ReleaseCancelled);
-        let since = pipeline_since.as_ref().map_or(o.now, |t| t.0);
-        pause_for(&mut plan.status, PauseReason::PipelineGate, since);
-        let message = format!(
-            "release of {} held on stable {stable}: {message}",
-            o.desired_hash
-        );
-        rephase(&mut plan, RolloutPhase::Paused, message, "ReleasePaused");
-    }
-    if let Some(hold) = &held {
+    for hold in &holds {
         // The strategy saw no new revision; "template back to stable" is not what happened.
         plan.events.retain(|e| e.reason != Reason::ReleaseCancelled);
-        let since = frozen_since.as_ref().map_or(o.now, |t| t.0);
-        pause_for(&mut plan.status, PauseReason::BudgetFreeze, since);
-        let message = format!(
-            "release of {} held on stable {stable}: {}; `kubectl sluice promote --override-freeze --reason TEXT` releases it anyway",
-            o.desired_hash,
-            hold.describe()
+        let since = hold.since.as_ref().map_or(o.now, |t| t.0);
+        pause_for(&mut plan.status, hold.pause, since);
+        rephase(
+            &mut plan,
+            RolloutPhase::Paused,
+            hold.message.clone(),
+            "ReleasePaused",
         );
-        rephase(&mut plan, RolloutPhase::Paused, message, "ReleasePaused");
     }
     if let Some(rolled_back) = &restoring {
         let to = &rolled_back.to;
@@ -354,6 +343,18 @@ pub fn plan(o: &Observed, strategy: impl Fn(&Observed) -> Plan) -> Plan {
     events.append(&mut plan.events);
     plan.events = events;
     plan
+}
+
+/// Something that keeps the template's new revision on stable: a pause condition that keeps
+/// its first start, an Event when it begins, and the Rollout Paused with a message.
+struct Hold {
+    pause: PauseReason,
+    /// When the pause began, if it did before this reconcile.
+    since: Option<Time>,
+    warning: bool,
+    reason: Reason,
+    event: String,
+    message: String,
 }
 
 /// Why the Rollout's Pipeline stage does not let the template's release start, if it does not.

@@ -56,11 +56,13 @@ pub fn setting(name: &str, default: u32) -> u32 {
 /// where it lives in the operator's own namespace).
 pub const LEASE_NAMESPACE: &str = "sluice-chaos";
 
-/// One replica of `sluice controller`, watching one namespace, electing a leader through a
-/// Lease named after that namespace, logging JSON to a file of its own.
+/// One replica of `sluice controller`, watching one namespace (or all of them), electing a
+/// leader through a Lease named after that namespace, logging JSON to a file of its own.
 pub struct Operator {
     pub identity: String,
     namespace: String,
+    /// Watches every namespace (a Pipeline's stages live in several), not only `namespace`.
+    cluster_wide: bool,
     prometheus: String,
     lease_seconds: u64,
     /// Address of /metrics and /healthz (`127.0.0.1:0`: any free port).
@@ -79,6 +81,7 @@ impl Operator {
         Self {
             identity: identity.to_string(),
             namespace: namespace.to_string(),
+            cluster_wide: false,
             prometheus: prometheus.to_string(),
             lease_seconds,
             listen: "127.0.0.1:0".into(),
@@ -88,36 +91,46 @@ impl Operator {
         }
     }
 
+    /// The same replica, watching every namespace.
+    pub fn cluster_wide(mut self) -> Self {
+        self.cluster_wide = true;
+        self
+    }
+
     pub fn start(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log)
             .expect("open the operator log");
+        let lease_name = format!("sluice-{}", self.namespace);
+        let lease_seconds = self.lease_seconds.to_string();
+        let mut args = vec![
+            "controller",
+            "--listen",
+            &self.listen,
+            "--log-format",
+            "json",
+            "--log",
+            "info,sluice=debug",
+            "--leader-election",
+            "true",
+            "--lease-name",
+            &lease_name,
+            "--lease-namespace",
+            LEASE_NAMESPACE,
+            "--lease-duration-seconds",
+            &lease_seconds,
+            "--identity",
+            &self.identity,
+            "--prometheus-address",
+            &self.prometheus,
+        ];
+        if !self.cluster_wide {
+            args.extend(["--watch-namespace", &self.namespace]);
+        }
         let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args([
-                "controller",
-                "--listen",
-                &self.listen,
-                "--log-format",
-                "json",
-                "--log",
-                "info,sluice=debug",
-                "--leader-election",
-                "true",
-                "--lease-name",
-                &format!("sluice-{}", self.namespace),
-                "--lease-namespace",
-                LEASE_NAMESPACE,
-                "--lease-duration-seconds",
-                &self.lease_seconds.to_string(),
-                "--identity",
-                &self.identity,
-                "--watch-namespace",
-                &self.namespace,
-                "--prometheus-address",
-                &self.prometheus,
-            ])
+            .args(args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("share the operator log"))
             .stderr(log)
