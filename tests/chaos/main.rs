@@ -459,13 +459,13 @@ async fn budget_rollback(rng: &mut Rng, kills: u32) -> Outcome {
 /// The soak a Pipeline's staging stage waits after dev is Healthy on a release.
 const PIPELINE_SOAK: Duration = Duration::from_secs(4);
 
-/// When a stage's canary first took traffic, and when its route went back to 0 (the release
-/// done), from the weights an independent watch recorded.
+/// When a stage's canary first took traffic in a round, and when it first took all of it,
+/// from the weights an independent watch recorded.
 fn release_span(weights: &[(Instant, i64)], after: Instant) -> Option<(Instant, Instant)> {
     let mut in_round = weights.iter().filter(|(t, _)| *t >= after);
     let (started, _) = in_round.find(|(_, w)| *w > 0)?;
-    let (done, _) = in_round.find(|(_, w)| *w == 0)?;
-    Some((*started, *done))
+    let (full, _) = in_round.find(|(_, w)| *w == 100)?;
+    Some((*started, *full))
 }
 
 /// A Pipeline (dev, then staging after a soak) releasing new images while a cluster-wide
@@ -564,14 +564,19 @@ async fn pipeline_promoted(rng: &mut Rng, kills: u32) -> Outcome {
         let dev_span = release_span(&dev_weights.lock().unwrap(), from);
         let staging_span = release_span(&staging_weights.lock().unwrap(), from);
         match (dev_span, staging_span) {
-            (Some((_, dev_done)), Some((staging_started, _))) => {
-                // dev is Healthy as its route returns to 0 (status first, then traffic):
-                // a second of slack for that order and the watches' delivery.
-                let waited = staging_started.saturating_duration_since(dev_done);
-                println!("round {round}: staging started {waited:?} after dev was done");
+            (Some((_, dev_full)), Some((staging_started, _))) => {
+                // dev turns Healthy after all its traffic moved (and before its route goes
+                // back to 0), so the soak ends no earlier than `dev_full + soak`; half a second
+                // of slack for the watches' delivery.
+                let waited = staging_started.saturating_duration_since(dev_full);
+                println!(
+                    "round {round}: staging started {waited:?} after dev took all traffic (soak {PIPELINE_SOAK:?})"
+                );
                 outcome.check(
-                    staging_started + Duration::from_secs(1) >= dev_done + PIPELINE_SOAK,
-                    format!("round {round}: staging started {waited:?} after dev, before the {PIPELINE_SOAK:?} soak"),
+                    staging_started + Duration::from_millis(500) >= dev_full + PIPELINE_SOAK,
+                    format!(
+                        "round {round}: staging started {waited:?} after dev took all traffic, within the {PIPELINE_SOAK:?} soak"
+                    ),
                 );
             }
             spans => outcome
