@@ -97,7 +97,7 @@ async fn the_budget_freezes_releases_an_override_lets_one_through_and_exhaustion
     assert!(message.contains(&format!("{}/avail", ns.name)), "{message}");
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(status(&rollouts).await.unwrap().canary_revision, None);
-    assert_eq!(canary_weight(&ns).await, Some(0));
+    assert_canary_weight(&ns, 0).await;
 
     // A person releases it anyway, with a recorded reason.
     plugin(&[
@@ -380,7 +380,7 @@ async fn the_canary_is_judged_by_its_own_burn_rate_not_the_diluted_service_wide_
         service_burn < 14.4,
         "service-wide burn {service_burn} diluted below 14.4"
     );
-    assert_eq!(canary_weight(&ns).await, Some(0));
+    assert_canary_weight(&ns, 0).await;
     ns.delete().await;
 }
 
@@ -574,7 +574,7 @@ async fn a_freeze_survives_an_operator_restart_and_deleting_the_budget_lifts_it(
         Some(since),
         "the freeze keeps its start"
     );
-    assert_eq!(canary_weight(&ns).await, Some(0));
+    assert_canary_weight(&ns, 0).await;
 
     // The budget is deleted while it freezes: the freeze goes with it.
     let deleted = Instant::now();

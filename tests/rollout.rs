@@ -155,7 +155,7 @@ async fn a_bad_canary_is_rolled_back_by_analysis() {
         assert_eq!(aborted.stable_revision.as_deref(), Some(stable.as_str()));
         // Aborted stays aborted: no re-promotion without a person.
         tokio::time::sleep(Duration::from_secs(3)).await;
-        assert_eq!(canary_weight(&ns).await, Some(0));
+        assert_canary_weight(&ns, 0).await;
         assert!(status(&api).await.unwrap().aborted_at.is_some());
         if cycle < 2 {
             plugin(&["retry", &format!("{}/web", ns.name)]);
@@ -215,7 +215,7 @@ async fn abort_does_not_wait_for_a_prometheus_that_never_answers() {
             },
         )
         .await;
-        assert_eq!(canary_weight(&ns).await, Some(30), "cycle {cycle}");
+        assert_canary_weight(&ns, 30).await;
         // Let the reconcile get well into waiting for the answer.
         tokio::time::sleep(Duration::from_secs(2)).await;
         let asked = Instant::now();
@@ -401,12 +401,12 @@ async fn prometheus_outage_pauses_the_release_and_promote_continues_it() {
         "moved on without analysis: {:?}",
         s.current_step_index
     );
-    assert_eq!(canary_weight(&ns).await, Some(20));
+    assert_canary_weight(&ns, 20).await;
 
     let mut prometheus = Outage::start(prometheus.port).await;
     plugin(&["promote", &format!("{}/web", ns.name)]);
     at_step(&api, 3, RolloutPhase::Paused).await;
-    assert_eq!(canary_weight(&ns).await, Some(50));
+    assert_canary_weight(&ns, 50).await;
     plugin(&["promote", "--full", &format!("{}/web", ns.name)]);
     wait_for("promoted", Duration::from_secs(60), || async {
         let s = status(&api).await?;
@@ -447,7 +447,7 @@ async fn the_operator_restarted_mid_step_resumes_where_it_was() {
         pause_seen.elapsed() >= Duration::from_secs(4),
         "the timed pause restarted or was skipped"
     );
-    assert_eq!(canary_weight(&ns).await, Some(60));
+    assert_canary_weight(&ns, 60).await;
     ns.delete().await;
 }
 
@@ -471,7 +471,7 @@ async fn people_steer_the_release_with_the_plugin() {
 
     plugin(&["promote", &name]);
     at_step(&api, 3, RolloutPhase::Paused).await;
-    assert_eq!(canary_weight(&ns).await, Some(50));
+    assert_canary_weight(&ns, 50).await;
 
     plugin(&["abort", &name, "--reason", "looks wrong"]);
     wait_for("back on stable", Duration::from_secs(30), || async {
@@ -485,7 +485,7 @@ async fn people_steer_the_release_with_the_plugin() {
 
     plugin(&["retry", &name]);
     at_step(&api, 1, RolloutPhase::Paused).await;
-    assert_eq!(canary_weight(&ns).await, Some(25));
+    assert_canary_weight(&ns, 25).await;
 
     // A template change mid-release supersedes the canary.
     let superseded = status(&api).await.unwrap().canary_revision.unwrap();
@@ -561,7 +561,10 @@ async fn host_level_routing_leaves_other_routes_alone_and_puts_drift_back() {
 
     set_template(&api, "web:2", json!({})).await;
     at_step(&api, 1, RolloutPhase::Paused).await;
-    assert_eq!(weight().await, Some(30));
+    wait_for("30% on the canary", Duration::from_secs(15), || async {
+        (weight().await? == 30).then_some(())
+    })
+    .await;
     let canary = status(&api).await.unwrap().canary_revision.unwrap();
     let services: Api<k8s_openapi::api::core::v1::Service> =
         Api::namespaced(ns.client.clone(), &ns.name);
@@ -664,7 +667,10 @@ async fn gateway_api_canary_sets_backend_weights_and_leaves_the_rest() {
 
     set_template(&api, "web:2", json!({})).await;
     at_step(&api, 1, RolloutPhase::Paused).await;
-    assert_eq!(weights().await, Some((70, 30)));
+    wait_for("70/30 on the route", Duration::from_secs(15), || async {
+        (weights().await? == (70, 30)).then_some(())
+    })
+    .await;
     plugin(&["promote", "--full", &format!("{}/web", ns.name)]);
     wait_for("promoted", Duration::from_secs(60), || async {
         let s = status(&api).await?;
@@ -703,7 +709,12 @@ async fn blue_green_previews_checks_switches_and_switches_back() {
         .unwrap();
     let api: Api<Rollout> = Api::namespaced(ns.client.clone(), &ns.name);
     let v1 = healthy(&api).await;
-    assert_eq!(selects(&ns, "web").await.as_deref(), Some(v1.as_str()));
+    wait_for(
+        "the active Service on v1",
+        Duration::from_secs(15),
+        || async { (selects(&ns, "web").await? == v1).then_some(()) },
+    )
+    .await;
     let name = format!("{}/web", ns.name);
 
     // A good release: previewed, checked, switched by a person, the old one kept briefly.
@@ -894,10 +905,13 @@ async fn blue_green_through_a_gateway_api_route_switches_weights_at_once() {
     })
     .await;
     assert_eq!(preview_weight().await, Some(0));
-    assert_eq!(
-        selects(&ns, "web-preview").await.as_deref(),
-        Some(v2.as_str())
-    );
+    // The preview Service moves after the status records the new revision.
+    wait_for(
+        "the preview Service on v2",
+        Duration::from_secs(15),
+        || async { (selects(&ns, "web-preview").await? == v2).then_some(()) },
+    )
+    .await;
     plugin(&["promote", &format!("{}/web", ns.name)]);
     wait_for(
         "switched: active Service on v2, all weight back on the active backend",
@@ -1075,7 +1089,7 @@ async fn the_helm_charts_rbac_is_all_the_controller_needs() {
     healthy(&api).await;
     set_template(&api, "web:2", json!({})).await;
     at_step(&api, 1, RolloutPhase::Paused).await;
-    assert_eq!(canary_weight(&ns).await, Some(40));
+    assert_canary_weight(&ns, 40).await;
     plugin(&["abort", &format!("{}/web", ns.name)]);
     wait_for("back on stable", Duration::from_secs(30), || async {
         (canary_weight(&ns).await? == 0).then_some(())

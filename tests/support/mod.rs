@@ -630,6 +630,26 @@ pub async fn canary_weight(ns: &TestNamespace) -> Option<i64> {
     vs.data["spec"]["http"][0]["route"][1]["weight"].as_i64()
 }
 
+/// Asserts that the `web` VirtualService's canary weight reaches `expected` within 15 s.
+///
+/// Sluice records its decision in the status before it moves traffic (so a crash in between
+/// repeats the same move), so a test that has just seen the status may read the route a
+/// moment before the write lands.
+pub async fn assert_canary_weight(ns: &TestNamespace, expected: i64) {
+    let start = Instant::now();
+    loop {
+        let seen = canary_weight(ns).await;
+        if seen == Some(expected) {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "the canary weight stayed {seen:?}, expected {expected}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Records (time, canary weight) for every change of the `web` VirtualService.
 pub async fn watch_weights(ns: &TestNamespace) -> Arc<std::sync::Mutex<Vec<(Instant, i64)>>> {
     use futures::StreamExt;
