@@ -6,7 +6,7 @@ SLUICE_CHAOS_KILLS ?= 15
 SLUICE_CHAOS_FAILOVERS ?= 1
 
 .DEFAULT_GOAL := help
-.PHONY: help build release fmt fmt-check lint unit fuzz crds crds-check test cluster-test chaos run demo
+.PHONY: help build release fmt fmt-check lint unit fuzz crds crds-check test cluster-test chaos bench bench-run run demo
 
 ## help: list the targets
 help:
@@ -77,6 +77,8 @@ cluster-test:
 	  SLUICE_PROMETHEUS_URL=$$($(MAKE) -s prometheus-url) \
 	  $(CARGO) test $(CARGO_FLAGS) -p sluice --test pipeline -- --ignored --test-threads=1
 	@$(MAKE) --no-print-directory chaos-run
+	@$(MAKE) --no-print-directory bench-run BENCH_SIZES=100 BENCH_IDLE_SECONDS=20 \
+	  BENCH_OPERATOR=$(CURDIR)/target/debug/sluice
 
 ## chaos: the full reliability run on the local cluster (make cluster-up first): 100 operator
 ##        kills, three leader failovers, 20 Prometheus flaps, apiserver and etcd restarts
@@ -91,6 +93,26 @@ chaos-run:
 	  SLUICE_PROMETHEUS_URL=$$($(MAKE) -s prometheus-url) \
 	  SLUICE_CHAOS_KILLS=$(SLUICE_CHAOS_KILLS) SLUICE_CHAOS_FAILOVERS=$(SLUICE_CHAOS_FAILOVERS) \
 	  $(CARGO) test $(CARGO_FLAGS) -p sluice --test chaos -- --ignored --test-threads=1 --nocapture
+
+## bench: the operator at scale on the local cluster it starts (and stops): N = 100, 1,000
+##        and 10,000 Rollouts, release build; reports in target/bench (docs/performance.md)
+BENCH_SIZES ?= 100 1000 10000
+BENCH_IDLE_SECONDS ?= 320
+BENCH_OPERATOR ?= $(CURDIR)/target/release/sluice
+bench: release
+	@$(MAKE) --no-print-directory cluster-up
+	@status=0; $(MAKE) --no-print-directory bench-run || status=$$?; \
+	  $(MAKE) --no-print-directory cluster-down; exit $$status
+
+# One benchmark run per size in BENCH_SIZES on a running local cluster; `make test` runs
+# N = 100 with the debug build to keep the harness working (it asserts no timing).
+bench-run:
+	@for n in $(BENCH_SIZES); do \
+	  KUBECONFIG=$$($(MAKE) -s kubeconfig) SLUICE_PROMETHEUS_URL=$$($(MAKE) -s prometheus-url) \
+	  SLUICE_BENCH_N=$$n SLUICE_BENCH_IDLE_SECONDS=$(BENCH_IDLE_SECONDS) \
+	  SLUICE_BENCH_OPERATOR=$(BENCH_OPERATOR) SLUICE_BENCH_OUT=$(CURDIR)/target/bench \
+	  $(CARGO) test $(CARGO_FLAGS) -p sluice --test bench -- --ignored --nocapture || exit $$?; \
+	done
 
 ## run: run the operator against the local cluster (make cluster-up first)
 run:

@@ -13,6 +13,7 @@ use tokio::sync::watch;
 
 use crate::context::Context;
 use crate::fence::{Fence, FenceLayer};
+use crate::k8s::requests::{CountingLayer, RequestCounts};
 use crate::leader;
 use crate::server::{self, Health};
 use crate::telemetry::Metrics;
@@ -29,8 +30,10 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         Some(_) => Fence::closed(),
         None => Fence::always_open(),
     };
+    let requests = RequestCounts::default();
     let client = ClientBuilder::try_from(config.clone())?
         .with_layer(&FenceLayer(fence.clone()))
+        .with_layer(&CountingLayer(requests.clone()))
         .build();
     let election_client = Client::try_from(config)?;
     let version = client
@@ -48,6 +51,11 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         "fenced_writes",
         "Writes this replica refused to send because its leader Lease may have lapsed",
         fence.refused_writes(),
+    );
+    metrics.registry.register(
+        "kube_requests",
+        "Requests the controllers sent to the Kubernetes apiserver, by verb and resource",
+        requests,
     );
     let health = Arc::new(Health::new(metrics));
     let server = tokio::spawn(server::serve(

@@ -4,7 +4,9 @@
 
 pub mod backoff;
 pub mod events;
+pub mod freshness;
 pub mod labels;
+pub mod requests;
 pub mod status;
 pub mod watch;
 

@@ -13,32 +13,33 @@ pub fn changed<S: Serialize>(current: Option<&S>, desired: &S) -> bool {
 }
 
 /// Applies `desired` as the status of `object`, unless it equals `current` (an idle resync
-/// then makes no write at all). Returns whether a write was made.
+/// then makes no write at all). Returns the resource version written, if a write was made.
 pub async fn apply<K, S>(
     api: &Api<K>,
     object: &K,
     current: Option<&S>,
     desired: &S,
-) -> Result<bool, kube::Error>
+) -> Result<Option<String>, kube::Error>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
     S: Serialize,
 {
     if !changed(current, desired) {
-        return Ok(false);
+        return Ok(None);
     }
     let patch = json!({
         "apiVersion": K::api_version(&()),
         "kind": K::kind(&()),
         "status": desired,
     });
-    api.patch_status(
-        &object.name_any(),
-        &PatchParams::apply(crate::FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
-    Ok(true)
+    let written = api
+        .patch_status(
+            &object.name_any(),
+            &PatchParams::apply(crate::FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+    Ok(Some(written.resource_version().unwrap_or_default()))
 }
 
 #[cfg(test)]

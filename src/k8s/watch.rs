@@ -10,7 +10,7 @@
 
 use std::fmt::Debug;
 
-use futures::{Stream, StreamExt, future};
+use futures::{Stream, StreamExt, TryStreamExt, future};
 use kube::Resource;
 use kube::runtime::reflector::store::Writer;
 use kube::runtime::{WatchStreamExt, watcher};
@@ -41,6 +41,29 @@ where
         watcher(api, config)
             .default_backoff()
             .reflect(writer)
+            .touched_objects(),
+    )
+}
+
+/// As [`trigger`], with each object first changed by `modify` (to keep less of it), and each
+/// event then handed to `keep` (a cache of the controller's own shape).
+pub fn kept<K>(
+    api: kube::Api<K>,
+    config: watcher::Config,
+    modify: impl FnMut(&mut K) + Send + 'static,
+    keep: impl Fn(&watcher::Event<K>) + Send + 'static,
+) -> impl Stream<Item = Result<K, watcher::Error>> + Send + 'static
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+{
+    quiet(
+        watcher(api, config)
+            .default_backoff()
+            .modify(modify)
+            .map_ok(move |event| {
+                keep(&event);
+                event
+            })
             .touched_objects(),
     )
 }

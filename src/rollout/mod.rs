@@ -8,6 +8,7 @@ pub mod bluegreen;
 pub mod canary;
 pub mod events;
 pub mod model;
+mod owned;
 pub mod plan;
 pub mod policy;
 pub mod release;
@@ -41,6 +42,7 @@ use crate::api::errorbudget::{BudgetAction, ErrorBudget};
 use crate::api::pipeline::Pipeline;
 use crate::api::rollout::{Rollout, RolloutStatus};
 use crate::context::Context;
+use crate::k8s::freshness::{Freshness, Read};
 use crate::k8s::labels::{
     HASH_LABEL, ISTIO_CANONICAL_REVISION_LABEL, REVISION_ANNOTATION, ROLLOUT_LABEL,
     SCALE_DOWN_AT_ANNOTATION, TEMPLATE_ANNOTATION,
@@ -50,6 +52,7 @@ use model::{
     BudgetHold, Observed, ObservedLeftover, ObservedReplicaSet, ObservedService, ObservedTraffic,
     Plan, TrafficWrite,
 };
+use owned::OwnedReplicaSets;
 
 const FINALIZER: &str = "sluice.dev/traffic";
 /// The controller's name in metrics.
@@ -71,6 +74,8 @@ pub enum Error {
     Finalizer(String),
     #[error("not ready: {0}")]
     NotReady(String),
+    #[error("the cache is behind the cluster: {0}")]
+    CacheBehind(String),
 }
 
 impl Error {
@@ -80,6 +85,7 @@ impl Error {
             Error::Router(_) => "router",
             Error::Finalizer(_) => "finalizer",
             Error::NotReady(_) => "not_ready",
+            Error::CacheBehind(_) => "conflict",
         }
     }
 }
@@ -93,6 +99,10 @@ pub struct State {
     budgets: Store<ErrorBudget>,
     /// Pipelines, to hold a release until the Rollout's stage admits it.
     pipelines: Store<Pipeline>,
+    /// The status writes the Rollout cache has not shown yet (read those Rollouts fresh).
+    freshness: Freshness,
+    /// Every Rollout's ReplicaSets, from one watch.
+    owned: Arc<OwnedReplicaSets>,
 }
 
 /// How long a reconcile waits for the Pipeline and ErrorBudget caches after a start: until
@@ -135,13 +145,19 @@ pub async fn run(ctx: Arc<Context>, stop: watch::Receiver<bool>) {
     let replica_sets: Api<ReplicaSet> = crate::k8s::scoped(&client, namespace.as_deref());
     // Every trigger watch backs off on its own: see k8s/watch.rs.
     let (store, writer) = reflector::store();
+    let owned = Arc::new(OwnedReplicaSets::default());
     let mut controller = Controller::for_stream(
         crate::k8s::watch::reflected(rollouts, watcher::Config::default(), writer),
         store.clone(),
     )
-    .owns_stream(crate::k8s::watch::trigger(
+    .owns_stream(crate::k8s::watch::kept(
         replica_sets,
         watcher::Config::default().labels(ROLLOUT_LABEL),
+        owned::strip,
+        {
+            let owned = owned.clone();
+            move |event| owned.apply(event)
+        },
     ));
     for (group, kind) in [
         ("networking.istio.io", "VirtualService"),
@@ -209,6 +225,8 @@ pub async fn run(ctx: Arc<Context>, stop: watch::Receiver<bool>) {
         rollouts: store,
         budgets,
         pipelines,
+        freshness: Freshness::default(),
+        owned,
     });
     controller
         .graceful_shutdown_on(crate::k8s::stopped(stop))
@@ -340,13 +358,15 @@ fn error_policy(rollout: Arc<Rollout>, error: &Error, state: Arc<State>) -> Acti
     ctx.metrics()
         .reconcile_errors(CONTROLLER, error.metric_label());
     let conflict = matches!(error, Error::Router(RouterError::Conflict(_)))
+        || matches!(error, Error::CacheBehind(_))
         || matches!(error, Error::Kube(e) if crate::k8s::is_conflict(e));
     // A conflict is someone else's write in between: read again soon, without backing off.
-    let delay = if conflict {
-        Duration::from_millis(500)
-    } else {
-        ctx.backoff.failed(&backoff_key(&rollout))
-    };
+    if conflict {
+        let delay = Duration::from_millis(500);
+        tracing::debug!(error = %error, retry_in = ?delay, "reconcile raced another write");
+        return Action::requeue(delay);
+    }
+    let delay = ctx.backoff.failed(&backoff_key(&rollout));
     tracing::warn!(error = %error, retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
 }
@@ -360,7 +380,12 @@ async fn reconcile(rollout: Arc<Rollout>, state: Arc<State>) -> Result<Action, E
     let result = finalizer(&api, FINALIZER, rollout, |event| async {
         match event {
             Finalizer::Apply(rollout) => apply(rollout, &state).await,
-            Finalizer::Cleanup(rollout) => cleanup(rollout, &state.ctx).await,
+            Finalizer::Cleanup(rollout) => {
+                state
+                    .freshness
+                    .forget(&format!("{namespace}/{}", rollout.name_any()));
+                cleanup(rollout, &state.ctx).await
+            }
         }
     })
     .await;
@@ -374,6 +399,11 @@ async fn reconcile(rollout: Arc<Rollout>, state: Arc<State>) -> Result<Action, E
     result.map_err(|e| match e {
         kube::runtime::finalizer::Error::ApplyFailed(e)
         | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+        // The finalizer patch tests the finalizers the cache showed: refused (422) when the
+        // cache lags a finalizer just added. Someone else's write in between, as a conflict.
+        kube::runtime::finalizer::Error::AddFinalizer(kube::Error::Api(e)) if e.code == 422 => {
+            Error::CacheBehind(e.message)
+        }
         other => Error::Finalizer(other.to_string()),
     })
 }
@@ -409,25 +439,32 @@ struct World {
     observed: Observed,
 }
 
-/// Reads the Rollout (fresh: the watch cache can lag our own last status write, and planning
-/// on a stale status would undo the last decision), its ReplicaSets and its traffic objects.
+/// Reads the Rollout (from the cache once it shows our last status write: planning on a
+/// stale status would undo the last decision), its ReplicaSets and its traffic objects.
 async fn observe(state: &State, cached: &Rollout) -> Result<Option<World>, Error> {
     let ctx = state.ctx.as_ref();
     let name = cached.name_any();
     let namespace = cached.namespace().unwrap_or_default();
     let api: Api<Rollout> = Api::namespaced(ctx.client.clone(), &namespace);
-    let Some(rollout) = api.get_opt(&name).await? else {
-        return Ok(None);
+    let key = format!("{namespace}/{name}");
+    let cached_version = cached.resource_version();
+    let rollout = match state.freshness.read(&key, cached_version.as_deref()) {
+        Read::Cache => cached.clone(),
+        Read::Fresh => {
+            let Some(fresh) = api.get_opt(&name).await? else {
+                state.freshness.forget(&key);
+                return Ok(None);
+            };
+            state.freshness.read_fresh(
+                &key,
+                fresh.resource_version().as_deref(),
+                cached_version.as_deref(),
+            );
+            fresh
+        }
     };
-    let rs_api: Api<ReplicaSet> = Api::namespaced(ctx.client.clone(), &namespace);
     let uid = rollout.uid().unwrap_or_default();
-    let owned: Vec<ReplicaSet> = rs_api
-        .list(&ListParams::default().labels(&format!("{ROLLOUT_LABEL}={name}")))
-        .await?
-        .items
-        .into_iter()
-        .filter(|rs| rs.owner_references().iter().any(|o| o.uid == uid))
-        .collect();
+    let owned = state.owned.of(&namespace, &name, &uid);
     let desired_hash = revision::template_hash(&rollout.spec.template);
     let status = rollout.status.clone().unwrap_or_default();
     let strategy = &rollout.spec.strategy;
@@ -622,13 +659,15 @@ async fn measure(ctx: &Context, store: &Store<Rollout>, world: &mut World) -> bo
 async fn apply(cached: Arc<Rollout>, state: &State) -> Result<Action, Error> {
     let ctx = state.ctx.as_ref();
     // Fail closed: without the budgets and Pipelines in cache, a hold could be missed.
+    // Nor, without the ReplicaSets, the revision numbers.
     let caches = async {
         let _ = state.budgets.wait_until_ready().await;
         let _ = state.pipelines.wait_until_ready().await;
+        state.owned.wait_until_ready().await;
     };
     if tokio::time::timeout(CACHE_WAIT, caches).await.is_err() {
         return Err(Error::NotReady(
-            "ErrorBudgets or Pipelines cannot be listed yet".into(),
+            "ErrorBudgets, Pipelines or ReplicaSets cannot be listed yet".into(),
         ));
     }
     let Some(mut world) = observe(state, &cached).await? else {
@@ -640,7 +679,7 @@ async fn apply(cached: Arc<Rollout>, state: &State) -> Result<Action, Error> {
     let before = plan::plan(&world.observed);
     let handled = |status: &RolloutStatus| status.handled_intents.clone().unwrap_or_default();
     if handled(&before.status) != handled(&world.observed.status) {
-        carry_out(ctx, &world, before).await?;
+        carry_out(state, &world, before).await?;
         return Ok(Action::requeue(Duration::ZERO));
     }
     if !measure(ctx, &state.rollouts, &mut world).await {
@@ -648,14 +687,15 @@ async fn apply(cached: Arc<Rollout>, state: &State) -> Result<Action, Error> {
     }
     let plan = plan::plan(&world.observed);
     let requeue = plan.requeue_after;
-    carry_out(ctx, &world, plan).await?;
+    carry_out(state, &world, plan).await?;
     Ok(Action::requeue(requeue))
 }
 
 /// Makes the plan's writes, in its order: ReplicaSets, history, status (the decision is
 /// recorded before traffic moves, so a crash in between leaves a status from which the next
 /// reconcile makes the same move), then traffic; Events and metrics last.
-async fn carry_out(ctx: &Context, world: &World, mut plan: Plan) -> Result<(), Error> {
+async fn carry_out(state: &State, world: &World, mut plan: Plan) -> Result<(), Error> {
+    let (ctx, freshness) = (state.ctx.as_ref(), &state.freshness);
     let rollout = world.rollout.as_ref();
     plan.status.selector = Some(selector_string(&rollout.spec.selector));
     let namespace = rollout.namespace().unwrap_or_default();
@@ -668,7 +708,11 @@ async fn carry_out(ctx: &Context, world: &World, mut plan: Plan) -> Result<(), E
     if let Some(current) = current.as_mut() {
         release::clear_intents(current);
     }
-    crate::k8s::status::apply(&api, rollout, current.as_ref(), &plan.status).await?;
+    if let Some(version) =
+        crate::k8s::status::apply(&api, rollout, current.as_ref(), &plan.status).await?
+    {
+        freshness.wrote(&format!("{namespace}/{}", rollout.name_any()), &version);
+    }
     for write in &plan.traffic_writes {
         let written = match (write, &world.router) {
             (
@@ -883,6 +927,9 @@ async fn apply_replica_sets(
                     &revision,
                     scale_down,
                 );
+                if existing.is_some_and(|current| already_applied(current, &rs)) {
+                    continue;
+                }
                 let rs_name = rs.metadata.name.clone().unwrap_or_default();
                 api.patch(
                     &rs_name,
@@ -916,6 +963,42 @@ async fn apply_replica_sets(
         }
     }
     Ok(())
+}
+
+/// Whether `current` (as cached: stripped) already is what applying `desired` would make
+/// it, in every field Sluice sets: then the write is skipped (an idle resync writes nothing).
+/// The pod template is compared through the declared-template annotation: the cache keeps no
+/// template, and a new template is a new hash, so a new ReplicaSet. (A template edited by
+/// hand on the ReplicaSet itself is therefore not put back until Sluice writes it again.)
+fn already_applied(current: &ReplicaSet, desired: &ReplicaSet) -> bool {
+    // `current` comes from the cache, which keeps the declared template as its fingerprint.
+    let declared = desired
+        .annotations()
+        .get(TEMPLATE_ANNOTATION)
+        .map(|d| owned::fingerprint(d));
+    let annotations_match = [REVISION_ANNOTATION, SCALE_DOWN_AT_ANNOTATION]
+        .iter()
+        .all(|key| current.annotations().get(*key) == desired.annotations().get(*key))
+        && current.annotations().get(TEMPLATE_ANNOTATION) == declared.as_ref();
+    let labels_match = desired
+        .labels()
+        .iter()
+        .all(|(k, v)| current.labels().get(k) == Some(v));
+    let owner_match = desired.owner_references().iter().all(|wanted| {
+        current
+            .owner_references()
+            .iter()
+            .any(|o| o.uid == wanted.uid && o.controller == wanted.controller)
+    });
+    let spec_match = match (&current.spec, &desired.spec) {
+        (Some(c), Some(d)) => {
+            c.replicas == d.replicas
+                && c.min_ready_seconds == d.min_ready_seconds
+                && c.selector == d.selector
+        }
+        _ => false,
+    };
+    annotations_match && labels_match && owner_match && spec_match
 }
 
 fn desired_replica_set(
@@ -972,5 +1055,69 @@ fn desired_replica_set(
             template: Some(template),
         }),
         status: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rollout() -> Rollout {
+        serde_json::from_value(json!({
+            "apiVersion": "sluice.dev/v1alpha1", "kind": "Rollout",
+            "metadata": {"name": "web", "namespace": "shop", "uid": "u-1"},
+            "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "web"}},
+                     "template": {"metadata": {"labels": {"app": "web"}},
+                                  "spec": {"containers": [{"name": "web", "image": "web:1"}]}},
+                     "strategy": {"canary": {"steps": []}}}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn an_unchanged_replica_set_is_not_written_again() {
+        let r = rollout();
+        let desired = desired_replica_set(&r, "h1", 2, "3", None);
+        // As read back: the apiserver added defaults and metadata of its own.
+        let mut current = desired.clone();
+        owned::strip(&mut current);
+        current.metadata.resource_version = Some("42".into());
+        current
+            .metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .insert("extra".into(), "kept".into());
+        assert!(already_applied(&current, &desired));
+
+        let changed: [(&str, ReplicaSet); 5] = [
+            ("replicas", desired_replica_set(&r, "h1", 3, "3", None)),
+            ("revision", desired_replica_set(&r, "h1", 2, "4", None)),
+            (
+                "scale-down deadline",
+                desired_replica_set(&r, "h1", 2, "3", Some("2026-12-02T10:00:00Z".into())),
+            ),
+            ("owner", {
+                let mut other = r.clone();
+                other.metadata.uid = Some("u-2".into());
+                desired_replica_set(&other, "h1", 2, "3", None)
+            }),
+            ("declared template", {
+                let mut other = r.clone();
+                other.spec.template.metadata.as_mut().unwrap().labels = Some(BTreeMap::from([
+                    ("app".into(), "web".into()),
+                    ("v".into(), "2".into()),
+                ]));
+                desired_replica_set(&other, "h1", 2, "3", None)
+            }),
+        ];
+        for (what, wanted) in changed {
+            assert!(!already_applied(&current, &wanted), "{what} changed");
+        }
+        // A deadline Sluice set earlier and no longer wants is written away.
+        let mut with_deadline =
+            desired_replica_set(&r, "h1", 2, "3", Some("2026-12-02T10:00:00Z".into()));
+        owned::strip(&mut with_deadline);
+        assert!(!already_applied(&with_deadline, &desired));
     }
 }

@@ -1,0 +1,125 @@
+//! Whether a reconcile may plan on the watch cache's copy of its object, or must read it
+//! from the apiserver.
+//!
+//! The cache can lag the controller's own last status write, and planning on a status older
+//! than our last decision would undo it. Reading every object fresh on every reconcile is
+//! safe but costs one GET per Rollout per resync (the idle cost that grew with N). So the
+//! controller remembers, per object, the resource version its last write produced, and reads
+//! fresh only until the cache shows that version. Resource versions are compared for
+//! equality only, as the API conventions ask: when someone else writes in between and the
+//! cache skips ours, the next fresh read's version is awaited instead. The map holds only
+//! objects with a write the cache has not shown yet: it empties itself when all is quiet.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+/// Where to read the object from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Read {
+    Cache,
+    Fresh,
+}
+
+/// The rule: the cache is good once it shows the version we await (or we await none).
+pub fn decide(awaited: Option<&str>, cached: Option<&str>) -> Read {
+    match awaited {
+        None => Read::Cache,
+        Some(rv) if Some(rv) == cached => Read::Cache,
+        Some(_) => Read::Fresh,
+    }
+}
+
+/// The versions awaited, by object key (`namespace/name`).
+#[derive(Debug, Default)]
+pub struct Freshness {
+    awaited: Mutex<HashMap<String, String>>,
+}
+
+impl Freshness {
+    fn with<T>(&self, f: impl FnOnce(&mut HashMap<String, String>) -> T) -> T {
+        let mut awaited = self
+            .awaited
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(&mut awaited)
+    }
+
+    /// Where to read `key` from, given the cached copy's resource version.
+    pub fn read(&self, key: &str, cached: Option<&str>) -> Read {
+        self.with(|awaited| {
+            let read = decide(awaited.get(key).map(String::as_str), cached);
+            if read == Read::Cache {
+                awaited.remove(key);
+            }
+            read
+        })
+    }
+
+    /// A fresh read returned version `fresh`: the cache is good once it shows that.
+    pub fn read_fresh(&self, key: &str, fresh: Option<&str>, cached: Option<&str>) {
+        self.with(|awaited| match fresh {
+            Some(rv) if Some(rv) != cached => {
+                awaited.insert(key.to_string(), rv.to_string());
+            }
+            _ => {
+                awaited.remove(key);
+            }
+        });
+    }
+
+    /// This controller wrote version `rv` of `key`.
+    pub fn wrote(&self, key: &str, rv: &str) {
+        self.with(|awaited| awaited.insert(key.to_string(), rv.to_string()));
+    }
+
+    /// The object is gone.
+    pub fn forget(&self, key: &str) {
+        self.with(|awaited| awaited.remove(key));
+    }
+
+    /// Whether no object awaits its cache.
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
+        self.with(|awaited| awaited.is_empty())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cache_is_used_once_it_shows_the_awaited_version() {
+        let cases = [
+            (None, Some("5"), Read::Cache),
+            (None, None, Read::Cache),
+            (Some("7"), Some("7"), Read::Cache),
+            (Some("7"), Some("5"), Read::Fresh),
+            (Some("7"), Some("9"), Read::Fresh),
+            (Some("7"), None, Read::Fresh),
+        ];
+        for (awaited, cached, want) in cases {
+            assert_eq!(decide(awaited, cached), want, "{awaited:?} {cached:?}");
+        }
+    }
+
+    #[test]
+    fn a_write_is_awaited_until_the_cache_shows_it_then_forgotten() {
+        let f = Freshness::default();
+        assert_eq!(f.read("a/r", Some("5")), Read::Cache);
+        f.wrote("a/r", "6");
+        assert_eq!(f.read("a/r", Some("5")), Read::Fresh);
+        // Someone wrote after us: the fresh read's version is awaited now.
+        f.read_fresh("a/r", Some("8"), Some("5"));
+        assert_eq!(f.read("a/r", Some("6")), Read::Fresh);
+        assert_eq!(f.read("a/r", Some("8")), Read::Cache);
+        assert!(f.is_empty(), "nothing awaited when quiet");
+        // A fresh read equal to the cache awaits nothing.
+        f.wrote("a/r", "9");
+        f.read_fresh("a/r", Some("9"), Some("9"));
+        assert!(f.is_empty());
+        f.wrote("a/r", "10");
+        f.forget("a/r");
+        assert!(f.is_empty());
+    }
+}

@@ -1,0 +1,689 @@
+//! `make bench`: the operator at scale on the local cluster, measured.
+//!
+//! Creates N Rollouts shaped like production ones (`fixtures.rs`), starts the operator, and
+//! measures memory, CPU, apiserver requests and status writes while idle, reconcile latency,
+//! a restart with every Rollout present, and 100 (at most N/2) canaries released at once:
+//! step due -> weight written, and abort -> all traffic on stable. Writes `bench-N.json` and
+//! `bench-N.md` under `SLUICE_BENCH_OUT` (default `target/bench`).
+//!
+//! Settings: `SLUICE_BENCH_N` (default 100), `SLUICE_BENCH_IDLE_SECONDS` (default 20; `make
+//! bench` uses 320 to span the 300 s idle resync), `SLUICE_BENCH_OPERATOR` (the binary; default
+//! the test build), `SLUICE_BENCH_KEEP` (leave the objects, to look at them). `make test` runs N = 100 to keep the harness working: it asserts what the
+//! run must do (every Rollout healthy, every release stepped and aborted), never a timing.
+
+mod fixtures;
+mod probe;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{Namespace, Node};
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch,
+    PatchParams, PostParams,
+};
+use kube::runtime::watcher;
+use kube::{Client, ResourceExt};
+use serde_json::{Value, json};
+use sluice::api::rollout::{Rollout, RolloutPhase};
+
+use fixtures::{Kind, RUN_LABEL, STEP_PAUSE_SECONDS};
+use probe::{Metrics, Operator, percentile};
+
+/// Rollouts per namespace, as teams group their services.
+const PER_NAMESPACE: usize = 100;
+/// Requests in flight while creating objects.
+const PARALLEL: usize = 32;
+
+fn setting(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+fn namespace_of(index: usize) -> String {
+    format!("sluice-bench-{:03}", index / PER_NAMESPACE)
+}
+
+fn name_of(index: usize) -> String {
+    format!("r-{index:05}")
+}
+
+fn api_for(client: &Client, object: &Value) -> Api<DynamicObject> {
+    let (group, version) = match object["apiVersion"]
+        .as_str()
+        .unwrap_or("v1")
+        .split_once('/')
+    {
+        Some((g, v)) => (g.to_string(), v.to_string()),
+        None => (String::new(), "v1".to_string()),
+    };
+    let kind = object["kind"].as_str().unwrap_or_default();
+    let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(&group, &version, kind));
+    match object["metadata"]["namespace"].as_str() {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
+        None => Api::all_with(client.clone(), &resource),
+    }
+}
+
+/// Creates `object`, or leaves it when it exists; returns its uid.
+async fn create(client: &Client, object: Value) -> String {
+    let api = api_for(client, &object);
+    let dynamic: DynamicObject = serde_json::from_value(object).expect("a valid object");
+    for attempt in 0.. {
+        match api.create(&PostParams::default(), &dynamic).await {
+            Ok(created) => return created.uid().unwrap_or_default(),
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                let existing = api.get(&dynamic.name_any()).await.expect("read it back");
+                return existing.uid().unwrap_or_default();
+            }
+            Err(e) if attempt < 20 => {
+                tracing_free_log(&format!("create {}: {e}; again", dynamic.name_any()));
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => panic!("create {}: {e}", dynamic.name_any()),
+        }
+    }
+    unreachable!()
+}
+
+fn tracing_free_log(line: &str) {
+    eprintln!("bench: {line}");
+}
+
+/// Deletes the run's namespaces one by one (namespaces have no `deletecollection`).
+async fn delete_namespaces(client: &Client) {
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let by_run = ListParams::default().labels(RUN_LABEL);
+    for ns in namespaces
+        .list(&by_run)
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default()
+    {
+        let _ = namespaces
+            .delete(&ns.name_any(), &DeleteParams::background())
+            .await;
+    }
+}
+
+/// Deletes what an interrupted run left (no operator runs yet, so its finalizers go by
+/// hand) and waits until it is gone.
+async fn remove_leftovers(client: &Client) {
+    let by_run = ListParams::default().labels(RUN_LABEL);
+    let rollouts: Api<Rollout> = Api::all(client.clone());
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let started = Instant::now();
+    while namespaces
+        .list(&by_run)
+        .await
+        .is_ok_and(|l| !l.items.is_empty())
+    {
+        for r in rollouts
+            .list(&by_run)
+            .await
+            .map(|l| l.items)
+            .unwrap_or_default()
+        {
+            let api: Api<Rollout> =
+                Api::namespaced(client.clone(), &r.namespace().unwrap_or_default());
+            let clear = json!({"metadata": {"finalizers": null}});
+            let _ = api
+                .patch(
+                    &r.name_any(),
+                    &PatchParams::default(),
+                    &Patch::Merge(&clear),
+                )
+                .await;
+        }
+        delete_namespaces(client).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "the namespaces of an earlier run were not deleted"
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+/// The Rollouts of the run that are Healthy, out of those that exist.
+async fn healthy_count(client: &Client) -> (usize, usize) {
+    let api: Api<Rollout> = Api::all(client.clone());
+    let mut healthy = 0;
+    let mut total = 0;
+    let mut params = ListParams::default().labels(RUN_LABEL).limit(500);
+    loop {
+        let Ok(page) = api.list(&params).await else {
+            return (healthy, total);
+        };
+        total += page.items.len();
+        healthy += page
+            .items
+            .iter()
+            .filter(|r| {
+                r.status.as_ref().is_some_and(|s| {
+                    s.phase == Some(RolloutPhase::Healthy)
+                        && s.observed_generation == r.metadata.generation
+                })
+            })
+            .count();
+        match page.metadata.continue_ {
+            Some(token) if !token.is_empty() => params = params.continue_token(&token),
+            _ => return (healthy, total),
+        }
+    }
+}
+
+async fn wait_all_healthy(client: &Client, n: usize, limit: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        let (healthy, total) = healthy_count(client).await;
+        if healthy == n && total == n {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < limit,
+            "only {healthy} of {n} Rollouts Healthy after {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+/// What the watches saw, timed on this machine's clock.
+#[derive(Default)]
+struct Seen {
+    /// Canary weight changes per `namespace/name`.
+    weights: HashMap<String, Vec<(SystemTime, i64)>>,
+    /// When each Rollout's timed pause (step 1) started, by its own status.
+    pause_started: HashMap<String, SystemTime>,
+}
+
+fn watch_releases(client: &Client, seen: Arc<Mutex<Seen>>) {
+    let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(
+        "networking.istio.io",
+        "v1",
+        "VirtualService",
+    ));
+    let services: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
+    let sink = seen.clone();
+    tokio::spawn(async move {
+        let stream = kube::runtime::WatchStreamExt::applied_objects(watcher(
+            services,
+            watcher::Config::default().labels(RUN_LABEL),
+        ));
+        let mut stream = std::pin::pin!(stream);
+        while let Some(Ok(vs)) = stream.next().await {
+            let Some(weight) = vs.data["spec"]["http"][0]["route"][1]["weight"].as_i64() else {
+                continue;
+            };
+            let key = format!("{}/{}", vs.namespace().unwrap_or_default(), vs.name_any());
+            let mut seen = sink.lock().unwrap_or_else(|p| p.into_inner());
+            let list = seen.weights.entry(key).or_default();
+            if list.last().map(|(_, w)| *w) != Some(weight) {
+                list.push((SystemTime::now(), weight));
+            }
+        }
+    });
+    let rollouts: Api<Rollout> = Api::all(client.clone());
+    tokio::spawn(async move {
+        let stream = kube::runtime::WatchStreamExt::applied_objects(watcher(
+            rollouts,
+            watcher::Config::default().labels(RUN_LABEL),
+        ));
+        let mut stream = std::pin::pin!(stream);
+        while let Some(Ok(r)) = stream.next().await {
+            let Some(status) = r.status else { continue };
+            if status.current_step_index == Some(1)
+                && status.canary_revision.is_some()
+                && let Some(at) = status.current_step_started_at
+            {
+                let key = format!(
+                    "{}/{}",
+                    r.metadata.namespace.unwrap_or_default(),
+                    r.metadata.name.unwrap_or_default()
+                );
+                let at = SystemTime::UNIX_EPOCH
+                    + Duration::from_micros(at.0.as_microsecond().max(0) as u64);
+                let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+                seen.pause_started.entry(key).or_insert(at);
+            }
+        }
+    });
+}
+
+fn millis(d: Option<Duration>) -> Value {
+    d.map_or(Value::Null, |d| json!(d.as_millis() as u64))
+}
+
+fn ms_text(v: &Value) -> String {
+    v.as_u64().map_or("-".into(), |ms| format!("{ms} ms"))
+}
+
+#[tokio::test]
+#[ignore = "needs the local cluster: make bench (N = 100 in make test)"]
+async fn scale() {
+    let n = setting("SLUICE_BENCH_N", 100) as usize;
+    let idle = Duration::from_secs(setting("SLUICE_BENCH_IDLE_SECONDS", 20));
+    let releases = (n / 2).min(100);
+    let out = std::env::var("SLUICE_BENCH_OUT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("../bench"));
+    std::fs::create_dir_all(&out).expect("the output directory");
+    let binary = std::env::var("SLUICE_BENCH_OPERATOR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_BIN_EXE_sluice")));
+    let prometheus =
+        std::env::var("SLUICE_PROMETHEUS_URL").unwrap_or_else(|_| "http://127.0.0.1:19090".into());
+    let client = Client::try_default().await.expect("a kubeconfig");
+    let mut report: BTreeMap<&str, Value> = BTreeMap::new();
+    report.insert("rollouts", json!(n));
+    report.insert("operator", json!(binary.display().to_string()));
+
+    remove_leftovers(&client).await;
+
+    // Room for every pod: kwok Nodes of 1,000 pods each, beside the cluster's three.
+    let nodes = n.div_ceil(800);
+    for i in 0..nodes {
+        create(&client, fixtures::node(&format!("sluice-bench-{i}"), 1000)).await;
+    }
+
+    // The objects, before the operator runs: each Rollout, its routing, then its history.
+    let created = Instant::now();
+    for ns in (0..n).step_by(PER_NAMESPACE).map(namespace_of) {
+        create(
+            &client,
+            json!({"apiVersion": "v1", "kind": "Namespace",
+                   "metadata": {"name": ns, "labels": {RUN_LABEL: "1"}}}),
+        )
+        .await;
+    }
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let client = client.clone();
+            async move {
+                let (ns, name) = (namespace_of(i), name_of(i));
+                let mut uid = String::new();
+                for object in fixtures::objects(&ns, &name, Kind::of(i)) {
+                    uid = create(&client, object).await;
+                }
+                for k in 1..=5 {
+                    create(&client, fixtures::old_replica_set(&ns, &name, &uid, k)).await;
+                }
+            }
+        })
+        .buffer_unordered(PARALLEL)
+        .collect::<Vec<()>>()
+        .await;
+    let creation = created.elapsed();
+    println!("MEASURE created {n} Rollouts with their objects in {creation:?}");
+    report.insert("create_seconds", json!(creation.as_secs_f64()));
+
+    // First start: every Rollout creates its ReplicaSet, its pod turns Ready, it is Healthy.
+    let log = out.join(format!("operator-{n}.log"));
+    let _ = std::fs::remove_file(&log);
+    let mut operator = Operator::new(binary, &prometheus, &log);
+    operator.start();
+    let limit = Duration::from_secs(120 + n as u64 / 4);
+    let first = wait_all_healthy(&client, n, limit).await;
+    println!("MEASURE first start -> all {n} Healthy: {first:?}");
+    report.insert(
+        "first_start_all_healthy_seconds",
+        json!(first.as_secs_f64()),
+    );
+
+    // Idle: nothing changes; the operator should cost little and write nothing.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let (before_cpu, before) = (operator.cpu_seconds(), operator.metrics().await);
+    tokio::time::sleep(idle).await;
+    let (after_cpu, after) = (operator.cpu_seconds(), operator.metrics().await);
+    let (rss, peak) = operator.memory_mib();
+    let idle_cpu = after_cpu - before_cpu;
+    let reconciles = |m: &Metrics| {
+        m.sum(
+            "sluice_reconcile_duration_seconds_count",
+            &["controller=\"rollout\""],
+        )
+    };
+    let idle_reconciles = reconciles(&after) - reconciles(&before);
+    let status_writes = |m: &Metrics| {
+        m.requests()
+            .iter()
+            .filter(|((verb, resource), _)| {
+                resource == "rollouts/status" && verb != "get" && verb != "list"
+            })
+            .map(|(_, v)| v)
+            .sum::<f64>()
+    };
+    let idle_status_writes = status_writes(&after) - status_writes(&before);
+    let mut idle_requests = BTreeMap::new();
+    let before_requests = before.requests();
+    for ((verb, resource), count) in after.requests() {
+        let delta = count
+            - before_requests
+                .get(&(verb.clone(), resource.clone()))
+                .copied()
+                .unwrap_or(0.0);
+        if delta > 0.0 {
+            idle_requests.insert(
+                format!("{verb} {resource}"),
+                json!((delta / idle.as_secs_f64() * 1000.0).round() / 1000.0),
+            );
+        }
+    }
+    println!(
+        "MEASURE idle {idle:?}: RSS {rss:.1} MiB (peak {peak:.1}), CPU {idle_cpu:.2} s \
+         ({:.2}% of a core), {idle_reconciles} reconciles, {idle_status_writes} status writes",
+        idle_cpu / idle.as_secs_f64() * 100.0
+    );
+    report.insert("idle_seconds", json!(idle.as_secs()));
+    report.insert("rss_steady_mib", json!(rss));
+    report.insert("rss_peak_mib", json!(peak));
+    report.insert(
+        "idle_cpu_seconds_per_minute",
+        json!(idle_cpu / idle.as_secs_f64() * 60.0),
+    );
+    report.insert(
+        "idle_cpu_percent_of_a_core",
+        json!(idle_cpu / idle.as_secs_f64() * 100.0),
+    );
+    report.insert("idle_reconciles", json!(idle_reconciles));
+    report.insert("idle_status_writes", json!(idle_status_writes));
+    report.insert("idle_requests_per_second", json!(idle_requests));
+    let zero = Metrics::default();
+    for q in [0.5, 0.99] {
+        let key = if q == 0.5 {
+            "reconcile_p50_seconds"
+        } else {
+            "reconcile_p99_seconds"
+        };
+        let value = after.quantile(
+            &zero,
+            "sluice_reconcile_duration_seconds",
+            &["controller=\"rollout\""],
+            q,
+        );
+        report.insert(key, json!(value));
+    }
+
+    // A restart with every Rollout present: until each was reconciled once.
+    operator.kill();
+    let restarted = Instant::now();
+    operator.start();
+    loop {
+        let m = operator.metrics().await;
+        if reconciles(&m) >= n as f64 {
+            break;
+        }
+        assert!(
+            restarted.elapsed() < limit,
+            "the restart did not reconcile every Rollout"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let cold = restarted.elapsed();
+    let (_, restart_peak) = operator.memory_mib();
+    println!(
+        "MEASURE restart -> all {n} reconciled once: {cold:?} (peak RSS {restart_peak:.1} MiB)"
+    );
+    report.insert("restart_all_reconciled_seconds", json!(cold.as_secs_f64()));
+    report.insert("restart_rss_peak_mib", json!(restart_peak));
+    wait_all_healthy(&client, n, limit).await;
+
+    // Releases: `releases` Istio canaries at once, to 50% after the timed pause, then aborted.
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    watch_releases(&client, seen.clone());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let released: Vec<(String, String)> = (0..n)
+        .filter(|i| Kind::of(*i) == Kind::IstioCanary)
+        .take(releases)
+        .map(|i| (namespace_of(i), name_of(i)))
+        .collect();
+    let release_start = operator.metrics().await;
+    futures::stream::iter(released.clone())
+        .map(|(ns, name)| {
+            let api: Api<Rollout> = Api::namespaced(client.clone(), &ns);
+            // A merge patch replaces the container list: send both, the first at web:2.
+            let containers = fixtures::template(&name, "web:2")["spec"]["containers"].clone();
+            let patch = json!({"spec": {"template": {"spec": {"containers": containers}}}});
+            async move {
+                api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                    .map(|_| ())
+            }
+        })
+        .buffer_unordered(PARALLEL)
+        .try_collect::<Vec<()>>()
+        .await
+        .expect("release every canary");
+    let key = |(ns, name): &(String, String)| format!("{ns}/{name}");
+    let reached = |weight: i64| {
+        let seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+        released
+            .iter()
+            .filter(|r| {
+                seen.weights
+                    .get(&key(r))
+                    .is_some_and(|w| w.last().map(|x| x.1) == Some(weight))
+            })
+            .count()
+    };
+    let waited = Instant::now();
+    while reached(50) < released.len() {
+        assert!(
+            waited.elapsed() < Duration::from_secs(300),
+            "only {} of {} canaries reached 50%",
+            reached(50),
+            released.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let step_latencies: Vec<Duration> = {
+        let seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+        released
+            .iter()
+            .filter_map(|r| {
+                let due =
+                    *seen.pause_started.get(&key(r))? + Duration::from_secs(STEP_PAUSE_SECONDS);
+                let written = seen.weights.get(&key(r))?.iter().find(|(_, w)| *w == 50)?.0;
+                Some(written.duration_since(due).unwrap_or(Duration::ZERO))
+            })
+            .collect()
+    };
+    assert_eq!(step_latencies.len(), released.len(), "every step was timed");
+
+    // Abort them all at once, as `kubectl sluice abort` does.
+    let aborted_at = SystemTime::now();
+    futures::stream::iter(released.clone())
+        .map(|(ns, name)| {
+            let api: Api<Rollout> = Api::namespaced(client.clone(), &ns);
+            let intent =
+                sluice::plugin::new_intent(jiff::Timestamp::now(), Some("bench".into()), None);
+            let body = sluice::plugin::intent_patch(sluice::plugin::RolloutIntent::Abort, &intent);
+            async move {
+                api.patch_status(
+                    &name,
+                    &PatchParams::apply("kubectl-sluice").force(),
+                    &Patch::Apply(body),
+                )
+                .await
+                .map(|_| ())
+            }
+        })
+        .buffer_unordered(PARALLEL)
+        .try_collect::<Vec<()>>()
+        .await
+        .expect("abort every canary");
+    let waited = Instant::now();
+    while reached(0) < released.len() {
+        assert!(
+            waited.elapsed() < Duration::from_secs(120),
+            "only {} of {} canaries back on stable",
+            reached(0),
+            released.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let abort_latencies: Vec<Duration> = {
+        let seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+        released
+            .iter()
+            .filter_map(|r| {
+                let back = seen
+                    .weights
+                    .get(&key(r))?
+                    .iter()
+                    .rev()
+                    .find(|(_, w)| *w == 0)?
+                    .0;
+                Some(back.duration_since(aborted_at).unwrap_or(Duration::ZERO))
+            })
+            .collect()
+    };
+    let release_end = operator.metrics().await;
+    report.insert("releases", json!(released.len()));
+    report.insert(
+        "step_to_weight_p50_ms",
+        millis(percentile(&step_latencies, 0.5)),
+    );
+    report.insert(
+        "step_to_weight_p99_ms",
+        millis(percentile(&step_latencies, 0.99)),
+    );
+    report.insert(
+        "abort_to_stable_p50_ms",
+        millis(percentile(&abort_latencies, 0.5)),
+    );
+    report.insert(
+        "abort_to_stable_p99_ms",
+        millis(percentile(&abort_latencies, 0.99)),
+    );
+    let mut release_requests = BTreeMap::new();
+    let start_requests = release_start.requests();
+    for ((verb, resource), count) in release_end.requests() {
+        let delta = count
+            - start_requests
+                .get(&(verb.clone(), resource.clone()))
+                .copied()
+                .unwrap_or(0.0);
+        if delta > 0.0 {
+            release_requests.insert(format!("{verb} {resource}"), json!(delta));
+        }
+    }
+    report.insert("release_requests", json!(release_requests));
+    println!(
+        "MEASURE {} releases: step -> weight p50 {:?} p99 {:?}; abort -> stable p50 {:?} p99 {:?}",
+        released.len(),
+        percentile(&step_latencies, 0.5),
+        percentile(&step_latencies, 0.99),
+        percentile(&abort_latencies, 0.5),
+        percentile(&abort_latencies, 0.99)
+    );
+
+    // The report: JSON for machines, a Markdown table for docs/performance.md.
+    let json_path = out.join(format!("bench-{n}.json"));
+    std::fs::write(
+        &json_path,
+        serde_json::to_string_pretty(&report).unwrap_or_default(),
+    )
+    .expect("write the JSON report");
+    let fmt = |key: &str| match report.get(key) {
+        Some(Value::Number(x)) => x.as_f64().map_or(x.to_string(), |f| {
+            if f.fract() == 0.0 {
+                format!("{f}")
+            } else {
+                format!("{f:.2}")
+            }
+        }),
+        Some(v) => v.to_string(),
+        None => "-".into(),
+    };
+    let mut md = format!("| Measure (N = {n}) | Result |\n| --- | --- |\n");
+    for (label, value) in [
+        ("Create all objects (s)", fmt("create_seconds")),
+        (
+            "First start -> all Healthy (s)",
+            fmt("first_start_all_healthy_seconds"),
+        ),
+        (
+            "RSS steady / peak (MiB)",
+            format!("{} / {}", fmt("rss_steady_mib"), fmt("rss_peak_mib")),
+        ),
+        ("Idle CPU (% of a core)", fmt("idle_cpu_percent_of_a_core")),
+        (
+            "Idle window (s) / reconciles in it",
+            format!("{} / {}", fmt("idle_seconds"), fmt("idle_reconciles")),
+        ),
+        ("Status writes while idle", fmt("idle_status_writes")),
+        (
+            "Reconcile p50 / p99 (s, bucket bound)",
+            format!(
+                "{} / {}",
+                fmt("reconcile_p50_seconds"),
+                fmt("reconcile_p99_seconds")
+            ),
+        ),
+        (
+            "Restart -> all reconciled once (s)",
+            fmt("restart_all_reconciled_seconds"),
+        ),
+        ("Concurrent releases", fmt("releases")),
+        (
+            "Step due -> weight p50 / p99",
+            format!(
+                "{} / {}",
+                ms_text(&report["step_to_weight_p50_ms"]),
+                ms_text(&report["step_to_weight_p99_ms"])
+            ),
+        ),
+        (
+            "Abort -> stable p50 / p99",
+            format!(
+                "{} / {}",
+                ms_text(&report["abort_to_stable_p50_ms"]),
+                ms_text(&report["abort_to_stable_p99_ms"])
+            ),
+        ),
+    ] {
+        md.push_str(&format!("| {label} | {value} |\n"));
+    }
+    md.push_str("\nIdle requests per second (verb resource: rate):\n\n");
+    for (k, v) in &idle_requests {
+        md.push_str(&format!("- {k}: {v}\n"));
+    }
+    std::fs::write(out.join(format!("bench-{n}.md")), &md).expect("write the Markdown report");
+    println!("{md}\nreports in {}", out.display());
+
+    if std::env::var("SLUICE_BENCH_KEEP").is_ok() {
+        println!("SLUICE_BENCH_KEEP: the objects stay (the next run removes them)");
+        return;
+    }
+    // Clean up while the operator runs: it takes each Rollout's finalizer off once its
+    // traffic is back on stable, so the namespaces can go.
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let by_run = ListParams::default().labels(RUN_LABEL);
+    delete_namespaces(&client).await;
+    let cleaning = Instant::now();
+    while namespaces
+        .list(&by_run)
+        .await
+        .is_ok_and(|l| !l.items.is_empty())
+    {
+        assert!(
+            cleaning.elapsed() < limit,
+            "the benchmark namespaces were not deleted"
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    println!("MEASURE clean-up: {:?}", cleaning.elapsed());
+    operator.kill();
+    let node_api: Api<Node> = Api::all(client.clone());
+    let _ = node_api
+        .delete_collection(
+            &DeleteParams::background(),
+            &ListParams::default().labels(RUN_LABEL),
+        )
+        .await;
+}

@@ -1,0 +1,257 @@
+//! What the benchmark reads about the operator: its process (`/proc`) and its own metrics.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// The operator under test: a release build in `make bench`, the test build otherwise.
+pub struct Operator {
+    binary: PathBuf,
+    prometheus: String,
+    pub listen: String,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Operator {
+    pub fn new(binary: PathBuf, prometheus: &str, log: &Path) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port for the operator's metrics");
+        Self {
+            binary,
+            prometheus: prometheus.to_string(),
+            listen: format!("127.0.0.1:{port}"),
+            log: log.to_path_buf(),
+            child: None,
+        }
+    }
+
+    pub fn start(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("open the operator log");
+        let child = Command::new(&self.binary)
+            .args([
+                "controller",
+                "--listen",
+                &self.listen,
+                "--log-format",
+                "json",
+                "--log",
+                "warn",
+                "--leader-election",
+                "false",
+                "--prometheus-address",
+                &self.prometheus,
+            ])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("share the operator log"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {}: {e}", self.binary.display()));
+        self.child = Some(child);
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Resident memory now and at its peak, in MiB (`VmRSS`, `VmHWM`).
+    pub fn memory_mib(&self) -> (f64, f64) {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+                .map_or(0.0, |kb| kb / 1024.0)
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+
+    /// CPU seconds used so far (user + system).
+    pub fn cpu_seconds(&self) -> f64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
+        // The command name is in parentheses and may hold spaces: count fields after it.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+        (ticks(11) + ticks(12)) / clock_ticks_per_second()
+    }
+
+    /// The operator's metrics, series (name with labels) to value.
+    pub async fn metrics(&self) -> Metrics {
+        for _ in 0..50 {
+            if let Ok(text) = http_get(&self.listen, "/metrics").await {
+                return Metrics::parse(&text);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        panic!("the operator's /metrics at {} did not answer", self.listen)
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn clock_ticks_per_second() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+async fn http_get(address: &str, path: &str) -> std::io::Result<String> {
+    let mut stream = tokio::net::TcpStream::connect(address).await?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").as_bytes())
+        .await?;
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await?;
+    Ok(body
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default())
+}
+
+/// A scrape of the OpenMetrics text: `name{labels}` to value.
+#[derive(Clone, Debug, Default)]
+pub struct Metrics(BTreeMap<String, f64>);
+
+impl Metrics {
+    pub fn parse(text: &str) -> Self {
+        Self(
+            text.lines()
+                .filter(|l| !l.starts_with('#'))
+                .filter_map(|l| {
+                    let (series, value) = l.rsplit_once(' ')?;
+                    Some((series.to_string(), value.parse().ok()?))
+                })
+                .collect(),
+        )
+    }
+
+    /// The sum over series of `name` whose labels contain every `label="value"` given.
+    pub fn sum(&self, name: &str, labels: &[&str]) -> f64 {
+        self.0
+            .iter()
+            .filter(|(series, _)| {
+                series.split('{').next() == Some(name) && labels.iter().all(|l| series.contains(l))
+            })
+            .map(|(_, v)| v)
+            .sum()
+    }
+
+    /// Every `sluice_kube_requests_total` series as (verb, resource) -> count.
+    pub fn requests(&self) -> BTreeMap<(String, String), f64> {
+        let label = |series: &str, key: &str| {
+            let start = series.find(&format!("{key}=\""))? + key.len() + 2;
+            let end = series[start..].find('"')? + start;
+            Some(series[start..end].to_string())
+        };
+        self.0
+            .iter()
+            .filter(|(s, _)| s.starts_with("sluice_kube_requests_total{"))
+            .filter_map(|(s, v)| Some(((label(s, "verb")?, label(s, "resource")?), *v)))
+            .collect()
+    }
+
+    /// A quantile of a histogram since `before`, from its buckets (the upper bound of the
+    /// bucket it falls in, as Prometheus' histogram_quantile would interpolate it no finer).
+    pub fn quantile(&self, before: &Metrics, name: &str, labels: &[&str], q: f64) -> Option<f64> {
+        let bucket = format!("{name}_bucket");
+        let mut buckets: Vec<(f64, f64)> = self
+            .0
+            .iter()
+            .filter(|(s, _)| {
+                s.split('{').next() == Some(bucket.as_str()) && labels.iter().all(|l| s.contains(l))
+            })
+            .filter_map(|(s, v)| {
+                let le = s.split("le=\"").nth(1)?.split('"').next()?;
+                let bound = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().ok()?
+                };
+                Some((bound, v - before.0.get(s).copied().unwrap_or(0.0)))
+            })
+            .collect();
+        buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let total = buckets.last()?.1;
+        if total <= 0.0 {
+            return None;
+        }
+        buckets
+            .iter()
+            .find(|(_, count)| *count >= q * total)
+            .map(|(bound, _)| *bound)
+    }
+}
+
+/// The `q` quantile of `values` (nearest rank), in the unit given.
+pub fn percentile(values: &[Duration], q: f64) -> Option<Duration> {
+    if values.is_empty() {
+        return None;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort();
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    Some(sorted[rank - 1])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_quantiles_come_from_the_buckets_since_a_baseline() {
+        let before = Metrics::parse(
+            "h_bucket{c=\"r\",le=\"0.1\"} 10\nh_bucket{c=\"r\",le=\"1\"} 10\nh_bucket{c=\"r\",le=\"+Inf\"} 10\n",
+        );
+        let after = Metrics::parse(
+            "h_bucket{c=\"r\",le=\"0.1\"} 100\nh_bucket{c=\"r\",le=\"1\"} 109\nh_bucket{c=\"r\",le=\"+Inf\"} 110\n",
+        );
+        assert_eq!(after.quantile(&before, "h", &["c=\"r\""], 0.5), Some(0.1));
+        assert_eq!(after.quantile(&before, "h", &["c=\"r\""], 0.99), Some(1.0));
+        assert_eq!(after.quantile(&after, "h", &["c=\"r\""], 0.5), None);
+    }
+
+    #[test]
+    fn percentiles_by_nearest_rank() {
+        let ms: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        assert_eq!(percentile(&ms, 0.5), Some(Duration::from_millis(50)));
+        assert_eq!(percentile(&ms, 0.99), Some(Duration::from_millis(99)));
+        assert_eq!(percentile(&[], 0.5), None);
+    }
+}
