@@ -27,7 +27,18 @@ where
     quiet(watcher(api, config).default_backoff().touched_objects())
 }
 
-/// As [`trigger`], also keeping a cache (the controller's store) up to date.
+/// What a cache never needs and kubectl or the apiserver may make large: `managedFields`
+/// (often bigger than the object) and kubectl's copy of the whole object.
+pub fn slim<K: Resource>(object: &mut K) {
+    let meta = object.meta_mut();
+    meta.managed_fields = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+}
+
+/// As [`trigger`], also keeping a cache (the controller's store) up to date, of objects
+/// made [`slim`].
 pub fn reflected<K>(
     api: kube::Api<K>,
     config: watcher::Config,
@@ -40,6 +51,7 @@ where
     quiet(
         watcher(api, config)
             .default_backoff()
+            .modify(slim)
             .reflect(writer)
             .touched_objects(),
     )

@@ -152,7 +152,11 @@ pub async fn run(ctx: Arc<Context>, stop: watch::Receiver<bool>) {
     )
     .owns_stream(crate::k8s::watch::kept(
         replica_sets,
-        watcher::Config::default().labels(ROLLOUT_LABEL),
+        // Small pages: a page of ReplicaSets is decoded whole (templates, managedFields)
+        // before it is stripped, and that peak stays in the process's memory.
+        watcher::Config::default()
+            .labels(ROLLOUT_LABEL)
+            .page_size(100),
         owned::strip,
         {
             let owned = owned.clone();

@@ -50,7 +50,7 @@ fn group_of(rs: &ReplicaSet) -> Option<String> {
 
 /// What a reconcile reads of a ReplicaSet, and nothing else.
 pub fn strip(rs: &mut ReplicaSet) {
-    rs.metadata.managed_fields = None;
+    crate::k8s::watch::slim(rs);
     if let Some(annotations) = rs.metadata.annotations.as_mut()
         && let Some(declared) = annotations.get_mut(TEMPLATE_ANNOTATION)
     {
