@@ -201,23 +201,45 @@ struct Seen {
     pause_started: HashMap<String, SystemTime>,
 }
 
-fn watch_releases(client: &Client, seen: Arc<Mutex<Seen>>) {
+/// Follows `api` for the run's objects, handing each one seen to `seen` (watch errors are
+/// retried with backoff, never the end of it); returns once the first list is in.
+async fn follow<K>(api: Api<K>, mut seen: impl FnMut(K) + Send + 'static)
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    use kube::runtime::WatchStreamExt;
+    let (listed, mut ready) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        let stream = watcher(api, watcher::Config::default().labels(RUN_LABEL)).default_backoff();
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => seen(o),
+                Ok(watcher::Event::InitDone) => {
+                    listed.send_replace(true);
+                }
+                Ok(_) => {}
+                Err(e) => eprintln!("bench: watch error, retrying: {e}"),
+            }
+        }
+    });
+    let _ = tokio::time::timeout(Duration::from_secs(60), ready.wait_for(|r| *r)).await;
+}
+
+/// Records what the releases do: each VirtualService's canary weight as it changes, and
+/// when each Rollout's timed pause started. Returns once both watches have listed.
+async fn watch_releases(client: &Client, seen: Arc<Mutex<Seen>>) {
     let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(
         "networking.istio.io",
         "v1",
         "VirtualService",
     ));
-    let services: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
     let sink = seen.clone();
-    tokio::spawn(async move {
-        let stream = kube::runtime::WatchStreamExt::applied_objects(watcher(
-            services,
-            watcher::Config::default().labels(RUN_LABEL),
-        ));
-        let mut stream = std::pin::pin!(stream);
-        while let Some(Ok(vs)) = stream.next().await {
+    follow(
+        Api::<DynamicObject>::all_with(client.clone(), &resource),
+        move |vs| {
             let Some(weight) = vs.data["spec"]["http"][0]["route"][1]["weight"].as_i64() else {
-                continue;
+                return;
             };
             let key = format!("{}/{}", vs.namespace().unwrap_or_default(), vs.name_any());
             let mut seen = sink.lock().unwrap_or_else(|p| p.into_inner());
@@ -225,33 +247,27 @@ fn watch_releases(client: &Client, seen: Arc<Mutex<Seen>>) {
             if list.last().map(|(_, w)| *w) != Some(weight) {
                 list.push((SystemTime::now(), weight));
             }
+        },
+    )
+    .await;
+    follow(Api::<Rollout>::all(client.clone()), move |r| {
+        let Some(status) = r.status else { return };
+        if status.current_step_index == Some(1)
+            && status.canary_revision.is_some()
+            && let Some(at) = status.current_step_started_at
+        {
+            let key = format!(
+                "{}/{}",
+                r.metadata.namespace.unwrap_or_default(),
+                r.metadata.name.unwrap_or_default()
+            );
+            let at =
+                SystemTime::UNIX_EPOCH + Duration::from_micros(at.0.as_microsecond().max(0) as u64);
+            let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+            seen.pause_started.entry(key).or_insert(at);
         }
-    });
-    let rollouts: Api<Rollout> = Api::all(client.clone());
-    tokio::spawn(async move {
-        let stream = kube::runtime::WatchStreamExt::applied_objects(watcher(
-            rollouts,
-            watcher::Config::default().labels(RUN_LABEL),
-        ));
-        let mut stream = std::pin::pin!(stream);
-        while let Some(Ok(r)) = stream.next().await {
-            let Some(status) = r.status else { continue };
-            if status.current_step_index == Some(1)
-                && status.canary_revision.is_some()
-                && let Some(at) = status.current_step_started_at
-            {
-                let key = format!(
-                    "{}/{}",
-                    r.metadata.namespace.unwrap_or_default(),
-                    r.metadata.name.unwrap_or_default()
-                );
-                let at = SystemTime::UNIX_EPOCH
-                    + Duration::from_micros(at.0.as_microsecond().max(0) as u64);
-                let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
-                seen.pause_started.entry(key).or_insert(at);
-            }
-        }
-    });
+    })
+    .await;
 }
 
 /// The Rollout controller's reconcile p50 and p99 between two scrapes, under `keys` (the
@@ -464,8 +480,7 @@ async fn scale() {
 
     // Releases: `releases` Istio canaries at once, to 50% after the timed pause, then aborted.
     let seen = Arc::new(Mutex::new(Seen::default()));
-    watch_releases(&client, seen.clone());
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    watch_releases(&client, seen.clone()).await;
     let released: Vec<(String, String)> = (0..n)
         .filter(|i| Kind::of(*i) == Kind::IstioCanary)
         .take(releases)
