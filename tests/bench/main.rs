@@ -8,7 +8,7 @@
 //!
 //! Settings: `SLUICE_BENCH_N` (default 100), `SLUICE_BENCH_IDLE_SECONDS` (default 20; `make
 //! bench` uses 320 to span the 300 s idle resync), `SLUICE_BENCH_OPERATOR` (the binary; default
-//! the test build), `SLUICE_BENCH_KEEP` (leave the objects, to look at them). `make test` runs N = 100 to keep the harness working: it asserts what the
+//! the test build), `SLUICE_BENCH_KEEP` (leave the objects, to look at them). The run asserts what the
 //! run must do (every Rollout healthy, every release stepped and aborted), never a timing.
 
 mod fixtures;
@@ -313,7 +313,7 @@ fn ms_text(v: &Value) -> String {
 }
 
 #[tokio::test]
-#[ignore = "needs the local cluster: make bench (N = 100 in make test)"]
+#[ignore = "needs the local cluster: make bench"]
 async fn scale() {
     let n = setting("SLUICE_BENCH_N", 100) as usize;
     let idle = Duration::from_secs(setting("SLUICE_BENCH_IDLE_SECONDS", 20));
