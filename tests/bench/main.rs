@@ -409,21 +409,11 @@ async fn scale() {
             .sum::<f64>()
     };
     let idle_status_writes = status_writes(&after) - status_writes(&before);
-    let mut idle_requests = BTreeMap::new();
-    let before_requests = before.requests();
-    for ((verb, resource), count) in after.requests() {
-        let delta = count
-            - before_requests
-                .get(&(verb.clone(), resource.clone()))
-                .copied()
-                .unwrap_or(0.0);
-        if delta > 0.0 {
-            idle_requests.insert(
-                format!("{verb} {resource}"),
-                json!((delta / idle.as_secs_f64() * 1000.0).round() / 1000.0),
-            );
-        }
-    }
+    let idle_requests: BTreeMap<String, Value> = after
+        .requests_since(&before)
+        .into_iter()
+        .map(|(k, n)| (k, json!((n / idle.as_secs_f64() * 1000.0).round() / 1000.0)))
+        .collect();
     println!(
         "MEASURE idle {idle:?}: RSS {rss:.1} MiB (peak {peak:.1}), CPU {idle_cpu:.2} s \
          ({:.2}% of a core), {idle_reconciles} reconciles, {idle_status_writes} status writes",
@@ -599,18 +589,7 @@ async fn scale() {
         "abort_to_stable_p99_ms",
         millis(percentile(&abort_latencies, 0.99)),
     );
-    let mut release_requests = BTreeMap::new();
-    let start_requests = release_start.requests();
-    for ((verb, resource), count) in release_end.requests() {
-        let delta = count
-            - start_requests
-                .get(&(verb.clone(), resource.clone()))
-                .copied()
-                .unwrap_or(0.0);
-        if delta > 0.0 {
-            release_requests.insert(format!("{verb} {resource}"), json!(delta));
-        }
-    }
+    let release_requests = release_end.requests_since(&release_start);
     report.insert("release_requests", json!(release_requests));
     println!(
         "MEASURE {} releases: step -> weight p50 {:?} p99 {:?}; abort -> stable p50 {:?} p99 {:?}",

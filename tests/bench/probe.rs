@@ -187,6 +187,18 @@ impl Metrics {
             .collect()
     }
 
+    /// The requests made since `before`, as `verb resource` -> count (those with none left out).
+    pub fn requests_since(&self, before: &Metrics) -> BTreeMap<String, f64> {
+        let earlier = before.requests();
+        self.requests()
+            .into_iter()
+            .filter_map(|(key, count)| {
+                let delta = count - earlier.get(&key).copied().unwrap_or(0.0);
+                (delta > 0.0).then(|| (format!("{} {}", key.0, key.1), delta))
+            })
+            .collect()
+    }
+
     /// A quantile of a histogram since `before`, from its buckets (the upper bound of the
     /// bucket it falls in, as Prometheus' histogram_quantile would interpolate it no finer).
     pub fn quantile(&self, before: &Metrics, name: &str, labels: &[&str], q: f64) -> Option<f64> {
