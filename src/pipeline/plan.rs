@@ -673,7 +673,11 @@ pub fn plan(o: &Observed) -> Plan {
                 st.release = Some(release.clone());
                 st.pending = None;
                 st.gates.clear();
-                set_phase(&mut st, StagePhase::Healthy);
+                // Healthy on a new release from now: the soak of the stage after this one
+                // counts from here, never from when the previous release turned Healthy (the
+                // phase alone does not change when a release lands while no one looked).
+                st.phase = StagePhase::Healthy;
+                st.since = Some(Time(o.now));
                 st.message = Some(format!("runs {}", describe(&release)));
             }
             Ok(release) => {
@@ -921,6 +925,35 @@ mod tests {
         assert_eq!(
             status.summary.as_deref(),
             Some("dev:Healthy staging:Healthy prod:Healthy")
+        );
+    }
+
+    #[test]
+    fn a_release_that_lands_unseen_soaks_from_when_it_was_seen() {
+        // dev was Healthy on v1 for an hour; v2 landed there while the operator was down
+        // (the first stage is never held), so the Pipeline first sees it already Healthy.
+        let mut running = running_v1();
+        for s in &mut running.stages {
+            s.since = Some(Time(t(-3600)));
+        }
+        let seen = plan(&world("2", [Healthy, Busy, Busy], running, 0));
+        let dev = stage(&seen, "dev");
+        assert_eq!(
+            (dev.phase, dev.release.clone(), dev.since.clone()),
+            (StagePhase::Healthy, Some(release("2")), Some(Time(t(0))))
+        );
+        let staging = stage(&seen, "staging");
+        assert_eq!(staging.release, Some(release("1")), "staging is held");
+        assert_eq!(staging.phase, StagePhase::Soaking);
+        // The next look, a minute on, still soaks from when v2 was seen.
+        let mut next = world("2", [Healthy, Busy, Busy], seen.status.clone(), 60);
+        next.now = t(60);
+        let staging = plan(&next);
+        let staging = stage(&staging, "staging");
+        assert_eq!(staging.phase, StagePhase::Soaking);
+        assert_eq!(
+            staging.gates[0].message.as_deref(),
+            Some("soaked 1m of 10m")
         );
     }
 
