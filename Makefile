@@ -40,15 +40,16 @@ FUZZ_SECONDS ?= 60
 fuzz:
 	e2e/fuzz.sh $(FUZZ_SECONDS)
 
-## crds: regenerate crds/ (and the Helm chart's copy) from src/api
-crds:
-	$(CARGO) run $(CARGO_FLAGS) --quiet --bin sluice -- crdgen --out crds
-	$(CARGO) run $(CARGO_FLAGS) --quiet --bin sluice -- crdgen --out charts/sluice/crds
+# Where the CRDs are written: crds/ for kubectl, and the Helm chart's and kustomize's copies.
+CRD_DIRS := crds charts/sluice/crds config/crd/bases
 
-## crds-check: fail when crds/ or the chart's copy differs from what src/api generates
+## crds: regenerate crds/ (and the Helm chart's and kustomize's copies) from src/api
+crds:
+	@for d in $(CRD_DIRS); do $(CARGO) run $(CARGO_FLAGS) --quiet --bin sluice -- crdgen --out $$d || exit $$?; done
+
+## crds-check: fail when crds/ or a copy differs from what src/api generates
 crds-check:
-	$(CARGO) run $(CARGO_FLAGS) --quiet --bin sluice -- crdgen --out crds --check
-	$(CARGO) run $(CARGO_FLAGS) --quiet --bin sluice -- crdgen --out charts/sluice/crds --check
+	@for d in $(CRD_DIRS); do $(CARGO) run $(CARGO_FLAGS) --quiet --bin sluice -- crdgen --out $$d --check || exit $$?; done
 
 ## test: everything CI runs: lint, unit tests, CRD drift check, then the cluster tests on a
 ##       local cluster it starts (tools are built once and cached) and stops again
@@ -68,6 +69,10 @@ cluster-test:
 	e2e/simulator/run.sh start "$$($(MAKE) -s kubeconfig)"
 	$$(e2e/tools/build.sh --print-bin-dir)/kubectl --kubeconfig "$$($(MAKE) -s kubeconfig)" \
 	  apply --server-side --force-conflicts -f crds/ -f config/approvals/approvals.yaml
+	KUBECONFIG=$$($(MAKE) -s kubeconfig) \
+	  KUBECTL=$$(e2e/tools/build.sh --print-bin-dir)/kubectl \
+	  SLUICE_PROMETHEUS_URL=$$($(MAKE) -s prometheus-url) \
+	  $(CARGO) test $(CARGO_FLAGS) -p sluice --test install -- --ignored --test-threads=1
 	KUBECONFIG=$$($(MAKE) -s kubeconfig) \
 	  KUBECTL=$$(e2e/tools/build.sh --print-bin-dir)/kubectl \
 	  SLUICE_PROMETHEUS_URL=$$($(MAKE) -s prometheus-url) \

@@ -30,6 +30,9 @@ enum Command {
     Crdgen(CrdgenArgs),
     /// Print the version.
     Version,
+    /// GET each URL and succeed only if every one answers 2xx (the Helm chart's `helm test`
+    /// checks /readyz and /metrics with it: the image has no shell and no curl).
+    Probe(ProbeArgs),
 }
 
 /// Every flag also reads an environment variable (shown in brackets), for container specs.
@@ -89,6 +92,17 @@ struct CrdgenArgs {
     check: bool,
 }
 
+#[derive(clap::Args, Debug)]
+struct ProbeArgs {
+    /// The URLs, e.g. http://sluice-metrics.sluice-system:8080/readyz.
+    #[arg(required = true)]
+    urls: Vec<String>,
+
+    /// Seconds to wait for each answer.
+    #[arg(long, default_value_t = 10)]
+    timeout_seconds: u64,
+}
+
 fn main() -> anyhow::Result<()> {
     sluice::install_crypto_provider();
     let cli = Cli::parse();
@@ -99,7 +113,30 @@ fn main() -> anyhow::Result<()> {
             println!("sluice {}", sluice::VERSION);
             Ok(())
         }
+        Command::Probe(args) => probe(args),
     }
+}
+
+fn probe(args: ProbeArgs) -> anyhow::Result<()> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(args.timeout_seconds))
+        .build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        for url in &args.urls {
+            let response = client
+                .get(url)
+                .send()
+                .await
+                .map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
+            let status = response.status();
+            anyhow::ensure!(status.is_success(), "{url}: answered {status}");
+            println!("{url}: {status}");
+        }
+        Ok(())
+    })
 }
 
 fn controller(args: ControllerArgs) -> anyhow::Result<()> {

@@ -5,7 +5,7 @@ use std::path::Path;
 
 #[test]
 fn committed_crds_match_the_code() {
-    for dir in ["crds", "charts/sluice/crds"] {
+    for dir in ["crds", "charts/sluice/crds", "config/crd/bases"] {
         check(&Path::new(env!("CARGO_MANIFEST_DIR")).join(dir));
     }
 }
@@ -24,16 +24,29 @@ fn check(dir: &Path) {
     );
 }
 
-/// The Helm chart ships the approval policy from `config/approvals` unchanged.
+fn read(path: &str) -> String {
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(path)).unwrap()
+}
+
+/// The Helm chart ships the approval policy from `config/approvals` unchanged (behind its
+/// `approvalPolicy.enabled` switch).
 #[test]
 fn the_chart_ships_the_approval_policy_unchanged() {
-    let root = env!("CARGO_MANIFEST_DIR");
-    let config =
-        std::fs::read_to_string(format!("{root}/config/approvals/approvals.yaml")).unwrap();
-    let chart =
-        std::fs::read_to_string(format!("{root}/charts/sluice/templates/approvals.yaml")).unwrap();
+    let config = read("config/approvals/approvals.yaml");
+    let chart = read("charts/sluice/templates/approvals.yaml");
     assert_eq!(
-        config, chart,
-        "copy config/approvals/approvals.yaml to charts/sluice/templates/approvals.yaml"
+        format!("{{{{- if .Values.approvalPolicy.enabled }}}}\n{config}{{{{- end }}}}\n"),
+        chart,
+        "copy config/approvals/approvals.yaml into charts/sluice/templates/approvals.yaml"
+    );
+}
+
+/// The operator's rules have one source, config/rbac/role.yaml; the chart ships it unchanged.
+#[test]
+fn the_chart_grants_the_rules_of_config_rbac() {
+    assert_eq!(
+        read("config/rbac/role.yaml"),
+        read("charts/sluice/files/role.yaml"),
+        "copy config/rbac/role.yaml to charts/sluice/files/role.yaml"
     );
 }
