@@ -6,7 +6,7 @@ SLUICE_CHAOS_KILLS ?= 15
 SLUICE_CHAOS_FAILOVERS ?= 1
 
 .DEFAULT_GOAL := help
-.PHONY: help build release fmt fmt-check lint unit fuzz crds crds-check test cluster-test chaos bench bench-run run demo
+.PHONY: help build release fmt fmt-check lint unit fuzz crds crds-check test cluster-test chaos bench bench-run run demo image
 
 ## help: list the targets
 help:
@@ -69,9 +69,10 @@ cluster-test:
 	e2e/simulator/run.sh start "$$($(MAKE) -s kubeconfig)"
 	$$(e2e/tools/build.sh --print-bin-dir)/kubectl --kubeconfig "$$($(MAKE) -s kubeconfig)" \
 	  apply --server-side --force-conflicts -f crds/ -f config/approvals/approvals.yaml
+	SLUICE_IMAGE_PROFILE=dev SLUICE_IMAGE_OUT=$(CURDIR)/target/image-test e2e/image.sh
 	KUBECONFIG=$$($(MAKE) -s kubeconfig) \
 	  KUBECTL=$$(e2e/tools/build.sh --print-bin-dir)/kubectl \
-	  SLUICE_PROMETHEUS_URL=$$($(MAKE) -s prometheus-url) \
+	  SLUICE_PROMETHEUS_URL=$$($(MAKE) -s prometheus-url) SLUICE_IMAGE_DIR=$(CURDIR)/target/image-test \
 	  $(CARGO) test $(CARGO_FLAGS) -p sluice --test install -- --ignored --test-threads=1
 	KUBECONFIG=$$($(MAKE) -s kubeconfig) \
 	  KUBECTL=$$(e2e/tools/build.sh --print-bin-dir)/kubectl \
@@ -116,6 +117,12 @@ bench-run:
 	  SLUICE_BENCH_OPERATOR=$(BENCH_OPERATOR) SLUICE_BENCH_OUT=$(CURDIR)/target/bench \
 	  $(CARGO) test $(CARGO_FLAGS) -p sluice --test bench -- --ignored --nocapture || exit $$?; \
 	done
+
+## image: the operator's OCI image, without a container engine (e2e/image.sh): a static
+##        release binary, an OCI layout and a `docker load` tarball, and a CycloneDX SBOM in
+##        target/image (docs/install.md says how to push or load it)
+image:
+	e2e/image.sh
 
 ## run: run the operator against the local cluster (make cluster-up first)
 run:

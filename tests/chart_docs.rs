@@ -48,9 +48,10 @@ fn rows(schema: &Value, defaults: &Value, at: &str, out: &mut Vec<String>) {
 #[test]
 fn the_chart_readme_lists_every_value_from_the_schema() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/sluice");
-    let schema: Value =
-        serde_json::from_str(&std::fs::read_to_string(format!("{dir}/values.schema.json")).unwrap())
-            .unwrap();
+    let schema: Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{dir}/values.schema.json")).unwrap(),
+    )
+    .unwrap();
     let defaults: Value =
         serde_yaml::from_str(&std::fs::read_to_string(format!("{dir}/values.yaml")).unwrap())
             .unwrap();
@@ -61,7 +62,9 @@ fn the_chart_readme_lists_every_value_from_the_schema() {
     rows(&schema, &defaults, "", &mut table);
     let readme_path = format!("{dir}/README.md");
     let readme = std::fs::read_to_string(&readme_path).unwrap();
-    let (head, rest) = readme.split_once(BEGIN).expect("README has the values marker");
+    let (head, rest) = readme
+        .split_once(BEGIN)
+        .expect("README has the values marker");
     let (_, tail) = rest.split_once(END).expect("README has the end marker");
     let generated = format!("{head}{BEGIN}{}\n{END}{tail}", table.join("\n"));
     if std::env::var_os("SLUICE_BLESS").is_some() {

@@ -617,3 +617,175 @@ async fn crds_upgrade_additively_from_their_previous_version() {
     }
     ns.delete().await;
 }
+
+/// Whether an ELF executable asks for a program interpreter (a dynamic loader): a static
+/// binary does not (PT_INTERP is program header type 3).
+fn wants_interpreter(elf: &[u8]) -> bool {
+    let u16_at = |at: usize| u16::from_le_bytes([elf[at], elf[at + 1]]) as usize;
+    let u64_at = |at: usize| {
+        let mut bytes = [0u8; 8];
+        bytes.copy_from_slice(&elf[at..at + 8]);
+        u64::from_le_bytes(bytes) as usize
+    };
+    assert_eq!(&elf[..5], b"\x7fELF\x02", "a 64-bit ELF file");
+    let (offset, size, count) = (u64_at(32), u16_at(54), u16_at(56));
+    (0..count).any(|i| {
+        let at = offset + i * size;
+        u32::from_le_bytes([elf[at], elf[at + 1], elf[at + 2], elf[at + 3]]) == 3
+    })
+}
+
+fn json_file(path: &Path) -> Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap_or_else(|e| panic!("{path:?}: {e}")))
+        .unwrap()
+}
+
+/// The image `make image` writes (`make test` builds a debug one first): its config, its one
+/// layer's files, the `docker load` tarball and the SBOM; the binary from the layer is static,
+/// prints its version, and runs as the operator against the local cluster (a Rollout goes
+/// Healthy, and its own `probe` finds /readyz and /metrics answering).
+#[tokio::test]
+#[ignore = "needs the local cluster and the image: make test"]
+async fn the_image_is_complete_and_its_binary_runs_the_operator() {
+    let dir = std::env::var("SLUICE_IMAGE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| Path::new(ROOT).join("target/image"));
+    assert!(
+        dir.join("oci/index.json").exists(),
+        "no image in {dir:?}: run `make image` (or e2e/image.sh)"
+    );
+    let version = env!("CARGO_PKG_VERSION");
+    let blob = |digest: &Value| {
+        let digest = digest.as_str().unwrap().trim_start_matches("sha256:");
+        dir.join("oci/blobs/sha256").join(digest)
+    };
+    let index = json_file(&dir.join("oci/index.json"));
+    let manifest = json_file(&blob(&index["manifests"][0]["digest"]));
+    let config = json_file(&blob(&manifest["config"]["digest"]));
+    assert_eq!(
+        (
+            &config["os"],
+            &config["architecture"],
+            &config["config"]["User"],
+            &config["config"]["Entrypoint"]
+        ),
+        (
+            &json!("linux"),
+            &json!("amd64"),
+            &json!("65532:65532"),
+            &json!(["/sluice"])
+        )
+    );
+    let labels = &config["config"]["Labels"];
+    let revision = git(&["rev-parse", "HEAD"]);
+    for (key, want) in [
+        ("revision", revision.trim()),
+        ("version", version),
+        ("licenses", "Apache-2.0"),
+    ] {
+        let key = format!("org.opencontainers.image.{key}");
+        assert_eq!(labels[&key], want, "label {key}");
+        assert_eq!(manifest["annotations"][&key], want, "annotation {key}");
+    }
+    assert!(
+        labels["org.opencontainers.image.source"]
+            .as_str()
+            .is_some_and(|s| !s.is_empty())
+    );
+    let layers = manifest["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 1, "one layer");
+
+    // The layer's files.
+    let rootfs = Path::new(ROOT).join("target/install-test/rootfs");
+    let _ = std::fs::remove_dir_all(&rootfs);
+    std::fs::create_dir_all(&rootfs).unwrap();
+    let layer = blob(&layers[0]["digest"]);
+    let out = run(
+        "tar",
+        &[
+            "-xzf",
+            &layer.to_string_lossy(),
+            "-C",
+            &rootfs.to_string_lossy(),
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let passwd = std::fs::read_to_string(rootfs.join("etc/passwd")).unwrap();
+    assert!(passwd.contains("nonroot:x:65532:65532:"), "{passwd}");
+    let certs = std::fs::read_to_string(rootfs.join("etc/ssl/certs/ca-certificates.crt")).unwrap();
+    assert!(certs.matches("BEGIN CERTIFICATE").count() > 10);
+    let binary = rootfs.join("sluice");
+    assert!(
+        !wants_interpreter(&std::fs::read(&binary).unwrap()),
+        "the image's binary is statically linked"
+    );
+    let printed = run(&binary, &["version"], None);
+    assert_eq!(text(&printed).trim(), format!("sluice {version}"));
+
+    // The `docker load` tarball: the same config, tagged sluice:<version>.
+    let tarball = dir.join(format!("sluice-{version}.tar"));
+    let out = run(
+        "tar",
+        &["-xOf", &tarball.to_string_lossy(), "manifest.json"],
+        None,
+    );
+    let loaded: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(loaded[0]["RepoTags"], json!([format!("sluice:{version}")]));
+    assert_eq!(loaded[0]["Config"], manifest["config"]["digest"]);
+
+    // The SBOM.
+    let sbom = json_file(&dir.join(format!("sluice-{version}.cdx.json")));
+    assert_eq!(sbom["bomFormat"], "CycloneDX");
+    let names: Vec<&str> = sbom["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    assert!(
+        names.len() > 100
+            && ["kube", "tokio", "rustls"]
+                .iter()
+                .all(|n| names.contains(n)),
+        "{} components",
+        names.len()
+    );
+
+    // The operator, from the image's binary.
+    let ns = TestNamespace::new("image").await;
+    let listen = {
+        let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        socket.local_addr().unwrap()
+    };
+    let mut operator = Command::new(&binary)
+        .args([
+            "controller",
+            "--leader-election=false",
+            "--listen",
+            &listen.to_string(),
+            "--watch-namespace",
+            &ns.name,
+            "--prometheus-address",
+            &prometheus_url(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    routing(&ns).await;
+    healthy_rollout(&ns, json!([{"setWeight": 50}, {"pause": {}}])).await;
+    let probed = run(
+        &binary,
+        &[
+            "probe",
+            &format!("http://{listen}/readyz"),
+            &format!("http://{listen}/metrics"),
+        ],
+        None,
+    );
+    let _ = operator.kill();
+    let _ = operator.wait();
+    assert!(probed.status.success(), "{}", text(&probed));
+    ns.delete().await;
+}

@@ -7,13 +7,16 @@
 #   etcd   from go.etcd.io/etcd/server/v3     (e2e/tools/etcd/go.mod)
 #   kwok   from sigs.k8s.io/kwok/cmd/kwok     (e2e/tools/kwok/go.mod)
 #   helm   from helm.sh/helm/v3/cmd/helm      (e2e/tools/helm/go.mod)
+#   crane  from github.com/google/go-containerregistry/cmd/crane (e2e/tools/crane/go.mod):
+#          writes the operator's OCI image (`make image`) without a container engine
 #
 # plus the CRD YAML the local cluster applies (istio.io/api, gateway-api, and the ArgoCD
 # Application CRD from github.com/argoproj/argo-cd/v3).
 #
 # Binaries go to a cache outside the repo, keyed by version:
 #   ${SLUICE_TOOLS_DIR:-$HOME/.cache/sluice/tools}/k8s-<ver>/bin   <- the bin dir
-#   .../etcd-<ver>/bin/etcd, .../kwok-<ver>/bin/kwok, .../helm-<ver>/bin/helm
+#   .../etcd-<ver>/bin/etcd, .../kwok-<ver>/bin/kwok, .../helm-<ver>/bin/helm,
+#   .../crane-<ver>/bin/crane
 #   (symlinked into the bin dir), .../crds/{istio-api,gateway-api}-<ver>/
 # Each artifact carries a stamp (hash of go.mod, go.sum, sources, flags and Go
 # version); an up-to-date artifact is skipped, so a warm run takes well under
@@ -60,7 +63,8 @@ K8S_VERSION="$(modver "${TOOLS_SRC}/go.mod" k8s.io/kubernetes)"
 ETCD_VERSION="$(modver "${TOOLS_SRC}/etcd/go.mod" go.etcd.io/etcd/server/v3)"
 KWOK_VERSION="$(modver "${TOOLS_SRC}/kwok/go.mod" sigs.k8s.io/kwok)"
 HELM_VERSION="$(modver "${TOOLS_SRC}/helm/go.mod" helm.sh/helm/v3)"
-[[ -n "${K8S_VERSION}" && -n "${ETCD_VERSION}" && -n "${KWOK_VERSION}" && -n "${HELM_VERSION}" ]] ||
+CRANE_VERSION="$(modver "${TOOLS_SRC}/crane/go.mod" github.com/google/go-containerregistry)"
+[[ -n "${K8S_VERSION}" && -n "${ETCD_VERSION}" && -n "${KWOK_VERSION}" && -n "${HELM_VERSION}" && -n "${CRANE_VERSION}" ]] ||
   die "could not read pinned versions from e2e/tools/*/go.mod"
 
 BIN_DIR="${TOOLS_DIR}/k8s-${K8S_VERSION}/bin"
@@ -232,6 +236,11 @@ main() {
   ensure helm "${TOOLS_SRC}/helm" "${TOOLS_DIR}/helm-${HELM_VERSION}/bin/helm" \
     helm.sh/helm/v3/cmd/helm "$(helm_ldflags)" ""
   link helm "../../helm-${HELM_VERSION}/bin/helm"
+
+  ensure crane "${TOOLS_SRC}/crane" "${TOOLS_DIR}/crane-${CRANE_VERSION}/bin/crane" \
+    github.com/google/go-containerregistry/cmd/crane \
+    "-s -w -X github.com/google/go-containerregistry/cmd/crane/cmd.Version=${CRANE_VERSION}" ""
+  link crane "../../crane-${CRANE_VERSION}/bin/crane"
 
   ensure_crds
 
