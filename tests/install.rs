@@ -294,6 +294,55 @@ async fn the_operator_pods_meet_the_restricted_pod_security_standard() {
     ns.delete().await;
 }
 
+/// Every kustomize base in config/ builds, and holds what its name says.
+#[test]
+#[ignore = "needs the tools of the local cluster: make test"]
+fn every_kustomize_base_builds() {
+    for (base, kinds) in [
+        ("crd", &["CustomResourceDefinition"][..]),
+        (
+            "rbac",
+            &[
+                "ServiceAccount",
+                "ClusterRole",
+                "ClusterRoleBinding",
+                "Role",
+                "RoleBinding",
+            ],
+        ),
+        ("manager", &["Deployment", "Service", "PodDisruptionBudget"]),
+        (
+            "approvals",
+            &[
+                "ValidatingAdmissionPolicy",
+                "ValidatingAdmissionPolicyBinding",
+            ],
+        ),
+        ("prometheus", &["ServiceMonitor"]),
+        (
+            "samples",
+            &["Namespace", "Rollout", "ErrorBudget", "Pipeline"],
+        ),
+        (
+            "default",
+            &[
+                "Namespace",
+                "CustomResourceDefinition",
+                "Deployment",
+                "ClusterRole",
+            ],
+        ),
+    ] {
+        let objects = kustomize(&format!("{ROOT}/config/{base}"));
+        for kind in kinds {
+            assert!(
+                !of_kind(&objects, kind).is_empty(),
+                "config/{base} has no {kind}"
+            );
+        }
+    }
+}
+
 fn kustomize(dir: &str) -> Vec<Value> {
     let out = run(kubectl(), &["kustomize", dir], None);
     assert!(out.status.success(), "kustomize {dir}: {}", text(&out));
