@@ -23,6 +23,8 @@ pub struct Settings {
     pub prometheus_address: Option<String>,
     /// Watch only this namespace (`None`: the whole cluster).
     pub namespace: Option<String>,
+    /// The operator's own namespace: a Notifier there may cover every namespace.
+    pub operator_namespace: String,
 }
 
 impl Settings {
@@ -33,6 +35,7 @@ impl Settings {
             lease: None,
             prometheus_address,
             namespace,
+            operator_namespace: "sluice-system".into(),
         }
     }
 }

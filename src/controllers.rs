@@ -1,6 +1,7 @@
 //! The set of controllers the leader runs.
 //!
-//! The Rollout, ErrorBudget and Pipeline controllers, sharing one context.
+//! The Rollout, ErrorBudget and Pipeline controllers and the notifications, sharing one
+//! context.
 
 use std::sync::Arc;
 
@@ -14,7 +15,8 @@ pub async fn run(context: Arc<Context>, stop: watch::Receiver<bool>) -> anyhow::
     futures::join!(
         crate::rollout::run(context.clone(), stop.clone()),
         crate::errorbudget::run(context.clone(), stop.clone()),
-        crate::pipeline::run(context, stop),
+        crate::pipeline::run(context.clone(), stop.clone()),
+        crate::notify::run(context, stop),
     );
     Ok(())
 }

@@ -17,6 +17,7 @@ pub mod fence;
 pub mod fuzzing;
 pub mod k8s;
 pub mod leader;
+pub mod notify;
 pub mod operator;
 pub mod pipeline;
 pub mod plugin;

@@ -153,6 +153,7 @@ fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         lease,
         prometheus_address: args.prometheus_address,
         namespace: args.watch_namespace,
+        operator_namespace: args.lease_namespace.clone(),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -47,6 +47,12 @@ struct KindLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NotificationLabels {
+    channel: String,
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ControllerLabel {
     controller: String,
 }
@@ -80,6 +86,7 @@ pub struct Metrics {
     reconcile_duration: Family<ControllerLabel, Histogram>,
     reconcile_errors: Family<ControllerKindLabels, Counter>,
     measurements: Family<KindLabel, Counter>,
+    notifications: Family<NotificationLabels, Counter>,
     query_duration: Histogram,
     rollout_phase: Family<PhaseLabels, Gauge>,
     canary_weight: Family<RolloutLabels, Gauge>,
@@ -171,6 +178,12 @@ impl Metrics {
             "Analysis measurements by outcome",
             measurements.clone(),
         );
+        let notifications = Family::<NotificationLabels, Counter>::default();
+        registry.register(
+            "notifications",
+            "Notification attempts by channel and result (delivered, retried, failed)",
+            notifications.clone(),
+        );
         let query_duration = Histogram::new(exponential_buckets(0.002, 2.0, 13));
         registry.register(
             "prometheus_query_duration_seconds",
@@ -253,6 +266,7 @@ impl Metrics {
             reconcile_duration,
             reconcile_errors,
             measurements,
+            notifications,
             query_duration,
             rollout_phase,
             canary_weight,
@@ -272,6 +286,15 @@ impl Metrics {
             .get_or_create(&ControllerKindLabels {
                 controller: controller.to_string(),
                 kind: kind.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn notification(&self, channel: &str, result: &str) {
+        self.notifications
+            .get_or_create(&NotificationLabels {
+                channel: channel.to_string(),
+                result: result.to_string(),
             })
             .inc();
     }

@@ -7,7 +7,7 @@
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use serde_json::Value;
-use sluice::api::{ErrorBudget, Pipeline, Rollout};
+use sluice::api::{ErrorBudget, Notifier, Pipeline, Rollout};
 
 mod common;
 use common::{cases, sample, samples};
@@ -64,6 +64,7 @@ fn every_sample_is_valid_and_parses_into_the_types() {
             "Rollout" => serde_json::from_value::<Rollout>(object.clone()).map(|_| ()),
             "ErrorBudget" => serde_json::from_value::<ErrorBudget>(object.clone()).map(|_| ()),
             "Pipeline" => serde_json::from_value::<Pipeline>(object.clone()).map(|_| ()),
+            "Notifier" => serde_json::from_value::<Notifier>(object.clone()).map(|_| ()),
             other => panic!("{file}: unexpected kind {other}"),
         };
         parsed.unwrap_or_else(|e| panic!("{file}: {e}"));

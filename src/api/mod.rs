@@ -10,10 +10,12 @@ pub mod analysis;
 pub mod common;
 pub mod duration;
 pub mod errorbudget;
+pub mod notifier;
 pub mod pipeline;
 pub mod rollout;
 
 pub use duration::Duration;
 pub use errorbudget::{ErrorBudget, ErrorBudgetSpec, ErrorBudgetStatus};
+pub use notifier::{Notifier, NotifierSpec, NotifierStatus};
 pub use pipeline::{Pipeline, PipelineSpec, PipelineStatus};
 pub use rollout::{Rollout, RolloutSpec, RolloutStatus};

@@ -210,7 +210,14 @@ pub fn plan(o: &Observed) -> Plan {
         events.push(PlannedEvent {
             warning,
             reason: "PhaseChanged",
-            message: status.message.clone().unwrap_or_default(),
+            // "Frozen: ...": the new phase first, which notifications (and people) read.
+            message: format!(
+                "{}: {}",
+                status
+                    .phase
+                    .map_or_else(|| "Unknown".to_string(), |p| format!("{p:?}")),
+                status.message.clone().unwrap_or_default()
+            ),
         });
     }
     Plan {

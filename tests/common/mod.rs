@@ -58,6 +58,7 @@ pub fn cases() -> Vec<Case> {
     const BLUE_GREEN: &str = "rollout-bluegreen.yaml";
     const BUDGET: &str = "errorbudget.yaml";
     const PIPELINE: &str = "pipeline.yaml";
+    const NOTIFIER: &str = "notifier.yaml";
     vec![
         Case {
             name: "both strategies",
@@ -399,6 +400,31 @@ pub fn cases() -> Vec<Case> {
             kind: "Pipeline",
             edit: |v| v["spec"]["stages"][1]["gates"]["soak"] = json!("a day"),
             expect: "does not match",
+        },
+        Case {
+            name: "two channels",
+            file: NOTIFIER,
+            kind: "Notifier",
+            edit: |v| {
+                v["spec"]["webhook"] = json!({"urlSecretRef": {"name": "hook", "key": "url"}})
+            },
+            expect: "a Notifier has exactly one channel: slack, teams, pagerDuty or webhook",
+        },
+        Case {
+            name: "no channel",
+            file: NOTIFIER,
+            kind: "Notifier",
+            edit: |v| {
+                v["spec"].as_object_mut().unwrap().remove("slack");
+            },
+            expect: "a Notifier has exactly one channel: slack, teams, pagerDuty or webhook",
+        },
+        Case {
+            name: "unknown transition",
+            file: NOTIFIER,
+            kind: "Notifier",
+            edit: |v| v["spec"]["events"] = json!(["Deployed"]),
+            expect: "is not one of",
         },
     ]
 }

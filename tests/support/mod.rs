@@ -385,8 +385,8 @@ pub async fn start_controller_as(
     stop_tx
 }
 
-/// Starts the Rollout, ErrorBudget and Pipeline controllers, sharing one context, as the
-/// operator runs them, watching `ns` (`None`: the whole cluster).
+/// Starts the Rollout, ErrorBudget and Pipeline controllers and the notifications, sharing one
+/// context, as the operator runs them, watching `ns` (`None`: the whole cluster).
 pub async fn start_controllers_in(ns: Option<&str>, prometheus: String) -> watch::Sender<bool> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let settings = sluice::context::Settings::local(ns.map(String::from), Some(prometheus));
@@ -396,7 +396,8 @@ pub async fn start_controllers_in(ns: Option<&str>, prometheus: String) -> watch
     ));
     tokio::spawn(sluice::rollout::run(ctx.clone(), stop_rx.clone()));
     tokio::spawn(sluice::errorbudget::run(ctx.clone(), stop_rx.clone()));
-    tokio::spawn(sluice::pipeline::run(ctx, stop_rx));
+    tokio::spawn(sluice::pipeline::run(ctx.clone(), stop_rx.clone()));
+    tokio::spawn(sluice::notify::run(ctx, stop_rx));
     stop_tx
 }
 
