@@ -167,7 +167,7 @@ fn cloudevent_types(r: &Receiver) -> Vec<String> {
 fn cloudevent_problems(event: &Value) -> Vec<String> {
     let mut problems = Vec::new();
     for required in ["specversion", "id", "source", "type"] {
-        if !event[required].as_str().is_some_and(|s| !s.is_empty()) {
+        if event[required].as_str().is_none_or(str::is_empty) {
             problems.push(format!("{required} missing or empty"));
         }
     }
