@@ -107,8 +107,14 @@ pub enum NotificationEvent {
     BudgetPhaseChanged,
     /// A person released a revision despite an ErrorBudget freeze.
     FreezeOverridden,
+    /// An analysis was inconclusive or erred: the release pauses until a person decides.
+    AnalysisInconclusive,
     /// A Pipeline admitted a release to a stage.
     StagePromoted,
+    /// A release waits for a person's approval at a Pipeline stage.
+    StageWaitingForApproval,
+    /// An ErrorBudget gate holds a release at a Pipeline stage.
+    StageFrozen,
     /// A person approved a release for a Pipeline stage.
     Approved,
     /// A person rejected a release for a Pipeline stage.

@@ -90,6 +90,7 @@ fn classify(kind: WatchedKind, reason: &str) -> Option<NotificationEvent> {
         (WatchedKind::Rollout, "ReleaseStarted") => ReleaseStarted,
         (WatchedKind::Rollout, "StepCompleted") => StepReached,
         (WatchedKind::Rollout, "Paused") => Paused,
+        (WatchedKind::Rollout, "AnalysisInconclusive") => AnalysisInconclusive,
         (WatchedKind::Rollout, "Promoted" | "PromotedFull") => Promoted,
         (WatchedKind::Rollout, "AbortedByUser" | "AnalysisFailed" | "AbortedByErrorBudget") => {
             Aborted
@@ -98,6 +99,8 @@ fn classify(kind: WatchedKind, reason: &str) -> Option<NotificationEvent> {
         (WatchedKind::Rollout, "FreezeOverridden") => FreezeOverridden,
         (WatchedKind::ErrorBudget, "PhaseChanged") => BudgetPhaseChanged,
         (WatchedKind::Pipeline, "Admitted") => StagePromoted,
+        (WatchedKind::Pipeline, "WaitingForApproval") => StageWaitingForApproval,
+        (WatchedKind::Pipeline, "StageFrozen") => StageFrozen,
         (WatchedKind::Pipeline, "Approved") => Approved,
         (WatchedKind::Pipeline, "Rejected") => Rejected,
         (WatchedKind::Pipeline, "StageFailed") => StageFailed,
@@ -168,6 +171,16 @@ mod tests {
             ("Rollout", "PreviousScaledDown", None),
             ("ErrorBudget", "PhaseChanged", Some(BudgetPhaseChanged)),
             ("Pipeline", "Admitted", Some(StagePromoted)),
+            (
+                "Pipeline",
+                "WaitingForApproval",
+                Some(StageWaitingForApproval),
+            ),
+            (
+                "Rollout",
+                "AnalysisInconclusive",
+                Some(AnalysisInconclusive),
+            ),
             ("Pipeline", "Rejected", Some(Rejected)),
             ("Pipeline", "PhaseChanged", None),
             ("Deployment", "Promoted", None),

@@ -757,6 +757,24 @@ pub fn plan(o: &Observed) -> Plan {
                                 ),
                             );
                         }
+                        // A person is needed, or a budget holds it: said once, on entry.
+                        let told = match held.phase {
+                            StagePhase::WaitingForApproval => Some(("WaitingForApproval", false)),
+                            StagePhase::Frozen => Some(("StageFrozen", true)),
+                            _ => None,
+                        };
+                        if let Some((reason, warning)) = told.filter(|_| st.phase != held.phase) {
+                            events.push(PlannedEvent {
+                                warning,
+                                reason,
+                                message: format!(
+                                    "{} waits at stage {}: {}",
+                                    describe(&release),
+                                    stage.name,
+                                    held.message
+                                ),
+                            });
+                        }
                         st.pending = Some(release.clone());
                         set_phase(&mut st, held.phase);
                         st.message =

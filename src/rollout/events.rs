@@ -11,6 +11,8 @@ pub enum Reason {
     ReleaseCancelled,
     StepCompleted,
     Paused,
+    /// Paused because an analysis was inconclusive or erred: a person decides.
+    AnalysisInconclusive,
     Resumed,
     PromotedFull,
     Promoted,
@@ -42,6 +44,7 @@ impl Reason {
             Reason::ReleaseCancelled => "ReleaseCancelled",
             Reason::StepCompleted => "StepCompleted",
             Reason::Paused => "Paused",
+            Reason::AnalysisInconclusive => "AnalysisInconclusive",
             Reason::Resumed => "Resumed",
             Reason::PromotedFull => "PromotedFull",
             Reason::Promoted => "Promoted",

@@ -259,7 +259,7 @@ pub fn record_counts(status: &mut RolloutStatus, o: &Observed) {
     );
 }
 
-/// Phase, message, the `Paused` Event and the standard conditions, the same for every
+/// Phase, message, the `Paused` (or `AnalysisInconclusive`) Event and the standard conditions, the same for every
 /// strategy. `counts` is (role of the serving revision, its available pods, replicas).
 pub fn record_phase(
     status: &mut RolloutStatus,
@@ -270,9 +270,17 @@ pub fn record_phase(
     o: &Observed,
 ) {
     if status.phase != Some(phase) && phase == RolloutPhase::Paused {
+        let inconclusive = status
+            .pause_conditions
+            .first()
+            .is_some_and(|c| c.reason == crate::api::rollout::PauseReason::InconclusiveAnalysis);
         events.push(PlannedEvent {
-            warning: false,
-            reason: Reason::Paused,
+            warning: inconclusive,
+            reason: if inconclusive {
+                Reason::AnalysisInconclusive
+            } else {
+                Reason::Paused
+            },
             message: message.clone(),
         });
     }
