@@ -7,116 +7,15 @@
 mod process;
 mod support;
 
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ListParams};
 use serde_json::{Value, json};
 use sluice::api::notifier::Notifier;
 use sluice::api::rollout::RolloutPhase;
+use support::receiver::{Receiver, TOKEN, notifier, secret_ref};
 use support::*;
-
-/// The secret part of every webhook URL and key in these tests: it must appear nowhere but
-/// in the requests the receiver gets.
-const TOKEN: &str = "T0KEN-5ecret-d0-not-leak";
-
-#[derive(Clone, Debug)]
-struct Received {
-    channel: String,
-    content_type: String,
-    body: Value,
-}
-
-#[derive(Clone, Default)]
-struct Receiver {
-    received: Arc<Mutex<Vec<Received>>>,
-    /// Answer 500 to this many requests before answering 200 again (`u32::MAX`: always).
-    fail_next: Arc<Mutex<u32>>,
-}
-
-impl Receiver {
-    /// Serves on 127.0.0.1: POST /<channel>/<token> records the request.
-    async fn start() -> (Self, String) {
-        let receiver = Receiver::default();
-        let app = axum::Router::new()
-            .route("/{channel}/{token}", axum::routing::post(receive))
-            .with_state(receiver.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        (receiver, address)
-    }
-
-    fn of(&self, channel: &str) -> Vec<Received> {
-        self.received
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|r| r.channel == channel)
-            .cloned()
-            .collect()
-    }
-
-    fn fail(&self, requests: u32) {
-        *self.fail_next.lock().unwrap() = requests;
-    }
-}
-
-async fn receive(
-    State(receiver): State<Receiver>,
-    Path((channel, token)): Path<(String, String)>,
-    headers: HeaderMap,
-    body: String,
-) -> StatusCode {
-    {
-        let mut fail = receiver.fail_next.lock().unwrap();
-        if *fail > 0 {
-            *fail = fail.saturating_sub(if *fail == u32::MAX { 0 } else { 1 });
-            return StatusCode::INTERNAL_SERVER_ERROR;
-        }
-    }
-    // PagerDuty's endpoint is public; its key travels in the body (checked by the test).
-    if token != TOKEN && channel != "pagerduty" {
-        return StatusCode::UNAUTHORIZED;
-    }
-    receiver.received.lock().unwrap().push(Received {
-        channel,
-        content_type: headers
-            .get("content-type")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_string(),
-        body: serde_json::from_str(&body).unwrap_or(Value::Null),
-    });
-    StatusCode::OK
-}
-
-/// A Secret with one key, and a Notifier of `channel` (`spec` is the channel's own fields and
-/// any filters) in `ns`.
-async fn notifier(ns: &TestNamespace, name: &str, secret_value: &str, spec: Value) {
-    create(
-        ns,
-        &json!({"apiVersion": "v1", "kind": "Secret",
-                "metadata": {"name": name, "namespace": ns.name},
-                "stringData": {"value": secret_value}}),
-    )
-    .await
-    .unwrap();
-    create(
-        ns,
-        &json!({"apiVersion": "sluice.dev/v1alpha1", "kind": "Notifier",
-                "metadata": {"name": name, "namespace": ns.name}, "spec": spec}),
-    )
-    .await
-    .unwrap();
-}
-
-fn secret_ref(name: &str) -> Value {
-    json!({"name": name, "key": "value"})
-}
 
 /// Slack headers, Teams card titles, PagerDuty actions, CloudEvent types: what each channel
 /// received, in order.
@@ -485,6 +384,135 @@ async fn a_failing_receiver_is_retried_then_given_up_with_one_warning_and_the_re
     assert!(release_took < Duration::from_secs(12), "{release_took:?}");
     println!(
         "MEASURE notification retries: delivered after 2 failures; given up after 5 attempts; release took {release_took:?}"
+    );
+    ns.delete().await;
+}
+
+/// An ErrorBudget that crosses into Exhausted and back: PagerDuty opens an alert and resolves
+/// it, the CloudEvents sink gets an incident (CDEvents `incident.detected`), Slack both phase
+/// changes, each once and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the local cluster: make test"]
+async fn a_budget_exhausted_and_recovered_opens_and_resolves_an_alert() {
+    let ns = TestNamespace::new("notify-budget").await;
+    let (receiver, address) = Receiver::start().await;
+    notifier(
+        &ns,
+        "pagerduty",
+        TOKEN,
+        json!({"pagerDuty": {"routingKeySecretRef": secret_ref("pagerduty"),
+                             "endpoint": format!("{address}/pagerduty/enqueue")},
+               "kinds": ["ErrorBudget"]}),
+    )
+    .await;
+    notifier(
+        &ns,
+        "events",
+        &format!("{address}/events/{TOKEN}"),
+        json!({"webhook": {"urlSecretRef": secret_ref("events")}, "kinds": ["ErrorBudget"]}),
+    )
+    .await;
+    notifier(
+        &ns,
+        "slack",
+        &format!("{address}/slack/{TOKEN}"),
+        json!({"slack": {"urlSecretRef": secret_ref("slack")}, "events": ["BudgetPhaseChanged"]}),
+    )
+    .await;
+    let _controllers = start_controllers(&ns.name, prometheus_url()).await;
+    // A 10% budget (objective 90) with a constant error ratio the test sets in the spec.
+    let slo = |errors: &str| {
+        budget(
+            &ns.name,
+            "avail",
+            errors,
+            "vector(1)",
+            json!({"targets": []}),
+        )
+    };
+    create(&ns, &slo("vector(0)")).await.unwrap();
+    let budgets: Api<sluice::api::ErrorBudget> = Api::namespaced(ns.client.clone(), &ns.name);
+    let phase = |want: &'static str| {
+        let budgets = budgets.clone();
+        async move {
+            wait_for(
+                &format!("budget {want}"),
+                Duration::from_secs(60),
+                || async {
+                    let s = budgets.get("avail").await.ok()?.status?;
+                    (format!("{:?}", s.phase?) == want).then_some(())
+                },
+            )
+            .await
+        }
+    };
+    phase("Healthy").await;
+    let patch = |errors: &'static str| {
+        let budgets = budgets.clone();
+        async move {
+            budgets
+                .patch(
+                    "avail",
+                    &kube::api::PatchParams::default(),
+                    &kube::api::Patch::Merge(
+                        json!({"spec": {"indicator": {"ratio": {"errors": errors}}}}),
+                    ),
+                )
+                .await
+                .unwrap();
+        }
+    };
+    // 9.8% errors against a 10% budget: 98% consumed.
+    patch("vector(0.098)").await;
+    phase("Exhausted").await;
+    // The first evaluation (Healthy) resolves nothing open yet; then the alert.
+    wait_messages("the alert", || {
+        pagerduty_actions(&receiver) == ["resolve", "trigger"]
+    })
+    .await;
+    patch("vector(0)").await;
+    phase("Healthy").await;
+    wait_messages("the resolve", || pagerduty_actions(&receiver).len() == 3).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    assert_eq!(
+        pagerduty_actions(&receiver),
+        ["resolve", "trigger", "resolve"]
+    );
+    let trigger = &receiver.of("pagerduty")[1].body;
+    assert_eq!(trigger["payload"]["severity"], "critical");
+    assert_eq!(
+        trigger["dedup_key"],
+        format!("sluice/ErrorBudget/{}/avail", ns.name)
+    );
+    let types = cloudevent_types(&receiver);
+    assert_eq!(
+        types,
+        [
+            "dev.sluice.errorbudget.budgetphasechanged.v1",
+            "dev.cdevents.incident.detected.0.2.0",
+            "dev.sluice.errorbudget.budgetphasechanged.v1",
+        ],
+        "Healthy (first evaluation), Exhausted, Healthy"
+    );
+    for e in receiver.of("events") {
+        let problems = cloudevent_problems(&e.body);
+        assert!(problems.is_empty(), "{problems:?}");
+    }
+    let slack: Vec<String> = receiver
+        .of("slack")
+        .iter()
+        .map(|m| {
+            m.body["blocks"][1]["text"]["text"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(slack.len(), 3, "{slack:?}");
+    assert!(
+        slack[1].starts_with("Exhausted:") && slack[2].starts_with("Healthy:"),
+        "{slack:?}"
     );
     ns.delete().await;
 }

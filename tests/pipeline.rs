@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::authentication::v1::SelfSubjectReview;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
-use serde_json::json;
+use serde_json::{Value, json};
 use sluice::api::errorbudget::{BudgetPhase, ErrorBudget};
 use sluice::api::pipeline::{HistoryAction, Pipeline, PipelineStatus, StagePhase, StageStatus};
 use sluice::api::rollout::{PauseReason, Rollout, RolloutPhase};
@@ -146,6 +146,17 @@ async fn a_release_moves_dev_staging_prod_behind_soak_budget_and_a_verified_appr
     for ns in [&dev, &staging, &prod] {
         routing(ns).await;
     }
+    // The Pipeline's transitions, as CloudEvents to a local receiver.
+    let (receiver, address) = receiver::Receiver::start().await;
+    receiver::notifier(
+        &home,
+        "events",
+        &format!("{address}/events/{}", receiver::TOKEN),
+        json!({"webhook": {"urlSecretRef": receiver::secret_ref("events")},
+               "kinds": ["Pipeline"],
+               "events": ["StagePromoted", "StageWaitingForApproval", "Approved"]}),
+    )
+    .await;
     let quick = json!([{"setWeight": 50}, {"pause": {"duration": "1s"}}]);
     let (dev_api, _) = healthy_rollout(&dev, quick.clone()).await;
     let (staging_api, _) = healthy_rollout(
@@ -385,6 +396,48 @@ async fn a_release_moves_dev_staging_prod_behind_soak_budget_and_a_verified_appr
         |s| s.phase == StagePhase::Healthy,
     )
     .await;
+    // The notifications of web:2's way to prod: staging admitted, prod waiting for a person,
+    // approved by them, admitted; each once and in that order.
+    let sent = || -> Vec<(String, String)> {
+        receiver
+            .of("events")
+            .iter()
+            .map(|e| {
+                let data = &e.body["data"]["sluice"];
+                let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
+                (text(&data["event"]), text(&data["message"]))
+            })
+            .filter(|(_, message)| message.contains(&image(2)))
+            .collect()
+    };
+    wait_for(
+        "prod's admission notified",
+        Duration::from_secs(30),
+        || async {
+            sent()
+                .iter()
+                .any(|(e, m)| e == "StagePromoted" && m.contains("stage prod"))
+                .then_some(())
+        },
+    )
+    .await;
+    let order: Vec<(String, String)> = sent()
+        .into_iter()
+        .filter(|(_, m)| m.contains("stage staging") || m.contains("stage prod"))
+        .collect();
+    let events: Vec<&str> = order.iter().map(|(e, _)| e.as_str()).collect();
+    assert_eq!(
+        events,
+        [
+            "StagePromoted",
+            "StageWaitingForApproval",
+            "Approved",
+            "StagePromoted"
+        ],
+        "{order:#?}"
+    );
+    assert!(order[0].1.contains("stage staging") && order[3].1.contains("stage prod"));
+    assert!(order[2].1.contains(&admin), "{}", order[2].1);
 
     // web:3, then web:4 while staging soaks web:3: the soak starts over, web:3 never enters
     // staging.

@@ -1,6 +1,8 @@
 //! Helpers for the cluster tests: clients, namespaces, objects, waiting, Prometheus.
 #![allow(dead_code)]
 
+pub mod receiver;
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::{Duration, Instant};
