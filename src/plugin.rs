@@ -81,6 +81,150 @@ pub fn pipeline_reference(
     object_reference(bare, namespace, default)
 }
 
+/// A kind of resource `kubectl sluice history` shows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TrailKind {
+    Rollout,
+    Pipeline,
+    ErrorBudget,
+}
+
+/// `[KIND/]NAMESPACE/NAME` or `[KIND/]NAME`: the kind when it is written (rollout, pipeline,
+/// errorbudget, or their short names), and the object.
+pub fn trail_reference(
+    reference: &str,
+    namespace: Option<&str>,
+    default: &str,
+) -> Result<(Option<TrailKind>, String, String), String> {
+    let kinds = [
+        ("rollout", TrailKind::Rollout),
+        ("rollouts", TrailKind::Rollout),
+        ("sro", TrailKind::Rollout),
+        ("pipeline", TrailKind::Pipeline),
+        ("pipelines", TrailKind::Pipeline),
+        ("spl", TrailKind::Pipeline),
+        ("errorbudget", TrailKind::ErrorBudget),
+        ("errorbudgets", TrailKind::ErrorBudget),
+        ("eb", TrailKind::ErrorBudget),
+    ];
+    let (kind, rest) = match reference.split_once('/') {
+        Some((first, rest)) => match kinds.iter().find(|(k, _)| first.eq_ignore_ascii_case(k)) {
+            Some((_, kind)) => (Some(*kind), rest),
+            None => (None, reference),
+        },
+        None => (None, reference),
+    };
+    let (ns, name) = object_reference(rest, namespace, default)?;
+    Ok((kind, ns, name))
+}
+
+/// One line of an audit trail.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrailEntry {
+    pub time: Timestamp,
+    /// The Event's reason, or the Pipeline history's action.
+    pub action: String,
+    /// Who decided: a person's name where it is recorded, `a person`, or `sluice`.
+    pub by: String,
+    /// What happened and why.
+    pub what: String,
+    /// How many times it was recorded (an Event's series).
+    pub count: i32,
+}
+
+/// The trail of one object from its Events (`regarding` it) and, for a Pipeline, its durable
+/// history. Events the history already records (admissions, stage results, decisions) are
+/// left out so that nothing shows twice; newest first.
+pub fn audit_trail(
+    events: &[k8s_openapi::api::events::v1::Event],
+    pipeline_history: &[crate::api::pipeline::HistoryEntry],
+) -> Vec<TrailEntry> {
+    let in_history = [
+        "Admitted",
+        "StageHealthy",
+        "StageFailed",
+        "Approved",
+        "Rejected",
+    ];
+    let mut trail: Vec<TrailEntry> = events
+        .iter()
+        .filter(|e| {
+            e.reporting_controller.as_deref() == Some(crate::k8s::events::REPORTING_CONTROLLER)
+        })
+        .filter(|e| {
+            pipeline_history.is_empty()
+                || !in_history.contains(&e.reason.as_deref().unwrap_or_default())
+        })
+        .filter_map(|e| {
+            let reason = e.reason.clone()?;
+            let time = e
+                .series
+                .as_ref()
+                .map(|s| s.last_observed_time.0)
+                .or_else(|| e.event_time.as_ref().map(|t| t.0))
+                .or_else(|| e.metadata.creation_timestamp.as_ref().map(|t| t.0))?;
+            let by = match crate::k8s::events::actor(&reason) {
+                "person" => "a person",
+                other => other,
+            };
+            Some(TrailEntry {
+                time,
+                by: by.to_string(),
+                what: e.note.clone().unwrap_or_default(),
+                count: e.series.as_ref().map_or(1, |s| s.count),
+                action: reason,
+            })
+        })
+        .collect();
+    trail.extend(pipeline_history.iter().map(|h| {
+        let mut what = format!(
+            "stage {}: {}",
+            h.stage,
+            crate::pipeline::plan::describe(&h.release)
+        );
+        if let Some(reason) = h.reason.as_deref().filter(|r| !r.is_empty()) {
+            what.push_str(&format!(" ({reason})"));
+        }
+        TrailEntry {
+            time: h.time.0,
+            action: format!("{:?}", h.action),
+            by: h.by.clone().unwrap_or_else(|| "sluice".into()),
+            what,
+            count: 1,
+        }
+    }));
+    trail.sort_by(|a, b| b.time.cmp(&a.time));
+    trail
+}
+
+/// The trail as a table, newest first.
+pub fn render_trail(title: &str, trail: &[TrailEntry], now: Timestamp) -> String {
+    let mut out = format!("{title}\n");
+    if trail.is_empty() {
+        out.push_str("  nothing recorded (Events are kept for an hour by default)\n");
+        return out;
+    }
+    out.push_str(&format!(
+        "  {:<8} {:<26} {:<28} WHAT\n",
+        "AGE", "ACTION", "BY"
+    ));
+    for entry in trail {
+        let repeated = if entry.count > 1 {
+            format!(" (x{})", entry.count)
+        } else {
+            String::new()
+        };
+        out.push_str(&format!(
+            "  {:<8} {:<26} {:<28} {}{repeated}\n",
+            age(Some(&Time(entry.time)), now),
+            entry.action,
+            entry.by,
+            entry.what
+        ));
+    }
+    out
+}
+
 /// A fresh intent: its id is the request time, unique enough for one person's commands.
 pub fn new_intent(now: Timestamp, requested_by: Option<String>, reason: Option<String>) -> Intent {
     Intent {
@@ -828,5 +972,80 @@ mod reference_tests {
             pipeline_reference("ops/shop", None, "default"),
             ok("ops", "shop")
         );
+    }
+
+    #[test]
+    fn the_audit_trail_is_newest_first_with_who_and_nothing_twice() {
+        use crate::api::pipeline::{HistoryAction, HistoryEntry, Release};
+        use k8s_openapi::api::core::v1::ObjectReference;
+        use k8s_openapi::api::events::v1::Event;
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+        let at = |s: i64| Timestamp::from_second(1_700_000_000 + s).unwrap();
+        let event = |reason: &str, note: &str, s: i64| Event {
+            reason: Some(reason.into()),
+            note: Some(note.into()),
+            event_time: Some(MicroTime(at(s))),
+            reporting_controller: Some(crate::k8s::events::REPORTING_CONTROLLER.into()),
+            regarding: Some(ObjectReference::default()),
+            ..Event::default()
+        };
+        let events = [
+            event("ReleaseStarted", "releasing b", 0),
+            event("AbortedByUser", "release of b aborted by alice", 60),
+            event("Approved", "alice approved web:2 for stage prod", 30),
+        ];
+        let rollout = audit_trail(&events, &[]);
+        assert_eq!(
+            rollout
+                .iter()
+                .map(|e| (e.action.as_str(), e.by.as_str()))
+                .collect::<Vec<_>>(),
+            [
+                ("AbortedByUser", "a person"),
+                ("Approved", "a person"),
+                ("ReleaseStarted", "sluice")
+            ]
+        );
+        // A Pipeline: the approval comes from its history (with the name), not twice.
+        let history = [HistoryEntry {
+            stage: "prod".into(),
+            release: Release {
+                images: vec!["web:2".into()],
+            },
+            action: HistoryAction::Approved,
+            time: Time(at(30)),
+            by: Some("alice".into()),
+            reason: Some("looked fine".into()),
+            request: None,
+        }];
+        let pipeline = audit_trail(&events, &history);
+        let approvals: Vec<&TrailEntry> =
+            pipeline.iter().filter(|e| e.action == "Approved").collect();
+        assert_eq!(approvals.len(), 1);
+        assert_eq!(approvals[0].by, "alice");
+        assert_eq!(approvals[0].what, "stage prod: web:2 (looked fine)");
+        let text = render_trail("Pipeline shop/web", &pipeline, at(120));
+        assert!(
+            text.lines().nth(2).unwrap().contains("AbortedByUser"),
+            "{text}"
+        );
+        assert!(render_trail("x", &[], at(0)).contains("nothing recorded"));
+    }
+
+    #[test]
+    fn a_trail_names_its_kind_or_not() {
+        assert_eq!(
+            trail_reference("pipeline/shop/web", None, "default"),
+            Ok((Some(TrailKind::Pipeline), "shop".into(), "web".into()))
+        );
+        assert_eq!(
+            trail_reference("shop/web", None, "default"),
+            Ok((None, "shop".into(), "web".into()))
+        );
+        assert_eq!(
+            trail_reference("eb/avail", Some("prod"), "default"),
+            Ok((Some(TrailKind::ErrorBudget), "prod".into(), "avail".into()))
+        );
+        assert!(trail_reference("rollout/a/b/c", None, "default").is_err());
     }
 }

@@ -267,6 +267,31 @@ async fn a_promotion_and_an_abort_reach_every_channel_once_in_order_across_a_res
     assert_eq!(aborted.body["data"]["sluice"]["reason"], "AbortedByUser");
     assert!(before_restart > 0);
 
+    // The audit trail, newest first: the abort (by the user the apiserver knows), the
+    // promotion, the releases.
+    let trail = plugin(&["history", &format!("rollout/{}/web", ns.name)]);
+    let actions: Vec<&str> = trail
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .collect();
+    let started: Vec<usize> = (0..actions.len())
+        .filter(|i| actions[*i] == "ReleaseStarted")
+        .collect();
+    let promoted = actions.iter().position(|a| *a == "Promoted");
+    assert!(
+        actions.first() == Some(&"AbortedByUser")
+            && actions.last() == Some(&"Deployed")
+            && started.len() == 2
+            && promoted.is_some_and(|p| started[0] < p && p < started[1]),
+        "{trail}"
+    );
+    let abort_line = trail.lines().find(|l| l.contains("AbortedByUser")).unwrap();
+    assert!(
+        abort_line.contains("a person") && !abort_line.contains("aborted by a user"),
+        "the abort names who asked: {abort_line}"
+    );
+
     // The token: nowhere in the operator's log, the Events, or the Notifiers' status.
     let log = std::fs::read_to_string(&operator.log).unwrap_or_default();
     assert!(!log.is_empty());

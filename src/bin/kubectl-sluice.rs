@@ -95,6 +95,13 @@ enum Command {
         #[arg(long, conflicts_with = "watch")]
         rules: bool,
     },
+    /// The audit trail of a Rollout, Pipeline or ErrorBudget, newest first: every decision by
+    /// Sluice or a person, with who and why (from its Events, and a Pipeline's history).
+    History {
+        /// [rollout/|pipeline/|errorbudget/]NAMESPACE/NAME, or NAME with -n; without a kind,
+        /// the Rollout, Pipeline or ErrorBudget of that name.
+        target: String,
+    },
     /// Approve the release waiting at a Pipeline stage. The apiserver records who you are
     /// and refuses you unless you may approve that stage.
     Approve {
@@ -151,8 +158,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .await
         .context("no usable kubeconfig (set KUBECONFIG)")?;
     let default_ns = config.default_namespace.clone();
-    let user = std::env::var("USER").ok();
     let client = Client::try_from(config)?;
+    // Who asks, as the apiserver knows them (informational in a Rollout's intents and Events).
+    let user = if cli.command.records_an_intent() {
+        whoami(&client)
+            .await
+            .ok()
+            .or_else(|| std::env::var("USER").ok())
+    } else {
+        None
+    };
     let target = |r: &str| {
         sluice::plugin::object_reference(r, cli.namespace.as_deref(), &default_ns)
             .map_err(anyhow::Error::msg)
@@ -175,6 +190,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     return Ok(());
                 }
             }
+        }
+        Command::History { target } => {
+            let (kind, ns, name) =
+                plugin::trail_reference(&target, cli.namespace.as_deref(), &default_ns)
+                    .map_err(anyhow::Error::msg)?;
+            print!("{}", history(&client, kind, &ns, &name).await?);
+            Ok(())
         }
         Command::List { all_namespaces } => {
             let api: Api<Rollout> = if all_namespaces {
@@ -320,6 +342,73 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// Who the apiserver says we are: what an approval records (and what the admission policy
 /// compares it with), never a name the client picks.
+impl Command {
+    /// Whether the command records a request in a Rollout's status.
+    fn records_an_intent(&self) -> bool {
+        matches!(
+            self,
+            Command::Promote { .. }
+                | Command::Abort { .. }
+                | Command::Retry { .. }
+                | Command::Pause { .. }
+                | Command::Resume { .. }
+        )
+    }
+}
+
+/// The audit trail of `ns/name`, of `kind` or of whichever kind has that name.
+async fn history(
+    client: &Client,
+    kind: Option<plugin::TrailKind>,
+    ns: &str,
+    name: &str,
+) -> anyhow::Result<String> {
+    use plugin::TrailKind;
+    let found = |k: TrailKind| kind.is_none_or(|want| want == k);
+    let (kind_name, uid, pipeline_history) = if found(TrailKind::Rollout)
+        && let Some(r) = Api::<Rollout>::namespaced(client.clone(), ns)
+            .get_opt(name)
+            .await?
+    {
+        ("Rollout", r.uid(), Vec::new())
+    } else if found(TrailKind::Pipeline)
+        && let Some(p) = Api::<Pipeline>::namespaced(client.clone(), ns)
+            .get_opt(name)
+            .await?
+    {
+        let history = p.status.clone().unwrap_or_default().history;
+        ("Pipeline", p.uid(), history)
+    } else if found(TrailKind::ErrorBudget)
+        && let Some(b) = Api::<ErrorBudget>::namespaced(client.clone(), ns)
+            .get_opt(name)
+            .await?
+    {
+        ("ErrorBudget", b.uid(), Vec::new())
+    } else {
+        bail!("no Rollout, Pipeline or ErrorBudget {ns}/{name}");
+    };
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), ns);
+    let about: Vec<_> = events
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|e| {
+            e.regarding.as_ref().is_some_and(|r| {
+                r.kind.as_deref() == Some(kind_name)
+                    && r.name.as_deref() == Some(name)
+                    && (uid.is_none() || r.uid == uid)
+            })
+        })
+        .collect();
+    let trail = plugin::audit_trail(&about, &pipeline_history);
+    Ok(plugin::render_trail(
+        &format!("{kind_name} {ns}/{name}"),
+        &trail,
+        Timestamp::now(),
+    ))
+}
+
 async fn whoami(client: &Client) -> anyhow::Result<String> {
     let api: Api<SelfSubjectReview> = Api::all(client.clone());
     let review = api

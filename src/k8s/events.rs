@@ -154,6 +154,16 @@ pub async fn publish_all(
 /// Events are bounded by the API; longer notes are cut.
 const MAX_NOTE: usize = 1024;
 
+/// Whose decision an Event records: a person's request (promote, abort, retry, resume, an
+/// override, an approval) or Sluice's own judgement.
+pub fn actor(reason: &str) -> &'static str {
+    match reason {
+        "AbortedByUser" | "PromotedFull" | "Resumed" | "Retried" | "AnalysisRestarted"
+        | "FreezeOverridden" | "Approved" | "Rejected" => "person",
+        _ => "sluice",
+    }
+}
+
 /// Records an Event on `reference` and writes the same decision as a structured log line.
 /// A failure to record is logged, never returned: Events are a report, not a step.
 pub async fn publish(
@@ -166,6 +176,7 @@ pub async fn publish(
     tracing::info!(
         reason,
         message,
+        actor = actor(reason),
         kind = reference.kind.as_deref().unwrap_or_default(),
         object = reference.name.as_deref().unwrap_or_default(),
         namespace = reference.namespace.as_deref().unwrap_or_default(),
