@@ -193,7 +193,7 @@ pub fn audit_trail(
             count: 1,
         }
     }));
-    trail.sort_by(|a, b| b.time.cmp(&a.time));
+    trail.sort_by_key(|e| std::cmp::Reverse(e.time));
     trail
 }
 
