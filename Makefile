@@ -77,7 +77,7 @@ cluster-test:
 	KUBECONFIG=$$($(MAKE) -s kubeconfig) \
 	  KUBECTL=$$(e2e/tools/build.sh --print-bin-dir)/kubectl \
 	  SLUICE_PROMETHEUS_URL=$$($(MAKE) -s prometheus-url) \
-	  $(CARGO) test $(CARGO_FLAGS) -p sluice --test cluster --test rollout --test errorbudget --test notify -- --ignored --test-threads=2
+	  $(CARGO) test $(CARGO_FLAGS) -p sluice --test cluster --test rollout --test errorbudget --test notify --test dashboards -- --ignored --test-threads=2
 	KUBECONFIG=$$($(MAKE) -s kubeconfig) \
 	  KUBECTL=$$(e2e/tools/build.sh --print-bin-dir)/kubectl \
 	  SLUICE_PROMETHEUS_URL=$$($(MAKE) -s prometheus-url) \

@@ -47,6 +47,22 @@ struct KindLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AnalysisLabels {
+    namespace: String,
+    name: String,
+    metric: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ThresholdLabels {
+    namespace: String,
+    name: String,
+    metric: String,
+    /// `success` or `failure`: which condition the number comes from.
+    condition: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct NotificationLabels {
     channel: String,
     result: String,
@@ -87,6 +103,12 @@ pub struct Metrics {
     reconcile_errors: Family<ControllerKindLabels, Counter>,
     measurements: Family<KindLabel, Counter>,
     notifications: Family<NotificationLabels, Counter>,
+    analysis_value: Family<AnalysisLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    analysis_threshold: Family<ThresholdLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// The analysis metric names seen per Rollout, to drop their series with it.
+    analysis_names: std::sync::Mutex<
+        std::collections::HashMap<(String, String), std::collections::BTreeSet<String>>,
+    >,
     query_duration: Histogram,
     rollout_phase: Family<PhaseLabels, Gauge>,
     canary_weight: Family<RolloutLabels, Gauge>,
@@ -184,6 +206,18 @@ impl Metrics {
             "Notification attempts by channel and result (delivered, retried, failed)",
             notifications.clone(),
         );
+        let analysis_value = Family::default();
+        registry.register(
+            "analysis_value",
+            "The last value each Rollout's analysis metric measured (finite single values only)",
+            analysis_value.clone(),
+        );
+        let analysis_threshold = Family::default();
+        registry.register(
+            "analysis_threshold",
+            "The number an analysis metric's condition compares with, where the condition is a plain comparison (result < 0.05)",
+            analysis_threshold.clone(),
+        );
         let query_duration = Histogram::new(exponential_buckets(0.002, 2.0, 13));
         registry.register(
             "prometheus_query_duration_seconds",
@@ -267,6 +301,9 @@ impl Metrics {
             reconcile_errors,
             measurements,
             notifications,
+            analysis_value,
+            analysis_threshold,
+            analysis_names: Default::default(),
             query_duration,
             rollout_phase,
             canary_weight,
@@ -307,8 +344,64 @@ impl Metrics {
             .inc();
     }
 
+    /// The value an analysis metric measured, and the thresholds its conditions compare with.
+    pub fn analysis(
+        &self,
+        (namespace, name, metric): (&str, &str, &str),
+        value: Option<f64>,
+        thresholds: [(&str, Option<f64>); 2],
+    ) {
+        let labels = AnalysisLabels {
+            namespace: namespace.into(),
+            name: name.into(),
+            metric: metric.into(),
+        };
+        if let Some(v) = value.filter(|v| v.is_finite()) {
+            self.analysis_value.get_or_create(&labels).set(v);
+        }
+        for (condition, threshold) in thresholds {
+            if let Some(t) = threshold {
+                self.analysis_threshold
+                    .get_or_create(&ThresholdLabels {
+                        namespace: namespace.into(),
+                        name: name.into(),
+                        metric: metric.into(),
+                        condition: condition.into(),
+                    })
+                    .set(t);
+            }
+        }
+        if let Ok(mut names) = self.analysis_names.lock() {
+            names
+                .entry((namespace.into(), name.into()))
+                .or_default()
+                .insert(metric.into());
+        }
+    }
+
     /// Drops a deleted Rollout's series, so the metrics stay as small as the cluster.
     pub fn forget_rollout(&self, namespace: &str, name: &str) {
+        let metrics = self
+            .analysis_names
+            .lock()
+            .ok()
+            .and_then(|mut names| names.remove(&(namespace.to_string(), name.to_string())))
+            .unwrap_or_default();
+        for metric in metrics {
+            self.analysis_value.remove(&AnalysisLabels {
+                namespace: namespace.into(),
+                name: name.into(),
+                metric: metric.clone(),
+            });
+            for condition in ["success", "failure"] {
+                self.analysis_threshold.remove(&ThresholdLabels {
+                    namespace: namespace.into(),
+                    name: name.into(),
+                    metric: metric.clone(),
+                    condition: condition.into(),
+                });
+            }
+        }
         for phase in PHASES {
             self.rollout_phase.remove(&PhaseLabels {
                 namespace: namespace.into(),

@@ -179,6 +179,7 @@ async fn every_values_set_renders_objects_the_apiserver_accepts() {
                 "imagePullSecrets[0].name=regcred",
                 "topologySpread.whenUnsatisfiable=DoNotSchedule",
                 "approvalPolicy.enabled=false",
+                "dashboards.enabled=true",
             ],
         ),
     ];
@@ -206,6 +207,12 @@ async fn every_values_set_renders_objects_the_apiserver_accepts() {
                 assert_eq!(monitors.len(), 1, "{name}: {kinds:?}");
                 assert_eq!(monitors[0]["spec"]["endpoints"][0]["port"], "http");
                 assert!(!kinds.contains(&"ValidatingAdmissionPolicy"), "{kinds:?}");
+                let dashboards = of_kind(&objects, "ConfigMap");
+                assert_eq!(dashboards.len(), 4, "one ConfigMap per dashboard");
+                assert_eq!(
+                    dashboards[0]["metadata"]["labels"]["grafana_dashboard"],
+                    "1"
+                );
                 let container = &deployment["spec"]["template"]["spec"]["containers"][0];
                 assert_eq!(container["ports"][0]["containerPort"], 9090);
                 assert_eq!(
@@ -319,6 +326,7 @@ fn every_kustomize_base_builds() {
             ],
         ),
         ("prometheus", &["ServiceMonitor"]),
+        ("grafana", &["ConfigMap"]),
         (
             "samples",
             &["Namespace", "Rollout", "ErrorBudget", "Pipeline"],

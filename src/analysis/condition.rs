@@ -13,6 +13,26 @@ pub enum MeasuredValue {
     List(Vec<f64>),
 }
 
+/// The number a plain comparison condition compares the result with (`result < 0.05`,
+/// `result[0] >= 99.5`, `0.05 > result`), for dashboards; `None` for anything else.
+pub fn threshold(condition: &str) -> Option<f64> {
+    let c = condition.trim();
+    for op in ["<=", ">=", "==", "<", ">"] {
+        if let Some((left, right)) = c.split_once(op) {
+            let (left, right) = (left.trim(), right.trim());
+            let is_result = |s: &str| s == "result" || s == "result[0]";
+            return if is_result(left) {
+                right.parse().ok()
+            } else if is_result(right) {
+                left.parse().ok()
+            } else {
+                None
+            };
+        }
+    }
+    None
+}
+
 impl MeasuredValue {
     /// True when any number is NaN: such a result says nothing about the release.
     pub fn has_nan(&self) -> bool {
@@ -125,6 +145,20 @@ impl Condition {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_plain_comparison_gives_its_threshold() {
+        for (condition, want) in [
+            ("result < 0.05", Some(0.05)),
+            ("result[0] >= 99.5", Some(99.5)),
+            ("0.2 > result", Some(0.2)),
+            ("result < 0.05 && result > 0", None),
+            ("isNaN(result)", None),
+            ("result.all(r, r < 1)", None),
+        ] {
+            assert_eq!(super::threshold(condition), want, "{condition}");
+        }
+    }
+
     use super::*;
 
     fn eval(source: &str, value: MeasuredValue) -> Result<bool, ConditionError> {

@@ -63,6 +63,23 @@ pub fn parse(query: &str) -> Result<Expr, String> {
     parser::parse(query)
 }
 
+/// The metric names a query selects (for checking dashboards against what is exported).
+pub fn metric_names(query: &str) -> Result<std::collections::BTreeSet<String>, String> {
+    let mut expr = parse(query).map_err(|e| format!("cannot parse {query:?}: {e}"))?;
+    let mut names = std::collections::BTreeSet::new();
+    visit(&mut expr, &mut |selector| {
+        if let Some(name) = &selector.name {
+            names.insert(name.clone());
+        }
+        for m in &selector.matchers.matchers {
+            if m.name == "__name__" && m.op == MatchOp::Equal {
+                names.insert(m.value.clone());
+            }
+        }
+    });
+    Ok(names)
+}
+
 fn pin(matchers: &mut Matchers, label: &str, value: &str) {
     let fresh = || Matcher::new(MatchOp::Equal, label, value);
     matchers.matchers.retain(|m| m.name != label);

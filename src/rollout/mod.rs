@@ -647,6 +647,23 @@ async fn measure(ctx: &Context, store: &Store<Rollout>, world: &mut World) -> bo
     };
     // Measured "now" is when the answers came back.
     o.now = Timestamp::now();
+    let rollout_name = world.rollout.name_any();
+    for (d, result) in due.iter().zip(&results) {
+        let value = match result {
+            Ok(crate::analysis::condition::MeasuredValue::Number(v)) => Some(*v),
+            _ => None,
+        };
+        let threshold =
+            |c: &Option<String>| c.as_deref().and_then(crate::analysis::condition::threshold);
+        ctx.metrics().analysis(
+            (&namespace, &rollout_name, &d.metric.name),
+            value,
+            [
+                ("success", threshold(&d.metric.success_condition)),
+                ("failure", threshold(&d.metric.failure_condition)),
+            ],
+        );
+    }
     let measured = due.into_iter().zip(results).collect();
     for outcome in runs::record(
         &mut o.status,
