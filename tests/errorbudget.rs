@@ -138,15 +138,7 @@ async fn the_budget_freezes_releases_an_override_lets_one_through_and_exhaustion
     assert!(aborted.aborted_at.is_some());
     assert_eq!(aborted.phase, Some(RolloutPhase::Degraded));
     assert!(aborted.message.unwrap_or_default().contains("avail"));
-    let events: Api<Event> = Api::namespaced(ns.client.clone(), &ns.name);
-    let reasons: Vec<String> = events
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .filter_map(|e| e.reason)
-        .collect();
+    let reasons = event_reasons(&ns).await;
     for reason in [
         "FrozenByErrorBudget",
         "FreezeOverridden",

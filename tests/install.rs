@@ -14,8 +14,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::events::v1::Event;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use serde_json::{Value, json};
 use sluice::api::rollout::{Rollout, RolloutPhase};
 use support::*;
@@ -378,15 +377,7 @@ async fn release_and_abort_as(ns: &TestNamespace, as_operator: kube::Client) {
         (canary_weight(ns).await? == 0).then_some(())
     })
     .await;
-    let events: Api<Event> = Api::namespaced(ns.client.clone(), &ns.name);
-    let reasons: Vec<String> = events
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .filter_map(|e| e.reason)
-        .collect();
+    let reasons = event_reasons(ns).await;
     assert!(
         reasons.iter().any(|r| r == "AbortedByUser"),
         "events: {reasons:?}"

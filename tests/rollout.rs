@@ -6,7 +6,6 @@ mod support;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::ReplicaSet;
-use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use sluice::api::rollout::{Rollout, RolloutPhase};
@@ -166,15 +165,7 @@ async fn a_bad_canary_is_rolled_back_by_analysis() {
         "MEASURE failing measurement -> 100% stable: median {median:?}, max {max:?} over {} aborts ({reaction:?})",
         reaction.len()
     );
-    let events: Api<Event> = Api::namespaced(ns.client.clone(), &ns.name);
-    let reasons: Vec<String> = events
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .filter_map(|e| e.reason)
-        .collect();
+    let reasons = event_reasons(&ns).await;
     assert!(
         reasons.iter().any(|r| r == "AnalysisFailed"),
         "events: {reasons:?}"

@@ -780,3 +780,17 @@ pub async fn stable_subset(ns: &TestNamespace) -> Option<String> {
         .as_str()
         .map(String::from)
 }
+
+/// The reasons of every Event in the namespace.
+pub async fn event_reasons(ns: &TestNamespace) -> Vec<String> {
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(ns.client.clone(), &ns.name);
+    events
+        .list(&kube::api::ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|e| e.reason)
+        .collect()
+}
