@@ -87,7 +87,13 @@ async fn route(ctx: Arc<Context>, events: Api<Event>, store: Store<Notifier>, wo
         return;
     }
     let operator_namespace = ctx.settings.operator_namespace.clone();
-    let mut stream = watcher(events, watcher::Config::default())
+    // Only Sluice's own Events, filtered by the apiserver: a cluster's other Events (pods,
+    // nodes, ...) are far more numerous and never a transition.
+    let own = watcher::Config::default().fields(&format!(
+        "reportingController={}",
+        crate::k8s::events::REPORTING_CONTROLLER
+    ));
+    let mut stream = watcher(events, own)
         .default_backoff()
         .applied_objects()
         .boxed();

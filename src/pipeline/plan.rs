@@ -118,6 +118,18 @@ pub fn budget_key(namespace: &Option<String>, name: &str, own: &str) -> String {
     format!("{}/{name}", namespace.as_deref().unwrap_or(own))
 }
 
+/// `t` rounded up to a whole second. A stage's `since` is a `metav1.Time`, which keeps whole
+/// seconds only: stored as it is, a stage Healthy at 55.98 s reads back as 55 s, and the next
+/// stage's soak ended up to a second early (the chaos test caught a 4 s soak over in 3.3 s).
+/// Rounded up, a soak is never shorter than asked, at most a second longer.
+fn ceil_second(t: Timestamp) -> Timestamp {
+    if t.subsec_nanosecond() == 0 {
+        t
+    } else {
+        Timestamp::from_second(t.as_second().saturating_add(1)).unwrap_or(t)
+    }
+}
+
 fn add(t: Timestamp, d: Duration) -> Timestamp {
     t.checked_add(SignedDuration::try_from(d).unwrap_or(SignedDuration::MAX))
         .unwrap_or(Timestamp::MAX)
@@ -570,7 +582,7 @@ pub fn plan(o: &Observed) -> Plan {
         let set_phase = |st: &mut StageStatus, phase: StagePhase| {
             if st.phase != phase {
                 st.phase = phase;
-                st.since = Some(Time(o.now));
+                st.since = Some(Time(ceil_second(o.now)));
             }
         };
         if let Some(gates) = &stage.gates {
@@ -677,7 +689,7 @@ pub fn plan(o: &Observed) -> Plan {
                 // counts from here, never from when the previous release turned Healthy (the
                 // phase alone does not change when a release lands while no one looked).
                 st.phase = StagePhase::Healthy;
-                st.since = Some(Time(o.now));
+                st.since = Some(Time(ceil_second(o.now)));
                 st.message = Some(format!("runs {}", describe(&release)));
             }
             Ok(release) => {
@@ -914,6 +926,10 @@ mod tests {
             .unwrap()
     }
 
+    fn stage_of<'a>(status: &'a PipelineStatus, name: &str) -> &'a StageStatus {
+        status.stages.iter().find(|s| s.name == name).unwrap()
+    }
+
     fn stage<'a>(plan: &'a Plan, name: &str) -> &'a StageStatus {
         plan.status.stages.iter().find(|s| s.name == name).unwrap()
     }
@@ -944,6 +960,42 @@ mod tests {
             status.summary.as_deref(),
             Some("dev:Healthy staging:Healthy prod:Healthy")
         );
+    }
+
+    #[test]
+    fn a_soak_never_ends_early_though_since_keeps_whole_seconds() {
+        // dev turns Healthy on v2 at 0.9 s; staging soaks 10 minutes after that.
+        let at = |millis: i64| {
+            t(0).checked_add(jiff::SignedDuration::from_millis(millis))
+                .unwrap()
+        };
+        let mut o = world("2", [Healthy, Busy, Busy], running_v1(), 0);
+        for s in o.status.stages.iter_mut().filter(|s| s.name == "dev") {
+            s.release = Some(release("2"));
+            s.phase = StagePhase::Progressing;
+        }
+        o.now = at(900);
+        let healthy = plan(&o);
+        let since = stage(&healthy, "dev").since.clone().unwrap().0;
+        assert!(
+            since >= at(900),
+            "since {since} is before the stage turned Healthy"
+        );
+        assert_eq!(since, t(1), "rounded up to the second");
+        // Read back (as the apiserver stores it: whole seconds), 599.5 s after it turned
+        // Healthy: still soaking.
+        let mut later = o.clone();
+        later.status =
+            serde_json::from_value(serde_json::to_value(&healthy.status).unwrap()).unwrap();
+        assert_eq!(stage_of(&later.status, "dev").since, Some(Time(t(1))));
+        later.now = at(900 + 599_500);
+        assert_eq!(
+            stage(&plan(&later), "staging").release,
+            Some(release("1")),
+            "admitted before its soak"
+        );
+        later.now = at(601_000);
+        assert_eq!(stage(&plan(&later), "staging").release, Some(release("2")));
     }
 
     #[test]
