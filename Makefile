@@ -6,7 +6,7 @@ SLUICE_CHAOS_KILLS ?= 15
 SLUICE_CHAOS_FAILOVERS ?= 1
 
 .DEFAULT_GOAL := help
-.PHONY: help build release fmt fmt-check lint unit fuzz crds crds-check test cluster-test chaos bench bench-run run demo image
+.PHONY: help build release fmt fmt-check lint unit fuzz crds crds-check test cluster-test chaos bench bench-run run demo image argocd-lua
 
 ## help: list the targets
 help:
@@ -35,6 +35,12 @@ lint: fmt-check
 unit:
 	$(CARGO) test $(CARGO_FLAGS) --workspace
 
+## argocd-lua: run Sluice's ArgoCD health checks and actions (config/argocd) in ArgoCD's own
+##       Lua engine, loaded from the generated argocd-cm as ArgoCD loads them
+argocd-lua:
+	cd e2e/argocd && GOTOOLCHAIN=local GOFLAGS="-mod=mod -buildvcs=false" \
+	  flock /tmp/sluice-build.lock go test -count=1 ./luatest
+
 ## fuzz: run every fuzz target for FUZZ_SECONDS (cargo-fuzz on nightly; built once, cached)
 FUZZ_SECONDS ?= 60
 fuzz:
@@ -53,7 +59,7 @@ crds-check:
 
 ## test: everything CI runs: lint, unit tests, CRD drift check, then the cluster tests on a
 ##       local cluster it starts (tools are built once and cached) and stops again
-test: lint unit crds-check
+test: lint unit crds-check argocd-lua
 	@SLUICE_FUZZ_SEED=1 $(MAKE) --no-print-directory fuzz FUZZ_SECONDS=15
 	@$(MAKE) --no-print-directory cluster-up
 	@status=0; $(MAKE) --no-print-directory cluster-test || status=$$?; \
@@ -82,6 +88,13 @@ cluster-test:
 	  KUBECTL=$$(e2e/tools/build.sh --print-bin-dir)/kubectl \
 	  SLUICE_PROMETHEUS_URL=$$($(MAKE) -s prometheus-url) \
 	  $(CARGO) test $(CARGO_FLAGS) -p sluice --test pipeline -- --ignored --test-threads=1
+	@$(MAKE) --no-print-directory argocd-up
+	KUBECONFIG=$$($(MAKE) -s kubeconfig) \
+	  KUBECTL=$$(e2e/tools/build.sh --print-bin-dir)/kubectl \
+	  SLUICE_PROMETHEUS_URL=$$($(MAKE) -s prometheus-url) \
+	  SLUICE_ARGOCD_URL=$$(e2e/cluster.sh argocd-url) SLUICE_ARGOCD_REPO=$$(e2e/cluster.sh argocd-repo) \
+	  $(CARGO) test $(CARGO_FLAGS) -p sluice --test argocd -- --ignored --test-threads=1
+	@$(MAKE) --no-print-directory argocd-down
 	@$(MAKE) --no-print-directory chaos-run
 
 ## chaos: the full reliability run on the local cluster (make cluster-up first): 100 operator

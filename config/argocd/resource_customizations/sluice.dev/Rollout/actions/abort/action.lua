@@ -1,0 +1,2 @@
+-- Put all traffic back on the stable revision now (kubectl sluice abort).
+return request("abort")

@@ -1,0 +1,2 @@
+-- Hold the release where it is (kubectl sluice pause).
+return request("pause")

@@ -1,0 +1,2 @@
+-- Skip the remaining steps and analysis (kubectl sluice promote --full).
+return request("promoteFull")

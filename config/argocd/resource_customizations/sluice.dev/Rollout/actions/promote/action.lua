@@ -1,0 +1,2 @@
+-- Go past the current pause (kubectl sluice promote).
+return request("promote")
