@@ -5,7 +5,7 @@
 
 SLUICE_E2E_DIR := $(patsubst %/,%,$(dir $(lastword $(MAKEFILE_LIST))))
 
-.PHONY: tools cluster-up cluster-down cluster-status kubeconfig prometheus-url kind-up kind-down
+.PHONY: tools cluster-up cluster-down cluster-status kubeconfig prometheus-url kind-up kind-down argocd-up argocd-down
 
 ## tools: build kube-apiserver/controller-manager/scheduler/kubectl, etcd, kwok, helm (cached)
 tools:
@@ -30,6 +30,14 @@ kubeconfig:
 ## prometheus-url: print the local Prometheus URL (use `make -s prometheus-url`)
 prometheus-url:
 	@$(SLUICE_E2E_DIR)/cluster.sh prometheus-url
+
+## argocd-up: start ArgoCD (built from its Go module) on the running local cluster, syncing
+##       from a local git repository (idempotent); argocd-down stops it
+argocd-up:
+	@$(SLUICE_E2E_DIR)/cluster.sh argocd-up
+
+argocd-down:
+	@$(SLUICE_E2E_DIR)/cluster.sh argocd-down
 
 ## kind-up: alternative for machines with Docker: kind cluster + Istio + Prometheus
 kind-up:

@@ -14,10 +14,19 @@
 #   prometheus-url  print the Prometheus base URL
 #   env             print `export ...` lines for eval: KUBECONFIG, PATH (bin dir),
 #                   SLUICE_PROMETHEUS_URL
+#   argocd-up       start ArgoCD on the running cluster (idempotent): Debian's redis-server,
+#                   and the repo server, application controller and API server of the
+#                   argocd binary built by e2e/tools/build.sh, syncing from a bare git
+#                   repository at e2e/.work/argocd/repo.git (file://)
+#   argocd-down     stop ArgoCD and delete its git repository and namespace
+#   argocd-url      print the ArgoCD API server's base URL (no TLS, no auth)
+#   argocd-repo     print the git repository's file:// URL
 #
 # Ports (127.0.0.1): etcd 12379 (peer 12380), kube-apiserver 16443,
 # kube-controller-manager 16257, kube-scheduler 16259, kwok 16280,
 # Prometheus 19090 (scrapes job istio-sim at 127.0.0.1:19100 every 2s).
+# ArgoCD (argocd-up): redis 16379, repo server 18081, API server 18080, metrics of the
+# controller / API server / repo server 18082 / 18083 / 18084.
 # State, logs and pid files: e2e/.work/ (override: SLUICE_E2E_WORK_DIR).
 set -euo pipefail
 
@@ -47,9 +56,20 @@ ADVERTISE_ADDRESS="${SLUICE_APISERVER_ADVERTISE_ADDRESS:-10.255.255.1}"
 CLUSTER_NAME=sluice-local
 APISERVER_URL="https://${HOST}:${APISERVER_PORT}"
 PROM_URL="http://${HOST}:${PROM_PORT}"
+REDIS_PORT=16379
+ARGOCD_SERVER_PORT=18080
+ARGOCD_REPO_PORT=18081
+ARGOCD_CONTROLLER_METRICS_PORT=18082
+ARGOCD_SERVER_METRICS_PORT=18083
+ARGOCD_REPO_METRICS_PORT=18084
+ARGOCD_URL="http://${HOST}:${ARGOCD_SERVER_PORT}"
+ARGOCD_WORK="${WORK}/argocd"
+ARGOCD_REPO_URL="file://${ARGOCD_WORK}/repo.git"
 
 # Start order; `down` stops in reverse.
 COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler kwok prometheus)
+# Started by argocd-up, on top of the cluster; `down` stops them first.
+ARGOCD_COMPONENTS=(redis argocd-repo-server argocd-application-controller argocd-server)
 
 log() { echo "cluster.sh: $*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -105,8 +125,16 @@ stop() {
   rm -f "${PIDS}/${name}.pid"
 }
 
+stop_argocd() {
+  local i
+  for ((i = ${#ARGOCD_COMPONENTS[@]} - 1; i >= 0; i--)); do
+    stop "${ARGOCD_COMPONENTS[i]}"
+  done
+}
+
 stop_all() {
   local i
+  stop_argocd
   for ((i = ${#COMPONENTS[@]} - 1; i >= 0; i--)); do
     stop "${COMPONENTS[i]}"
   done
@@ -547,7 +575,7 @@ EOF
 
 cmd_down_locked() {
   stop_all
-  rm -rf "${WORK}/etcd-data" "${WORK}/prometheus-data" "${WORK}/.up"
+  rm -rf "${WORK}/etcd-data" "${WORK}/prometheus-data" "${WORK}/.up" "${ARGOCD_WORK}"
 }
 
 cmd_down() {
@@ -595,6 +623,13 @@ cmd_status() {
   printf '%-24s %s\n' "scheduler" "$(healthz_ok "${SCHEDULER_PORT}" && echo ok || echo FAIL)"
   printf '%-24s %s\n' "kwok" "$(kwok_ok && echo ok || echo FAIL)"
   printf '%-24s %s\n' "prometheus /-/ready" "$(prom_ready && echo ok || echo FAIL)"
+  if [[ -f "${ARGOCD_WORK}/.up" ]]; then
+    for c in "${ARGOCD_COMPONENTS[@]}"; do
+      pid="$(pid_of "${c}")"
+      if running "${c}"; then state="running"; else state="stopped"; ok=1; fi
+      printf '%-30s %-8s pid=%-8s log=%s\n' "${c}" "${state}" "${pid:--}" "${LOGS}/${c}.log"
+    done
+  fi
   if apiserver_ready 2>/dev/null && [[ -x "$(bin_dir)/kubectl" ]]; then
     KCTL=("$(bin_dir)/kubectl" --kubeconfig="${KUBECONFIG_FILE}")
     kctl get nodes -o wide 2>&1 || true
@@ -604,6 +639,144 @@ cmd_status() {
   echo "kubeconfig: ${KUBECONFIG_FILE}"
   echo "prometheus: ${PROM_URL}"
   return "${ok}"
+}
+
+# ------------------------------------------------------------------- ArgoCD
+
+redis_ok() { redis-cli -h "${HOST}" -p "${REDIS_PORT}" ping 2>/dev/null | grep -q PONG; }
+http_ok() { curl -fsS --max-time 3 "$1" >/dev/null 2>&1; }
+argocd_healthy() {
+  local c
+  for c in "${ARGOCD_COMPONENTS[@]}"; do running "${c}" || return 1; done
+  [[ -f "${ARGOCD_WORK}/.up" ]] && http_ok "${ARGOCD_URL}/healthz"
+}
+
+# The repository the tests commit to: bare, with a first commit on main so ArgoCD can
+# resolve HEAD before any test has pushed.
+init_git_repo() {
+  [[ -d "${ARGOCD_WORK}/repo.git" ]] && return 0
+  local seed="${ARGOCD_WORK}/seed"
+  rm -rf "${seed}"
+  git init -q --bare -b main "${ARGOCD_WORK}/repo.git"
+  git init -q -b main "${seed}"
+  echo "Manifests the ArgoCD end-to-end tests commit (tests/argocd.rs)." > "${seed}/README"
+  git -C "${seed}" add README
+  git -C "${seed}" -c user.name=sluice-e2e -c user.email=e2e@sluice.invalid commit -q -m "seed"
+  git -C "${seed}" push -q "${ARGOCD_WORK}/repo.git" main
+  rm -rf "${seed}"
+}
+
+# The argocd namespace as a plain install has it, plus the settings a test needs: a short
+# reconciliation period (ArgoCD polls git), this cluster registered as the destination
+# `sluice-local` (admin credentials), and Sluice's health checks and actions, merged
+# into argocd-cm under their own field manager exactly as docs/gitops.md tells users to.
+argocd_config() {
+  kctl create namespace argocd --dry-run=client -o yaml | kctl apply -f - >/dev/null
+  kctl apply --server-side --field-manager=sluice-cluster-sh -f - >/dev/null <<EOF
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: argocd-cm
+  namespace: argocd
+  labels: {app.kubernetes.io/part-of: argocd}
+data:
+  timeout.reconciliation: 10s
+  timeout.reconciliation.jitter: 0s
+  # ArgoCD runs outside the cluster, so it has no in-cluster config: the cluster is
+  # registered below under its real address instead.
+  cluster.inClusterEnabled: "false"
+---
+apiVersion: v1
+kind: Secret
+metadata:
+  name: cluster-${CLUSTER_NAME}
+  namespace: argocd
+  labels: {argocd.argoproj.io/secret-type: cluster}
+stringData:
+  name: ${CLUSTER_NAME}
+  server: ${APISERVER_URL}
+  config: |
+    {"tlsClientConfig": {"caData": "$(base64 -w0 < "${PKI}/ca.crt")",
+     "certData": "$(base64 -w0 < "${PKI}/admin.crt")", "keyData": "$(base64 -w0 < "${PKI}/admin.key")"}}
+---
+apiVersion: v1
+kind: Secret
+metadata:
+  name: argocd-secret
+  namespace: argocd
+  labels: {app.kubernetes.io/part-of: argocd}
+stringData:
+  server.secretkey: $(openssl rand -hex 32)
+---
+apiVersion: argoproj.io/v1alpha1
+kind: AppProject
+metadata:
+  name: default
+  namespace: argocd
+spec:
+  sourceRepos: ['*']
+  destinations: [{server: '*', namespace: '*'}]
+  clusterResourceWhitelist: [{group: '*', kind: '*'}]
+EOF
+  kctl apply --server-side --field-manager=sluice-argocd -f "${REPO_DIR}/config/argocd/argocd-cm.yaml" >/dev/null
+}
+
+cmd_argocd_up() {
+  local t0 common
+  t0=$(date +%s)
+  [[ -f "${WORK}/.up" ]] || die "the cluster is not up (make cluster-up)"
+  mkdir -p "${ARGOCD_WORK}/tmp" "${PIDS}" "${LOGS}"
+  exec 8>"${WORK}/.cluster.lock"
+  flock 8
+  if argocd_healthy; then
+    log "ArgoCD already up"
+    return 0
+  fi
+  need redis-server redis-server
+  need redis-cli redis-tools
+  need git git
+  BIN="$("${BUILD_SH}" | tail -n 1)"
+  [[ -x "${BIN}/argocd-application-controller" ]] || die "build.sh did not produce ${BIN}/argocd-application-controller"
+  KCTL=("${BIN}/kubectl" --kubeconfig="${KUBECONFIG_FILE}")
+  stop_argocd
+  # The Application and AppProject CRDs (the last of the CRD dirs): applied by `up` too.
+  apply_crds "$("${BUILD_SH}" --print-crd-dirs | tail -n 1)"
+  init_git_repo
+  argocd_config
+
+  export TMPDIR="${ARGOCD_WORK}/tmp" ARGOCD_GPG_ENABLED=false
+  common=(--kubeconfig="${KUBECONFIG_FILE}" --namespace=argocd --redis="${HOST}:${REDIS_PORT}" --loglevel=info)
+  start redis redis-server --bind "${HOST}" --port "${REDIS_PORT}" --save "" --appendonly no
+  wait_for "redis PING" 30 redis redis_ok
+  start argocd-repo-server "${BIN}/argocd-repo-server" --redis="${HOST}:${REDIS_PORT}" \
+    --address="${HOST}" --port="${ARGOCD_REPO_PORT}" --metrics-address="${HOST}" \
+    --metrics-port="${ARGOCD_REPO_METRICS_PORT}" --disable-tls --loglevel=info
+  wait_for "argocd-repo-server /healthz" 60 argocd-repo-server http_ok "http://${HOST}:${ARGOCD_REPO_METRICS_PORT}/healthz"
+  start argocd-application-controller "${BIN}/argocd-application-controller" "${common[@]}" \
+    --repo-server="${HOST}:${ARGOCD_REPO_PORT}" --repo-server-plaintext \
+    --metrics-port="${ARGOCD_CONTROLLER_METRICS_PORT}" --status-processors=2 --operation-processors=2
+  wait_for "argocd-application-controller /metrics" 60 argocd-application-controller http_ok "http://${HOST}:${ARGOCD_CONTROLLER_METRICS_PORT}/metrics"
+  start argocd-server "${BIN}/argocd-server" "${common[@]}" \
+    --repo-server="${HOST}:${ARGOCD_REPO_PORT}" --repo-server-plaintext \
+    --address="${HOST}" --port="${ARGOCD_SERVER_PORT}" --metrics-address="${HOST}" \
+    --metrics-port="${ARGOCD_SERVER_METRICS_PORT}" --insecure --disable-auth
+  wait_for "argocd-server /healthz" 60 argocd-server http_ok "${ARGOCD_URL}/healthz"
+  touch "${ARGOCD_WORK}/.up"
+  log "ArgoCD up in $(( $(date +%s) - t0 ))s: API ${ARGOCD_URL}, git ${ARGOCD_REPO_URL}"
+}
+
+cmd_argocd_down() {
+  mkdir -p "${PIDS}"
+  exec 8>"${WORK}/.cluster.lock"
+  flock 8
+  stop_argocd
+  if [[ -f "${WORK}/.up" ]] && apiserver_ready; then
+    KCTL=("$(bin_dir)/kubectl" --kubeconfig="${KUBECONFIG_FILE}")
+    # Waits, so that an argocd-up right after does not write into a terminating namespace.
+    kctl delete namespace argocd --ignore-not-found --timeout=60s >/dev/null || true
+  fi
+  rm -rf "${ARGOCD_WORK}"
+  log "ArgoCD down (logs in ${LOGS})"
 }
 
 cmd_env() {
@@ -621,6 +794,10 @@ case "${1:-}" in
   kubeconfig) echo "${KUBECONFIG_FILE}" ;;
   prometheus-url) echo "${PROM_URL}" ;;
   env) cmd_env ;;
+  argocd-up) cmd_argocd_up ;;
+  argocd-down) cmd_argocd_down ;;
+  argocd-url) echo "${ARGOCD_URL}" ;;
+  argocd-repo) echo "${ARGOCD_REPO_URL}" ;;
   -h|--help|help) sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//' ;;
-  *) echo "usage: $0 up|down|status|restart NAME|kubeconfig|prometheus-url|env" >&2; exit 2 ;;
+  *) echo "usage: $0 up|down|status|restart NAME|kubeconfig|prometheus-url|env|argocd-up|argocd-down|argocd-url|argocd-repo" >&2; exit 2 ;;
 esac

@@ -3,8 +3,8 @@ module sluice.local/e2e/argocd
 go 1.26.0
 
 require (
-	github.com/argoproj/argo-cd/v3 v3.2.12
-	github.com/argoproj/gitops-engine v0.7.1-0.20260512161450-ff8d2f5207dc
+	github.com/argoproj/argo-cd/v3 v3.2.11
+	github.com/argoproj/gitops-engine v0.7.1-0.20251217140045-5baed5604d2d
 	github.com/spf13/cobra v1.10.1
 	github.com/yuin/gopher-lua v1.1.1
 	k8s.io/api v0.34.0
@@ -163,7 +163,7 @@ require (
 	github.com/mitchellh/go-wordwrap v1.0.1 // indirect
 	github.com/mitchellh/mapstructure v1.5.0 // indirect
 	github.com/mitchellh/reflectwalk v1.0.2 // indirect
-	github.com/moby/spdystream v0.5.1 // indirect
+	github.com/moby/spdystream v0.5.0 // indirect
 	github.com/moby/term v0.5.2 // indirect
 	github.com/modern-go/concurrent v0.0.0-20180306012644-bacd9c7ef1dd // indirect
 	github.com/modern-go/reflect2 v1.0.3-0.20250322232337-35a7c28c31ee // indirect
@@ -265,7 +265,7 @@ require (
 	sigs.k8s.io/structured-merge-diff/v6 v6.3.1-0.20251003215857-446d8398e19c // indirect
 )
 
-// Copied from github.com/argoproj/argo-cd/v3 v3.2.12's go.mod: a replace only applies in the
+// Copied from github.com/argoproj/argo-cd/v3 v3.2.11's go.mod: a replace only applies in the
 // main module, so the wrapper must repeat them (k8s.io/* pinned to v0.34.0 among them).
 replace (
 	github.com/golang/protobuf => github.com/golang/protobuf v1.5.4

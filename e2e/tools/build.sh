@@ -9,14 +9,17 @@
 #   helm   from helm.sh/helm/v3/cmd/helm      (e2e/tools/helm/go.mod)
 #   crane  from github.com/google/go-containerregistry/cmd/crane (e2e/tools/crane/go.mod):
 #          writes the operator's OCI image (`make image`) without a container engine
+#   argocd multi-call argocd-application-controller / argocd-repo-server / argocd-server,
+#          from github.com/argoproj/argo-cd/v3 (wrapper module: e2e/argocd/go.mod, which
+#          also holds the Lua tests of Sluice's ArgoCD health checks and actions)
 #
 # plus the CRD YAML the local cluster applies (istio.io/api, gateway-api, and the ArgoCD
-# Application CRD from github.com/argoproj/argo-cd/v3).
+# Application and AppProject CRDs of the ArgoCD version above).
 #
 # Binaries go to a cache outside the repo, keyed by version:
 #   ${SLUICE_TOOLS_DIR:-$HOME/.cache/sluice/tools}/k8s-<ver>/bin   <- the bin dir
 #   .../etcd-<ver>/bin/etcd, .../kwok-<ver>/bin/kwok, .../helm-<ver>/bin/helm,
-#   .../crane-<ver>/bin/crane
+#   .../crane-<ver>/bin/crane, .../argocd-<ver>/bin/argocd
 #   (symlinked into the bin dir), .../crds/{istio-api,gateway-api}-<ver>/
 # Each artifact carries a stamp (hash of go.mod, go.sum, sources, flags and Go
 # version); an up-to-date artifact is skipped, so a warm run takes well under
@@ -42,8 +45,6 @@ BUILD_LOCK="${SLUICE_BUILD_LOCK:-/tmp/sluice-build.lock}"
 # CRD sources (Go modules that ship the YAML). Override via env if needed.
 ISTIO_API_VERSION="${ISTIO_API_VERSION:-v1.31.1}"
 GATEWAY_API_VERSION="${GATEWAY_API_VERSION:-v1.4.1}"
-# v3.6 needs Go 1.27; v3.5.7 is the newest that Go 1.26 fetches.
-ARGOCD_VERSION="${ARGOCD_VERSION:-v3.5.7}"
 
 export GOTOOLCHAIN=local
 export GOFLAGS="-mod=mod -buildvcs=false"
@@ -64,7 +65,11 @@ ETCD_VERSION="$(modver "${TOOLS_SRC}/etcd/go.mod" go.etcd.io/etcd/server/v3)"
 KWOK_VERSION="$(modver "${TOOLS_SRC}/kwok/go.mod" sigs.k8s.io/kwok)"
 HELM_VERSION="$(modver "${TOOLS_SRC}/helm/go.mod" helm.sh/helm/v3)"
 CRANE_VERSION="$(modver "${TOOLS_SRC}/crane/go.mod" github.com/google/go-containerregistry)"
-[[ -n "${K8S_VERSION}" && -n "${ETCD_VERSION}" && -n "${KWOK_VERSION}" && -n "${HELM_VERSION}" && -n "${CRANE_VERSION}" ]] ||
+# v3.2 is the newest ArgoCD the proxy can build: from v3.3 its go.mod replaces gitops-engine
+# with a directory inside its repository, which the module zip does not carry.
+ARGOCD_SRC="$(cd "${TOOLS_SRC}/../argocd" && pwd)"
+ARGOCD_VERSION="$(modver "${ARGOCD_SRC}/go.mod" github.com/argoproj/argo-cd/v3)"
+[[ -n "${K8S_VERSION}" && -n "${ETCD_VERSION}" && -n "${KWOK_VERSION}" && -n "${HELM_VERSION}" && -n "${CRANE_VERSION}" && -n "${ARGOCD_VERSION}" ]] ||
   die "could not read pinned versions from e2e/tools/*/go.mod"
 
 BIN_DIR="${TOOLS_DIR}/k8s-${K8S_VERSION}/bin"
@@ -168,9 +173,9 @@ ensure_crds() {
   if [[ ! -f "${ARGOCD_CRD_DIR}/.done" ]]; then
     src="$(fetch_module "github.com/argoproj/argo-cd/v3@${ARGOCD_VERSION}")"
     mkdir -p "${ARGOCD_CRD_DIR}"
-    install -m 0644 "${src}/manifests/crds/application-crd.yaml" "${ARGOCD_CRD_DIR}/"
+    install -m 0644 "${src}/manifests/crds/application-crd.yaml" "${src}/manifests/crds/appproject-crd.yaml" "${ARGOCD_CRD_DIR}/"
     touch "${ARGOCD_CRD_DIR}/.done"
-    log "ArgoCD Application CRD: ${ARGOCD_CRD_DIR}"
+    log "ArgoCD Application and AppProject CRDs: ${ARGOCD_CRD_DIR}"
   fi
 }
 
@@ -241,6 +246,13 @@ main() {
     github.com/google/go-containerregistry/cmd/crane \
     "-s -w -X github.com/google/go-containerregistry/cmd/crane/cmd.Version=${CRANE_VERSION}" ""
   link crane "../../crane-${CRANE_VERSION}/bin/crane"
+
+  # ArgoCD's own version stamp, so its logs and /api/version name the release.
+  ensure argocd "${ARGOCD_SRC}" "${TOOLS_DIR}/argocd-${ARGOCD_VERSION}/bin/argocd" . \
+    "-s -w -X github.com/argoproj/argo-cd/v3/common.version=${ARGOCD_VERSION#v} -X github.com/argoproj/argo-cd/v3/common.gitTreeState=clean" ""
+  for name in argocd-application-controller argocd-repo-server argocd-server; do
+    link "${name}" "../../argocd-${ARGOCD_VERSION}/bin/argocd"
+  done
 
   ensure_crds
 

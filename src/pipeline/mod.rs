@@ -275,8 +275,8 @@ async fn admit(cached: &Pipeline, state: &State) -> Result<Action, Error> {
     ))
 }
 
-/// An ArgoCD Application as the gate needs it: sync and health status, and the images ArgoCD
-/// reports.
+/// An ArgoCD Application as the gate needs it: sync and health status, the images ArgoCD
+/// reports, and the sync status of the Sluice Rollouts it manages.
 async fn observe_application(
     ctx: &Context,
     gate: &crate::api::pipeline::ArgoCdGate,
@@ -306,6 +306,16 @@ async fn observe_application(
                     .into_iter()
                     .flatten()
                     .filter_map(|i| i.as_str().map(String::from))
+                    .collect(),
+                rollouts: status["resources"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|r| r["group"] == "sluice.dev" && r["kind"] == "Rollout")
+                    .filter_map(|r| {
+                        let key = format!("{}/{}", r["namespace"].as_str()?, r["name"].as_str()?);
+                        Some((key, text(&r["status"]).unwrap_or_default()))
+                    })
                     .collect(),
             })
         }

@@ -312,12 +312,8 @@ fn judge(
                 sync,
                 health,
                 images,
+                rollouts,
             }) => {
-                let missing: Vec<&String> = release
-                    .images
-                    .iter()
-                    .filter(|i| !images.contains(i))
-                    .collect();
                 let synced = sync.as_deref() == Some("Synced");
                 let healthy = health.as_deref() == Some("Healthy");
                 let state = format!(
@@ -325,12 +321,46 @@ fn judge(
                     sync.as_deref().unwrap_or("sync unknown"),
                     health.as_deref().unwrap_or("health unknown")
                 );
-                if synced && healthy && missing.is_empty() {
+                // Delivered: git declares this release. When the Application manages the
+                // stage's Rollouts, their being Synced says so (their live templates are what
+                // made the release pending). ArgoCD lists images only of the Pods and
+                // ReplicaSets that run, and the held revision has none yet, so images can only
+                // tell for an Application that does not manage the Rollouts.
+                let managed: Vec<(String, &String)> = stage
+                    .rollouts
+                    .iter()
+                    .map(|r| format!("{}/{}", r.namespace, r.name))
+                    .filter_map(|k| rollouts.get(&k).map(|s| (k, s)))
+                    .collect();
+                let missing: Vec<&str> = release
+                    .images
+                    .iter()
+                    .filter(|i| !images.contains(i))
+                    .map(String::as_str)
+                    .collect();
+                let unsynced: Vec<&str> = managed
+                    .iter()
+                    .filter(|(_, s)| s.as_str() != "Synced")
+                    .map(|(k, _)| k.as_str())
+                    .collect();
+                let delivered = if managed.is_empty() {
+                    missing.is_empty()
+                } else {
+                    unsynced.is_empty()
+                };
+                if synced && healthy && delivered {
                     (true, format!("{key} is {state} with {}", describe(release)))
-                } else if missing.is_empty() {
+                } else if !unsynced.is_empty() {
+                    (
+                        false,
+                        format!(
+                            "{key} is {state}, Rollout {} not Synced",
+                            unsynced.join(", ")
+                        ),
+                    )
+                } else if delivered {
                     (false, format!("{key} is {state}"))
                 } else {
-                    let missing: Vec<&str> = missing.iter().map(|s| s.as_str()).collect();
                     (
                         false,
                         format!("{key} is {state}, without {}", missing.join(", ")),
@@ -363,11 +393,13 @@ pub enum Application {
     /// The CRD is not served by this cluster.
     NotServed,
     Missing,
-    /// `status.sync.status`, `status.health.status` and `status.summary.images`.
+    /// `status.sync.status`, `status.health.status`, `status.summary.images`, and the sync
+    /// status of each Sluice Rollout it manages (`status.resources`), by `namespace/name`.
     Seen {
         sync: Option<String>,
         health: Option<String>,
         images: Vec<String>,
+        rollouts: BTreeMap<String, String>,
     },
 }
 
@@ -1324,7 +1356,7 @@ mod tests {
     }
 
     #[test]
-    fn the_argocd_gate_wants_synced_healthy_and_the_release_images() {
+    fn the_argocd_gate_wants_synced_healthy_and_the_release_delivered() {
         let mut o = world("2", [Healthy, Healthy, Busy], running_v1(), 3600);
         for s in o.status.stages.iter_mut().filter(|s| s.name != "prod") {
             s.release = Some(release("2"));
@@ -1336,36 +1368,58 @@ mod tests {
             application: "web-prod".into(),
             namespace: None,
         });
-        let seen = |sync: &str, health: &str, images: &[&str]| Application::Seen {
-            sync: Some(sync.into()),
-            health: Some(health.into()),
-            images: images.iter().map(|i| i.to_string()).collect(),
-        };
+        let prod_rollout = format!(
+            "{}/{}",
+            o.spec.stages[2].rollouts[0].namespace, o.spec.stages[2].rollouts[0].name
+        );
+        let seen =
+            |sync: &str, health: &str, images: &[&str], rollout: Option<&str>| Application::Seen {
+                sync: Some(sync.into()),
+                health: Some(health.into()),
+                images: images.iter().map(|i| i.to_string()).collect(),
+                rollouts: rollout
+                    .map(|s| (prod_rollout.clone(), s.to_string()))
+                    .into_iter()
+                    .collect(),
+            };
         let table = [
             (
-                seen("OutOfSync", "Healthy", &["web:1"]),
+                seen("OutOfSync", "Healthy", &["web:1"], None),
                 false,
-                "is OutOfSync and Healthy, without web:2",
+                "is OutOfSync and Healthy, without web:2".to_string(),
             ),
             (
-                seen("Synced", "Progressing", &["web:2"]),
+                seen("Synced", "Progressing", &["web:2"], None),
                 false,
-                "is Synced and Progressing",
+                "is Synced and Progressing".to_string(),
             ),
             (
                 Application::Missing,
                 false,
-                "Application argocd/web-prod not found",
+                "Application argocd/web-prod not found".to_string(),
             ),
             (
                 Application::NotServed,
                 false,
-                "CRD (argoproj.io/v1alpha1) is not installed",
+                "CRD (argoproj.io/v1alpha1) is not installed".to_string(),
+            ),
+            // An Application that does not manage the Rollout: its images must show the release.
+            (
+                seen("Synced", "Healthy", &["web:2", "sidecar:1"], None),
+                true,
+                "is Synced and Healthy with web:2".to_string(),
+            ),
+            // One that manages it (what a real ArgoCD reports while the Pipeline holds the
+            // new revision): the Rollout Synced is the proof, whatever the images say.
+            (
+                seen("Synced", "Healthy", &["web:1"], Some("Synced")),
+                true,
+                "is Synced and Healthy with web:2".to_string(),
             ),
             (
-                seen("Synced", "Healthy", &["web:2", "sidecar:1"]),
-                true,
-                "is Synced and Healthy with web:2",
+                seen("OutOfSync", "Healthy", &["web:1"], Some("OutOfSync")),
+                false,
+                format!("is OutOfSync and Healthy, Rollout {prod_rollout} not Synced"),
             ),
         ];
         for (app, admitted, says) in table {
@@ -1379,7 +1433,7 @@ mod tests {
                 .find(|g| g.gate == "argoCD/argocd/web-prod")
                 .unwrap();
             assert!(
-                gate.message.clone().unwrap_or_default().contains(says),
+                gate.message.clone().unwrap_or_default().contains(&says),
                 "{app:?}: {:?}",
                 gate.message
             );
