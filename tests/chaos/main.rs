@@ -229,12 +229,10 @@ async fn canary_promoted(rng: &mut Rng, kills: u32) -> Outcome {
         .await;
         stable = released.lock().unwrap().clone().unwrap_or_default();
         // Let the last traffic write land before judging the sequence.
-        wait_for(
-            "canary route back at 0",
-            Duration::from_secs(30),
-            || async { (canary_weight(&stage.ns).await? == 0).then_some(()) },
-        )
-        .await;
+        stage
+            .watcher
+            .canary_back_at_zero(VS_ROUTE, Duration::from_secs(30))
+            .await;
         let seen = stage.watcher.canary_weights(VS_ROUTE);
         outcome.check(
             seen.iter()
@@ -547,12 +545,11 @@ async fn pipeline_promoted(rng: &mut Rng, kills: u32) -> Outcome {
             .await;
         })
         .await;
-        wait_for(
-            "staging's route back at 0",
-            Duration::from_secs(30),
-            || async { (canary_weight(&staging).await? == 0).then_some(()) },
-        )
-        .await;
+        for judge in &judges {
+            judge
+                .canary_back_at_zero(VS_ROUTE, Duration::from_secs(30))
+                .await;
+        }
         for (judge, name) in judges.iter().zip(["dev", "staging"]) {
             let seen = judge.canary_weights(VS_ROUTE);
             let seen: Vec<i64> = seen.into_iter().skip_while(|w| *w == 0).collect();
@@ -786,12 +783,9 @@ async fn a_standby_takes_over_a_killed_or_frozen_leader_and_the_old_one_never_wr
             .then_some(s.stable_revision?)
         })
         .await;
-        wait_for(
-            "canary route back at 0",
-            Duration::from_secs(30),
-            || async { (canary_weight(&ns).await? == 0).then_some(()) },
-        )
-        .await;
+        watcher
+            .canary_back_at_zero(VS_ROUTE, Duration::from_secs(30))
+            .await;
         let seen = watcher.canary_weights(VS_ROUTE);
         assert_eq!(
             seen.iter()
@@ -942,12 +936,10 @@ async fn apiserver_and_etcd_restarts_mid_release_lose_nothing() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     println!("MEASURE restarts: the operator exited and was started again {restarts} times");
-    wait_for(
-        "canary route back at 0",
-        Duration::from_secs(30),
-        || async { (canary_weight(&stage.ns).await? == 0).then_some(()) },
-    )
-    .await;
+    stage
+        .watcher
+        .canary_back_at_zero(VS_ROUTE, Duration::from_secs(30))
+        .await;
     let seen = stage.watcher.canary_weights(VS_ROUTE);
     assert_eq!(
         seen.iter()

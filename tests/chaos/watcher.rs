@@ -146,6 +146,21 @@ impl Watcher {
             .unwrap_or_default()
     }
 
+    /// Waits until the route `key` is back at canary weight 0 *as this watcher recorded it*:
+    /// a GET can see the last write before the watch delivers it, and a sequence read then
+    /// misses its final 0. Panics after `timeout`.
+    pub async fn canary_back_at_zero(&self, key: &str, timeout: Duration) {
+        let start = std::time::Instant::now();
+        while self.canary_weights(key).last() != Some(&0) {
+            assert!(
+                start.elapsed() < timeout,
+                "the watcher never saw {key} back at 0: {:?}",
+                self.canary_weights(key)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// How many object changes it has judged.
     pub fn changes(&self) -> u64 {
         self.judgement.lock().unwrap().changes
