@@ -419,13 +419,8 @@ async fn argocd_syncs_while_sluice_canaries_and_its_actions_and_health_follow_th
     let degraded = health_is(&apps, &name, "Degraded").await;
     let s = status(&rollouts).await.unwrap();
     assert!(s.aborted_at.is_some());
-    assert!(
-        event_reasons(&ns)
-            .await
-            .iter()
-            .any(|r| r == "ResourceActionRan"),
-        "ArgoCD records who ran the action in an Event on the Rollout"
-    );
+    // ArgoCD records who ran the action in an Event on the Rollout.
+    expect_events(&ns, &["ResourceActionRan"]).await;
     assert!(
         !s.pause_conditions
             .iter()

@@ -138,18 +138,16 @@ async fn the_budget_freezes_releases_an_override_lets_one_through_and_exhaustion
     assert!(aborted.aborted_at.is_some());
     assert_eq!(aborted.phase, Some(RolloutPhase::Degraded));
     assert!(aborted.message.unwrap_or_default().contains("avail"));
-    let reasons = event_reasons(&ns).await;
-    for reason in [
-        "FrozenByErrorBudget",
-        "FreezeOverridden",
-        "AbortedByErrorBudget",
-        "PhaseChanged",
-    ] {
-        assert!(
-            reasons.iter().any(|r| r == reason),
-            "{reason} in {reasons:?}"
-        );
-    }
+    expect_events(
+        &ns,
+        &[
+            "FrozenByErrorBudget",
+            "FreezeOverridden",
+            "AbortedByErrorBudget",
+            "PhaseChanged",
+        ],
+    )
+    .await;
     ns.delete().await;
 }
 

@@ -377,11 +377,7 @@ async fn release_and_abort_as(ns: &TestNamespace, as_operator: kube::Client) {
         (canary_weight(ns).await? == 0).then_some(())
     })
     .await;
-    let reasons = event_reasons(ns).await;
-    assert!(
-        reasons.iter().any(|r| r == "AbortedByUser"),
-        "events: {reasons:?}"
-    );
+    expect_events(ns, &["AbortedByUser"]).await;
     api.delete("web", &DeleteParams::default()).await.unwrap();
     wait_for("Rollout gone", Duration::from_secs(30), || async {
         api.get_opt("web").await.ok()?.is_none().then_some(())

@@ -781,6 +781,28 @@ pub async fn stable_subset(ns: &TestNamespace) -> Option<String> {
         .map(String::from)
 }
 
+/// Waits (up to 15 s) until the namespace's Events include every reason in `wanted`, and
+/// returns all their reasons. The operator publishes Events after its other writes, so one
+/// may land after the change a test saw first.
+pub async fn expect_events(ns: &TestNamespace, wanted: &[&str]) -> Vec<String> {
+    let started = std::time::Instant::now();
+    loop {
+        let reasons = event_reasons(ns).await;
+        let missing: Vec<&&str> = wanted
+            .iter()
+            .filter(|w| !reasons.iter().any(|r| r == *w))
+            .collect();
+        if missing.is_empty() {
+            return reasons;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "no {missing:?} Event in 15 s; reasons: {reasons:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// The reasons of every Event in the namespace.
 pub async fn event_reasons(ns: &TestNamespace) -> Vec<String> {
     let events: Api<k8s_openapi::api::events::v1::Event> =
