@@ -9,7 +9,7 @@ use kube::{Api, Client};
 use serde_json::Value;
 
 use super::{
-    RouterError, Targets, TrafficRouter, TrafficState, agreed, fetch, gvk, point_service,
+    KeptReads, RouterError, Targets, TrafficRouter, TrafficState, agreed, gvk, point_service,
     read_pair, replace, service_selects, set_pair,
 };
 use crate::api::rollout::GatewayApiRouting;
@@ -172,6 +172,7 @@ pub struct GatewayApiRouter {
     rules: Vec<String>,
     stable_service: String,
     canary_service: String,
+    read: KeptReads,
 }
 
 impl GatewayApiRouter {
@@ -189,6 +190,7 @@ impl GatewayApiRouter {
             rules: gateway.http_route.rules.clone(),
             stable_service,
             canary_service,
+            read: KeptReads::default(),
         }
     }
 
@@ -215,7 +217,10 @@ impl GatewayApiRouter {
 
 impl TrafficRouter for GatewayApiRouter {
     async fn observe(&self, targets: &Targets) -> Result<TrafficState, RouterError> {
-        let route = fetch(&self.api(), &self.route, "HTTPRoute", &self.namespace).await?;
+        let route = self
+            .read
+            .fetch(&self.api(), &self.route, "HTTPRoute", &self.namespace)
+            .await?;
         let spec = route.data.get("spec").cloned().unwrap_or_default();
         let canary_weight =
             read_canary_weight(&spec, &self.rules, &self.backends(), &self.label())?;
@@ -255,7 +260,10 @@ impl TrafficRouter for GatewayApiRouter {
         )
         .await?;
         let api = self.api();
-        let mut route = fetch(&api, &self.route, "HTTPRoute", &self.namespace).await?;
+        let mut route = self
+            .read
+            .take_or_fetch(&api, &self.route, "HTTPRoute", &self.namespace)
+            .await?;
         let spec = route.data.get_mut("spec").ok_or_else(|| {
             RouterError::Misconfigured(format!("HTTPRoute {} has no spec", self.label()))
         })?;

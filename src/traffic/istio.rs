@@ -9,8 +9,8 @@ use kube::{Api, Client};
 use serde_json::Value;
 
 use super::{
-    RouterError, Targets, TrafficRouter, TrafficState, agreed, fetch, gvk, locate, point_service,
-    read_pair, replace, service_selects, set_pair,
+    KeptReads, RouterError, Targets, TrafficRouter, TrafficState, agreed, gvk, locate,
+    point_service, read_pair, replace, service_selects, set_pair,
 };
 use crate::api::rollout::IstioRouting;
 use crate::k8s::labels::HASH_LABEL;
@@ -280,6 +280,7 @@ pub struct IstioRouter {
     destination_rule: Option<(String, String, String)>,
     services: Option<(String, String)>,
     key: DestinationKey,
+    read: KeptReads,
 }
 
 impl IstioRouter {
@@ -320,6 +321,7 @@ impl IstioRouter {
             destination_rule,
             services,
             key,
+            read: KeptReads::default(),
         }
     }
 
@@ -344,13 +346,15 @@ impl TrafficRouter for IstioRouter {
     async fn observe(&self, targets: &Targets) -> Result<TrafficState, RouterError> {
         let mut weights = Vec::new();
         for (name, namespace, routes) in &self.virtual_services {
-            let vs = fetch(
-                &self.virtual_service_api(namespace),
-                name,
-                "VirtualService",
-                namespace,
-            )
-            .await?;
+            let vs = self
+                .read
+                .fetch(
+                    &self.virtual_service_api(namespace),
+                    name,
+                    "VirtualService",
+                    namespace,
+                )
+                .await?;
             let spec = vs.data.get("spec").cloned().unwrap_or_default();
             weights.push(read_canary_weight(
                 &spec,
@@ -366,13 +370,15 @@ impl TrafficRouter for IstioRouter {
             .filter(|w| weights.iter().all(|x| *x == Some(*w)));
         let targets_match = match (&self.destination_rule, &self.services) {
             (Some((name, stable, canary)), _) => {
-                let dr = fetch(
-                    &self.destination_rule_api(),
-                    name,
-                    "DestinationRule",
-                    &self.namespace,
-                )
-                .await?;
+                let dr = self
+                    .read
+                    .fetch(
+                        &self.destination_rule_api(),
+                        name,
+                        "DestinationRule",
+                        &self.namespace,
+                    )
+                    .await?;
                 let spec = dr.data.get("spec").cloned().unwrap_or_default();
                 read_subsets(&spec, stable, canary)
                     == (Some(targets.stable.clone()), Some(targets.canary.clone()))
@@ -393,7 +399,10 @@ impl TrafficRouter for IstioRouter {
     async fn apply(&self, targets: &Targets, canary_weight: i32) -> Result<(), RouterError> {
         if let Some((name, stable, canary)) = &self.destination_rule {
             let api = self.destination_rule_api();
-            let mut dr = fetch(&api, name, "DestinationRule", &self.namespace).await?;
+            let mut dr = self
+                .read
+                .take_or_fetch(&api, name, "DestinationRule", &self.namespace)
+                .await?;
             if let Some(spec) = dr.data.get_mut("spec")
                 && point_subsets(
                     spec,
@@ -412,7 +421,10 @@ impl TrafficRouter for IstioRouter {
         }
         for (name, namespace, routes) in &self.virtual_services {
             let api = self.virtual_service_api(namespace);
-            let mut vs = fetch(&api, name, "VirtualService", namespace).await?;
+            let mut vs = self
+                .read
+                .take_or_fetch(&api, name, "VirtualService", namespace)
+                .await?;
             let label = format!("{namespace}/{name}");
             let spec = vs.data.get_mut("spec").ok_or_else(|| {
                 RouterError::Misconfigured(format!("VirtualService {label} has no spec"))

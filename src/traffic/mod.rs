@@ -177,6 +177,51 @@ async fn fetch(
         .ok_or_else(|| RouterError::Misconfigured(format!("{what} {namespace}/{name} not found")))
 }
 
+/// The routing objects a router read while observing, handed to its writes in the same
+/// reconcile instead of being read again: under load every read is a round trip through the
+/// apiserver's queue. A copy that went stale in between is safe: the write carries its
+/// `resourceVersion`, the apiserver refuses it as a conflict, and the retry reads afresh.
+#[derive(Default)]
+struct KeptReads(std::sync::Mutex<std::collections::HashMap<String, DynamicObject>>);
+
+impl KeptReads {
+    /// Reads a routing object and keeps a copy for [`KeptReads::take_or_fetch`].
+    async fn fetch(
+        &self,
+        api: &Api<DynamicObject>,
+        name: &str,
+        what: &str,
+        namespace: &str,
+    ) -> Result<DynamicObject, RouterError> {
+        let object = fetch(api, name, what, namespace).await?;
+        self.copies()
+            .insert(format!("{what} {namespace}/{name}"), object.clone());
+        Ok(object)
+    }
+
+    /// The copy read while observing, once (a second write reads again), else a fresh read.
+    async fn take_or_fetch(
+        &self,
+        api: &Api<DynamicObject>,
+        name: &str,
+        what: &str,
+        namespace: &str,
+    ) -> Result<DynamicObject, RouterError> {
+        let kept = self.copies().remove(&format!("{what} {namespace}/{name}"));
+        match kept {
+            Some(object) => Ok(object),
+            None => fetch(api, name, what, namespace).await,
+        }
+    }
+
+    fn copies(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, DynamicObject>> {
+        // The map holds plain copies: one left by a panicking holder is still a valid copy.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 /// Writes a routing object back with Sluice's field manager; a conflict (someone wrote it
 /// since our read) is retried by the next reconcile.
 async fn replace(
