@@ -50,7 +50,7 @@ use crate::k8s::labels::{
 use crate::traffic::{Router, RouterError, Targets};
 use model::{
     BudgetHold, Observed, ObservedLeftover, ObservedReplicaSet, ObservedService, ObservedTraffic,
-    Plan, TrafficWrite, WriteOrder,
+    Plan, TrafficWrite,
 };
 use owned::OwnedReplicaSets;
 
@@ -712,9 +712,9 @@ async fn apply(cached: Arc<Rollout>, state: &State) -> Result<Action, Error> {
     Ok(Action::requeue(requeue))
 }
 
-/// Makes the plan's writes, in its order: ReplicaSets and history, then the status and the
-/// traffic in the order the plan says (status first unless it carries out a person's abort);
-/// Events and metrics last.
+/// Makes the plan's writes, in its order: ReplicaSets, history, status (the decision is
+/// recorded before traffic moves, so a crash in between leaves a status from which the next
+/// reconcile makes the same move), then traffic; Events and metrics last.
 async fn carry_out(state: &State, world: &World, mut plan: Plan) -> Result<(), Error> {
     let (ctx, freshness) = (state.ctx.as_ref(), &state.freshness);
     let rollout = world.rollout.as_ref();
@@ -723,9 +723,6 @@ async fn carry_out(state: &State, world: &World, mut plan: Plan) -> Result<(), E
     let desired_hash = &world.observed.desired_hash;
     apply_replica_sets(ctx, rollout, &world.owned, &plan, desired_hash).await?;
     prune_history(ctx, rollout, &world.owned, &plan).await?;
-    if plan.order == WriteOrder::TrafficFirst {
-        write_traffic(ctx, &namespace, world.router.as_ref(), &plan.traffic_writes).await?;
-    }
     let api: Api<Rollout> = Api::namespaced(ctx.client.clone(), &namespace);
     // Intents belong to the plugin's field manager: they are not ours to compare.
     let mut current = rollout.status.clone();
@@ -737,9 +734,7 @@ async fn carry_out(state: &State, world: &World, mut plan: Plan) -> Result<(), E
     {
         freshness.wrote(&format!("{namespace}/{}", rollout.name_any()), &version);
     }
-    if plan.order == WriteOrder::StatusFirst {
-        write_traffic(ctx, &namespace, world.router.as_ref(), &plan.traffic_writes).await?;
-    }
+    write_traffic(ctx, &namespace, world.router.as_ref(), &plan.traffic_writes).await?;
     if let Some(released) = plan.promoted.as_ref().and_then(|hash| {
         world
             .owned

@@ -168,20 +168,6 @@ pub struct PlannedEvent {
     pub message: String,
 }
 
-/// Which of a plan's writes comes first: its status or its traffic (ReplicaSets always come
-/// before both, so traffic never reaches a revision without pods).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum WriteOrder {
-    /// The decision is recorded before traffic moves, so a crash in between leaves a status
-    /// from which the next reconcile makes the same move.
-    #[default]
-    StatusFirst,
-    /// Traffic moves before the decision is recorded. Only for a person's abort: the request
-    /// stays unhandled in status until that record lands, so a crash in between plans the
-    /// same abort again, and traffic is back on stable one write (the slowest) sooner.
-    TrafficFirst,
-}
-
 /// What the reconciler must do.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Plan {
@@ -190,10 +176,9 @@ pub struct Plan {
     pub traffic: Option<TrafficIntent>,
     /// The writes that get traffic there, in order (empty when it is already there).
     pub traffic_writes: Vec<TrafficWrite>,
-    /// The status to record, with any analysis runs started by this plan.
+    /// The status to record, with any analysis runs started by this plan. It is written
+    /// before the traffic moves, so a crash in between repeats the same move.
     pub status: RolloutStatus,
-    /// Whether the status or the traffic is written first.
-    pub order: WriteOrder,
     pub events: Vec<PlannedEvent>,
     pub requeue_after: Duration,
     /// The revision that became stable in this plan (for the release-duration metric).
