@@ -35,6 +35,14 @@ pub enum RolloutIntent {
 }
 
 impl RolloutIntent {
+    /// The field manager that records this kind of request. One per kind: a server-side
+    /// apply removes the fields its manager applied before and leaves out now, so with one
+    /// manager for all kinds, `pause` right after `abort` would erase the abort before the
+    /// operator acted on it.
+    pub fn field_manager(self) -> String {
+        format!("{FIELD_MANAGER}-{}", self.field())
+    }
+
     fn field(self) -> &'static str {
         match self {
             Self::Abort => "abort",
@@ -797,6 +805,24 @@ pub fn template_for_undo(rs: &ReplicaSet) -> Option<PodTemplateSpec> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_kind_of_request_has_its_own_field_manager() {
+        use RolloutIntent::*;
+        let kinds = [
+            Abort,
+            Promote,
+            PromoteFull,
+            Retry,
+            Pause,
+            Resume,
+            OverrideFreeze,
+        ];
+        let managers: std::collections::BTreeSet<String> =
+            kinds.iter().map(|k| k.field_manager()).collect();
+        assert_eq!(managers.len(), kinds.len());
+        assert_eq!(Abort.field_manager(), "kubectl-sluice-abort");
+    }
 
     #[test]
     fn intent_patch_touches_only_its_own_field() {

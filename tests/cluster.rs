@@ -10,6 +10,7 @@ use std::time::Duration;
 use k8s_openapi::api::apps::v1::ReplicaSet;
 use kube::api::{Api, DynamicObject, PostParams};
 use serde_json::json;
+use sluice::api::rollout::Rollout;
 use support::*;
 
 #[tokio::test]
@@ -175,5 +176,31 @@ async fn prometheus_sees_traffic_split_by_the_virtual_service_weights() {
         ((v - 0.5).abs() < 0.03).then_some(())
     })
     .await;
+    ns.delete().await;
+}
+
+/// Two requests in a row, with no operator to act on the first: both stay in the status.
+#[tokio::test]
+#[ignore = "needs the local cluster: make test"]
+async fn a_second_request_does_not_erase_a_first_one_not_yet_handled() {
+    let ns = TestNamespace::new("requests").await;
+    create(
+        &ns,
+        &WebRollout::canary(&ns.name, json!([{"setWeight": 50}])).json(),
+    )
+    .await
+    .unwrap();
+    let target = format!("{}/web", ns.name);
+    plugin(&["abort", &target]);
+    plugin(&["pause", &target]);
+    let api: Api<Rollout> = Api::namespaced(ns.client.clone(), &ns.name);
+    let status = api
+        .get_status("web")
+        .await
+        .unwrap()
+        .status
+        .unwrap_or_default();
+    assert!(status.abort.is_some(), "the abort was erased by the pause");
+    assert!(status.pause.is_some());
     ns.delete().await;
 }

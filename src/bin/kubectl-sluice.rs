@@ -494,7 +494,7 @@ async fn record(
     let patch = plugin::intent_patch(kind, &intent);
     api.patch_status(
         &name,
-        &PatchParams::apply(plugin::FIELD_MANAGER).force(),
+        &PatchParams::apply(&kind.field_manager()).force(),
         &Patch::Apply(&patch),
     )
     .await
