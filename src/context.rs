@@ -25,6 +25,9 @@ pub struct Settings {
     pub namespace: Option<String>,
     /// The operator's own namespace: a Notifier there may cover every namespace.
     pub operator_namespace: String,
+    /// Requests to the apiserver awaiting their answer at once, watches excepted (0: no
+    /// bound). See `k8s::requests::InFlightLayer`.
+    pub kube_requests_in_flight: usize,
 }
 
 impl Settings {
@@ -36,6 +39,7 @@ impl Settings {
             prometheus_address,
             namespace,
             operator_namespace: "sluice-system".into(),
+            kube_requests_in_flight: 0,
         }
     }
 }

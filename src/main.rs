@@ -79,6 +79,11 @@ struct ControllerArgs {
     /// e.g. http://prometheus.monitoring:9090.
     #[arg(long, env = "SLUICE_PROMETHEUS_ADDRESS")]
     prometheus_address: Option<String>,
+
+    /// Requests to the Kubernetes apiserver waiting for an answer at once (watches excepted);
+    /// more wait their turn in order. 0: no bound.
+    #[arg(long, env = "SLUICE_KUBE_REQUESTS_IN_FLIGHT", default_value_t = 32)]
+    kube_requests_in_flight: usize,
 }
 
 #[derive(clap::Args, Debug)]
@@ -154,6 +159,7 @@ fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         prometheus_address: args.prometheus_address,
         namespace: args.watch_namespace,
         operator_namespace: args.lease_namespace.clone(),
+        kube_requests_in_flight: args.kube_requests_in_flight,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

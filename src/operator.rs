@@ -9,7 +9,8 @@ use http::HeaderValue;
 use http::header::USER_AGENT;
 use kube::client::ClientBuilder;
 use kube::{Client, Config};
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
+use tower::limit::ConcurrencyLimitLayer;
 
 use crate::context::Context;
 use crate::fence::{Fence, FenceLayer};
@@ -34,6 +35,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let client = ClientBuilder::try_from(config.clone())?
         .with_layer(&FenceLayer(fence.clone()))
         .with_layer(&CountingLayer(requests.clone()))
+        .with_layer(&in_flight_limit(settings.kube_requests_in_flight))
         .build();
     let election_client = Client::try_from(config)?;
     let version = client
@@ -123,6 +125,18 @@ async fn client_config(identity: Option<&str>) -> anyhow::Result<Config> {
     Ok(config)
 }
 
+/// Bounds the controllers' requests awaiting the apiserver's answer; more wait their turn in
+/// the order they came (the layer holds a fair semaphore's permit from sending a request to
+/// its response headers, so a watch holds one only until its stream starts). Unbounded, a
+/// first start with 1,000 Rollouts sent 1,000 requests at once, each on a connection (and TLS
+/// buffers) of its own, and the process kept that peak as resident memory.
+fn in_flight_limit(limit: usize) -> ConcurrencyLimitLayer {
+    ConcurrencyLimitLayer::new(match limit {
+        0 => Semaphore::MAX_PERMITS,
+        n => n,
+    })
+}
+
 /// Waits (bounded) for the campaign to release the Lease and the server to drain.
 async fn finish(
     campaign: tokio::task::JoinHandle<anyhow::Result<()>>,
@@ -162,4 +176,50 @@ async fn stop_on_signal(stop: Arc<watch::Sender<bool>>) {
         _ = terminate => tracing::info!("SIGTERM; shutting down"),
     }
     stop.send_replace(true);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use tower::{Layer, ServiceExt, service_fn};
+
+    use super::*;
+
+    /// The most requests a service wrapped in `in_flight_limit(limit)` had in flight at once
+    /// when 20 were sent together.
+    async fn most_in_flight(limit: usize) -> usize {
+        let now = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let inner = {
+            let (now, most) = (now.clone(), most.clone());
+            service_fn(move |_: ()| {
+                let (now, most) = (now.clone(), most.clone());
+                async move {
+                    let current = now.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(current, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    now.fetch_sub(1, Ordering::SeqCst);
+                    Ok::<_, std::convert::Infallible>(())
+                }
+            })
+        };
+        let service = in_flight_limit(limit).layer(inner);
+        let calls = (0..20).map(|_| service.clone().oneshot(()));
+        for result in futures::future::join_all(calls).await {
+            assert!(result.is_ok());
+        }
+        most.load(Ordering::SeqCst)
+    }
+
+    #[tokio::test]
+    async fn requests_beyond_the_bound_wait_their_turn() {
+        assert_eq!(most_in_flight(3).await, 3);
+        assert_eq!(most_in_flight(1).await, 1);
+    }
+
+    #[tokio::test]
+    async fn zero_means_no_bound() {
+        assert_eq!(most_in_flight(0).await, 20);
+    }
 }

@@ -355,6 +355,12 @@ async fn scale() {
     let mut report: BTreeMap<&str, Value> = BTreeMap::new();
     report.insert("rollouts", json!(n));
     report.insert("operator", json!(binary.display().to_string()));
+    // The operator inherits the environment: a run with SLUICE_KUBE_REQUESTS_IN_FLIGHT set
+    // (0: unbounded) says so in its report.
+    report.insert(
+        "kube_requests_in_flight",
+        json!(std::env::var("SLUICE_KUBE_REQUESTS_IN_FLIGHT").unwrap_or_else(|_| "default".into())),
+    );
 
     remove_leftovers(&client).await;
 
