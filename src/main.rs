@@ -80,8 +80,8 @@ struct ControllerArgs {
     #[arg(long, env = "SLUICE_PROMETHEUS_ADDRESS")]
     prometheus_address: Option<String>,
 
-    /// Requests to the Kubernetes apiserver waiting for an answer at once (watches excepted);
-    /// more wait their turn in order. 0: no bound.
+    /// Requests to the Kubernetes apiserver awaiting an answer at once (a watch counts until
+    /// its stream starts); more wait their turn in order. 0: no bound.
     #[arg(long, env = "SLUICE_KUBE_REQUESTS_IN_FLIGHT", default_value_t = 32)]
     kube_requests_in_flight: usize,
 }
