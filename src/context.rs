@@ -25,10 +25,13 @@ pub struct Settings {
     pub namespace: Option<String>,
     /// The operator's own namespace: a Notifier there may cover every namespace.
     pub operator_namespace: String,
-    /// Requests to the apiserver awaiting their answer at once, watches excepted (0: no
-    /// bound). See `k8s::requests::InFlightLayer`.
+    /// Requests to the apiserver awaiting their answer at once, a watch until its stream
+    /// starts (0: no bound). See `operator::in_flight_limit`.
     pub kube_requests_in_flight: usize,
 }
+
+/// The default of `--kube-requests-in-flight` (measured in docs/performance.md).
+pub const DEFAULT_KUBE_REQUESTS_IN_FLIGHT: usize = 32;
 
 impl Settings {
     /// Settings for a controller run in-process (tests): no listener, no leader election.
@@ -39,7 +42,7 @@ impl Settings {
             prometheus_address,
             namespace,
             operator_namespace: "sluice-system".into(),
-            kube_requests_in_flight: 0,
+            kube_requests_in_flight: DEFAULT_KUBE_REQUESTS_IN_FLIGHT,
         }
     }
 }

@@ -82,7 +82,7 @@ struct ControllerArgs {
 
     /// Requests to the Kubernetes apiserver awaiting an answer at once (a watch counts until
     /// its stream starts); more wait their turn in order. 0: no bound.
-    #[arg(long, env = "SLUICE_KUBE_REQUESTS_IN_FLIGHT", default_value_t = 32)]
+    #[arg(long, env = "SLUICE_KUBE_REQUESTS_IN_FLIGHT", default_value_t = sluice::context::DEFAULT_KUBE_REQUESTS_IN_FLIGHT)]
     kube_requests_in_flight: usize,
 }
 
