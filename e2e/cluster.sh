@@ -103,7 +103,15 @@ start() {
   log "starting ${name} (log: ${LOGS}/${name}.log)"
   # 8>&-: daemons must not inherit the cluster lock (fd 8) held by `up`.
   setsid "$@" </dev/null >"${LOGS}/${name}.log" 2>&1 8>&- &
-  echo $! > "${PIDS}/${name}.pid"
+  local pid=$! i
+  echo "${pid}" > "${PIDS}/${name}.pid"
+  # Until the forked shell execs the daemon, its command line is this script's, and
+  # `running` would take that moment for an exit (CI once failed so under load: "exited
+  # while waiting", an empty log, the daemon alive a second later). Wait out the exec.
+  for ((i = 0; i < 200; i++)); do
+    running "${name}" || ! alive "${pid}" && break
+    sleep 0.05
+  done
 }
 
 # stop NAME: SIGTERM, wait up to 10s, then SIGKILL.
