@@ -84,6 +84,11 @@ struct ControllerArgs {
     /// its stream starts); more wait their turn in order. 0: no bound.
     #[arg(long, env = "SLUICE_KUBE_REQUESTS_IN_FLIGHT", default_value_t = sluice::context::DEFAULT_KUBE_REQUESTS_IN_FLIGHT)]
     kube_requests_in_flight: usize,
+
+    /// Reconciles each controller runs at once; more wait in its queue (never two of one
+    /// object). 0: no bound.
+    #[arg(long, env = "SLUICE_MAX_CONCURRENT_RECONCILES", default_value_t = sluice::context::DEFAULT_MAX_CONCURRENT_RECONCILES)]
+    max_concurrent_reconciles: u16,
 }
 
 #[derive(clap::Args, Debug)]
@@ -160,6 +165,7 @@ fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         namespace: args.watch_namespace,
         operator_namespace: args.lease_namespace.clone(),
         kube_requests_in_flight: args.kube_requests_in_flight,
+        max_concurrent_reconciles: args.max_concurrent_reconciles,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -46,6 +46,7 @@ pub async fn run(ctx: Arc<Context>, stop: watch::Receiver<bool>) {
     let budgets: Api<ErrorBudget> =
         crate::k8s::scoped(&ctx.client, ctx.settings.namespace.as_deref());
     Controller::new(budgets, watcher::Config::default())
+        .with_config(ctx.settings.controller_config())
         .graceful_shutdown_on(crate::k8s::stopped(stop))
         .run(reconcile, error_policy, ctx)
         .for_each(crate::k8s::log_loop_error)

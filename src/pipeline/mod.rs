@@ -92,6 +92,7 @@ pub async fn run(ctx: Arc<Context>, stop: watch::Receiver<bool>) {
             crate::k8s::watch::trigger(budgets, watcher::Config::default()),
             move |budget| gating(&by_budget, &budget),
         )
+        .with_config(ctx.settings.controller_config())
         .graceful_shutdown_on(crate::k8s::stopped(stop))
         .run(reconcile, error_policy, Arc::new(State { ctx, store }))
         .for_each(crate::k8s::log_loop_error)

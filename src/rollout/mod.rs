@@ -224,6 +224,7 @@ pub async fn run(ctx: Arc<Context>, stop: watch::Receiver<bool>) {
                 .collect::<Vec<_>>()
         },
     );
+    let config = ctx.settings.controller_config();
     let state = Arc::new(State {
         ctx,
         rollouts: store,
@@ -233,6 +234,7 @@ pub async fn run(ctx: Arc<Context>, stop: watch::Receiver<bool>) {
         owned,
     });
     controller
+        .with_config(config)
         .graceful_shutdown_on(crate::k8s::stopped(stop))
         .run(reconcile, error_policy, state)
         .for_each(crate::k8s::log_loop_error)

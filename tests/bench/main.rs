@@ -355,12 +355,18 @@ async fn scale() {
     let mut report: BTreeMap<&str, Value> = BTreeMap::new();
     report.insert("rollouts", json!(n));
     report.insert("operator", json!(binary.display().to_string()));
-    // The operator inherits the environment: a run with SLUICE_KUBE_REQUESTS_IN_FLIGHT set
-    // (0: unbounded) says so in its report.
-    report.insert(
-        "kube_requests_in_flight",
-        json!(std::env::var("SLUICE_KUBE_REQUESTS_IN_FLIGHT").unwrap_or_else(|_| "default".into())),
-    );
+    // The operator inherits the environment: a run with one of its bounds set (0: none) says
+    // so in its report.
+    for (key, variable) in [
+        ("kube_requests_in_flight", "SLUICE_KUBE_REQUESTS_IN_FLIGHT"),
+        (
+            "max_concurrent_reconciles",
+            "SLUICE_MAX_CONCURRENT_RECONCILES",
+        ),
+    ] {
+        let value = std::env::var(variable).unwrap_or_else(|_| "default".into());
+        report.insert(key, json!(value));
+    }
 
     remove_leftovers(&client).await;
 
