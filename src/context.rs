@@ -28,7 +28,8 @@ pub struct Settings {
     /// Requests to the apiserver awaiting their answer at once, a watch until its stream
     /// starts (0: no bound). See `operator::in_flight_limit`.
     pub kube_requests_in_flight: usize,
-    /// Reconciles each controller runs at once (0: no bound); more wait in its queue.
+    /// Reconciles each controller runs at once (0: no bound); more wait in its queue. A
+    /// Rollout reconcile awaiting Prometheus does not count.
     pub max_concurrent_reconciles: u16,
 }
 
@@ -52,9 +53,9 @@ impl Settings {
         }
     }
 
-    /// What every controller runs with: its bound on reconciles at once. Without one, a start
-    /// with 1,000 Rollouts ran 1,000 reconciles together, each holding its copies and request
-    /// bodies while waiting for the apiserver (bounded apart, `kube_requests_in_flight`).
+    /// What the ErrorBudget and Pipeline controllers run with: their bound on reconciles at
+    /// once. The Rollout controller bounds its own (`rollout::slots`), so that a reconcile
+    /// awaiting Prometheus holds no place a person's abort would wait for.
     pub fn controller_config(&self) -> kube::runtime::controller::Config {
         kube::runtime::controller::Config::default().concurrency(self.max_concurrent_reconciles)
     }

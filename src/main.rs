@@ -85,8 +85,8 @@ struct ControllerArgs {
     #[arg(long, env = "SLUICE_KUBE_REQUESTS_IN_FLIGHT", default_value_t = sluice::context::DEFAULT_KUBE_REQUESTS_IN_FLIGHT)]
     kube_requests_in_flight: usize,
 
-    /// Reconciles each controller runs at once; more wait in its queue (never two of one
-    /// object). 0: no bound.
+    /// Reconciles each controller runs at once; more wait their turn (never two of one
+    /// object). A Rollout reconcile awaiting Prometheus does not count. 0: no bound.
     #[arg(long, env = "SLUICE_MAX_CONCURRENT_RECONCILES", default_value_t = sluice::context::DEFAULT_MAX_CONCURRENT_RECONCILES)]
     max_concurrent_reconciles: u16,
 }

@@ -14,6 +14,7 @@ pub mod policy;
 pub mod release;
 pub mod revision;
 pub mod runs;
+mod slots;
 pub mod steps;
 
 use std::collections::BTreeMap;
@@ -53,6 +54,7 @@ use model::{
     Plan, TrafficWrite,
 };
 use owned::OwnedReplicaSets;
+use slots::{Slot, Slots};
 
 const FINALIZER: &str = "sluice.dev/traffic";
 /// The controller's name in metrics.
@@ -103,6 +105,8 @@ pub struct State {
     freshness: Freshness,
     /// Every Rollout's ReplicaSets, from one watch.
     owned: Arc<OwnedReplicaSets>,
+    /// The bound on reconciles at work at once (not measuring): see slots.rs.
+    slots: Slots,
 }
 
 /// How long a reconcile waits for the Pipeline and ErrorBudget caches after a start: until
@@ -224,7 +228,8 @@ pub async fn run(ctx: Arc<Context>, stop: watch::Receiver<bool>) {
                 .collect::<Vec<_>>()
         },
     );
-    let config = ctx.settings.controller_config();
+    // Bounded by slots that a measurement gives back, not by kube's controller (slots.rs).
+    let slots = Slots::new(ctx.settings.max_concurrent_reconciles);
     let state = Arc::new(State {
         ctx,
         rollouts: store,
@@ -232,9 +237,9 @@ pub async fn run(ctx: Arc<Context>, stop: watch::Receiver<bool>) {
         pipelines,
         freshness: Freshness::default(),
         owned,
+        slots,
     });
     controller
-        .with_config(config)
         .graceful_shutdown_on(crate::k8s::stopped(stop))
         .run(reconcile, error_policy, state)
         .for_each(crate::k8s::log_loop_error)
@@ -379,13 +384,22 @@ fn error_policy(rollout: Arc<Rollout>, error: &Error, state: Arc<State>) -> Acti
 
 #[tracing::instrument(skip(rollout, state), fields(rollout = %rollout.name_any(), namespace = rollout.namespace().unwrap_or_default()))]
 async fn reconcile(rollout: Arc<Rollout>, state: Arc<State>) -> Result<Action, Error> {
+    // Waiting for a slot, hold no copy of the Rollout (the cache may have moved on by the
+    // turn of a reconcile queued in a start with thousands): take the cache's newest after.
+    let cached = ObjectRef::from_obj(rollout.as_ref());
+    drop(rollout);
+    let slot = state.slots.take().await;
+    let Some(rollout) = state.rollouts.get(&cached) else {
+        // Gone from the cache, so gone from the cluster: nothing left to do.
+        return Ok(Action::await_change());
+    };
     let started = Instant::now();
     let namespace = rollout.namespace().unwrap_or_default();
     let key = backoff_key(&rollout);
     let api: Api<Rollout> = Api::namespaced(state.ctx.client.clone(), &namespace);
     let result = finalizer(&api, FINALIZER, rollout, |event| async {
         match event {
-            Finalizer::Apply(rollout) => apply(rollout, &state).await,
+            Finalizer::Apply(rollout) => apply(rollout, &state, &slot).await,
             Finalizer::Cleanup(rollout) => {
                 state
                     .freshness
@@ -679,7 +693,7 @@ async fn measure(ctx: &Context, store: &Store<Rollout>, world: &mut World) -> bo
     true
 }
 
-async fn apply(cached: Arc<Rollout>, state: &State) -> Result<Action, Error> {
+async fn apply(cached: Arc<Rollout>, state: &State, slot: &Slot) -> Result<Action, Error> {
     let ctx = state.ctx.as_ref();
     // Fail closed: without the budgets and Pipelines in cache, a hold could be missed.
     // Nor, without the ReplicaSets, the revision numbers.
@@ -705,7 +719,11 @@ async fn apply(cached: Arc<Rollout>, state: &State) -> Result<Action, Error> {
         carry_out(state, &world, before).await?;
         return Ok(Action::requeue(Duration::ZERO));
     }
-    if !measure(ctx, &state.rollouts, &mut world).await {
+    // Measuring holds no slot: another Rollout's abort never waits behind a measurement.
+    let measured = slot
+        .without(measure(ctx, &state.rollouts, &mut world))
+        .await;
+    if !measured {
         return Ok(Action::requeue(Duration::ZERO));
     }
     let plan = plan::plan(&world.observed);
