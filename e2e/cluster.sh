@@ -103,15 +103,7 @@ start() {
   log "starting ${name} (log: ${LOGS}/${name}.log)"
   # 8>&-: daemons must not inherit the cluster lock (fd 8) held by `up`.
   setsid "$@" </dev/null >"${LOGS}/${name}.log" 2>&1 8>&- &
-  local pid=$! i
-  echo "${pid}" > "${PIDS}/${name}.pid"
-  # Until the forked shell execs the daemon, its command line is this script's, and
-  # `running` would take that moment for an exit (CI once failed so under load: "exited
-  # while waiting", an empty log, the daemon alive a second later). Wait out the exec.
-  for ((i = 0; i < 200; i++)); do
-    running "${name}" || ! alive "${pid}" && break
-    sleep 0.05
-  done
+  echo $! > "${PIDS}/${name}.pid"
 }
 
 # stop NAME: SIGTERM, wait up to 10s, then SIGKILL.
@@ -155,7 +147,9 @@ wait_for() {
   shift 3
   deadline=$(( $(date +%s) + timeout ))
   until "$@" >/dev/null 2>&1; do
-    if [[ -n "${name}" && -f "${PIDS}/${name}.pid" ]] && ! running "${name}"; then
+    # Only whether it is alive: a just-started daemon's command line is the forked shell's
+    # until the exec (CI once read "exited" there under load; the daemon was fine).
+    if [[ -n "${name}" && -f "${PIDS}/${name}.pid" ]] && ! alive "$(pid_of "${name}")"; then
       fail "${name} exited while waiting for ${desc}" "${name}"
     fi
     if (( $(date +%s) >= deadline )); then
