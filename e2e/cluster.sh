@@ -394,6 +394,10 @@ start_apiserver() {
   wait_for "kube-apiserver /readyz" 120 kube-apiserver apiserver_ready
 }
 
+# kwok's nodes never fail, so the node lifecycle controller has nothing to find; after a
+# kube-apiserver restart its lease informer can lag kwok's renewals by over 40 s, and with the
+# default grace it then marks every node NotReady and every pod unready, which kwok does not
+# undo (seen in the chaos restart test). A long grace keeps the nodes Ready through restarts.
 start_controller_manager() {
   start kube-controller-manager "${BIN}/kube-controller-manager" \
     --kubeconfig="${WORK}/kube-controller-manager.kubeconfig" \
@@ -409,6 +413,7 @@ start_controller_manager() {
     --cluster-signing-key-file="${PKI}/ca.key" \
     --service-cluster-ip-range="${SERVICE_CIDR}" \
     --cluster-name="${CLUSTER_NAME}" \
+    --node-monitor-grace-period=5m \
     --profiling=false
 }
 

@@ -901,8 +901,14 @@ async fn apiserver_and_etcd_restarts_mid_release_lose_nothing() {
     let stable = healthy(&stage.rollouts).await;
     stage.watcher.reset_weights();
     set_template(&stage.rollouts, "web:2", json!({})).await;
+    // Each restart waits until the watcher (not only a GET) has recorded the weight it
+    // interrupts: a step held for the few hundred milliseconds before an outage can be gone
+    // by the time the watch is back, and the sequence would then miss it through no fault of
+    // the operator (the CI failure of fb4f6dc: the audit log showed 50 written once, etcd
+    // stopped 260 ms later, 80 written after it came back).
+    let watcher_at = |weight: i64| stage.watcher.canary_weights(VS_ROUTE).last() == Some(&weight);
     wait_for("canary at 20%", Duration::from_secs(60), || async {
-        (canary_weight(&stage.ns).await? == 20).then_some(())
+        watcher_at(20).then_some(())
     })
     .await;
     let took = restart("kube-apiserver").await;
@@ -914,7 +920,8 @@ async fn apiserver_and_etcd_restarts_mid_release_lose_nothing() {
     loop {
         assert!(
             started.elapsed() < Duration::from_secs(180),
-            "the release did not finish after the restarts"
+            "the release did not finish after the restarts; the watcher saw {:?}",
+            stage.watcher.canary_weights(VS_ROUTE)
         );
         if !stage.operator.running() {
             stage.operator.start();
@@ -925,16 +932,20 @@ async fn apiserver_and_etcd_restarts_mid_release_lose_nothing() {
             println!("MEASURE etcd restarted mid-release in {took:?}");
             etcd_restarted = true;
         }
-        at_50 = at_50 || canary_weight(&stage.ns).await == Some(50);
+        at_50 = at_50 || watcher_at(50);
         if let Some(s) = status(&stage.rollouts).await
             && s.phase == Some(RolloutPhase::Healthy)
             && s.stable_revision.as_deref() != Some(stable.as_str())
-            && etcd_restarted
         {
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    assert!(
+        etcd_restarted,
+        "the release finished before etcd was restarted at 50%; the watcher saw {:?}",
+        stage.watcher.canary_weights(VS_ROUTE)
+    );
     println!("MEASURE restarts: the operator exited and was started again {restarts} times");
     stage
         .watcher
