@@ -906,9 +906,8 @@ async fn apiserver_and_etcd_restarts_mid_release_lose_nothing() {
     // by the time the watch is back, and the sequence would then miss it through no fault of
     // the operator (the CI failure of fb4f6dc: the audit log showed 50 written once, etcd
     // stopped 260 ms later, 80 written after it came back).
-    let watcher_at = |weight: i64| stage.watcher.canary_weights(VS_ROUTE).last() == Some(&weight);
     wait_for("canary at 20%", Duration::from_secs(60), || async {
-        watcher_at(20).then_some(())
+        stage.watcher.canary_at(VS_ROUTE, 20).then_some(())
     })
     .await;
     let took = restart("kube-apiserver").await;
@@ -932,7 +931,7 @@ async fn apiserver_and_etcd_restarts_mid_release_lose_nothing() {
             println!("MEASURE etcd restarted mid-release in {took:?}");
             etcd_restarted = true;
         }
-        at_50 = at_50 || watcher_at(50);
+        at_50 = at_50 || stage.watcher.canary_at(VS_ROUTE, 50);
         if let Some(s) = status(&stage.rollouts).await
             && s.phase == Some(RolloutPhase::Healthy)
             && s.stable_revision.as_deref() != Some(stable.as_str())

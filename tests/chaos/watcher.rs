@@ -146,12 +146,17 @@ impl Watcher {
             .unwrap_or_default()
     }
 
+    /// Whether the last canary weight this watcher recorded for the route `key` is `weight`.
+    pub fn canary_at(&self, key: &str, weight: i64) -> bool {
+        self.canary_weights(key).last() == Some(&weight)
+    }
+
     /// Waits until the route `key` is back at canary weight 0 *as this watcher recorded it*:
     /// a GET can see the last write before the watch delivers it, and a sequence read then
     /// misses its final 0. Panics after `timeout`.
     pub async fn canary_back_at_zero(&self, key: &str, timeout: Duration) {
         let start = std::time::Instant::now();
-        while self.canary_weights(key).last() != Some(&0) {
+        while !self.canary_at(key, 0) {
             assert!(
                 start.elapsed() < timeout,
                 "the watcher never saw {key} back at 0: {:?}",
