@@ -46,6 +46,12 @@ struct KindLabel {
     kind: String,
 }
 
+/// `asked` (sent to Prometheus) or `shared` (answered by an identical query).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AnswerLabel {
+    answer: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct AnalysisLabels {
     namespace: String,
@@ -110,6 +116,7 @@ pub struct Metrics {
         std::collections::HashMap<(String, String), std::collections::BTreeSet<String>>,
     >,
     query_duration: Histogram,
+    queries: Family<AnswerLabel, Counter>,
     rollout_phase: Family<PhaseLabels, Gauge>,
     canary_weight: Family<RolloutLabels, Gauge>,
     release_duration: Histogram,
@@ -224,6 +231,12 @@ impl Metrics {
             "Latency of analysis queries to Prometheus",
             query_duration.clone(),
         );
+        let queries = Family::<AnswerLabel, Counter>::default();
+        registry.register(
+            "prometheus_queries",
+            "Analysis and budget queries, by answer: asked (sent to Prometheus) or shared (answered by an identical query in flight or younger than the measuring interval)",
+            queries.clone(),
+        );
         let rollout_phase = Family::<PhaseLabels, Gauge>::default();
         registry.register(
             "rollout_phase",
@@ -305,6 +318,7 @@ impl Metrics {
             analysis_threshold,
             analysis_names: Default::default(),
             query_duration,
+            queries,
             rollout_phase,
             canary_weight,
         }
@@ -533,8 +547,24 @@ impl Metrics {
         self.release_duration.observe(took.as_secs_f64());
     }
 
-    pub fn observe_query(&self, took: std::time::Duration) {
-        self.query_duration.observe(took.as_secs_f64());
+    /// A query answered in `took`, sent to Prometheus or shared with an identical one.
+    pub fn observe_query(
+        &self,
+        took: std::time::Duration,
+        how: crate::analysis::answers::Answered,
+    ) {
+        let answer = match how {
+            crate::analysis::answers::Answered::Asked => {
+                self.query_duration.observe(took.as_secs_f64());
+                "asked"
+            }
+            crate::analysis::answers::Answered::Shared => "shared",
+        };
+        self.queries
+            .get_or_create(&AnswerLabel {
+                answer: answer.to_string(),
+            })
+            .inc();
     }
 
     /// Records a Rollout's phase (one series per phase, 1 for the current) and weight.

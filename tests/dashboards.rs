@@ -195,7 +195,8 @@ fn every_family() -> String {
     m.observe_time_to_stage("ns", "web", "prod", 1.0);
     m.observe_approval_wait("ns", "web", "prod", 1.0);
     m.observe_release(second);
-    m.observe_query(second);
+    m.observe_query(second, sluice::analysis::answers::Answered::Asked);
+    m.observe_query(second, sluice::analysis::answers::Answered::Shared);
     m.encode().unwrap()
 }
 

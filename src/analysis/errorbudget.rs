@@ -28,6 +28,9 @@ impl MetricProvider for ErrorBudgetMetric {
         &'a self,
         ctx: &'a ProviderContext<'a>,
         vars: &'a TemplateVars,
+        // The budget's status is read fresh each time; its burn-rate query shares only
+        // while in flight.
+        _fresh_for: std::time::Duration,
     ) -> BoxFuture<'a, Result<MeasuredValue, ProviderFailure>> {
         Box::pin(async move {
             let budget = fetch(ctx, self).await?;

@@ -4,6 +4,7 @@
 //! implements (`prometheus`, `errorbudget`); `condition` and `template` are the
 //! small languages users write in.
 
+pub mod answers;
 pub mod condition;
 pub mod errorbudget;
 pub mod narrow;

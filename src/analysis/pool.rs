@@ -9,6 +9,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Client};
 use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderName, HeaderValue};
 
+use super::answers::SharedAnswers;
 use super::run::ProviderFailure;
 use crate::api::analysis::PrometheusConfig;
 use crate::api::common::SecretKeyRef;
@@ -30,9 +31,11 @@ pub fn query_timeout(metric: Option<&crate::api::Duration>, config: &PrometheusC
 
 /// Prometheus clients keyed by everything that shapes them (address, timeout, headers,
 /// auth and TLS, and the namespace whose Secrets they read), reused for [`CLIENT_TTL`].
+/// Also the answers identical queries share ([`SharedAnswers`]).
 pub struct PrometheusPool {
     client: Client,
     clients: Mutex<HashMap<String, (prometheus_http_query::Client, Instant)>>,
+    pub answers: SharedAnswers,
 }
 
 impl PrometheusPool {
@@ -40,7 +43,21 @@ impl PrometheusPool {
         Self {
             client,
             clients: Mutex::new(HashMap::new()),
+            answers: SharedAnswers::default(),
         }
+    }
+
+    /// What makes two queries the same: the query text and everything that shapes the
+    /// client that sends it (an answer got with one namespace's credentials is never given
+    /// to another namespace).
+    pub fn answer_key(
+        namespace: &str,
+        address: &str,
+        config: &PrometheusConfig,
+        timeout: Duration,
+        query: &str,
+    ) -> String {
+        format!("{}\n{query}", pool_key(namespace, address, config, timeout))
     }
 
     /// A pooled client for these settings, built (and Secrets read) only when none is fresh.

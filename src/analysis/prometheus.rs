@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use futures::future::BoxFuture;
 
 use super::condition::MeasuredValue;
+use super::pool::PrometheusPool;
 use super::provider::{MetricProvider, ProviderContext};
 use super::run::{PrometheusSource, ProviderFailure};
 use super::template::{self, TemplateVars};
@@ -17,25 +18,35 @@ impl MetricProvider for PrometheusSource {
         &'a self,
         ctx: &'a ProviderContext<'a>,
         vars: &'a TemplateVars,
+        fresh_for: Duration,
     ) -> BoxFuture<'a, Result<MeasuredValue, ProviderFailure>> {
         Box::pin(async move {
             let query = template::render(&self.metric.query, vars)
                 .map_err(|e| ProviderFailure::Error(e.to_string()))?;
             let timeout = super::pool::query_timeout(self.metric.timeout.as_ref(), &self.config);
-            let started = Instant::now();
-            let result = query_prometheus(ctx, &self.config, &query, timeout).await;
-            ctx.metrics.observe_query(started.elapsed());
-            result
+            query_shared(ctx, &self.config, &query, timeout, fresh_for).await
         })
     }
 }
 
-/// Runs an (already rendered) PromQL instant query and turns the answer into a value.
+/// Runs an (already rendered) PromQL instant query and turns the answer into a value. An
+/// identical query in flight answers this one too.
 pub async fn query_prometheus(
     ctx: &ProviderContext<'_>,
     config: &PrometheusConfig,
     query: &str,
     timeout: Duration,
+) -> Result<MeasuredValue, ProviderFailure> {
+    query_shared(ctx, config, query, timeout, Duration::ZERO).await
+}
+
+/// As [`query_prometheus`], also taking an identical query's answer younger than `window`.
+async fn query_shared(
+    ctx: &ProviderContext<'_>,
+    config: &PrometheusConfig,
+    query: &str,
+    timeout: Duration,
+    window: Duration,
 ) -> Result<MeasuredValue, ProviderFailure> {
     let address = config
         .address
@@ -46,6 +57,21 @@ pub async fn query_prometheus(
         .pool
         .client(ctx.namespace, address, config, timeout)
         .await?;
+    let key = PrometheusPool::answer_key(ctx.namespace, address, config, timeout, query);
+    let ask = ask(client, address.to_string(), query.to_string(), timeout);
+    let started = Instant::now();
+    let (answer, how) = ctx.pool.answers.answer(key, window, ask).await;
+    ctx.metrics.observe_query(started.elapsed(), how);
+    answer
+}
+
+/// Sends one query to Prometheus.
+async fn ask(
+    client: prometheus_http_query::Client,
+    address: String,
+    query: String,
+    timeout: Duration,
+) -> Result<MeasuredValue, ProviderFailure> {
     let answer = tokio::time::timeout(timeout, client.query(query).get()).await;
     let response = match answer {
         Err(_) => {

@@ -27,11 +27,13 @@ pub struct ProviderContext<'a> {
 /// A source of measurements.
 pub trait MetricProvider: Send + Sync {
     /// Takes one measurement. Errors are data: `NoData` is judged inconclusive, `Error` an
-    /// error; neither ever passes a condition.
+    /// error; neither ever passes a condition. An identical measurement taken less than
+    /// `fresh_for` ago may answer (the metric's interval: the freshness it works at).
     fn measure<'a>(
         &'a self,
         ctx: &'a ProviderContext<'a>,
         vars: &'a TemplateVars,
+        fresh_for: Duration,
     ) -> BoxFuture<'a, Result<MeasuredValue, ProviderFailure>>;
 }
 
@@ -52,7 +54,7 @@ pub async fn measure_all(
     deadline: Duration,
 ) -> Vec<Result<MeasuredValue, ProviderFailure>> {
     let measurements = metrics.iter().map(|(metric, vars)| async move {
-        let measured = provider_for(&metric.source).measure(ctx, vars);
+        let measured = provider_for(&metric.source).measure(ctx, vars, metric.interval);
         match tokio::time::timeout(deadline, measured).await {
             Ok(result) => result,
             Err(_) => Err(ProviderFailure::Error(format!(

@@ -29,6 +29,14 @@ impl Kind {
 /// The Rollout's steps: the pause between 20% and 50% is what the step latency is timed on.
 pub const STEP_PAUSE_SECONDS: u64 = 3;
 
+/// Every canary's background analysis asks this same query (a service-wide figure, with no
+/// per-release variable), so identical queries can be counted: Prometheus should be asked
+/// about once per interval, not once per canary. It always has a value (it counts scrape
+/// targets, 0 or more), so the analysis passes and never holds a step.
+pub const SHARED_QUERY: &str = "count(up)";
+/// The background analysis interval.
+pub const ANALYSIS_INTERVAL_SECONDS: u64 = 5;
+
 fn container(name: &str, image: &str, port: i64) -> Value {
     let env: Vec<Value> = (0..30)
         .map(|i| {
@@ -85,8 +93,11 @@ pub fn objects(namespace: &str, name: &str, kind: Kind) -> Vec<Value> {
     let steps = json!([{"setWeight": 20}, {"pause": {"duration": format!("{STEP_PAUSE_SECONDS}s")}},
                        {"setWeight": 50}, {"pause": {}}]);
     let canary = |routing: Value| {
+        let analysis = json!({"interval": format!("{ANALYSIS_INTERVAL_SECONDS}s"),
+            "metrics": [{"name": "targets", "prometheus": {"query": SHARED_QUERY},
+                         "successCondition": "result >= 0"}]});
         let mut c = json!({"steps": steps, "scaleDownDelay": "5s", "abortScaleDownDelay": "5s",
-                           "trafficRouting": routing});
+                           "trafficRouting": routing, "analysis": analysis});
         if kind == Kind::GatewayCanary {
             c["stableService"] = json!(format!("{name}-stable"));
             c["canaryService"] = json!(format!("{name}-canary"));

@@ -30,7 +30,7 @@ use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 use sluice::api::rollout::{Rollout, RolloutPhase};
 
-use fixtures::{Kind, RUN_LABEL, STEP_PAUSE_SECONDS};
+use fixtures::{ANALYSIS_INTERVAL_SECONDS, Kind, RUN_LABEL, STEP_PAUSE_SECONDS};
 use probe::{Metrics, Operator, percentile};
 
 /// Rollouts per namespace, as teams group their services.
@@ -328,6 +328,20 @@ async fn wait_all_at(count_at: &impl Fn(i64) -> usize, weight: i64, total: usize
     }
 }
 
+/// Prometheus's own count of the instant queries it answered (from its `/metrics`), or NaN
+/// when it cannot be read.
+async fn prometheus_queries(url: &str) -> f64 {
+    let address = url.trim_start_matches("http://").trim_end_matches('/');
+    probe::http_get(address, "/metrics")
+        .await
+        .map_or(f64::NAN, |text| {
+            Metrics::parse(&text).sum(
+                "prometheus_http_requests_total",
+                &["handler=\"/api/v1/query\""],
+            )
+        })
+}
+
 fn millis(d: Option<Duration>) -> Value {
     d.map_or(Value::Null, |d| json!(d.as_millis() as u64))
 }
@@ -513,6 +527,8 @@ async fn scale() {
         .map(|i| (namespace_of(i), name_of(i)))
         .collect();
     let release_start = operator.metrics().await;
+    let (release_started, prometheus_start) =
+        (Instant::now(), prometheus_queries(&prometheus).await);
     futures::stream::iter(released.clone())
         .map(|(ns, name)| {
             let api: Api<Rollout> = Api::namespaced(client.clone(), &ns);
@@ -633,6 +649,32 @@ async fn scale() {
             .collect()
     };
     let release_end = operator.metrics().await;
+    // The canaries' background analyses all ask the same query: how often Prometheus was
+    // asked, by the operator's count and by Prometheus's own.
+    let releasing = release_started.elapsed();
+    let answers = |how: &str| {
+        let label = format!("answer=\"{how}\"");
+        release_end.sum("sluice_prometheus_queries_total", &[&label])
+            - release_start.sum("sluice_prometheus_queries_total", &[&label])
+    };
+    let (asked, shared) = (answers("asked"), answers("shared"));
+    let prometheus_answered = prometheus_queries(&prometheus).await - prometheus_start;
+    let intervals = releasing.as_secs_f64() / ANALYSIS_INTERVAL_SECONDS as f64;
+    println!(
+        "MEASURE shared query over {releasing:?} ({intervals:.1} intervals of \
+         {ANALYSIS_INTERVAL_SECONDS} s), {} canaries measuring: {asked} asked, {shared} shared; \
+         Prometheus answered {prometheus_answered} instant queries",
+        released.len()
+    );
+    assert!(
+        released.len() < 2 || shared > 0.0,
+        "{} canaries measured the same query and none shared an answer",
+        released.len()
+    );
+    report.insert("analysis_queries_asked", json!(asked));
+    report.insert("analysis_queries_shared", json!(shared));
+    report.insert("prometheus_instant_queries", json!(prometheus_answered));
+    report.insert("analysis_queries_per_interval", json!(asked / intervals));
     record_reconcile_quantiles(
         &mut report,
         [
@@ -735,6 +777,15 @@ async fn scale() {
                 "{} / {}",
                 ms_text(&report["step_to_weight_p50_ms"]),
                 ms_text(&report["step_to_weight_p99_ms"])
+            ),
+        ),
+        (
+            "Shared analysis query: asked / shared (per interval asked)",
+            format!(
+                "{} / {} ({})",
+                fmt("analysis_queries_asked"),
+                fmt("analysis_queries_shared"),
+                fmt("analysis_queries_per_interval")
             ),
         ),
         (

@@ -132,7 +132,8 @@ fn clock_ticks_per_second() -> f64 {
         .unwrap_or(100.0)
 }
 
-async fn http_get(address: &str, path: &str) -> std::io::Result<String> {
+/// A plain HTTP/1.0 GET of `path` at `address` (host:port); the body.
+pub async fn http_get(address: &str, path: &str) -> std::io::Result<String> {
     let mut stream = tokio::net::TcpStream::connect(address).await?;
     stream
         .write_all(format!("GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").as_bytes())
