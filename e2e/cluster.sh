@@ -330,6 +330,9 @@ check_ports() {
 
 # -------------------------------------------------------------- components
 
+# The benchmark's 10,000 Rollouts keep about 1 GB in etcd (six 8 KB pod templates each, with
+# history until the apiserver compacts it): past the default 2 GiB quota an etcd refuses every
+# write. 8 GiB is etcd's suggested maximum.
 start_etcd() {
   mkdir -p "${WORK}/etcd-data"
   chmod 700 "${WORK}/etcd-data"
@@ -343,6 +346,7 @@ start_etcd() {
     --initial-cluster="sluice-local=http://${HOST}:${ETCD_PEER_PORT}" \
     --initial-cluster-state=new \
     --unsafe-no-fsync \
+    --quota-backend-bytes=8589934592 \
     --log-level=warn
   wait_for "etcd /health" 30 etcd etcd_healthy
 }
@@ -398,6 +402,8 @@ start_apiserver() {
 # kube-apiserver restart its lease informer can lag kwok's renewals by over 40 s, and with the
 # default grace it then marks every node NotReady and every pod unready, which kwok does not
 # undo (seen in the chaos restart test). A long grace keeps the nodes Ready through restarts.
+# Its clients' default rate (20 requests/s, 5 ReplicaSets synced at once) made a thousand pods
+# take minutes to appear; the benchmark creates ten thousand, so the limits are raised.
 start_controller_manager() {
   start kube-controller-manager "${BIN}/kube-controller-manager" \
     --kubeconfig="${WORK}/kube-controller-manager.kubeconfig" \
@@ -414,6 +420,10 @@ start_controller_manager() {
     --service-cluster-ip-range="${SERVICE_CIDR}" \
     --cluster-name="${CLUSTER_NAME}" \
     --node-monitor-grace-period=5m \
+    --kube-api-qps=200 \
+    --kube-api-burst=400 \
+    --concurrent-replicaset-syncs=20 \
+    --concurrent-service-endpoint-syncs=20 \
     --profiling=false
 }
 
@@ -425,6 +435,8 @@ start_scheduler() {
     --bind-address="${HOST}" \
     --secure-port="${SCHEDULER_PORT}" \
     --leader-elect=false \
+    --kube-api-qps=200 \
+    --kube-api-burst=400 \
     --profiling=false
 }
 

@@ -646,6 +646,7 @@ pub fn plan(o: &Observed, bg: &BlueGreenStrategy) -> Plan {
     traffic_writes.extend(take_back_writes);
     Plan {
         replica_sets,
+        replica_sets_after_traffic: Vec::new(),
         traffic,
         traffic_writes,
         status,
@@ -866,7 +867,7 @@ mod tests {
         o.budgets = vec![hold(BudgetAction::Rollback)];
         let restoring = plan(&o);
         assert_eq!(restoring.status.stable_revision.as_deref(), Some("new"));
-        assert!(restoring.replica_sets.contains(&ReplicaSetIntent {
+        assert!(restoring.replica_set_writes().contains(&ReplicaSetIntent {
             hash: "old".into(),
             replicas: 3,
             scale_down_at: None
@@ -880,7 +881,11 @@ mod tests {
             moved.traffic_writes.first(),
             Some(TrafficWrite::Route { targets, .. }) if targets.stable == "old"
         ));
-        let new_rs = moved.replica_sets.iter().find(|r| r.hash == "new").unwrap();
+        let new_rs = moved
+            .replica_set_writes()
+            .into_iter()
+            .find(|r| r.hash == "new")
+            .unwrap();
         assert_eq!((new_rs.replicas, new_rs.scale_down_at.is_some()), (3, true));
         // Later plans keep it for its delay too (blue-green scales other old ones at once).
         o.status = moved.status;
@@ -892,7 +897,11 @@ mod tests {
             rs("old", 3),
         ];
         let later = plan(&o);
-        let new_rs = later.replica_sets.iter().find(|r| r.hash == "new").unwrap();
+        let new_rs = later
+            .replica_set_writes()
+            .into_iter()
+            .find(|r| r.hash == "new")
+            .unwrap();
         assert_eq!(new_rs.replicas, 3);
         assert_eq!(later.status.canary_revision, None, "not previewed again");
     }
@@ -936,7 +945,7 @@ mod tests {
             "for the release metric"
         );
         assert_eq!(plan2.promoted, None);
-        assert!(plan3.replica_sets.contains(&ReplicaSetIntent {
+        assert!(plan3.replica_set_writes().contains(&ReplicaSetIntent {
             hash: "old".into(),
             replicas: 3,
             scale_down_at: None
@@ -950,7 +959,7 @@ mod tests {
         o.now = t(40);
         let plan4 = plan(&o);
         assert_eq!(plan4.status.previous_revision, None);
-        assert!(plan4.replica_sets.contains(&ReplicaSetIntent {
+        assert!(plan4.replica_set_writes().contains(&ReplicaSetIntent {
             hash: "old".into(),
             replicas: 0,
             scale_down_at: None

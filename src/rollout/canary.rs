@@ -679,6 +679,7 @@ fn finish(mut p: Planner, steps: &[Step], desired_weight: i32, promoted: Option<
     traffic_writes.extend(take_back_writes);
     Plan {
         replica_sets,
+        replica_sets_after_traffic: Vec::new(),
         traffic,
         traffic_writes,
         status: p.status,
@@ -833,7 +834,7 @@ mod tests {
                 .any(|e| e.reason == Reason::ReleaseStarted)
         );
         // Canary pods first (25% of 4 = 1), no traffic until they are available.
-        assert!(plan.replica_sets.contains(&ReplicaSetIntent {
+        assert!(plan.replica_set_writes().contains(&ReplicaSetIntent {
             hash: NEW.into(),
             replicas: 1,
             scale_down_at: None
@@ -929,6 +930,41 @@ mod tests {
         );
         assert_eq!(retried.status.current_step_index, Some(0));
         assert_eq!(retried.traffic.unwrap().canary_weight, 50);
+    }
+
+    /// Traffic leaves the canary before anything waits on its ReplicaSet: the abort's write
+    /// that only schedules the canary's scale-down comes after the weight change, while a
+    /// step that needs more canary pods still creates them before sending traffic.
+    #[test]
+    fn replica_sets_that_add_no_pods_wait_for_the_traffic() {
+        let steps = vec![weight(50), pause(None)];
+        let mut status = releasing(1);
+        status.abort = intent("a1");
+        let aborted = plan(&observed(steps, status, 2, Some(50)));
+        assert_eq!(aborted.traffic_writes.len(), 1);
+        assert!(
+            aborted.replica_sets.is_empty(),
+            "{:?}",
+            aborted.replica_sets
+        );
+        let canary = aborted
+            .replica_sets_after_traffic
+            .iter()
+            .find(|r| r.hash == NEW)
+            .expect("the canary's scale-down is scheduled after the traffic moved");
+        assert_eq!(canary.replicas, 2);
+        assert!(canary.scale_down_at.is_some());
+
+        let stepping = plan(&observed(vec![weight(50)], releasing(0), 0, Some(0)));
+        assert!(
+            stepping
+                .replica_sets
+                .iter()
+                .any(|r| r.hash == NEW && r.replicas == 2),
+            "{:?}",
+            stepping.replica_sets
+        );
+        assert!(stepping.replica_sets_after_traffic.is_empty());
     }
 
     #[test]
@@ -1049,11 +1085,15 @@ mod tests {
         assert_eq!(plan.status.canary_revision.as_deref(), Some("third"));
         assert_eq!(plan.status.current_step_index, Some(0));
         assert_eq!(
-            plan.traffic.unwrap().canary_weight,
+            plan.traffic.as_ref().unwrap().canary_weight,
             0,
             "the new canary has no pods yet"
         );
-        let superseded = plan.replica_sets.iter().find(|r| r.hash == NEW).unwrap();
+        let superseded = plan
+            .replica_set_writes()
+            .into_iter()
+            .find(|r| r.hash == NEW)
+            .unwrap();
         assert!(
             superseded.scale_down_at.is_some(),
             "the superseded canary is scaled down after the delay"
@@ -1066,12 +1106,12 @@ mod tests {
         o.traffic = ObservedTraffic::None;
         let plan = plan(&o);
         assert!(plan.traffic.is_none());
-        assert!(plan.replica_sets.contains(&ReplicaSetIntent {
+        assert!(plan.replica_set_writes().contains(&ReplicaSetIntent {
             hash: NEW.into(),
             replicas: 2,
             scale_down_at: None
         }));
-        assert!(plan.replica_sets.contains(&ReplicaSetIntent {
+        assert!(plan.replica_set_writes().contains(&ReplicaSetIntent {
             hash: OLD.into(),
             replicas: 2,
             scale_down_at: None
@@ -1088,10 +1128,11 @@ mod tests {
         assert!(
             plan.status
                 .message
+                .as_deref()
                 .unwrap()
                 .contains("VirtualService shop/web not found")
         );
-        assert!(plan.replica_sets.contains(&ReplicaSetIntent {
+        assert!(plan.replica_set_writes().contains(&ReplicaSetIntent {
             hash: OLD.into(),
             replicas: 4,
             scale_down_at: None
@@ -1284,7 +1325,11 @@ mod tests {
                 canary_weight: 0
             })
         );
-        let new_rs = moved.replica_sets.iter().find(|r| r.hash == NEW).unwrap();
+        let new_rs = moved
+            .replica_set_writes()
+            .into_iter()
+            .find(|r| r.hash == NEW)
+            .unwrap();
         assert_eq!(new_rs.replicas, 4, "kept for the scale-down delay");
         assert!(new_rs.scale_down_at.is_some());
         assert_eq!(moved.status.phase, Some(RolloutPhase::Degraded));
@@ -1582,6 +1627,28 @@ mod tests {
             prop_assert!(plan.replica_sets.iter().all(|r| r.replicas >= 0));
         }
 
+        /// Pods come before the traffic that needs them: every ReplicaSet written after the
+        /// traffic adds no pods, and splitting the writes loses none.
+        #[test]
+        fn replica_sets_after_the_traffic_add_no_pods((o, _) in arb_world()) {
+            let plan = plan(&o);
+            let adds_pods = |r: &ReplicaSetIntent| {
+                o.replica_sets.iter().find(|rs| rs.hash == r.hash).is_none_or(|rs| r.replicas > rs.replicas)
+            };
+            prop_assert!(plan.replica_sets_after_traffic.iter().all(|r| !adds_pods(r)));
+            if plan.traffic_writes.is_empty() {
+                prop_assert!(plan.replica_sets_after_traffic.is_empty());
+            } else {
+                prop_assert!(plan.replica_sets.iter().all(adds_pods));
+            }
+            let mut hashes: Vec<&str> = plan.replica_sets.iter()
+                .chain(&plan.replica_sets_after_traffic).map(|r| r.hash.as_str()).collect();
+            let before = hashes.len();
+            hashes.sort_unstable();
+            hashes.dedup();
+            prop_assert_eq!(hashes.len(), before, "a ReplicaSet planned twice");
+        }
+
         #[test]
         fn no_traffic_to_a_canary_without_available_pods((mut o, _) in arb_world()) {
             o.replica_sets = vec![rs(OLD, 4, 4), rs(NEW, 1, 0)];
@@ -1650,7 +1717,7 @@ mod tests {
                 if turn.abort {
                     status.abort = intent(&format!("a{n}"));
                 }
-                let wanted = plan.replica_sets.iter().find(|r| r.hash == NEW).map_or(0, |r| r.replicas);
+                let wanted = plan.replica_set_writes().into_iter().find(|r| r.hash == NEW).map_or(0, |r| r.replicas);
                 let up = turn.available.min(wanted);
                 o.status = status;
                 o.replica_sets = vec![rs(OLD, 4, 4), rs(NEW, wanted, up)];

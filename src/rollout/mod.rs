@@ -51,7 +51,7 @@ use crate::k8s::labels::{
 use crate::traffic::{Router, RouterError, Targets};
 use model::{
     BudgetHold, Observed, ObservedLeftover, ObservedReplicaSet, ObservedService, ObservedTraffic,
-    Plan, TrafficWrite,
+    Plan, ReplicaSetIntent, TrafficWrite,
 };
 use owned::OwnedReplicaSets;
 use slots::{Slot, Slots};
@@ -732,16 +732,17 @@ async fn apply(cached: Arc<Rollout>, state: &State, slot: &Slot) -> Result<Actio
     Ok(Action::requeue(requeue))
 }
 
-/// Makes the plan's writes, in its order: ReplicaSets, history, status (the decision is
-/// recorded before traffic moves, so a crash in between leaves a status from which the next
-/// reconcile makes the same move), then traffic; Events and metrics last.
+/// Makes the plan's writes, in its order: ReplicaSets that add pods, history, status (the
+/// decision is recorded before traffic moves, so a crash in between leaves a status from which
+/// the next reconcile makes the same move), traffic, then ReplicaSets that add none; Events
+/// and metrics last.
 async fn carry_out(state: &State, world: &World, mut plan: Plan) -> Result<(), Error> {
     let (ctx, freshness) = (state.ctx.as_ref(), &state.freshness);
     let rollout = world.rollout.as_ref();
     plan.status.selector = Some(selector_string(&rollout.spec.selector));
     let namespace = rollout.namespace().unwrap_or_default();
     let desired_hash = &world.observed.desired_hash;
-    apply_replica_sets(ctx, rollout, &world.owned, &plan, desired_hash).await?;
+    apply_replica_sets(ctx, rollout, &world.owned, &plan.replica_sets, desired_hash).await?;
     prune_history(ctx, rollout, &world.owned, &plan).await?;
     let api: Api<Rollout> = Api::namespaced(ctx.client.clone(), &namespace);
     // Intents belong to the plugin's field manager: they are not ours to compare.
@@ -755,6 +756,14 @@ async fn carry_out(state: &State, world: &World, mut plan: Plan) -> Result<(), E
         freshness.wrote(&format!("{namespace}/{}", rollout.name_any()), &version);
     }
     write_traffic(ctx, &namespace, world.router.as_ref(), &plan.traffic_writes).await?;
+    apply_replica_sets(
+        ctx,
+        rollout,
+        &world.owned,
+        &plan.replica_sets_after_traffic,
+        desired_hash,
+    )
+    .await?;
     if let Some(released) = plan.promoted.as_ref().and_then(|hash| {
         world
             .owned
@@ -945,7 +954,7 @@ async fn apply_replica_sets(
     ctx: &Context,
     rollout: &Rollout,
     owned: &[ReplicaSet],
-    plan: &Plan,
+    intents: &[ReplicaSetIntent],
     desired_hash: &str,
 ) -> Result<(), Error> {
     let namespace = rollout.namespace().unwrap_or_default();
@@ -961,7 +970,7 @@ async fn apply_replica_sets(
         .max()
         .unwrap_or(0)
         + 1;
-    for intent in &plan.replica_sets {
+    for intent in intents {
         let existing = owned
             .iter()
             .find(|rs| rs.labels().get(HASH_LABEL) == Some(&intent.hash));

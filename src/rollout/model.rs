@@ -171,7 +171,12 @@ pub struct PlannedEvent {
 /// What the reconciler must do.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Plan {
+    /// ReplicaSets to write before the status and the traffic: those that add pods the new
+    /// split will send traffic to.
     pub replica_sets: Vec<ReplicaSetIntent>,
+    /// ReplicaSets to write after the traffic moved: those that add no pods (a scale-down
+    /// deadline, fewer replicas). Traffic leaving a revision never waits for them.
+    pub replica_sets_after_traffic: Vec<ReplicaSetIntent>,
     /// The traffic split wanted (`None` without a router).
     pub traffic: Option<TrafficIntent>,
     /// The writes that get traffic there, in order (empty when it is already there).
@@ -183,6 +188,18 @@ pub struct Plan {
     pub requeue_after: Duration,
     /// The revision that became stable in this plan (for the release-duration metric).
     pub promoted: Option<String>,
+}
+
+#[cfg(test)]
+impl Plan {
+    /// Every ReplicaSet write, before and after the traffic.
+    pub fn replica_set_writes(&self) -> Vec<ReplicaSetIntent> {
+        self.replica_sets
+            .iter()
+            .chain(&self.replica_sets_after_traffic)
+            .cloned()
+            .collect()
+    }
 }
 
 pub fn add(t: Timestamp, d: Duration) -> Timestamp {

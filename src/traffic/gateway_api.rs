@@ -217,30 +217,31 @@ impl GatewayApiRouter {
 
 impl TrafficRouter for GatewayApiRouter {
     async fn observe(&self, targets: &Targets) -> Result<TrafficState, RouterError> {
-        let route = self
-            .read
-            .fetch(&self.api(), &self.route, "HTTPRoute", &self.namespace)
-            .await?;
-        let spec = route.data.get("spec").cloned().unwrap_or_default();
-        let canary_weight =
-            read_canary_weight(&spec, &self.rules, &self.backends(), &self.label())?;
-        let targets_match = service_selects(
-            &self.client,
-            &self.namespace,
-            &self.stable_service,
-            &targets.stable,
-        )
-        .await?
-            && service_selects(
+        // Independent reads, sent together: one wait for the apiserver instead of three.
+        let api = self.api();
+        let (route, stable, canary) = futures::future::try_join3(
+            self.read
+                .fetch(&api, &self.route, "HTTPRoute", &self.namespace),
+            service_selects(
+                &self.client,
+                &self.namespace,
+                &self.stable_service,
+                &targets.stable,
+            ),
+            service_selects(
                 &self.client,
                 &self.namespace,
                 &self.canary_service,
                 &targets.canary,
-            )
-            .await?;
+            ),
+        )
+        .await?;
+        let spec = route.data.get("spec").cloned().unwrap_or_default();
+        let canary_weight =
+            read_canary_weight(&spec, &self.rules, &self.backends(), &self.label())?;
         Ok(TrafficState {
             canary_weight,
-            targets_match,
+            targets_match: stable && canary,
         })
     }
 

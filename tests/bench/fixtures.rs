@@ -36,6 +36,26 @@ pub const STEP_PAUSE_SECONDS: u64 = 3;
 pub const SHARED_QUERY: &str = "count(up)";
 /// The background analysis interval.
 pub const ANALYSIS_INTERVAL_SECONDS: u64 = 5;
+/// The metric that fails on purpose in the benchmark's last round.
+pub const DEADLINE_METRIC: &str = "deadline";
+
+/// A canary's background analysis: the shared query, and with `deadline = Some((index,
+/// fail_at))` a metric that fails from `fail_at` (seconds since the epoch) on. Its query,
+/// `time()`, answers with the moment Prometheus evaluated it, so the failing measurement's
+/// value says when it was taken, to the millisecond; `+ 0 * index` makes it one query per
+/// Rollout, never a shared answer that could be older than the Rollout's own question.
+pub fn analysis(deadline: Option<(usize, f64)>) -> Value {
+    let mut metrics = vec![
+        json!({"name": "targets", "prometheus": {"query": SHARED_QUERY},
+                                  "successCondition": "result >= 0"}),
+    ];
+    if let Some((index, fail_at)) = deadline {
+        metrics.push(json!({"name": DEADLINE_METRIC,
+                            "prometheus": {"query": format!("time() + 0 * {index}")},
+                            "failureCondition": format!("result >= {fail_at:.3}")}));
+    }
+    json!({"interval": format!("{ANALYSIS_INTERVAL_SECONDS}s"), "metrics": metrics})
+}
 
 fn container(name: &str, image: &str, port: i64) -> Value {
     let env: Vec<Value> = (0..30)
@@ -93,11 +113,8 @@ pub fn objects(namespace: &str, name: &str, kind: Kind) -> Vec<Value> {
     let steps = json!([{"setWeight": 20}, {"pause": {"duration": format!("{STEP_PAUSE_SECONDS}s")}},
                        {"setWeight": 50}, {"pause": {}}]);
     let canary = |routing: Value| {
-        let analysis = json!({"interval": format!("{ANALYSIS_INTERVAL_SECONDS}s"),
-            "metrics": [{"name": "targets", "prometheus": {"query": SHARED_QUERY},
-                         "successCondition": "result >= 0"}]});
         let mut c = json!({"steps": steps, "scaleDownDelay": "5s", "abortScaleDownDelay": "5s",
-                           "trafficRouting": routing, "analysis": analysis});
+                           "trafficRouting": routing, "analysis": analysis(None)});
         if kind == Kind::GatewayCanary {
             c["stableService"] = json!(format!("{name}-stable"));
             c["canaryService"] = json!(format!("{name}-canary"));

@@ -28,9 +28,10 @@ use kube::api::{
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
+use sluice::api::analysis::MeasurementPhase;
 use sluice::api::rollout::{Rollout, RolloutPhase};
 
-use fixtures::{ANALYSIS_INTERVAL_SECONDS, Kind, RUN_LABEL, STEP_PAUSE_SECONDS};
+use fixtures::{ANALYSIS_INTERVAL_SECONDS, DEADLINE_METRIC, Kind, RUN_LABEL, STEP_PAUSE_SECONDS};
 use probe::{Metrics, Operator, percentile};
 
 /// Rollouts per namespace, as teams group their services.
@@ -199,6 +200,9 @@ struct Seen {
     weights: HashMap<String, Vec<(SystemTime, i64)>>,
     /// When each Rollout's timed pause (step 1) started, by its own status.
     pause_started: HashMap<String, SystemTime>,
+    /// When each Rollout's failing measurement was taken (Prometheus's clock, which is this
+    /// machine's), from the value of its `deadline` metric.
+    failed_at: HashMap<String, SystemTime>,
     /// Lists after the first and watch errors, per watch: a relist skips what happened
     /// in between, so a missed step shows up here.
     relists: BTreeMap<&'static str, usize>,
@@ -275,19 +279,32 @@ async fn watch_releases(client: &Client, seen: Arc<Mutex<Seen>>) {
         record,
         move |r| {
             let Some(status) = r.status else { return };
+            let key = format!(
+                "{}/{}",
+                r.metadata.namespace.unwrap_or_default(),
+                r.metadata.name.unwrap_or_default()
+            );
+            let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
             if status.current_step_index == Some(1)
                 && status.canary_revision.is_some()
                 && let Some(at) = status.current_step_started_at
             {
-                let key = format!(
-                    "{}/{}",
-                    r.metadata.namespace.unwrap_or_default(),
-                    r.metadata.name.unwrap_or_default()
-                );
                 let at = SystemTime::UNIX_EPOCH
                     + Duration::from_micros(at.0.as_microsecond().max(0) as u64);
-                let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
-                seen.pause_started.entry(key).or_insert(at);
+                seen.pause_started.entry(key.clone()).or_insert(at);
+            }
+            let failed = status
+                .analysis_runs
+                .iter()
+                .flat_map(|run| &run.metrics)
+                .filter(|m| m.name == DEADLINE_METRIC)
+                .flat_map(|m| &m.measurements)
+                .find(|m| m.phase == MeasurementPhase::Failed)
+                .and_then(|m| m.value.as_deref()?.parse::<f64>().ok())
+                .filter(|secs| secs.is_finite() && *secs > 0.0);
+            if let Some(secs) = failed {
+                let at = SystemTime::UNIX_EPOCH + Duration::from_secs_f64(secs);
+                seen.failed_at.entry(key).or_insert(at);
             }
         },
     )
@@ -326,6 +343,88 @@ async fn wait_all_at(count_at: &impl Fn(i64) -> usize, weight: i64, total: usize
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The last round: the released canaries shipped again (`web:3`), each with a metric that
+/// fails from one moment on, set late enough (`margin`) for most of them to reach 50% first.
+/// Each is timed from when its failing measurement was taken to its VirtualService showing 0%.
+/// Returns the latencies, and how many went back without a timing (failed before any traffic
+/// moved, so there was nothing to take back).
+async fn fail_releases(
+    client: &Client,
+    seen: &Arc<Mutex<Seen>>,
+    released: &[(String, String)],
+    margin: Duration,
+) -> (Vec<Duration>, usize) {
+    let key = |(ns, name): &(String, String)| format!("{ns}/{name}");
+    let weights_before: HashMap<String, usize> = {
+        let seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+        released
+            .iter()
+            .map(|r| (key(r), seen.weights.get(&key(r)).map_or(0, Vec::len)))
+            .collect()
+    };
+    let fail_at = (SystemTime::now() + margin)
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    futures::stream::iter(released.iter().cloned().enumerate())
+        .map(|(index, (ns, name))| {
+            let api: Api<Rollout> = Api::namespaced(client.clone(), &ns);
+            let containers = fixtures::template(&name, "web:3")["spec"]["containers"].clone();
+            let patch = json!({"spec": {
+                "template": {"spec": {"containers": containers}},
+                "strategy": {"canary": {"analysis": fixtures::analysis(Some((index, fail_at)))}}}});
+            async move {
+                api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                    .map(|_| ())
+            }
+        })
+        .buffer_unordered(PARALLEL)
+        .try_collect::<Vec<()>>()
+        .await
+        .expect("release every canary again, with a failing metric");
+    // Done: the failure is recorded and the VirtualService is at 0%.
+    let back = |seen: &Seen, r: &(String, String)| {
+        seen.failed_at.contains_key(&key(r))
+            && seen
+                .weights
+                .get(&key(r))
+                .is_some_and(|w| w.last().map(|x| x.1) == Some(0))
+    };
+    let waited = Instant::now();
+    let limit = margin + Duration::from_secs(300);
+    loop {
+        let done = {
+            let seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+            released.iter().filter(|r| back(&seen, r)).count()
+        };
+        if done == released.len() {
+            break;
+        }
+        assert!(
+            waited.elapsed() < limit,
+            "only {done} of {} failing canaries back on stable after {limit:?}",
+            released.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+    let mut latencies = Vec::new();
+    for r in released {
+        let failed = seen.failed_at[&key(r)];
+        let since_release = seen.weights[&key(r)]
+            .get(weights_before[&key(r)]..)
+            .unwrap_or_default();
+        // The weight this release went back to 0 from, if it moved at all.
+        if let Some((at, _)) = since_release.iter().rev().find(|(_, w)| *w == 0)
+            && since_release.iter().any(|(_, w)| *w > 0)
+        {
+            latencies.push(at.duration_since(failed).unwrap_or(Duration::ZERO));
+        }
+    }
+    let untimed = released.len() - latencies.len();
+    (latencies, untimed)
 }
 
 /// Prometheus's own count of the instant queries it answered (from its `/metrics`), or NaN
@@ -558,6 +657,7 @@ async fn scale() {
             .count()
     };
     wait_all_at(&reached, 50, released.len(), Duration::from_secs(300)).await;
+    let all_at_half = release_started.elapsed();
     let step_latencies: Vec<Duration> = {
         let seen = seen.lock().unwrap_or_else(|p| p.into_inner());
         released
@@ -712,6 +812,33 @@ async fn scale() {
         percentile(&abort_latencies, 0.99)
     );
 
+    // Failing measurements: released again, each failing from a moment twice as far off as
+    // the first round took to reach 50% (plus 10 s).
+    let (failing_latencies, failing_untimed) = fail_releases(
+        &client,
+        &seen,
+        &released,
+        all_at_half * 2 + Duration::from_secs(10),
+    )
+    .await;
+    report.insert("failures_timed", json!(failing_latencies.len()));
+    report.insert("failures_untimed", json!(failing_untimed));
+    report.insert(
+        "failing_to_stable_p50_ms",
+        millis(percentile(&failing_latencies, 0.5)),
+    );
+    report.insert(
+        "failing_to_stable_p99_ms",
+        millis(percentile(&failing_latencies, 0.99)),
+    );
+    println!(
+        "MEASURE {} failing measurements ({failing_untimed} before any traffic moved): \
+         failing -> stable p50 {:?} p99 {:?}",
+        released.len(),
+        percentile(&failing_latencies, 0.5),
+        percentile(&failing_latencies, 0.99)
+    );
+
     // The report: JSON for machines, a Markdown table for docs/performance.md.
     let json_path = out.join(format!("bench-{n}.json"));
     std::fs::write(
@@ -796,12 +923,25 @@ async fn scale() {
                 ms_text(&report["abort_to_stable_p99_ms"])
             ),
         ),
+        (
+            "Failing measurement -> stable p50 / p99 (timed / before traffic moved)",
+            format!(
+                "{} / {} ({} / {})",
+                ms_text(&report["failing_to_stable_p50_ms"]),
+                ms_text(&report["failing_to_stable_p99_ms"]),
+                fmt("failures_timed"),
+                fmt("failures_untimed")
+            ),
+        ),
     ] {
         md.push_str(&format!("| {label} | {value} |\n"));
     }
     md.push_str("\nIdle requests per second (verb resource: rate):\n\n");
     for (k, v) in &idle_requests {
         md.push_str(&format!("- {k}: {v}\n"));
+    }
+    if idle_requests.is_empty() {
+        md.push_str("- none\n");
     }
     std::fs::write(out.join(format!("bench-{n}.md")), &md).expect("write the Markdown report");
     println!("{md}\nreports in {}", out.display());
