@@ -48,10 +48,25 @@ where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Eq + std::hash::Hash + Clone,
 {
+    reflected_as(api, config, slim, writer)
+}
+
+/// As [`reflected`], with each object changed by `modify` (which makes it slim, and may keep
+/// less of it still) before it is cached.
+pub fn reflected_as<K>(
+    api: kube::Api<K>,
+    config: watcher::Config,
+    modify: impl FnMut(&mut K) + Send + 'static,
+    writer: Writer<K>,
+) -> impl Stream<Item = Result<K, watcher::Error>> + Send + 'static
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
     quiet(
         watcher(api, config)
             .default_backoff()
-            .modify(slim)
+            .modify(modify)
             .reflect(writer)
             .touched_objects(),
     )

@@ -5,6 +5,7 @@
 //! carries out the plan's writes in the order the plan lists them.
 
 pub mod bluegreen;
+mod cached;
 pub mod canary;
 pub mod events;
 pub mod model;
@@ -23,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{ReplicaSet, ReplicaSetSpec};
-use k8s_openapi::api::core::v1::{ObjectReference, Service};
+use k8s_openapi::api::core::v1::{ObjectReference, PodTemplateSpec, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, OwnerReference};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{
@@ -49,6 +50,7 @@ use crate::k8s::labels::{
     SCALE_DOWN_AT_ANNOTATION, TEMPLATE_ANNOTATION,
 };
 use crate::traffic::{Router, RouterError, Targets};
+use cached::TemplateFacts;
 use model::{
     BudgetHold, Observed, ObservedLeftover, ObservedReplicaSet, ObservedService, ObservedTraffic,
     Plan, ReplicaSetIntent, TrafficWrite,
@@ -151,7 +153,12 @@ pub async fn run(ctx: Arc<Context>, stop: watch::Receiver<bool>) {
     let (store, writer) = reflector::store();
     let owned = Arc::new(OwnedReplicaSets::default());
     let mut controller = Controller::for_stream(
-        crate::k8s::watch::reflected(rollouts, watcher::Config::default(), writer),
+        crate::k8s::watch::reflected_as(
+            rollouts,
+            watcher::Config::default(),
+            cached::strip,
+            writer,
+        ),
         store.clone(),
     )
     .owns_stream(crate::k8s::watch::kept(
@@ -389,6 +396,17 @@ async fn reconcile(rollout: Arc<Rollout>, state: Arc<State>) -> Result<Action, E
     let cached = ObjectRef::from_obj(rollout.as_ref());
     drop(rollout);
     let slot = state.slots.take().await;
+    // The work is boxed, and made only once the slot is taken: its future holds the state of
+    // every step (observations, plans, statuses), many kilobytes, and a start with thousands
+    // of Rollouts queues one reconcile per Rollout for a slot.
+    Box::pin(reconcile_in_slot(cached, state, slot)).await
+}
+
+async fn reconcile_in_slot(
+    cached: ObjectRef<Rollout>,
+    state: Arc<State>,
+    slot: Slot,
+) -> Result<Action, Error> {
     let Some(rollout) = state.rollouts.get(&cached) else {
         // Gone from the cache, so gone from the cluster: nothing left to do.
         return Ok(Action::await_change());
@@ -453,7 +471,9 @@ async fn cleanup(rollout: Arc<Rollout>, ctx: &Context) -> Result<Action, Error> 
 
 /// What one reconcile read from the cluster.
 struct World {
+    /// As cached (without its pod template) or, after a fresh read, whole.
     rollout: Arc<Rollout>,
+    template: TemplateFacts,
     owned: Vec<ReplicaSet>,
     router: Option<Router>,
     observed: Observed,
@@ -485,7 +505,8 @@ async fn observe(state: &State, cached: &Rollout) -> Result<Option<World>, Error
     };
     let uid = rollout.uid().unwrap_or_default();
     let owned = state.owned.of(&namespace, &name, &uid);
-    let desired_hash = revision::template_hash(&rollout.spec.template);
+    let template = cached::facts(&rollout);
+    let desired_hash = template.hash.clone();
     let status = rollout.status.clone().unwrap_or_default();
     let strategy = &rollout.spec.strategy;
     let router = Router::for_strategy(&ctx.client, &namespace, strategy);
@@ -529,12 +550,13 @@ async fn observe(state: &State, cached: &Rollout) -> Result<Option<World>, Error
         services,
         budgets: budget_holds(&state.budgets, &rollout),
         leftovers: observe_leftovers(ctx, &namespace, &rollout).await?,
-        release: crate::pipeline::plan::release_of(&rollout.spec.template),
+        release: template.release.clone(),
         pipeline: pipeline_gate(&state.pipelines, &rollout),
         now: Timestamp::now(),
     };
     Ok(Some(World {
         rollout: Arc::new(rollout),
+        template,
         owned,
         router,
         observed,
@@ -741,8 +763,14 @@ async fn carry_out(state: &State, world: &World, mut plan: Plan) -> Result<(), E
     let rollout = world.rollout.as_ref();
     plan.status.selector = Some(selector_string(&rollout.spec.selector));
     let namespace = rollout.namespace().unwrap_or_default();
-    let desired_hash = &world.observed.desired_hash;
-    apply_replica_sets(ctx, rollout, &world.owned, &plan.replica_sets, desired_hash).await?;
+    apply_replica_sets(
+        ctx,
+        rollout,
+        &world.owned,
+        &plan.replica_sets,
+        &world.template,
+    )
+    .await?;
     prune_history(ctx, rollout, &world.owned, &plan).await?;
     let api: Api<Rollout> = Api::namespaced(ctx.client.clone(), &namespace);
     // Intents belong to the plugin's field manager: they are not ours to compare.
@@ -761,7 +789,7 @@ async fn carry_out(state: &State, world: &World, mut plan: Plan) -> Result<(), E
         rollout,
         &world.owned,
         &plan.replica_sets_after_traffic,
-        desired_hash,
+        &world.template,
     )
     .await?;
     if let Some(released) = plan.promoted.as_ref().and_then(|hash| {
@@ -955,7 +983,7 @@ async fn apply_replica_sets(
     rollout: &Rollout,
     owned: &[ReplicaSet],
     intents: &[ReplicaSetIntent],
-    desired_hash: &str,
+    template: &TemplateFacts,
 ) -> Result<(), Error> {
     let namespace = rollout.namespace().unwrap_or_default();
     let name = rollout.name_any();
@@ -976,24 +1004,42 @@ async fn apply_replica_sets(
             .find(|rs| rs.labels().get(HASH_LABEL) == Some(&intent.hash));
         let scale_down = intent.scale_down_at.map(|t| t.to_string());
         match existing {
-            // The desired template: server-side apply of the whole ReplicaSet we own.
-            _ if intent.hash == desired_hash => {
+            // The desired template: server-side apply of the whole ReplicaSet we own, unless
+            // only its size or scale-down deadline is off.
+            _ if intent.hash == template.hash => {
                 let revision = existing
                     .and_then(|rs| rs.annotations().get(REVISION_ANNOTATION).cloned())
                     .unwrap_or_else(|| next_revision.to_string());
+                let shape = desired_replica_set(
+                    rollout,
+                    &intent.hash,
+                    intent.replicas,
+                    &revision,
+                    scale_down.clone(),
+                    None,
+                );
+                if let Some(current) = existing {
+                    match drift(current, &shape, &template.declared) {
+                        Drift::None => continue,
+                        Drift::Size => {
+                            let name = current.name_any();
+                            resize(&api, &name, intent.replicas, scale_down).await?;
+                            continue;
+                        }
+                        Drift::More => {}
+                    }
+                }
+                let whole = full_template(ctx, rollout, template).await?;
                 let rs = desired_replica_set(
                     rollout,
                     &intent.hash,
                     intent.replicas,
                     &revision,
                     scale_down,
+                    Some(&whole),
                 );
-                if existing.is_some_and(|current| already_applied(current, &rs)) {
-                    continue;
-                }
-                let rs_name = rs.metadata.name.clone().unwrap_or_default();
                 api.patch(
-                    &rs_name,
+                    &shape.name_any(),
                     &PatchParams::apply(crate::FIELD_MANAGER).force(),
                     &Patch::Apply(&rs),
                 )
@@ -1007,16 +1053,7 @@ async fn apply_replica_sets(
                 {
                     continue;
                 }
-                let patch = json!({
-                    "metadata": {"annotations": {SCALE_DOWN_AT_ANNOTATION: scale_down}},
-                    "spec": {"replicas": intent.replicas},
-                });
-                api.patch(
-                    &rs.name_any(),
-                    &PatchParams::default(),
-                    &Patch::Merge(&patch),
-                )
-                .await?;
+                resize(&api, &rs.name_any(), intent.replicas, scale_down).await?;
             }
             None => {
                 tracing::debug!(rollout = %name, hash = %intent.hash, "no ReplicaSet for an old revision; nothing to scale")
@@ -1026,21 +1063,72 @@ async fn apply_replica_sets(
     Ok(())
 }
 
-/// Whether `current` (as cached: stripped) already is what applying `desired` would make
-/// it, in every field Sluice sets: then the write is skipped (an idle resync writes nothing).
-/// The pod template is compared through the declared-template annotation: the cache keeps no
-/// template, and a new template is a new hash, so a new ReplicaSet. (A template edited by
-/// hand on the ReplicaSet itself is therefore not put back until Sluice writes it again.)
-fn already_applied(current: &ReplicaSet, desired: &ReplicaSet) -> bool {
-    // `current` comes from the cache, which keeps the declared template as its fingerprint.
-    let declared = desired
-        .annotations()
-        .get(TEMPLATE_ANNOTATION)
-        .map(|d| owned::fingerprint(d));
-    let annotations_match = [REVISION_ANNOTATION, SCALE_DOWN_AT_ANNOTATION]
-        .iter()
-        .all(|key| current.annotations().get(*key) == desired.annotations().get(*key))
-        && current.annotations().get(TEMPLATE_ANNOTATION) == declared.as_ref();
+/// Sets a ReplicaSet's size and scale-down deadline, and nothing else: a small patch, where
+/// a whole apply would send (and the apiserver merge) the pod template again.
+async fn resize(
+    api: &Api<ReplicaSet>,
+    name: &str,
+    replicas: i32,
+    scale_down: Option<String>,
+) -> Result<(), Error> {
+    let patch = json!({
+        "metadata": {"annotations": {SCALE_DOWN_AT_ANNOTATION: scale_down}},
+        "spec": {"replicas": replicas},
+    });
+    let params = PatchParams {
+        field_manager: Some(crate::FIELD_MANAGER.into()),
+        ..PatchParams::default()
+    };
+    api.patch(name, &params, &Patch::Merge(&patch)).await?;
+    Ok(())
+}
+
+/// The Rollout's pod template, for a whole ReplicaSet write. The cache keeps none, so it is
+/// read from the apiserver (a copy read fresh has it already). A template changed since the
+/// cached copy is not written under the old hash: the reconcile is retried once the cache
+/// has caught up.
+async fn full_template(
+    ctx: &Context,
+    rollout: &Rollout,
+    template: &TemplateFacts,
+) -> Result<PodTemplateSpec, Error> {
+    if !cached::is_stripped(rollout) {
+        return Ok(rollout.spec.template.clone());
+    }
+    let namespace = rollout.namespace().unwrap_or_default();
+    let api: Api<Rollout> = Api::namespaced(ctx.client.clone(), &namespace);
+    let fresh = api.get(&rollout.name_any()).await?;
+    if revision::template_hash(&fresh.spec.template) != template.hash {
+        return Err(Error::CacheBehind(format!(
+            "the pod template of {namespace}/{} changed since the cached copy",
+            rollout.name_any()
+        )));
+    }
+    Ok(fresh.spec.template)
+}
+
+/// How a cached (stripped) ReplicaSet differs from what applying the desired one would make
+/// it, in the fields Sluice sets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Drift {
+    /// Nowhere: nothing to write (an idle resync writes nothing).
+    None,
+    /// Only in its size or scale-down deadline: resized.
+    Size,
+    /// Anywhere else: the whole ReplicaSet is applied again.
+    More,
+}
+
+/// Compares `current` (as cached) with `desired` (built without its template). The pod
+/// template is compared through the fingerprint of the declared-template annotation
+/// (`declared`): the caches keep no template, and a new template is a new hash, so a new
+/// ReplicaSet. (A template edited by hand on the ReplicaSet itself is therefore not put back
+/// until Sluice writes it again.)
+fn drift(current: &ReplicaSet, desired: &ReplicaSet, declared: &str) -> Drift {
+    let annotation = |rs: &ReplicaSet, key: &str| rs.annotations().get(key).cloned();
+    let identity_match = annotation(current, REVISION_ANNOTATION)
+        == annotation(desired, REVISION_ANNOTATION)
+        && annotation(current, TEMPLATE_ANNOTATION).as_deref() == Some(declared);
     let labels_match = desired
         .labels()
         .iter()
@@ -1051,41 +1139,55 @@ fn already_applied(current: &ReplicaSet, desired: &ReplicaSet) -> bool {
             .iter()
             .any(|o| o.uid == wanted.uid && o.controller == wanted.controller)
     });
-    let spec_match = match (&current.spec, &desired.spec) {
-        (Some(c), Some(d)) => {
-            c.replicas == d.replicas
-                && c.min_ready_seconds == d.min_ready_seconds
-                && c.selector == d.selector
-        }
-        _ => false,
+    let (spec_match, size_match) = match (&current.spec, &desired.spec) {
+        (Some(c), Some(d)) => (
+            c.min_ready_seconds == d.min_ready_seconds && c.selector == d.selector,
+            c.replicas == d.replicas,
+        ),
+        _ => (false, false),
     };
-    annotations_match && labels_match && owner_match && spec_match
+    let deadline_match = annotation(current, SCALE_DOWN_AT_ANNOTATION)
+        == annotation(desired, SCALE_DOWN_AT_ANNOTATION);
+    match (
+        identity_match && labels_match && owner_match && spec_match,
+        size_match && deadline_match,
+    ) {
+        (true, true) => Drift::None,
+        (true, false) => Drift::Size,
+        (false, _) => Drift::More,
+    }
 }
 
+/// The ReplicaSet of one revision as Sluice writes it; with `template: None` everything but
+/// the pod template and its declared-template annotation (to compare with a cached one).
 fn desired_replica_set(
     rollout: &Rollout,
     hash: &str,
     replicas: i32,
     revision: &str,
     scale_down_at: Option<String>,
+    template: Option<&PodTemplateSpec>,
 ) -> ReplicaSet {
     let name = rollout.name_any();
-    let mut template = rollout.spec.template.clone();
-    let metadata = template.metadata.get_or_insert_with(ObjectMeta::default);
-    let labels = metadata.labels.get_or_insert_with(BTreeMap::new);
-    labels.insert(HASH_LABEL.into(), hash.into());
-    // What a real mesh reports as `destination_canonical_revision`, unless the user chose.
-    labels
-        .entry(ISTIO_CANONICAL_REVISION_LABEL.into())
-        .or_insert_with(|| hash.into());
+    let pod_template = template.map(|declared| {
+        let mut template = declared.clone();
+        let metadata = template.metadata.get_or_insert_with(ObjectMeta::default);
+        let labels = metadata.labels.get_or_insert_with(BTreeMap::new);
+        labels.insert(HASH_LABEL.into(), hash.into());
+        // What a real mesh reports as `destination_canonical_revision`, unless the user chose.
+        labels
+            .entry(ISTIO_CANONICAL_REVISION_LABEL.into())
+            .or_insert_with(|| hash.into());
+        template
+    });
     let mut selector = rollout.spec.selector.clone();
     selector
         .match_labels
         .get_or_insert_with(BTreeMap::new)
         .insert(HASH_LABEL.into(), hash.into());
     let mut annotations = BTreeMap::from([(REVISION_ANNOTATION.to_string(), revision.to_string())]);
-    if let Ok(declared) = serde_json::to_string(&rollout.spec.template) {
-        annotations.insert(TEMPLATE_ANNOTATION.into(), declared);
+    if let Some(declared) = template {
+        annotations.insert(TEMPLATE_ANNOTATION.into(), cached::declared_json(declared));
     }
     if let Some(at) = scale_down_at {
         annotations.insert(SCALE_DOWN_AT_ANNOTATION.into(), at);
@@ -1113,7 +1215,7 @@ fn desired_replica_set(
             replicas: Some(replicas),
             min_ready_seconds: rollout.spec.min_ready_seconds,
             selector,
-            template: Some(template),
+            template: pod_template,
         }),
         status: None,
     }
@@ -1135,12 +1237,24 @@ mod tests {
         .unwrap()
     }
 
+    /// What a cached ReplicaSet needs: nothing, a resize, or a whole write.
     #[test]
-    fn an_unchanged_replica_set_is_not_written_again() {
+    fn a_cached_replica_set_is_written_only_as_far_as_it_drifted() {
         let r = rollout();
-        let desired = desired_replica_set(&r, "h1", 2, "3", None);
+        let declared = cached::TemplateFacts::of(&r.spec.template).declared;
+        let whole = desired_replica_set(&r, "h1", 2, "3", None, Some(&r.spec.template));
+        let shape = |r: &Rollout, replicas, revision, deadline: Option<&str>| {
+            desired_replica_set(
+                r,
+                "h1",
+                replicas,
+                revision,
+                deadline.map(String::from),
+                None,
+            )
+        };
         // As read back: the apiserver added defaults and metadata of its own.
-        let mut current = desired.clone();
+        let mut current = whole.clone();
         owned::strip(&mut current);
         current.metadata.resource_version = Some("42".into());
         current
@@ -1149,36 +1263,79 @@ mod tests {
             .as_mut()
             .unwrap()
             .insert("extra".into(), "kept".into());
-        assert!(already_applied(&current, &desired));
+        assert_eq!(
+            drift(&current, &shape(&r, 2, "3", None), &declared),
+            Drift::None
+        );
 
-        let changed: [(&str, ReplicaSet); 5] = [
-            ("replicas", desired_replica_set(&r, "h1", 3, "3", None)),
-            ("revision", desired_replica_set(&r, "h1", 2, "4", None)),
-            (
-                "scale-down deadline",
-                desired_replica_set(&r, "h1", 2, "3", Some("2026-12-02T10:00:00Z".into())),
-            ),
-            ("owner", {
-                let mut other = r.clone();
-                other.metadata.uid = Some("u-2".into());
-                desired_replica_set(&other, "h1", 2, "3", None)
-            }),
-            ("declared template", {
-                let mut other = r.clone();
-                other.spec.template.metadata.as_mut().unwrap().labels = Some(BTreeMap::from([
-                    ("app".into(), "web".into()),
-                    ("v".into(), "2".into()),
-                ]));
-                desired_replica_set(&other, "h1", 2, "3", None)
-            }),
-        ];
-        for (what, wanted) in changed {
-            assert!(!already_applied(&current, &wanted), "{what} changed");
-        }
+        let deadline = Some("2026-12-02T10:00:00Z");
+        assert_eq!(
+            drift(&current, &shape(&r, 3, "3", None), &declared),
+            Drift::Size
+        );
+        assert_eq!(
+            drift(&current, &shape(&r, 2, "3", deadline), &declared),
+            Drift::Size
+        );
         // A deadline Sluice set earlier and no longer wants is written away.
-        let mut with_deadline =
-            desired_replica_set(&r, "h1", 2, "3", Some("2026-12-02T10:00:00Z".into()));
+        let mut with_deadline = desired_replica_set(
+            &r,
+            "h1",
+            2,
+            "3",
+            deadline.map(String::from),
+            Some(&r.spec.template),
+        );
         owned::strip(&mut with_deadline);
-        assert!(!already_applied(&with_deadline, &desired));
+        assert_eq!(
+            drift(&with_deadline, &shape(&r, 2, "3", None), &declared),
+            Drift::Size
+        );
+
+        let mut other_owner = r.clone();
+        other_owner.metadata.uid = Some("u-2".into());
+        let mut other_template = r.clone();
+        other_template
+            .spec
+            .template
+            .metadata
+            .as_mut()
+            .unwrap()
+            .labels = Some(BTreeMap::from([
+            ("app".into(), "web".into()),
+            ("v".into(), "2".into()),
+        ]));
+        let other_declared = cached::TemplateFacts::of(&other_template.spec.template).declared;
+        for (what, wanted, declared) in [
+            ("revision", shape(&r, 2, "4", None), &declared),
+            ("owner", shape(&other_owner, 2, "3", None), &declared),
+            (
+                "declared template",
+                shape(&r, 2, "3", None),
+                &other_declared,
+            ),
+        ] {
+            assert_eq!(
+                drift(&current, &wanted, declared),
+                Drift::More,
+                "{what} changed"
+            );
+        }
+    }
+
+    /// The cache keeps no template, yet a ReplicaSet written from a cached copy's facts is
+    /// the one a full copy would write.
+    #[test]
+    fn a_stripped_rollout_compares_like_a_full_one() {
+        let full = rollout();
+        let mut stripped = full.clone();
+        cached::strip(&mut stripped);
+        let (a, b) = (cached::facts(&full), cached::facts(&stripped));
+        assert_eq!(a, b);
+        let whole = desired_replica_set(&full, &a.hash, 2, "1", None, Some(&full.spec.template));
+        let mut current = whole.clone();
+        owned::strip(&mut current);
+        let shape = desired_replica_set(&stripped, &b.hash, 2, "1", None, None);
+        assert_eq!(drift(&current, &shape, &b.declared), Drift::None);
     }
 }
