@@ -27,9 +27,14 @@ pub const ISTIO_CANONICAL_REVISION_LABEL: &str = "service.istio.io/canonical-rev
 /// same hash are not told apart: at 64 bits that is about one chance in 10^19 per pair.
 pub fn template_hash(template: &PodTemplateSpec) -> String {
     // serde_json output is deterministic: struct fields in declaration order, maps sorted.
-    let json = serde_json::to_vec(template).unwrap_or_default();
+    template_hash_of_json(&serde_json::to_vec(template).unwrap_or_default())
+}
+
+/// [`template_hash`] of a template already rendered as JSON (`serde_json::to_vec`), for a
+/// caller that needs the JSON too and renders it once.
+pub fn template_hash_of_json(json: &[u8]) -> String {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in &json {
+    for byte in json {
         hash ^= u64::from(*byte);
         hash = hash.wrapping_mul(0x0100_0000_01b3);
     }

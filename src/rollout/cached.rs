@@ -15,7 +15,7 @@ use kube::ResourceExt;
 
 use crate::api::pipeline::Release;
 use crate::api::rollout::Rollout;
-use crate::k8s::labels::template_hash;
+use crate::k8s::labels::template_hash_of_json;
 
 /// The template's hash, on a cached copy.
 const HASH: &str = "cache.sluice.dev/template-hash";
@@ -35,9 +35,12 @@ pub struct TemplateFacts {
 
 impl TemplateFacts {
     pub fn of(template: &PodTemplateSpec) -> Self {
+        // Rendered once: the hash and the fingerprint are of the same JSON, and this runs on
+        // every watch event of every Rollout.
+        let json = declared_json(template);
         Self {
-            hash: template_hash(template),
-            declared: super::owned::fingerprint(&declared_json(template)),
+            hash: template_hash_of_json(json.as_bytes()),
+            declared: super::owned::fingerprint(&json),
             release: crate::pipeline::plan::release_of(template),
         }
     }
@@ -91,6 +94,7 @@ pub fn facts(rollout: &Rollout) -> TemplateFacts {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::k8s::labels::template_hash;
     use serde_json::json;
 
     fn rollout() -> Rollout {

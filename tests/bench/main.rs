@@ -345,6 +345,33 @@ async fn wait_all_at(count_at: &impl Fn(i64) -> usize, weight: i64, total: usize
     }
 }
 
+/// Releases `image` on every one of `released` at once; `strategy(i)` is merged into the
+/// `i`th one's strategy in the same patch.
+async fn release_all(
+    client: &Client,
+    released: &[(String, String)],
+    image: &str,
+    strategy: impl Fn(usize) -> Value,
+) {
+    futures::stream::iter(released.iter().cloned().enumerate())
+        .map(|(index, (ns, name))| {
+            let api: Api<Rollout> = Api::namespaced(client.clone(), &ns);
+            // A merge patch replaces the container list: send both, the first at `image`.
+            let containers = fixtures::template(&name, image)["spec"]["containers"].clone();
+            let patch = json!({"spec": {"template": {"spec": {"containers": containers}},
+                                        "strategy": strategy(index)}});
+            async move {
+                api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                    .map(|_| ())
+            }
+        })
+        .buffer_unordered(PARALLEL)
+        .try_collect::<Vec<()>>()
+        .await
+        .unwrap_or_else(|e| panic!("release {image} on every canary: {e}"));
+}
+
 /// The last round: the released canaries shipped again (`web:3`), each with a metric that
 /// fails from one moment on, set late enough (`margin`) for most of them to reach 50% first.
 /// Each is timed from when its failing measurement was taken to its VirtualService showing 0%.
@@ -367,23 +394,13 @@ async fn fail_releases(
     let fail_at = (SystemTime::now() + margin)
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64());
-    futures::stream::iter(released.iter().cloned().enumerate())
-        .map(|(index, (ns, name))| {
-            let api: Api<Rollout> = Api::namespaced(client.clone(), &ns);
-            let containers = fixtures::template(&name, "web:3")["spec"]["containers"].clone();
-            let patch = json!({"spec": {
-                "template": {"spec": {"containers": containers}},
-                "strategy": {"canary": {"analysis": fixtures::analysis(Some((index, fail_at)))}}}});
-            async move {
-                api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-                    .await
-                    .map(|_| ())
-            }
-        })
-        .buffer_unordered(PARALLEL)
-        .try_collect::<Vec<()>>()
-        .await
-        .expect("release every canary again, with a failing metric");
+    release_all(
+        client,
+        released,
+        "web:3",
+        |index| json!({"canary": {"analysis": fixtures::analysis(Some((index, fail_at)))}}),
+    )
+    .await;
     // Done: the failure is recorded and the VirtualService is at 0%.
     let back = |seen: &Seen, r: &(String, String)| {
         seen.failed_at.contains_key(&key(r))
@@ -628,22 +645,7 @@ async fn scale() {
     let release_start = operator.metrics().await;
     let (release_started, prometheus_start) =
         (Instant::now(), prometheus_queries(&prometheus).await);
-    futures::stream::iter(released.clone())
-        .map(|(ns, name)| {
-            let api: Api<Rollout> = Api::namespaced(client.clone(), &ns);
-            // A merge patch replaces the container list: send both, the first at web:2.
-            let containers = fixtures::template(&name, "web:2")["spec"]["containers"].clone();
-            let patch = json!({"spec": {"template": {"spec": {"containers": containers}}}});
-            async move {
-                api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-                    .await
-                    .map(|_| ())
-            }
-        })
-        .buffer_unordered(PARALLEL)
-        .try_collect::<Vec<()>>()
-        .await
-        .expect("release every canary");
+    release_all(&client, &released, "web:2", |_| json!({})).await;
     let key = |(ns, name): &(String, String)| format!("{ns}/{name}");
     let reached = |weight: i64| {
         let seen = seen.lock().unwrap_or_else(|p| p.into_inner());
