@@ -374,8 +374,6 @@ EOF
 
 start_apiserver() {
   write_audit_policy
-  [[ "${WATCH_CACHE}" == true || "${WATCH_CACHE}" == false ]] ||
-    die "SLUICE_APISERVER_WATCH_CACHE must be true or false, not '${WATCH_CACHE}'"
   echo "${WATCH_CACHE}" > "${WATCH_CACHE_FILE}"
   # A soft memory limit: at the benchmark's 10,000 Rollouts (some 80,000 objects with 8 KB pod
   # templates) the apiserver's heap grew past 15 GB with Go's default collector pacing and the
@@ -530,6 +528,8 @@ cmd_up() {
   mkdir -p "${WORK}" "${LOGS}" "${PIDS}"
   exec 8>"${WORK}/.cluster.lock"
   flock 8
+  [[ "${WATCH_CACHE}" == true || "${WATCH_CACHE}" == false ]] ||
+    die "SLUICE_APISERVER_WATCH_CACHE must be true or false, not '${WATCH_CACHE}'"
 
   if all_healthy; then
     # A cluster is not restarted behind its users' backs: a request for the other watch-cache
