@@ -27,9 +27,7 @@ use k8s_openapi::api::apps::v1::{ReplicaSet, ReplicaSetSpec};
 use k8s_openapi::api::core::v1::{ObjectReference, PodTemplateSpec, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, OwnerReference};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{
-    Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, ObjectMeta, Patch, PatchParams,
-};
+use kube::api::{Api, DynamicObject, ListParams, ObjectMeta, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -49,7 +47,7 @@ use crate::k8s::labels::{
     HASH_LABEL, ISTIO_CANONICAL_REVISION_LABEL, REVISION_ANNOTATION, ROLLOUT_LABEL,
     SCALE_DOWN_AT_ANNOTATION, TEMPLATE_ANNOTATION,
 };
-use crate::traffic::{Router, RouterError, Targets};
+use crate::traffic::{Cluster, Router, RouterError, RoutingCache, Targets};
 use cached::TemplateFacts;
 use model::{
     BudgetHold, Observed, ObservedLeftover, ObservedReplicaSet, ObservedService, ObservedTraffic,
@@ -98,6 +96,8 @@ impl Error {
 /// Rollouts (to notice a person's request while measurements are in flight).
 pub struct State {
     pub ctx: Arc<Context>,
+    /// The client, with the routing objects' cache in front of its reads.
+    cluster: Cluster,
     rollouts: Store<Rollout>,
     /// ErrorBudgets, to apply their policy to the Rollouts they target.
     budgets: Store<ErrorBudget>,
@@ -174,34 +174,47 @@ pub async fn run(ctx: Arc<Context>, stop: watch::Receiver<bool>) {
             move |event| owned.apply(event)
         },
     ));
-    for (group, kind) in [
-        ("networking.istio.io", "VirtualService"),
-        ("networking.istio.io", "DestinationRule"),
-        ("gateway.networking.k8s.io", "HTTPRoute"),
+    // The routing objects: kept (traffic/cache.rs), so a reconcile that changes nothing reads
+    // none of them from the apiserver; each change also wakes the Rollouts that route through
+    // the object (a weight or selector changed by hand is put back at once, not at the next
+    // resync).
+    let routing = Arc::new(RoutingCache::default());
+    for resource in [
+        crate::traffic::virtual_service(),
+        crate::traffic::destination_rule(),
+        crate::traffic::http_route(),
     ] {
-        let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(group, "v1", kind));
         let api = crate::k8s::scoped_dynamic(&client, namespace.as_deref(), &resource);
+        let kind = resource.kind.clone();
         // Asked where Sluice will watch, so namespace-scoped RBAC is enough.
         if api.list(&ListParams::default().limit(1)).await.is_err() {
             tracing::info!(kind, "not served by this cluster; not watching it");
             continue;
         }
-        let store = store.clone();
-        let kind_name = kind.to_string();
+        let (store, cache) = (store.clone(), routing.clone());
+        let kept_kind = kind.clone();
         controller = controller.watches_stream_with(
-            crate::k8s::watch::trigger(api, watcher::Config::default()),
+            crate::k8s::watch::kept(
+                api,
+                watcher::Config::default(),
+                crate::traffic::cache::strip_route,
+                move |event| cache.apply(&kept_kind, event),
+            ),
             move |object: DynamicObject| {
-                referring(&store, &kind_name, &object.name_any(), &object.namespace())
+                referring(&store, &kind, &object.name_any(), &object.namespace())
             },
             resource,
         );
     }
-    // Services whose selectors Sluice points at revisions: a selector changed by hand is put
-    // back at once, not at the next resync.
     let services: Api<Service> = crate::k8s::scoped(&client, namespace.as_deref());
-    let service_store = store.clone();
+    let (service_store, cache) = (store.clone(), routing.clone());
     controller = controller.watches_stream(
-        crate::k8s::watch::trigger(services, watcher::Config::default()),
+        crate::k8s::watch::kept(
+            services,
+            watcher::Config::default(),
+            |_| {},
+            move |event| cache.apply_service(event),
+        ),
         move |service| {
             referring(
                 &service_store,
@@ -238,6 +251,7 @@ pub async fn run(ctx: Arc<Context>, stop: watch::Receiver<bool>) {
     // Bounded by slots that a measurement gives back, not by kube's controller (slots.rs).
     let slots = Slots::new(ctx.settings.max_concurrent_reconciles);
     let state = Arc::new(State {
+        cluster: Cluster::new(ctx.client.clone(), routing),
         ctx,
         rollouts: store,
         budgets,
@@ -422,7 +436,7 @@ async fn reconcile_in_slot(
                 state
                     .freshness
                     .forget(&format!("{namespace}/{}", rollout.name_any()));
-                cleanup(rollout, &state.ctx).await
+                cleanup(rollout, &state).await
             }
         }
     })
@@ -447,15 +461,17 @@ async fn reconcile_in_slot(
 }
 
 /// On deletion: all traffic back to stable before the Rollout (and its ReplicaSets) go.
-async fn cleanup(rollout: Arc<Rollout>, ctx: &Context) -> Result<Action, Error> {
+async fn cleanup(rollout: Arc<Rollout>, state: &State) -> Result<Action, Error> {
     let namespace = rollout.namespace().unwrap_or_default();
-    ctx.metrics()
+    state
+        .ctx
+        .metrics()
         .forget_rollout(&namespace, &rollout.name_any());
     let status = rollout.status.clone().unwrap_or_default();
     if let (Some(canary), Some(stable)) = (
         rollout.spec.strategy.canary.as_ref(),
         status.stable_revision.clone(),
-    ) && let Some(router) = Router::for_canary(&ctx.client, &namespace, canary)
+    ) && let Some(router) = Router::for_canary(&state.cluster, &namespace, canary)
     {
         let targets = Targets {
             stable: stable.clone(),
@@ -509,7 +525,7 @@ async fn observe(state: &State, cached: &Rollout) -> Result<Option<World>, Error
     let desired_hash = template.hash.clone();
     let status = rollout.status.clone().unwrap_or_default();
     let strategy = &rollout.spec.strategy;
-    let router = Router::for_strategy(&ctx.client, &namespace, strategy);
+    let router = Router::for_strategy(&state.cluster, &namespace, strategy);
     let traffic = match &router {
         None => ObservedTraffic::None,
         Some(router) => {
@@ -528,7 +544,7 @@ async fn observe(state: &State, cached: &Rollout) -> Result<Option<World>, Error
             let names = std::iter::once(&bg.active_service).chain(&bg.preview_service);
             let mut services = Vec::new();
             for service in names {
-                services.push(observe_service(ctx, &namespace, service).await?);
+                services.push(observe_service(&state.cluster, &namespace, service).await?);
             }
             services
         }
@@ -549,7 +565,7 @@ async fn observe(state: &State, cached: &Rollout) -> Result<Option<World>, Error
         background,
         services,
         budgets: budget_holds(&state.budgets, &rollout),
-        leftovers: observe_leftovers(ctx, &namespace, &rollout).await?,
+        leftovers: observe_leftovers(&state.cluster, &namespace, &rollout).await?,
         release: template.release.clone(),
         pipeline: pipeline_gate(&state.pipelines, &rollout),
         now: Timestamp::now(),
@@ -566,7 +582,7 @@ async fn observe(state: &State, cached: &Rollout) -> Result<Option<World>, Error
 /// The objects Sluice marked that the spec no longer names, and whether they still carry
 /// the revision label.
 async fn observe_leftovers(
-    ctx: &Context,
+    cluster: &Cluster,
     namespace: &str,
     rollout: &Rollout,
 ) -> Result<Vec<ObservedLeftover>, Error> {
@@ -580,18 +596,15 @@ async fn observe_leftovers(
     for object in recorded.into_iter().filter(|o| !named.contains(o)) {
         let marked = match object.kind.as_str() {
             "DestinationRule" => {
-                crate::traffic::destination_rule_pinned(&ctx.client, namespace, &object.name)
+                crate::traffic::destination_rule_pinned(cluster, namespace, &object.name)
                     .await?
                     .unwrap_or(false)
             }
-            _ => {
-                match crate::traffic::selected_revision(&ctx.client, namespace, &object.name).await
-                {
-                    Ok(selects) => selects.is_some(),
-                    Err(RouterError::Misconfigured(_)) => false,
-                    Err(e) => return Err(e.into()),
-                }
-            }
+            _ => match crate::traffic::selected_revision(cluster, namespace, &object.name).await {
+                Ok(selects) => selects.is_some(),
+                Err(RouterError::Misconfigured(_)) => false,
+                Err(e) => return Err(e.into()),
+            },
         };
         leftovers.push(ObservedLeftover { object, marked });
     }
@@ -599,11 +612,11 @@ async fn observe_leftovers(
 }
 
 async fn observe_service(
-    ctx: &Context,
+    cluster: &Cluster,
     namespace: &str,
     service: &str,
 ) -> Result<ObservedService, Error> {
-    let selected = crate::traffic::selected_revision(&ctx.client, namespace, service).await;
+    let selected = crate::traffic::selected_revision(cluster, namespace, service).await;
     let (exists, selects) = match selected {
         Ok(selects) => (true, selects),
         Err(RouterError::Misconfigured(_)) => (false, None),
@@ -783,7 +796,13 @@ async fn carry_out(state: &State, world: &World, mut plan: Plan) -> Result<(), E
     {
         freshness.wrote(&format!("{namespace}/{}", rollout.name_any()), &version);
     }
-    write_traffic(ctx, &namespace, world.router.as_ref(), &plan.traffic_writes).await?;
+    write_traffic(
+        &state.cluster,
+        &namespace,
+        world.router.as_ref(),
+        &plan.traffic_writes,
+    )
+    .await?;
     apply_replica_sets(
         ctx,
         rollout,
@@ -857,7 +876,7 @@ async fn carry_out(state: &State, world: &World, mut plan: Plan) -> Result<(), E
 
 /// Moves traffic: the plan's route, selector and release writes, in order.
 async fn write_traffic(
-    ctx: &Context,
+    cluster: &Cluster,
     namespace: &str,
     router: Option<&Router>,
     writes: &[TrafficWrite],
@@ -873,10 +892,10 @@ async fn write_traffic(
             ) => router.apply(targets, *canary_weight).await,
             (TrafficWrite::Route { .. }, None) => Ok(()),
             (TrafficWrite::Selector { service, revision }, _) => {
-                crate::traffic::point_service(&ctx.client, namespace, service, revision).await
+                crate::traffic::point_service(cluster, namespace, service, revision).await
             }
             (TrafficWrite::Release(object), _) => {
-                crate::traffic::release(&ctx.client, namespace, &object.kind, &object.name).await
+                crate::traffic::release(cluster, namespace, &object.kind, &object.name).await
             }
         };
         match written {

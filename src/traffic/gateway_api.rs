@@ -4,13 +4,11 @@
 //! backendRefs of the rules it manages; matches, filters, other rules and parents stay as
 //! they are.
 
-use kube::api::DynamicObject;
-use kube::{Api, Client};
 use serde_json::Value;
 
 use super::{
-    KeptReads, RouterError, Targets, TrafficRouter, TrafficState, agreed, gvk, point_service,
-    read_pair, replace, service_selects, set_pair,
+    Cluster, KeptReads, RouterError, Targets, TrafficRouter, TrafficState, agreed, http_route,
+    point_service, read_pair, replace, service_selects, set_pair,
 };
 use crate::api::rollout::GatewayApiRouting;
 
@@ -166,7 +164,7 @@ pub fn read_canary_weight(
 
 /// Gateway API HTTPRoute router (host-level: the two Services select the revisions).
 pub struct GatewayApiRouter {
-    client: Client,
+    cluster: Cluster,
     namespace: String,
     route: String,
     rules: Vec<String>,
@@ -177,14 +175,14 @@ pub struct GatewayApiRouter {
 
 impl GatewayApiRouter {
     pub fn new(
-        client: Client,
+        cluster: Cluster,
         namespace: &str,
         gateway: &GatewayApiRouting,
         stable_service: String,
         canary_service: String,
     ) -> Self {
         Self {
-            client,
+            cluster,
             namespace: namespace.to_string(),
             route: gateway.http_route.name.clone(),
             rules: gateway.http_route.rules.clone(),
@@ -192,14 +190,6 @@ impl GatewayApiRouter {
             canary_service,
             read: KeptReads::default(),
         }
-    }
-
-    fn api(&self) -> Api<DynamicObject> {
-        Api::namespaced_with(
-            self.client.clone(),
-            &self.namespace,
-            &gvk("gateway.networking.k8s.io", "v1", "HTTPRoute"),
-        )
     }
 
     fn backends(&self) -> Backends<'_> {
@@ -218,18 +208,17 @@ impl GatewayApiRouter {
 impl TrafficRouter for GatewayApiRouter {
     async fn observe(&self, targets: &Targets) -> Result<TrafficState, RouterError> {
         // Independent reads, sent together: one wait for the apiserver instead of three.
-        let api = self.api();
         let (route, stable, canary) = futures::future::try_join3(
             self.read
-                .fetch(&api, &self.route, "HTTPRoute", &self.namespace),
+                .fetch(&self.cluster, &http_route(), &self.namespace, &self.route),
             service_selects(
-                &self.client,
+                &self.cluster,
                 &self.namespace,
                 &self.stable_service,
                 &targets.stable,
             ),
             service_selects(
-                &self.client,
+                &self.cluster,
                 &self.namespace,
                 &self.canary_service,
                 &targets.canary,
@@ -247,23 +236,23 @@ impl TrafficRouter for GatewayApiRouter {
 
     async fn apply(&self, targets: &Targets, canary_weight: i32) -> Result<(), RouterError> {
         point_service(
-            &self.client,
+            &self.cluster,
             &self.namespace,
             &self.stable_service,
             &targets.stable,
         )
         .await?;
         point_service(
-            &self.client,
+            &self.cluster,
             &self.namespace,
             &self.canary_service,
             &targets.canary,
         )
         .await?;
-        let api = self.api();
+        let resource = http_route();
         let mut route = self
             .read
-            .take_or_fetch(&api, &self.route, "HTTPRoute", &self.namespace)
+            .take_or_fetch(&self.cluster, &resource, &self.namespace, &self.route)
             .await?;
         let spec = route.data.get_mut("spec").ok_or_else(|| {
             RouterError::Misconfigured(format!("HTTPRoute {} has no spec", self.label()))
@@ -275,7 +264,7 @@ impl TrafficRouter for GatewayApiRouter {
             canary_weight,
             &self.label(),
         )? {
-            replace(&api, &route, "HTTPRoute").await?;
+            replace(&self.cluster, &resource, &route).await?;
         }
         Ok(())
     }

@@ -4,13 +4,12 @@
 //! `weight` of the stable and canary destinations of the routes it manages, and the
 //! pod-template-hash label of the two subsets. Everything else is left as it was.
 
-use kube::api::DynamicObject;
-use kube::{Api, Client};
 use serde_json::Value;
 
 use super::{
-    KeptReads, RouterError, Targets, TrafficRouter, TrafficState, agreed, gvk, locate,
-    point_service, read_pair, replace, service_selects, set_pair,
+    Cluster, KeptReads, RouterError, Targets, TrafficRouter, TrafficState, agreed,
+    destination_rule, locate, point_service, read_pair, replace, service_selects, set_pair,
+    virtual_service,
 };
 use crate::api::rollout::IstioRouting;
 use crate::k8s::labels::HASH_LABEL;
@@ -274,7 +273,7 @@ pub fn read_subsets(
 
 /// Istio VirtualService (and DestinationRule) router.
 pub struct IstioRouter {
-    client: Client,
+    cluster: Cluster,
     namespace: String,
     virtual_services: Vec<(String, String, Vec<String>)>,
     destination_rule: Option<(String, String, String)>,
@@ -285,7 +284,7 @@ pub struct IstioRouter {
 
 impl IstioRouter {
     pub fn new(
-        client: Client,
+        cluster: Cluster,
         namespace: &str,
         istio: &IstioRouting,
         services: Option<(String, String)>,
@@ -315,7 +314,7 @@ impl IstioRouter {
             }
         };
         Self {
-            client: client.clone(),
+            cluster,
             namespace: namespace.to_string(),
             virtual_services,
             destination_rule,
@@ -323,22 +322,6 @@ impl IstioRouter {
             key,
             read: KeptReads::default(),
         }
-    }
-
-    fn virtual_service_api(&self, namespace: &str) -> Api<DynamicObject> {
-        Api::namespaced_with(
-            self.client.clone(),
-            namespace,
-            &gvk("networking.istio.io", "v1", "VirtualService"),
-        )
-    }
-
-    fn destination_rule_api(&self) -> Api<DynamicObject> {
-        Api::namespaced_with(
-            self.client.clone(),
-            &self.namespace,
-            &gvk("networking.istio.io", "v1", "DestinationRule"),
-        )
     }
 }
 
@@ -350,12 +333,7 @@ impl TrafficRouter for IstioRouter {
             |(name, namespace, routes)| async move {
                 let vs = self
                     .read
-                    .fetch(
-                        &self.virtual_service_api(namespace),
-                        name,
-                        "VirtualService",
-                        namespace,
-                    )
+                    .fetch(&self.cluster, &virtual_service(), namespace, name)
                     .await?;
                 let spec = vs.data.get("spec").cloned().unwrap_or_default();
                 read_canary_weight(&spec, routes, &self.key, &format!("{namespace}/{name}"))
@@ -366,12 +344,7 @@ impl TrafficRouter for IstioRouter {
                 (Some((name, stable, canary)), _) => {
                     let dr = self
                         .read
-                        .fetch(
-                            &self.destination_rule_api(),
-                            name,
-                            "DestinationRule",
-                            &self.namespace,
-                        )
+                        .fetch(&self.cluster, &destination_rule(), &self.namespace, name)
                         .await?;
                     let spec = dr.data.get("spec").cloned().unwrap_or_default();
                     Ok(read_subsets(&spec, stable, canary)
@@ -379,8 +352,8 @@ impl TrafficRouter for IstioRouter {
                 }
                 (None, Some((stable, canary))) => {
                     let (stable, canary) = futures::future::try_join(
-                        service_selects(&self.client, &self.namespace, stable, &targets.stable),
-                        service_selects(&self.client, &self.namespace, canary, &targets.canary),
+                        service_selects(&self.cluster, &self.namespace, stable, &targets.stable),
+                        service_selects(&self.cluster, &self.namespace, canary, &targets.canary),
                     )
                     .await?;
                     Ok(stable && canary)
@@ -403,10 +376,10 @@ impl TrafficRouter for IstioRouter {
 
     async fn apply(&self, targets: &Targets, canary_weight: i32) -> Result<(), RouterError> {
         if let Some((name, stable, canary)) = &self.destination_rule {
-            let api = self.destination_rule_api();
+            let resource = destination_rule();
             let mut dr = self
                 .read
-                .take_or_fetch(&api, name, "DestinationRule", &self.namespace)
+                .take_or_fetch(&self.cluster, &resource, &self.namespace, name)
                 .await?;
             if let Some(spec) = dr.data.get_mut("spec")
                 && point_subsets(
@@ -417,25 +390,25 @@ impl TrafficRouter for IstioRouter {
                     &format!("{}/{name}", self.namespace),
                 )?
             {
-                replace(&api, &dr, "DestinationRule").await?;
+                replace(&self.cluster, &resource, &dr).await?;
             }
         }
         if let Some((stable, canary)) = &self.services {
-            point_service(&self.client, &self.namespace, stable, &targets.stable).await?;
-            point_service(&self.client, &self.namespace, canary, &targets.canary).await?;
+            point_service(&self.cluster, &self.namespace, stable, &targets.stable).await?;
+            point_service(&self.cluster, &self.namespace, canary, &targets.canary).await?;
         }
         for (name, namespace, routes) in &self.virtual_services {
-            let api = self.virtual_service_api(namespace);
+            let resource = virtual_service();
             let mut vs = self
                 .read
-                .take_or_fetch(&api, name, "VirtualService", namespace)
+                .take_or_fetch(&self.cluster, &resource, namespace, name)
                 .await?;
             let label = format!("{namespace}/{name}");
             let spec = vs.data.get_mut("spec").ok_or_else(|| {
                 RouterError::Misconfigured(format!("VirtualService {label} has no spec"))
             })?;
             if set_weights(spec, routes, &self.key, canary_weight, &label)? {
-                replace(&api, &vs, "VirtualService").await?;
+                replace(&self.cluster, &resource, &vs).await?;
             }
         }
         Ok(())

@@ -4,15 +4,17 @@
 //! their revisions, sets the canary weight, and reads both back so the planner can verify
 //! what it wrote and notice when someone else changed it (drift).
 
+pub mod cache;
 pub mod gateway_api;
 pub mod istio;
 
+pub use cache::{Cluster, RoutingCache};
 pub use gateway_api::GatewayApiRouter;
 pub use istio::IstioRouter;
 
 use k8s_openapi::api::core::v1::Service;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams};
-use kube::{Api, Client};
+use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
 
 use crate::api::rollout::{CanaryStrategy, RolloutStrategy, TrafficRouting};
@@ -73,31 +75,31 @@ impl Router {
     /// The router a Rollout's strategy configures, if any: for blue-green the active and
     /// preview Services play the stable and canary parts.
     pub fn for_strategy(
-        client: &Client,
+        cluster: &Cluster,
         namespace: &str,
         strategy: &RolloutStrategy,
     ) -> Option<Self> {
         match (&strategy.canary, &strategy.blue_green) {
-            (Some(canary), _) => Self::for_canary(client, namespace, canary),
+            (Some(canary), _) => Self::for_canary(cluster, namespace, canary),
             (None, Some(bg)) => {
                 let services = bg
                     .preview_service
                     .clone()
                     .map(|preview| (bg.active_service.clone(), preview));
-                Self::new(client, namespace, bg.traffic_routing.as_ref()?, services)
+                Self::new(cluster, namespace, bg.traffic_routing.as_ref()?, services)
             }
             (None, None) => None,
         }
     }
 
     /// The router configured in a canary strategy, if any.
-    pub fn for_canary(client: &Client, namespace: &str, canary: &CanaryStrategy) -> Option<Self> {
+    pub fn for_canary(cluster: &Cluster, namespace: &str, canary: &CanaryStrategy) -> Option<Self> {
         let services = canary
             .stable_service
             .clone()
             .zip(canary.canary_service.clone());
         Self::new(
-            client,
+            cluster,
             namespace,
             canary.traffic_routing.as_ref()?,
             services,
@@ -107,14 +109,14 @@ impl Router {
     /// A router over `routing`, with the two Services (stable/canary, or active/preview) that
     /// host-level routing points at the revisions.
     pub fn new(
-        client: &Client,
+        cluster: &Cluster,
         namespace: &str,
         routing: &TrafficRouting,
         services: Option<(String, String)>,
     ) -> Option<Self> {
         if let Some(istio) = &routing.istio {
             return Some(Router::Istio(IstioRouter::new(
-                client.clone(),
+                cluster.clone(),
                 namespace,
                 istio,
                 services,
@@ -123,7 +125,7 @@ impl Router {
         let gateway = routing.gateway_api.as_ref()?;
         let (stable, canary) = services?;
         Some(Router::GatewayApi(GatewayApiRouter::new(
-            client.clone(),
+            cluster.clone(),
             namespace,
             gateway,
             stable,
@@ -150,6 +152,23 @@ fn gvk(group: &str, version: &str, kind: &str) -> ApiResource {
     ApiResource::from_gvk(&GroupVersionKind::gvk(group, version, kind))
 }
 
+/// The kinds Sluice routes through.
+pub fn virtual_service() -> ApiResource {
+    gvk("networking.istio.io", "v1", "VirtualService")
+}
+
+pub fn destination_rule() -> ApiResource {
+    gvk("networking.istio.io", "v1", "DestinationRule")
+}
+
+pub fn http_route() -> ApiResource {
+    gvk("gateway.networking.k8s.io", "v1", "HTTPRoute")
+}
+
+fn service_resource() -> ApiResource {
+    ApiResource::erase::<Service>(&())
+}
+
 /// Where a VirtualService reference points: `(name, namespace)`. An explicit namespace wins;
 /// otherwise a name with exactly one dot is the short form `name.namespace`; any other name
 /// (none, or several dots) is a name in the Rollout's own namespace.
@@ -167,19 +186,22 @@ pub fn locate(name: &str, namespace: Option<&str>, own: &str) -> (String, String
 
 /// Reads a routing object, or says which one is missing.
 async fn fetch(
-    api: &Api<DynamicObject>,
-    name: &str,
-    what: &str,
+    cluster: &Cluster,
+    resource: &ApiResource,
     namespace: &str,
+    name: &str,
 ) -> Result<DynamicObject, RouterError> {
-    api.get_opt(name)
+    cluster
+        .read(resource, namespace, name)
         .await?
-        .ok_or_else(|| RouterError::Misconfigured(format!("{what} {namespace}/{name} not found")))
+        .ok_or_else(|| {
+            RouterError::Misconfigured(format!("{} {namespace}/{name} not found", resource.kind))
+        })
 }
 
 /// The routing objects a router read while observing, handed to its writes in the same
-/// reconcile instead of being read again: under load every read is a round trip through the
-/// apiserver's queue. A copy that went stale in between is safe: the write carries its
+/// reconcile instead of being read again (a fresh read is a round trip through the
+/// apiserver's queue). A copy that went stale in between is safe: the write carries its
 /// `resourceVersion`, the apiserver refuses it as a conflict, and the retry reads afresh.
 #[derive(Default)]
 struct KeptReads(std::sync::Mutex<std::collections::HashMap<String, DynamicObject>>);
@@ -188,29 +210,33 @@ impl KeptReads {
     /// Reads a routing object and keeps a copy for [`KeptReads::take_or_fetch`].
     async fn fetch(
         &self,
-        api: &Api<DynamicObject>,
-        name: &str,
-        what: &str,
+        cluster: &Cluster,
+        resource: &ApiResource,
         namespace: &str,
+        name: &str,
     ) -> Result<DynamicObject, RouterError> {
-        let object = fetch(api, name, what, namespace).await?;
-        self.copies()
-            .insert(format!("{what} {namespace}/{name}"), object.clone());
+        let object = fetch(cluster, resource, namespace, name).await?;
+        self.copies().insert(
+            format!("{} {namespace}/{name}", resource.kind),
+            object.clone(),
+        );
         Ok(object)
     }
 
     /// The copy read while observing, once (a second write reads again), else a fresh read.
     async fn take_or_fetch(
         &self,
-        api: &Api<DynamicObject>,
-        name: &str,
-        what: &str,
+        cluster: &Cluster,
+        resource: &ApiResource,
         namespace: &str,
+        name: &str,
     ) -> Result<DynamicObject, RouterError> {
-        let kept = self.copies().remove(&format!("{what} {namespace}/{name}"));
+        let kept = self
+            .copies()
+            .remove(&format!("{} {namespace}/{name}", resource.kind));
         match kept {
             Some(object) => Ok(object),
-            None => fetch(api, name, what, namespace).await,
+            None => fetch(cluster, resource, namespace, name).await,
         }
     }
 
@@ -225,19 +251,33 @@ impl KeptReads {
 /// Writes a routing object back with Sluice's field manager; a conflict (someone wrote it
 /// since our read) is retried by the next reconcile.
 async fn replace(
-    api: &Api<DynamicObject>,
+    cluster: &Cluster,
+    resource: &ApiResource,
     object: &DynamicObject,
-    what: &str,
 ) -> Result<(), RouterError> {
-    let name = object.metadata.name.clone().unwrap_or_default();
+    let name = object.name_any();
+    let namespace = object.namespace().unwrap_or_default();
+    let api = Api::<DynamicObject>::namespaced_with(cluster.client.clone(), &namespace, resource);
     let params = PostParams {
         field_manager: Some(crate::FIELD_MANAGER.into()),
         ..PostParams::default()
     };
     match api.replace(&name, &params, object).await {
-        Ok(_) => Ok(()),
+        Ok(written) => {
+            cluster.wrote(
+                &resource.kind,
+                &namespace,
+                &name,
+                written.resource_version(),
+            );
+            Ok(())
+        }
         Err(e) if crate::k8s::is_conflict(&e) => {
-            Err(RouterError::Conflict(format!("{what} {name}")))
+            cluster.conflicted(&resource.kind, &namespace, &name);
+            Err(RouterError::Conflict(format!(
+                "{} {namespace}/{name}",
+                resource.kind
+            )))
         }
         Err(e) => Err(e.into()),
     }
@@ -277,17 +317,12 @@ fn agreed(weights: &[Option<i32>]) -> Option<i32> {
 
 /// Whether a DestinationRule still carries the revision label (`None`: it does not exist).
 pub async fn destination_rule_pinned(
-    client: &Client,
+    cluster: &Cluster,
     namespace: &str,
     name: &str,
 ) -> Result<Option<bool>, RouterError> {
-    let api = Api::<DynamicObject>::namespaced_with(
-        client.clone(),
-        namespace,
-        &gvk("networking.istio.io", "v1", "DestinationRule"),
-    );
-    Ok(api
-        .get_opt(name)
+    Ok(cluster
+        .read(&destination_rule(), namespace, name)
         .await?
         .map(|dr| istio::subsets_pinned(dr.data.get("spec").unwrap_or(&Value::Null))))
 }
@@ -295,97 +330,96 @@ pub async fn destination_rule_pinned(
 /// Takes the revision label back from an object the Rollout no longer routes through: the
 /// DestinationRule's subsets, or the Service's selector key. A missing object is fine.
 pub async fn release(
-    client: &Client,
+    cluster: &Cluster,
     namespace: &str,
     kind: &str,
     name: &str,
 ) -> Result<(), RouterError> {
     match kind {
         "DestinationRule" => {
-            let api = Api::<DynamicObject>::namespaced_with(
-                client.clone(),
-                namespace,
-                &gvk("networking.istio.io", "v1", "DestinationRule"),
-            );
-            let Some(mut dr) = api.get_opt(name).await? else {
+            let resource = destination_rule();
+            let Some(mut dr) = cluster.read(&resource, namespace, name).await? else {
                 return Ok(());
             };
             if let Some(spec) = dr.data.get_mut("spec")
                 && istio::unpin_subsets(spec)
             {
-                replace(&api, &dr, "DestinationRule").await?;
+                replace(cluster, &resource, &dr).await?;
             }
             Ok(())
         }
-        _ => {
-            let api: Api<Service> = Api::namespaced(client.clone(), namespace);
-            let patch = json!({"spec": {"selector": {HASH_LABEL: null}}});
-            let params = PatchParams {
-                field_manager: Some(crate::FIELD_MANAGER.into()),
-                ..PatchParams::default()
-            };
-            match api.patch(name, &params, &Patch::Merge(&patch)).await {
-                Ok(_) => Ok(()),
-                Err(e) if crate::k8s::is_not_found(&e) => Ok(()),
-                Err(e) => Err(e.into()),
-            }
+        _ => match patch_selector(cluster, namespace, name, None).await {
+            Ok(()) | Err(RouterError::Misconfigured(_)) => Ok(()),
+            Err(e) => Err(e),
+        },
+    }
+}
+
+/// Sets (or, with `None`, removes) the revision key of a Service's selector. `spec.selector`
+/// is an atomic map, so a server-side apply would take the whole selector from its owner: a
+/// merge patch changes the one key and leaves the user's keys alone. `Misconfigured` when the
+/// Service does not exist (one call: a missing Service answers 404 rather than needing a read).
+async fn patch_selector(
+    cluster: &Cluster,
+    namespace: &str,
+    service: &str,
+    hash: Option<&str>,
+) -> Result<(), RouterError> {
+    let api: Api<Service> = Api::namespaced(cluster.client.clone(), namespace);
+    let patch = json!({"spec": {"selector": {HASH_LABEL: hash}}});
+    let params = PatchParams {
+        field_manager: Some(crate::FIELD_MANAGER.into()),
+        ..PatchParams::default()
+    };
+    match api.patch(service, &params, &Patch::Merge(&patch)).await {
+        Ok(written) => {
+            cluster.wrote("Service", namespace, service, written.resource_version());
+            Ok(())
         }
+        Err(e) if crate::k8s::is_not_found(&e) => Err(RouterError::Misconfigured(format!(
+            "Service {namespace}/{service} not found"
+        ))),
+        Err(e) => Err(e.into()),
     }
 }
 
 /// The revision a Service's selector names (`Ok(None)`: none), or `Misconfigured` when the
 /// Service does not exist.
 pub async fn selected_revision(
-    client: &Client,
+    cluster: &Cluster,
     namespace: &str,
     service: &str,
 ) -> Result<Option<String>, RouterError> {
-    let api: Api<Service> = Api::namespaced(client.clone(), namespace);
-    let svc = api.get_opt(service).await?.ok_or_else(|| {
-        RouterError::Misconfigured(format!("Service {namespace}/{service} not found"))
-    })?;
+    let svc = fetch(cluster, &service_resource(), namespace, service).await?;
     Ok(svc
-        .spec
-        .and_then(|s| s.selector)
-        .and_then(|s| s.get(HASH_LABEL).cloned()))
+        .data
+        .pointer("/spec/selector")
+        .and_then(|s| s.get(HASH_LABEL))
+        .and_then(Value::as_str)
+        .map(str::to_string))
 }
 
 /// Whether a Service's selector names `hash`.
 pub async fn service_selects(
-    client: &Client,
+    cluster: &Cluster,
     namespace: &str,
     service: &str,
     hash: &str,
 ) -> Result<bool, RouterError> {
-    Ok(selected_revision(client, namespace, service)
+    Ok(selected_revision(cluster, namespace, service)
         .await?
         .as_deref()
         == Some(hash))
 }
 
-/// Adds the revision to a Service's selector. `spec.selector` is an atomic map, so a
-/// server-side apply would take the whole selector from its owner: a merge patch adds the one
-/// key and leaves the user's keys alone.
+/// Adds the revision to a Service's selector.
 pub async fn point_service(
-    client: &Client,
+    cluster: &Cluster,
     namespace: &str,
     service: &str,
     hash: &str,
 ) -> Result<(), RouterError> {
-    let api: Api<Service> = Api::namespaced(client.clone(), namespace);
-    let patch = json!({"spec": {"selector": {HASH_LABEL: hash}}});
-    let params = PatchParams {
-        field_manager: Some(crate::FIELD_MANAGER.into()),
-        ..PatchParams::default()
-    };
-    // One call: a missing Service answers 404 rather than needing a read first.
-    match api.patch(service, &params, &Patch::Merge(&patch)).await {
-        Ok(_) => Ok(()),
-        Err(e) if crate::k8s::is_not_found(&e) => Err(RouterError::Misconfigured(format!(
-            "Service {namespace}/{service} not found"
-        ))),
-        Err(e) => Err(e.into()),
-    }
+    patch_selector(cluster, namespace, service, Some(hash)).await
 }
 
 #[cfg(test)]
