@@ -617,6 +617,9 @@ EOF
 }
 
 cmd_down_locked() {
+  # The traffic simulator watches the cluster: left running, it would carry on against the
+  # next cluster (a benchmark once measured a stray one's load).
+  "${E2E_DIR}/simulator/run.sh" stop >/dev/null 2>&1 || true
   stop_all
   rm -rf "${WORK}/etcd-data" "${WORK}/prometheus-data" "${WORK}/.up" "${WATCH_CACHE_FILE}" "${ARGOCD_WORK}"
 }

@@ -997,3 +997,100 @@ async fn a_missing_virtual_service_degrades_with_its_name() {
     .await;
     ns.delete().await;
 }
+
+/// The Rollout controller in-process with a client that counts its requests, and its context
+/// (for the reconcile count).
+async fn start_counted_controller(
+    ns: &str,
+) -> (
+    tokio::sync::watch::Sender<bool>,
+    std::sync::Arc<sluice::context::Context>,
+    sluice::k8s::requests::RequestCounts,
+) {
+    let counts = sluice::k8s::requests::RequestCounts::default();
+    let config = kube::Config::infer().await.unwrap();
+    let client = kube::client::ClientBuilder::try_from(config)
+        .unwrap()
+        .with_layer(&sluice::k8s::requests::CountingLayer(counts.clone()))
+        .build();
+    let settings = sluice::context::Settings::local(Some(ns.to_string()), Some(prometheus_url()));
+    let ctx = std::sync::Arc::new(sluice::context::Context::for_tests(client, settings));
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(sluice::rollout::run(ctx.clone(), stop_rx));
+    (stop, ctx, counts)
+}
+
+fn reconciles(ctx: &sluice::context::Context) -> f64 {
+    let text = ctx.metrics().encode().unwrap();
+    text.lines()
+        .find(|l| l.starts_with("sluice_reconcile_duration_seconds_count{controller=\"rollout\"}"))
+        .and_then(|l| l.split_whitespace().last()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn requests(counts: &sluice::k8s::requests::RequestCounts, verb: &str, resource: &str) -> u64 {
+    counts
+        .get_or_create(&sluice::k8s::requests::RequestLabels {
+            verb: verb.into(),
+            resource: resource.into(),
+        })
+        .get()
+}
+
+#[tokio::test]
+#[ignore = "needs the local cluster: make test"]
+async fn a_reconcile_with_nothing_to_do_reads_no_routing_object() {
+    let ns = TestNamespace::new("quiet").await;
+    let (_controller, ctx, counts) = start_counted_controller(&ns.name).await;
+    routing(&ns).await;
+    let (api, _) = healthy_rollout(&ns, json!([{"setWeight": 50}, {"pause": {}}])).await;
+    // Let the last writes' watch events arrive: from here on the caches show them.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let routed = ["virtualservices", "destinationrules", "services"];
+    let before: Vec<u64> = routed.iter().map(|r| requests(&counts, "get", r)).collect();
+    let vs_api: Api<DynamicObject> =
+        Api::namespaced_with(ns.client.clone(), &ns.name, &virtual_service_resource());
+    for touch in 0..5 {
+        let started = reconciles(&ctx);
+        // A change that asks for no decision wakes the Rollout (through its own watch, or
+        // through the watch of an object it routes through).
+        let patch =
+            Patch::Merge(json!({"metadata": {"annotations": {"touched": touch.to_string()}}}));
+        if touch % 2 == 0 {
+            api.patch("web", &PatchParams::default(), &patch)
+                .await
+                .unwrap();
+        } else {
+            vs_api
+                .patch("web", &PatchParams::default(), &patch)
+                .await
+                .unwrap();
+        }
+        wait_for("a reconcile", Duration::from_secs(30), || async {
+            (reconciles(&ctx) > started).then_some(())
+        })
+        .await;
+    }
+    assert!(
+        requests(&counts, "apply", "rollouts/status") > 0,
+        "the client counts the controller's requests"
+    );
+    let after: Vec<u64> = routed.iter().map(|r| requests(&counts, "get", r)).collect();
+    assert_eq!(
+        after, before,
+        "GETs of {routed:?} during five reconciles with nothing to do"
+    );
+    // The copies are the cluster's: a weight changed by hand is still put back.
+    let mut vs = vs_api.get("web").await.unwrap();
+    vs.data["spec"]["http"][0]["route"][0]["weight"] = json!(70);
+    vs.data["spec"]["http"][0]["route"][1]["weight"] = json!(30);
+    vs_api
+        .replace("web", &PostParams::default(), &vs)
+        .await
+        .unwrap();
+    wait_for("the drift put back", Duration::from_secs(30), || async {
+        (canary_weight(&ns).await? == 0).then_some(())
+    })
+    .await;
+    ns.delete().await;
+}
