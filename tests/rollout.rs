@@ -6,7 +6,9 @@ mod support;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::ReplicaSet;
-use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
+};
 use serde_json::{Value, json};
 use sluice::api::rollout::{Rollout, RolloutPhase};
 use support::*;
@@ -1020,12 +1022,17 @@ async fn start_counted_controller(
     (stop, ctx, counts)
 }
 
-fn reconciles(ctx: &sluice::context::Context) -> f64 {
+/// The sum of a metric's series whose labels include `controller="rollout"`.
+fn rollout_metric(ctx: &sluice::context::Context, name: &str) -> f64 {
     let text = ctx.metrics().encode().unwrap();
     text.lines()
-        .find(|l| l.starts_with("sluice_reconcile_duration_seconds_count{controller=\"rollout\"}"))
-        .and_then(|l| l.split_whitespace().last()?.parse().ok())
-        .unwrap_or(0.0)
+        .filter(|l| l.starts_with(name) && l.contains("controller=\"rollout\""))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn reconciles(ctx: &sluice::context::Context) -> f64 {
+    rollout_metric(ctx, "sluice_reconcile_duration_seconds_count{")
 }
 
 fn requests(counts: &sluice::k8s::requests::RequestCounts, verb: &str, resource: &str) -> u64 {
@@ -1037,59 +1044,116 @@ fn requests(counts: &sluice::k8s::requests::RequestCounts, verb: &str, resource:
         .get()
 }
 
+const ROUTED: [&str; 3] = ["virtualservices", "destinationrules", "services"];
+
+fn routing_gets(counts: &sluice::k8s::requests::RequestCounts) -> Vec<u64> {
+    ROUTED.iter().map(|r| requests(counts, "get", r)).collect()
+}
+
+/// Wakes the Rollout with a change that asks for no decision (an annotation, on the Rollout
+/// or on its VirtualService) and waits until a reconcile has run.
+async fn touch(ctx: &sluice::context::Context, object: &Api<DynamicObject>, n: usize) {
+    let started = reconciles(ctx);
+    let patch = Patch::Merge(json!({"metadata": {"annotations": {"touched": n.to_string()}}}));
+    object
+        .patch("web", &PatchParams::default(), &patch)
+        .await
+        .unwrap();
+    wait_for("a reconcile", Duration::from_secs(30), || async {
+        (reconciles(ctx) > started).then_some(())
+    })
+    .await;
+}
+
 #[tokio::test]
 #[ignore = "needs the local cluster: make test"]
 async fn a_reconcile_with_nothing_to_do_reads_no_routing_object() {
     let ns = TestNamespace::new("quiet").await;
     let (_controller, ctx, counts) = start_counted_controller(&ns.name).await;
-    routing(&ns).await;
-    let (api, _) = healthy_rollout(&ns, json!([{"setWeight": 50}, {"pause": {}}])).await;
-    // Let the last writes' watch events arrive: from here on the caches show them.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let routed = ["virtualservices", "destinationrules", "services"];
-    let before: Vec<u64> = routed.iter().map(|r| requests(&counts, "get", r)).collect();
+    // Host-level routing: the Rollout reads a VirtualService and two Services.
+    web_services(&ns, &["web-stable", "web-canary"]).await;
+    let vs = json!({"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+        "metadata": {"name": "web", "namespace": ns.name},
+        "spec": {"hosts": ["web"], "http": [{"name": "primary", "route": [
+            {"destination": {"host": "web-stable"}, "weight": 100},
+            {"destination": {"host": "web-canary"}, "weight": 0}]}]}});
+    create(&ns, &vs).await.unwrap();
+    let rollout = WebRollout::canary(&ns.name, json!([{"setWeight": 50}, {"pause": {}}]))
+        .routing(Routing::IstioHosts);
+    create(&ns, &rollout.json()).await.unwrap();
+    let api: Api<Rollout> = Api::namespaced(ns.client.clone(), &ns.name);
+    healthy(&api).await;
+    let rollout_api: Api<DynamicObject> = Api::namespaced_with(
+        ns.client.clone(),
+        &ns.name,
+        &ApiResource::erase::<Rollout>(&()),
+    );
     let vs_api: Api<DynamicObject> =
         Api::namespaced_with(ns.client.clone(), &ns.name, &virtual_service_resource());
-    for touch in 0..5 {
-        let started = reconciles(&ctx);
-        // A change that asks for no decision wakes the Rollout (through its own watch, or
-        // through the watch of an object it routes through).
-        let patch =
-            Patch::Merge(json!({"metadata": {"annotations": {"touched": touch.to_string()}}}));
-        if touch % 2 == 0 {
-            api.patch("web", &PatchParams::default(), &patch)
-                .await
-                .unwrap();
-        } else {
-            vs_api
-                .patch("web", &PatchParams::default(), &patch)
-                .await
-                .unwrap();
+    // Until the watches show Sluice's last writes, a read is rightly fresh: wake the Rollout
+    // until one reconcile reads nothing.
+    let mut warm = false;
+    for n in 0..20 {
+        let before = routing_gets(&counts);
+        touch(&ctx, &rollout_api, n).await;
+        if routing_gets(&counts) == before {
+            warm = true;
+            break;
         }
-        wait_for("a reconcile", Duration::from_secs(30), || async {
-            (reconciles(&ctx) > started).then_some(())
-        })
-        .await;
+    }
+    assert!(
+        warm,
+        "no reconcile of 20 ran without reading a routing object"
+    );
+    let (before, errors) = (
+        routing_gets(&counts),
+        rollout_metric(&ctx, "sluice_reconcile_errors_total{"),
+    );
+    for n in 100..106 {
+        let object = if n % 2 == 0 { &rollout_api } else { &vs_api };
+        touch(&ctx, object, n).await;
     }
     assert!(
         requests(&counts, "apply", "rollouts/status") > 0,
         "the client counts the controller's requests"
     );
-    let after: Vec<u64> = routed.iter().map(|r| requests(&counts, "get", r)).collect();
     assert_eq!(
-        after, before,
-        "GETs of {routed:?} during five reconciles with nothing to do"
+        rollout_metric(&ctx, "sluice_reconcile_errors_total{"),
+        errors,
+        "the reconciles ran to the end"
     );
-    // The copies are the cluster's: a weight changed by hand is still put back.
-    let mut vs = vs_api.get("web").await.unwrap();
-    vs.data["spec"]["http"][0]["route"][0]["weight"] = json!(70);
-    vs.data["spec"]["http"][0]["route"][1]["weight"] = json!(30);
+    assert_eq!(
+        routing_gets(&counts),
+        before,
+        "GETs of {ROUTED:?} during six reconciles with nothing to do"
+    );
+    // The copies are the cluster's: a weight or a selector changed by hand is put back.
+    let mut changed = vs_api.get("web").await.unwrap();
+    changed.data["spec"]["http"][0]["route"][0]["weight"] = json!(70);
+    changed.data["spec"]["http"][0]["route"][1]["weight"] = json!(30);
     vs_api
-        .replace("web", &PostParams::default(), &vs)
+        .replace("web", &PostParams::default(), &changed)
         .await
         .unwrap();
-    wait_for("the drift put back", Duration::from_secs(30), || async {
+    wait_for("the weight put back", Duration::from_secs(30), || async {
         (canary_weight(&ns).await? == 0).then_some(())
+    })
+    .await;
+    let selected = selects(&ns, "web-canary").await;
+    assert!(
+        selected.is_some(),
+        "Sluice points the canary Service at a revision"
+    );
+    let services: Api<k8s_openapi::api::core::v1::Service> =
+        Api::namespaced(ns.client.clone(), &ns.name);
+    let patch =
+        Patch::Merge(json!({"spec": {"selector": {"sluice.dev/pod-template-hash": "elsewhere"}}}));
+    services
+        .patch("web-canary", &PatchParams::default(), &patch)
+        .await
+        .unwrap();
+    wait_for("the selector put back", Duration::from_secs(30), || async {
+        (selects(&ns, "web-canary").await == selected).then_some(())
     })
     .await;
     ns.delete().await;

@@ -77,9 +77,26 @@ impl Freshness {
         self.with(|awaited| awaited.remove(key));
     }
 
+    /// The cache shows version `rv` of `key`: a write awaited at it is no longer awaited, even
+    /// if nothing reads the object again.
+    pub fn seen(&self, key: &str, rv: &str) {
+        self.with(|awaited| {
+            if awaited.get(key).is_some_and(|a| a == rv) {
+                awaited.remove(key);
+            }
+        });
+    }
+
+    /// Someone else wrote `key` since the cached copy was read (a write was refused as a
+    /// conflict): the next read is fresh, and its version is awaited from then on.
+    pub fn distrust(&self, key: &str) {
+        // Resource versions are never empty, so the cache never shows this one.
+        self.with(|awaited| awaited.insert(key.to_string(), String::new()));
+    }
+
     /// Whether no object awaits its cache.
     #[cfg(test)]
-    fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.with(|awaited| awaited.is_empty())
     }
 }
@@ -121,5 +138,16 @@ mod tests {
         f.wrote("a/r", "10");
         f.forget("a/r");
         assert!(f.is_empty());
+        // Seen by the cache, though nobody read it: forgotten; another version is not enough.
+        f.wrote("a/r", "11");
+        f.seen("a/r", "10");
+        assert_eq!(f.read("a/r", Some("10")), Read::Fresh);
+        f.seen("a/r", "11");
+        assert!(f.is_empty());
+        // Distrusted: fresh whatever the cache shows, until a fresh read.
+        f.distrust("a/r");
+        assert_eq!(f.read("a/r", Some("11")), Read::Fresh);
+        f.read_fresh("a/r", Some("12"), Some("11"));
+        assert_eq!(f.read("a/r", Some("12")), Read::Cache);
     }
 }

@@ -191,6 +191,7 @@ pub async fn run(ctx: Arc<Context>, stop: watch::Receiver<bool>) {
             tracing::info!(kind, "not served by this cluster; not watching it");
             continue;
         }
+        routing.watching(&kind);
         let (store, cache) = (store.clone(), routing.clone());
         let kept_kind = kind.clone();
         controller = controller.watches_stream_with(
@@ -207,6 +208,7 @@ pub async fn run(ctx: Arc<Context>, stop: watch::Receiver<bool>) {
         );
     }
     let services: Api<Service> = crate::k8s::scoped(&client, namespace.as_deref());
+    routing.watching("Service");
     let (service_store, cache) = (store.clone(), routing.clone());
     controller = controller.watches_stream(
         crate::k8s::watch::kept(

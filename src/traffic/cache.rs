@@ -11,11 +11,13 @@
 //! whole desired key, and the other writer's change reaches the watch, which wakes the Rollout.
 //!
 //! Route objects are kept whole but for `managedFields` (a route write sends the object back,
-//! and the apiserver keeps the managed fields a write leaves out), as JSON text: a third of
-//! the memory of the decoded object, and decoding a copy when it is read costs microseconds.
+//! and the apiserver keeps the managed fields a write leaves out), as JSON text rather than
+//! decoded maps, and decoded when a reconcile reads one.
 //! Services are kept as their name, version and selector only: all Sluice reads of them.
+//! The watches see every object of these kinds in Sluice's scope, used by a Rollout or not, so
+//! this memory follows the cluster's routing objects rather than the Rollouts.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use k8s_openapi::api::core::v1::Service;
@@ -47,8 +49,9 @@ impl Copy {
 #[derive(Debug, Default)]
 struct Kept {
     objects: HashMap<String, Arc<Copy>>,
-    /// Built during a (re)list, swapped in when it is complete.
-    building: Option<HashMap<String, Arc<Copy>>>,
+    /// The objects a (re)list has shown so far. Each is served as soon as it is listed (a
+    /// Rollout the list wakes must see it); at the list's end, copies it did not show are gone.
+    listed: Option<HashSet<String>>,
     /// Whether a first list is complete (before it, every read is fresh).
     ready: bool,
 }
@@ -60,15 +63,25 @@ pub struct RoutingCache {
     freshness: Freshness,
 }
 
-fn key(kind: &str, namespace: &str, name: &str) -> String {
-    format!("{kind} {namespace}/{name}")
+/// An object's place in a kind's copies.
+fn place(namespace: &str, name: &str) -> String {
+    format!("{namespace}/{name}")
 }
 
-fn object_key(object: &DynamicObject) -> String {
-    format!(
-        "{}/{}",
-        object.namespace().unwrap_or_default(),
-        object.name_any()
+/// An object's key among every kind's (the routers' kept reads use it too).
+pub fn key(kind: &str, namespace: &str, name: &str) -> String {
+    format!("{kind} {}", place(namespace, name))
+}
+
+fn place_of(object: &DynamicObject) -> String {
+    place(&object.namespace().unwrap_or_default(), &object.name_any())
+}
+
+fn key_of(kind: &str, object: &DynamicObject) -> String {
+    key(
+        kind,
+        &object.namespace().unwrap_or_default(),
+        &object.name_any(),
     )
 }
 
@@ -77,8 +90,9 @@ pub fn strip_route(object: &mut DynamicObject) {
     object.metadata.managed_fields = None;
 }
 
-/// What a Service's copy keeps: its name, version and selector.
-pub fn service_copy(service: &Service) -> DynamicObject {
+/// What a Service's copy keeps: its name, version and selector. Never written back: Sluice
+/// writes a Service's selector by a merge patch of its one key.
+fn service_copy(service: &Service) -> DynamicObject {
     let selector = service.spec.as_ref().and_then(|s| s.selector.clone());
     DynamicObject {
         types: None,
@@ -98,33 +112,48 @@ impl RoutingCache {
         self.kinds.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Changes the copies of `kind` (the freshness map is never locked meanwhile).
+    fn with_kind(&self, kind: &str, change: impl FnOnce(&mut Kept)) {
+        change(self.kinds().entry(kind.to_string()).or_default());
+    }
+
+    /// A watch of `kind` is starting: from now on Sluice's writes of its objects are awaited
+    /// (a write before its first list shows would otherwise be forgotten).
+    pub fn watching(&self, kind: &str) {
+        self.with_kind(kind, |_| {});
+    }
+
     /// Takes in one watch event of `kind` (already stripped).
     pub fn apply(&self, kind: &str, event: &Event<DynamicObject>) {
-        let mut kinds = self.kinds();
-        let kept = kinds.entry(kind.to_string()).or_default();
         match event {
-            Event::Init => kept.building = Some(HashMap::new()),
-            Event::InitApply(object) => {
-                if let (Some(building), Some(copy)) = (kept.building.as_mut(), Copy::of(object)) {
-                    building.insert(object_key(object), copy);
-                }
-            }
-            Event::InitDone => {
-                if let Some(built) = kept.building.take() {
-                    kept.objects = built;
+            Event::Init => self.with_kind(kind, |kept| kept.listed = Some(HashSet::new())),
+            Event::InitDone => self.with_kind(kind, |kept| {
+                if let Some(listed) = kept.listed.take() {
+                    kept.objects.retain(|place, _| listed.contains(place));
                 }
                 kept.ready = true;
+            }),
+            Event::InitApply(object) | Event::Apply(object) => {
+                let (place, copy) = (place_of(object), Copy::of(object));
+                let listing = matches!(event, Event::InitApply(_));
+                self.with_kind(kind, |kept| {
+                    if let (true, Some(listed)) = (listing, kept.listed.as_mut()) {
+                        listed.insert(place.clone());
+                    }
+                    match copy {
+                        Some(copy) => kept.objects.insert(place, copy),
+                        None => kept.objects.remove(&place),
+                    };
+                });
+                if let Some(version) = object.resource_version() {
+                    self.freshness.seen(&key_of(kind, object), &version);
+                }
             }
-            Event::Apply(object) => match Copy::of(object) {
-                Some(copy) => {
-                    kept.objects.insert(object_key(object), copy);
-                }
-                None => {
-                    kept.objects.remove(&object_key(object));
-                }
-            },
             Event::Delete(object) => {
-                kept.objects.remove(&object_key(object));
+                self.with_kind(kind, |kept| {
+                    kept.objects.remove(&place_of(object));
+                });
+                self.freshness.forget(&key_of(kind, object));
             }
         }
     }
@@ -147,7 +176,7 @@ impl RoutingCache {
         let copy = {
             let kinds = self.kinds();
             let kept = kinds.get(kind).filter(|k| k.ready)?;
-            kept.objects.get(&format!("{namespace}/{name}"))?.clone()
+            kept.objects.get(&place(namespace, name))?.clone()
         };
         let read = self
             .freshness
@@ -157,29 +186,47 @@ impl RoutingCache {
             .flatten()
     }
 
-    /// The cached copy's version, if any.
-    fn cached_version(&self, kind: &str, namespace: &str, name: &str) -> Option<String> {
+    /// The cached copy's version, if there is a copy.
+    fn cached_version(&self, kind: &str, namespace: &str, name: &str) -> Option<Option<String>> {
         let kinds = self.kinds();
-        kinds
-            .get(kind)?
-            .objects
-            .get(&format!("{namespace}/{name}"))?
-            .version
-            .clone()
+        let copy = kinds.get(kind)?.objects.get(&place(namespace, name))?;
+        Some(copy.version.clone())
     }
 
-    /// The version Sluice's write of an object produced: its copy is awaited at it.
+    /// Whether `kind` is watched (its copies can show a version Sluice awaits).
+    fn watches(&self, kind: &str) -> bool {
+        self.kinds().contains_key(kind)
+    }
+
+    /// A read from the apiserver returned `fresh` (`None`: the object does not exist).
+    fn read_fresh(&self, kind: &str, namespace: &str, name: &str, fresh: Option<&DynamicObject>) {
+        let key = key(kind, namespace, name);
+        let Some(fresh) = fresh else {
+            self.freshness.forget(&key);
+            return;
+        };
+        // Without a copy there is nothing to compare: the next read is fresh anyway, and
+        // nothing is left behind for an object the watches never show.
+        if let Some(cached) = self.cached_version(kind, namespace, name) {
+            self.freshness
+                .read_fresh(&key, fresh.resource_version().as_deref(), cached.as_deref());
+        }
+    }
+
+    /// Sluice's write of an object produced `version`: its copy is not planned on until it
+    /// shows that version.
     pub fn wrote(&self, kind: &str, namespace: &str, name: &str, version: Option<String>) {
-        if let Some(version) = version {
+        if let Some(version) = version.filter(|_| self.watches(kind)) {
             self.freshness.wrote(&key(kind, namespace, name), &version);
         }
     }
 
-    /// Someone else wrote the object since its copy was read: the copy is not planned on
-    /// again until a fresh read (a version no object has is awaited, and the fresh read's
-    /// version replaces it).
+    /// Sluice's write of an object was refused as a conflict (someone else wrote it since the
+    /// copy): its next read is fresh.
     pub fn distrust(&self, kind: &str, namespace: &str, name: &str) {
-        self.freshness.wrote(&key(kind, namespace, name), "");
+        if self.watches(kind) {
+            self.freshness.distrust(&key(kind, namespace, name));
+        }
     }
 
     /// How many copies of `kind` are kept.
@@ -202,8 +249,8 @@ impl Cluster {
         Self { client, cache }
     }
 
-    /// Reads an object of `kind` (a cached copy when the rule allows, else from the
-    /// apiserver); `None` when it does not exist.
+    /// Reads an object (a cached copy when the rule allows, else from the apiserver); `None`
+    /// when it does not exist.
     pub async fn read(
         &self,
         resource: &ApiResource,
@@ -216,24 +263,17 @@ impl Cluster {
         }
         let api = Api::<DynamicObject>::namespaced_with(self.client.clone(), namespace, resource);
         let fresh = api.get_opt(name).await?;
-        if let Some(fresh) = &fresh {
-            let cached = self.cache.cached_version(kind, namespace, name);
-            self.cache.freshness.read_fresh(
-                &key(kind, namespace, name),
-                fresh.resource_version().as_deref(),
-                cached.as_deref(),
-            );
-        }
+        self.cache.read_fresh(kind, namespace, name, fresh.as_ref());
         Ok(fresh)
     }
 
-    /// Sluice wrote an object of `kind`: its copy is not planned on until it shows `version`.
+    /// Sluice wrote an object of `kind`, producing `version`.
     pub fn wrote(&self, kind: &str, namespace: &str, name: &str, version: Option<String>) {
         self.cache.wrote(kind, namespace, name, version);
     }
 
-    /// A write was refused as a conflict: the object is read fresh next time.
-    pub fn conflicted(&self, kind: &str, namespace: &str, name: &str) {
+    /// Sluice's write of an object was refused as a conflict: it is read fresh next time.
+    pub fn distrust(&self, kind: &str, namespace: &str, name: &str) {
         self.cache.distrust(kind, namespace, name);
     }
 }
@@ -291,19 +331,48 @@ mod tests {
         );
         assert!(cache.cached("DestinationRule", "shop", "web").is_none());
 
-        // A relist replaces everything once complete.
+        // A relist serves what it lists at once (it wakes the Rollouts that route through
+        // each object, and a change made while the watch was away must be seen), and drops
+        // what it did not list when it is complete.
         cache.apply(kind, &Event::Apply(vs("old", "7")));
+        cache.apply(kind, &Event::Apply(vs("kept", "7")));
         cache.apply(kind, &Event::Init);
+        cache.apply(kind, &Event::InitApply(vs("kept", "9")));
         cache.apply(kind, &Event::InitApply(vs("new", "8")));
-        assert_eq!(
-            cache.len(kind),
-            1,
-            "served as before until the relist is complete"
-        );
+        assert_eq!(cache.len(kind), 3);
+        let relisted = cache.cached(kind, "shop", "kept").unwrap();
+        assert_eq!(relisted.resource_version().as_deref(), Some("9"));
         assert!(cache.cached(kind, "shop", "old").is_some());
         cache.apply(kind, &Event::InitDone);
         assert!(cache.cached(kind, "shop", "old").is_none());
         assert!(cache.cached(kind, "shop", "new").is_some());
+        assert_eq!(cache.len(kind), 2);
+    }
+
+    #[test]
+    fn nothing_is_left_awaited_for_objects_nobody_reads_again() {
+        let cache = RoutingCache::default();
+        let kind = "DestinationRule";
+        // A kind nobody watches awaits nothing: no copy could ever show the version.
+        cache.wrote(kind, "shop", "web", Some("4".into()));
+        cache.distrust(kind, "shop", "web");
+        assert!(cache.freshness.is_empty());
+        cache.watching(kind);
+        cache.apply(kind, &Event::Init);
+        cache.apply(kind, &Event::InitDone);
+        // Written, then shown by the watch: forgotten without a read.
+        cache.wrote(kind, "shop", "web", Some("5".into()));
+        cache.apply(kind, &Event::Apply(vs("web", "5")));
+        assert!(cache.freshness.is_empty());
+        // Written, then deleted.
+        cache.wrote(kind, "shop", "web", Some("6".into()));
+        cache.apply(kind, &Event::Delete(vs("web", "6")));
+        assert!(cache.freshness.is_empty());
+        // A fresh read of an object without a copy, or of one that does not exist.
+        cache.read_fresh(kind, "shop", "elsewhere", Some(&vs("elsewhere", "3")));
+        cache.wrote(kind, "shop", "gone", Some("7".into()));
+        cache.read_fresh(kind, "shop", "gone", None);
+        assert!(cache.freshness.is_empty());
     }
 
     #[test]

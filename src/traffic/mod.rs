@@ -152,19 +152,22 @@ fn gvk(group: &str, version: &str, kind: &str) -> ApiResource {
     ApiResource::from_gvk(&GroupVersionKind::gvk(group, version, kind))
 }
 
-/// The kinds Sluice routes through.
+/// The kinds Sluice routes through: VirtualServices,
 pub fn virtual_service() -> ApiResource {
     gvk("networking.istio.io", "v1", "VirtualService")
 }
 
+/// DestinationRules,
 pub fn destination_rule() -> ApiResource {
     gvk("networking.istio.io", "v1", "DestinationRule")
 }
 
+/// HTTPRoutes,
 pub fn http_route() -> ApiResource {
     gvk("gateway.networking.k8s.io", "v1", "HTTPRoute")
 }
 
+/// and Services.
 fn service_resource() -> ApiResource {
     ApiResource::erase::<Service>(&())
 }
@@ -216,10 +219,8 @@ impl KeptReads {
         name: &str,
     ) -> Result<DynamicObject, RouterError> {
         let object = fetch(cluster, resource, namespace, name).await?;
-        self.copies().insert(
-            format!("{} {namespace}/{name}", resource.kind),
-            object.clone(),
-        );
+        self.copies()
+            .insert(cache::key(&resource.kind, namespace, name), object.clone());
         Ok(object)
     }
 
@@ -233,7 +234,7 @@ impl KeptReads {
     ) -> Result<DynamicObject, RouterError> {
         let kept = self
             .copies()
-            .remove(&format!("{} {namespace}/{name}", resource.kind));
+            .remove(&cache::key(&resource.kind, namespace, name));
         match kept {
             Some(object) => Ok(object),
             None => fetch(cluster, resource, namespace, name).await,
@@ -273,7 +274,7 @@ async fn replace(
             Ok(())
         }
         Err(e) if crate::k8s::is_conflict(&e) => {
-            cluster.conflicted(&resource.kind, &namespace, &name);
+            cluster.distrust(&resource.kind, &namespace, &name);
             Err(RouterError::Conflict(format!(
                 "{} {namespace}/{name}",
                 resource.kind
