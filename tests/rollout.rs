@@ -133,20 +133,24 @@ async fn a_bad_canary_is_rolled_back_by_analysis() {
         let deadline = Instant::now() + Duration::from_secs(90);
         let stable_at = loop {
             assert!(Instant::now() < deadline, "cycle {cycle}: not rolled back");
+            // The route is read before the status: status is written before traffic moves, so
+            // a route seen at 0% is followed by a status that shows the verdict. (Read the
+            // other way round, both writes could land between the two reads.)
+            let weight = canary_weight(&ns).await;
+            let at = Instant::now();
             if failed_seen.is_none()
                 && let Some(s) = status(&api).await
                 && s.analysis_runs
                     .iter()
                     .any(|r| r.phase == sluice::api::analysis::AnalysisPhase::Failed)
             {
-                failed_seen = Some(Instant::now());
+                failed_seen = Some(at);
             }
-            if canary_weight(&ns).await == Some(0) {
-                break Instant::now();
+            if weight == Some(0) {
+                break at;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         };
-        // Status is written before traffic moves, so the verdict is always seen first.
         let failed_seen =
             failed_seen.unwrap_or_else(|| panic!("cycle {cycle}: the failed run was not seen"));
         reaction.push(stable_at.saturating_duration_since(failed_seen));
