@@ -253,8 +253,7 @@ async fn worker(
                 true,
                 "NotificationFailed",
                 &format!("{} not sent to {}: {why}", t.what(), channel.as_str()),
-            )
-            .await;
+            );
         }
         let desired = after(
             &status,

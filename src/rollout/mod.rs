@@ -772,7 +772,7 @@ async fn apply(cached: Arc<Rollout>, state: &State, slot: &Slot) -> Result<Actio
 /// Makes the plan's writes, in its order: ReplicaSets that add pods, history, status (the
 /// decision is recorded before traffic moves, so a crash in between leaves a status from which
 /// the next reconcile makes the same move), traffic, then ReplicaSets that add none; Events
-/// and metrics last.
+/// (queued, written off the reconcile) and metrics last.
 async fn carry_out(state: &State, world: &World, mut plan: Plan) -> Result<(), Error> {
     let (ctx, freshness) = (state.ctx.as_ref(), &state.freshness);
     let rollout = world.rollout.as_ref();
@@ -832,8 +832,7 @@ async fn carry_out(state: &State, world: &World, mut plan: Plan) -> Result<(), E
             event.warning,
             event.reason.as_str(),
             &event.message,
-        )
-        .await;
+        );
         // A policy acting is recorded on the budgets too, naming the Rollout.
         if event.reason.is_budget_action() {
             for hold in world
@@ -862,8 +861,7 @@ async fn carry_out(state: &State, world: &World, mut plan: Plan) -> Result<(), E
                     event.warning,
                     event.reason.as_str(),
                     &message,
-                )
-                .await;
+                );
             }
         }
     }

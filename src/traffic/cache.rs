@@ -30,15 +30,15 @@ use crate::k8s::freshness::{Freshness, Read};
 
 /// One object's copy.
 #[derive(Debug)]
-struct Copy {
+struct StoredCopy {
     version: Option<String>,
     json: Box<str>,
 }
 
-impl Copy {
-    fn of(object: &DynamicObject) -> Option<Arc<Copy>> {
+impl StoredCopy {
+    fn of(object: &DynamicObject) -> Option<Arc<StoredCopy>> {
         let json = serde_json::to_string(object).ok()?;
-        Some(Arc::new(Copy {
+        Some(Arc::new(StoredCopy {
             version: object.resource_version(),
             json: json.into_boxed_str(),
         }))
@@ -48,7 +48,7 @@ impl Copy {
 /// One kind's copies, by `namespace/name`.
 #[derive(Debug, Default)]
 struct Kept {
-    objects: HashMap<String, Arc<Copy>>,
+    objects: HashMap<String, Arc<StoredCopy>>,
     /// The objects a (re)list has shown so far. Each is served as soon as it is listed (a
     /// Rollout the list wakes must see it); at the list's end, copies it did not show are gone.
     listed: Option<HashSet<String>>,
@@ -134,7 +134,7 @@ impl RoutingCache {
                 kept.ready = true;
             }),
             Event::InitApply(object) | Event::Apply(object) => {
-                let (place, copy) = (place_of(object), Copy::of(object));
+                let (place, copy) = (place_of(object), StoredCopy::of(object));
                 let listing = matches!(event, Event::InitApply(_));
                 self.with_kind(kind, |kept| {
                     if let (true, Some(listed)) = (listing, kept.listed.as_mut()) {
