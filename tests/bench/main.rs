@@ -646,6 +646,12 @@ async fn scale() {
     let (release_started, prometheus_start) =
         (Instant::now(), prometheus_queries(&prometheus).await);
     release_all(&client, &released, "web:2", |_| json!({})).await;
+    // How long the apiserver took to take the releases themselves (spec patches, PARALLEL at
+    // a time): a floor under what the operator's own writes can do on this machine.
+    report.insert(
+        "release_requests_ms",
+        json!(release_started.elapsed().as_millis() as u64),
+    );
     let key = |(ns, name): &(String, String)| format!("{ns}/{name}");
     let reached = |weight: i64| {
         let seen = seen.lock().unwrap_or_else(|p| p.into_inner());
@@ -710,6 +716,7 @@ async fn scale() {
 
     // Abort them all at once, as `kubectl sluice abort` does. Each is timed from the moment
     // the apiserver stored its request (100 requests at once take a while to all land).
+    let aborts_sent = Instant::now();
     let requested: HashMap<String, SystemTime> = futures::stream::iter(released.clone())
         .map(|(ns, name)| {
             let api: Api<Rollout> = Api::namespaced(client.clone(), &ns);
@@ -730,6 +737,12 @@ async fn scale() {
         .try_collect()
         .await
         .expect("abort every canary");
+    // The same for the abort requests (status applies, as the operator's own status writes
+    // are): each abort needs one of those from the operator, and a route update.
+    report.insert(
+        "abort_requests_ms",
+        json!(aborts_sent.elapsed().as_millis() as u64),
+    );
     wait_all_at(&reached, 0, released.len(), Duration::from_secs(120)).await;
     let abort_latencies: Vec<Duration> = {
         let seen = seen.lock().unwrap_or_else(|p| p.into_inner());
@@ -915,6 +928,14 @@ async fn scale() {
                 fmt("analysis_queries_asked"),
                 fmt("analysis_queries_shared"),
                 fmt("analysis_queries_per_interval")
+            ),
+        ),
+        (
+            "The bench's own requests: releases / aborts, first sent -> last answered (ms)",
+            format!(
+                "{} / {}",
+                fmt("release_requests_ms"),
+                fmt("abort_requests_ms")
             ),
         ),
         (
