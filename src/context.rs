@@ -79,7 +79,7 @@ impl Context {
         let instance = std::env::var("POD_NAME")
             .or_else(|_| std::env::var("HOSTNAME"))
             .unwrap_or_else(|_| "sluice".into());
-        let recorder = Recorder::new(client.clone(), instance, health.metrics.events.clone());
+        let recorder = Recorder::new(client.clone(), instance);
         Self {
             prometheus: PrometheusPool::new(client.clone()),
             client,

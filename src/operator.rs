@@ -97,18 +97,11 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let result = if became_leader {
         health.metrics.leader.set(1);
         let context = Arc::new(Context::new(client, health.clone(), settings));
-        let recorder = context.recorder.clone();
         let mut lost = leading_rx.clone();
-        let result = tokio::select! {
+        tokio::select! {
             result = crate::controllers::run(context, stop_rx.clone()) => result,
             _ = lost.wait_for(|leading| !*leading) => Err(anyhow::anyhow!("leadership lost; stopping so that a single replica acts")),
-        };
-        // The Events of the last decisions are still being written (after a lost Lease, the
-        // fence refuses them at once).
-        if !recorder.flush(EVENT_FLUSH).await {
-            tracing::warn!(limit = ?EVENT_FLUSH, "stopping with Events not yet written");
         }
-        result
     } else {
         Ok(())
     };
@@ -119,9 +112,6 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     finish(campaign, server).await;
     result
 }
-
-/// How long a stop waits for the Events still queued: well inside the 30 s a Pod is given.
-const EVENT_FLUSH: Duration = Duration::from_secs(5);
 
 /// The cluster connection (in-cluster, or KUBECONFIG), with a User-Agent that names this
 /// replica, so the apiserver's audit log tells replicas apart.

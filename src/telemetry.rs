@@ -46,35 +46,6 @@ struct KindLabel {
     kind: String,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct OutcomeLabel {
-    outcome: String,
-}
-
-/// The Events Sluice decided on, by how their write ended: `recorded`, `counted` (the same
-/// decision again), `failed`, or `dropped` (too many waiting). Shared with the Event writer.
-#[derive(Clone, Default)]
-pub struct EventCounts(Family<OutcomeLabel, Counter>);
-
-impl EventCounts {
-    pub fn count(&self, outcome: &str) {
-        self.0
-            .get_or_create(&OutcomeLabel {
-                outcome: outcome.to_string(),
-            })
-            .inc();
-    }
-
-    /// How many ended as `outcome` so far.
-    pub fn value(&self, outcome: &str) -> u64 {
-        self.0
-            .get_or_create(&OutcomeLabel {
-                outcome: outcome.to_string(),
-            })
-            .get()
-    }
-}
-
 /// `asked` (sent to Prometheus) or `shared` (answered by an identical query).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct AnswerLabel {
@@ -136,8 +107,6 @@ pub struct Metrics {
     pub leader: Gauge,
     reconcile_duration: Family<ControllerLabel, Histogram>,
     reconcile_errors: Family<ControllerKindLabels, Counter>,
-    /// The Events written, by outcome.
-    pub events: EventCounts,
     measurements: Family<KindLabel, Counter>,
     notifications: Family<NotificationLabels, Counter>,
     analysis_value: Family<AnalysisLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
@@ -231,12 +200,6 @@ impl Metrics {
             "reconcile_errors",
             "Failed reconciles by controller and kind of error",
             reconcile_errors.clone(),
-        );
-        let events = EventCounts::default();
-        registry.register(
-            "events",
-            "Kubernetes Events Sluice decided on, by how their write ended: recorded, counted (the same decision again), failed, or dropped (too many waiting to be written)",
-            events.0.clone(),
         );
         let measurements = Family::<KindLabel, Counter>::default();
         registry.register(
@@ -349,7 +312,6 @@ impl Metrics {
             leader,
             reconcile_duration,
             reconcile_errors,
-            events,
             measurements,
             notifications,
             analysis_value,

@@ -467,23 +467,28 @@ async fn a_completed_release_is_rolled_back_without_a_spec_change_and_stays_ther
             .as_deref(),
         Some("web:2")
     );
-    // Events on both objects.
+    // Events on both objects (written just after the writes they report).
     let events: Api<Event> = Api::namespaced(ns.client.clone(), &ns.name);
-    let rolled_back_events: Vec<String> = events
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .filter(|e| e.reason.as_deref() == Some("RolledBackByErrorBudget"))
-        .filter_map(|e| e.regarding.and_then(|r| r.kind))
-        .collect();
-    for kind in ["Rollout", "ErrorBudget"] {
-        assert!(
-            rolled_back_events.iter().any(|k| k == kind),
-            "{kind} in {rolled_back_events:?}"
-        );
-    }
+    wait_for(
+        "RolledBackByErrorBudget on the Rollout and the ErrorBudget",
+        Duration::from_secs(15),
+        || async {
+            let kinds: Vec<String> = events
+                .list(&ListParams::default())
+                .await
+                .ok()?
+                .items
+                .into_iter()
+                .filter(|e| e.reason.as_deref() == Some("RolledBackByErrorBudget"))
+                .filter_map(|e| e.regarding.and_then(|r| r.kind))
+                .collect();
+            ["Rollout", "ErrorBudget"]
+                .iter()
+                .all(|kind| kinds.iter().any(|k| k == kind))
+                .then_some(())
+        },
+    )
+    .await;
 
     let view = plugin(&["budget", &format!("{}/avail", ns.name)]);
     assert!(

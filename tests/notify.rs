@@ -393,6 +393,8 @@ async fn a_failing_receiver_is_retried_then_given_up_with_one_warning_and_the_re
         "{}",
         ready.message
     );
+    // The Warning Event, once the apiserver lists it.
+    expect_events(&ns, &["NotificationFailed"]).await;
     let events: Api<Event> = Api::namespaced(ns.client.clone(), &ns.name);
     let warnings: Vec<String> = events
         .list(&ListParams::default())

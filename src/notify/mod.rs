@@ -253,7 +253,8 @@ async fn worker(
                 true,
                 "NotificationFailed",
                 &format!("{} not sent to {}: {why}", t.what(), channel.as_str()),
-            );
+            )
+            .await;
         }
         let desired = after(
             &status,

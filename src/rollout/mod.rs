@@ -65,10 +65,6 @@ const MEASUREMENT_DEADLINE: Duration = Duration::from_secs(15);
 /// How often a reconcile that is measuring looks for a person's request in the watch cache.
 const INTENT_POLL: Duration = Duration::from_millis(50);
 
-/// The latest a reconcile follows one that carried out a person's request: the watch showing
-/// its status write wakes it sooner (see `apply`).
-const AFTER_A_REQUEST: Duration = Duration::from_secs(2);
-
 /// Failures a person can act on, counted by kind.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -753,15 +749,12 @@ async fn apply(cached: Arc<Rollout>, state: &State, slot: &Slot) -> Result<Actio
     };
     // A person's request (abort, promote, retry) is planned from the cluster as it is, before
     // any query is awaited: when the plan acts on one, it is carried out at once and the
-    // measurements wait for the next reconcile. That one is woken by the watch showing the
-    // status just written (it records the request as handled, so it always changes), and so
-    // plans on the cache; requeued at once, it raced the watch and read the Rollout and its
-    // routes again from the apiserver, beside 99 other aborts' writes. The requeue is a floor.
+    // measurements wait for the next reconcile, which follows immediately.
     let before = plan::plan(&world.observed);
     let handled = |status: &RolloutStatus| status.handled_intents.clone().unwrap_or_default();
     if handled(&before.status) != handled(&world.observed.status) {
         carry_out(state, &world, before).await?;
-        return Ok(Action::requeue(AFTER_A_REQUEST));
+        return Ok(Action::requeue(Duration::ZERO));
     }
     // Measuring holds no slot: another Rollout's abort never waits behind a measurement.
     let measured = slot
@@ -779,7 +772,7 @@ async fn apply(cached: Arc<Rollout>, state: &State, slot: &Slot) -> Result<Actio
 /// Makes the plan's writes, in its order: ReplicaSets that add pods, history, status (the
 /// decision is recorded before traffic moves, so a crash in between leaves a status from which
 /// the next reconcile makes the same move), traffic, then ReplicaSets that add none; Events
-/// (queued, written off the reconcile) and metrics last.
+/// and metrics last.
 async fn carry_out(state: &State, world: &World, mut plan: Plan) -> Result<(), Error> {
     let (ctx, freshness) = (state.ctx.as_ref(), &state.freshness);
     let rollout = world.rollout.as_ref();
@@ -839,7 +832,8 @@ async fn carry_out(state: &State, world: &World, mut plan: Plan) -> Result<(), E
             event.warning,
             event.reason.as_str(),
             &event.message,
-        );
+        )
+        .await;
         // A policy acting is recorded on the budgets too, naming the Rollout.
         if event.reason.is_budget_action() {
             for hold in world
@@ -868,7 +862,8 @@ async fn carry_out(state: &State, world: &World, mut plan: Plan) -> Result<(), E
                     event.warning,
                     event.reason.as_str(),
                     &message,
-                );
+                )
+                .await;
             }
         }
     }
