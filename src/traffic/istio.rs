@@ -347,8 +347,10 @@ impl TrafficRouter for IstioRouter {
                         .fetch(&self.cluster, &destination_rule(), &self.namespace, name)
                         .await?;
                     let spec = dr.data.get("spec").cloned().unwrap_or_default();
-                    Ok(read_subsets(&spec, stable, canary)
-                        == (Some(targets.stable.clone()), Some(targets.canary.clone())))
+                    Ok::<_, RouterError>(
+                        read_subsets(&spec, stable, canary)
+                            == (Some(targets.stable.clone()), Some(targets.canary.clone())),
+                    )
                 }
                 (None, Some((stable, canary))) => {
                     let (stable, canary) = futures::future::try_join(
@@ -361,8 +363,10 @@ impl TrafficRouter for IstioRouter {
                 (None, None) => Ok(true),
             }
         };
-        let (weights, targets_match) =
-            futures::future::try_join(virtual_services, targets_match).await?;
+        // Both awaited, then the VirtualServices' error first: with two objects missing, the
+        // status names the same one every time, not whichever answer came back first.
+        let (weights, targets_match) = futures::future::join(virtual_services, targets_match).await;
+        let (weights, targets_match) = (weights?, targets_match?);
         let canary_weight = weights
             .first()
             .copied()
