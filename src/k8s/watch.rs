@@ -48,16 +48,18 @@ where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Eq + std::hash::Hash + Clone,
 {
-    reflected_as(api, config, slim, writer)
+    reflected_as(api, config, slim, writer, |_| {})
 }
 
 /// As [`reflected`], with each object changed by `modify` (which makes it slim, and may keep
-/// less of it still) before it is cached.
+/// less of it still) before it is cached, and each event then also handed to `keep` (an index
+/// of the controller's own).
 pub fn reflected_as<K>(
     api: kube::Api<K>,
     config: watcher::Config,
     modify: impl FnMut(&mut K) + Send + 'static,
     writer: Writer<K>,
+    keep: impl Fn(&watcher::Event<K>) + Send + 'static,
 ) -> impl Stream<Item = Result<K, watcher::Error>> + Send + 'static
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
@@ -68,6 +70,10 @@ where
             .default_backoff()
             .modify(modify)
             .reflect(writer)
+            .map_ok(move |event| {
+                keep(&event);
+                event
+            })
             .touched_objects(),
     )
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, ListParams};
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, PartialObjectMeta};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::watcher;
@@ -75,7 +75,10 @@ pub async fn run(ctx: Arc<Context>, stop: watch::Receiver<bool>) {
     );
     let by_rollout = store.clone();
     let by_budget = store.clone();
-    let rollouts: Api<Rollout> = crate::k8s::scoped(&client, namespace.as_deref());
+    // The Rollouts' metadata alone is all the mapper reads (kube asks the apiserver for
+    // metadata only with this type): no spec or status is encoded, sent or decoded for it.
+    let rollouts: Api<PartialObjectMeta<Rollout>> =
+        crate::k8s::scoped(&client, namespace.as_deref());
     let budgets: Api<ErrorBudget> = crate::k8s::scoped(&client, namespace.as_deref());
     controller
         .watches_stream(

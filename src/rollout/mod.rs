@@ -14,6 +14,7 @@ pub mod plan;
 pub mod policy;
 pub mod release;
 pub mod revision;
+mod routes;
 pub mod runs;
 mod slots;
 pub mod steps;
@@ -54,6 +55,7 @@ use model::{
     Plan, ReplicaSetIntent, TrafficWrite,
 };
 use owned::OwnedReplicaSets;
+use routes::Referrers;
 use slots::{Slot, Slots};
 
 const FINALIZER: &str = "sluice.dev/traffic";
@@ -152,12 +154,17 @@ pub async fn run(ctx: Arc<Context>, stop: watch::Receiver<bool>) {
     // Every trigger watch backs off on its own: see k8s/watch.rs.
     let (store, writer) = reflector::store();
     let owned = Arc::new(OwnedReplicaSets::default());
+    let referrers = Arc::new(Referrers::default());
     let mut controller = Controller::for_stream(
         crate::k8s::watch::reflected_as(
             rollouts,
             watcher::Config::default(),
             cached::strip,
             writer,
+            {
+                let referrers = referrers.clone();
+                move |event| referrers.apply(event)
+            },
         ),
         store.clone(),
     )
@@ -177,7 +184,7 @@ pub async fn run(ctx: Arc<Context>, stop: watch::Receiver<bool>) {
     // The routing objects: kept (traffic/cache.rs), so a reconcile that changes nothing reads
     // none of them from the apiserver; each change also wakes the Rollouts that route through
     // the object (a weight or selector changed by hand is put back at once, not at the next
-    // resync).
+    // resync), found by one lookup in an index kept from the Rollout watch (routes.rs).
     let routing = Arc::new(RoutingCache::default());
     for resource in [
         crate::traffic::virtual_service(),
@@ -192,7 +199,7 @@ pub async fn run(ctx: Arc<Context>, stop: watch::Receiver<bool>) {
             continue;
         }
         routing.watching(&kind);
-        let (store, cache) = (store.clone(), routing.clone());
+        let (referrers, cache) = (referrers.clone(), routing.clone());
         let kept_kind = kind.clone();
         controller = controller.watches_stream_with(
             crate::k8s::watch::kept(
@@ -202,14 +209,18 @@ pub async fn run(ctx: Arc<Context>, stop: watch::Receiver<bool>) {
                 move |event| cache.apply(&kept_kind, event),
             ),
             move |object: DynamicObject| {
-                referring(&store, &kind, &object.name_any(), &object.namespace())
+                referrers.of(
+                    &kind,
+                    object.metadata.namespace.as_deref(),
+                    &object.name_any(),
+                )
             },
             resource,
         );
     }
     let services: Api<Service> = crate::k8s::scoped(&client, namespace.as_deref());
     routing.watching("Service");
-    let (service_store, cache) = (store.clone(), routing.clone());
+    let cache = routing.clone();
     controller = controller.watches_stream(
         crate::k8s::watch::kept(
             services,
@@ -218,11 +229,10 @@ pub async fn run(ctx: Arc<Context>, stop: watch::Receiver<bool>) {
             move |event| cache.apply_service(event),
         ),
         move |service| {
-            referring(
-                &service_store,
+            referrers.of(
                 "Service",
+                service.metadata.namespace.as_deref(),
                 &service.name_any(),
-                &service.namespace(),
             )
         },
     );
@@ -313,70 +323,6 @@ fn budget_holds(budgets: &Store<ErrorBudget>, rollout: &Rollout) -> Vec<BudgetHo
         .collect();
     holds.sort_by(|a, b| a.budget.cmp(&b.budget));
     holds
-}
-
-/// The Rollouts in `store` that route through the named object.
-fn referring(
-    store: &Store<Rollout>,
-    kind: &str,
-    name: &str,
-    namespace: &Option<String>,
-) -> Vec<ObjectRef<Rollout>> {
-    let namespace = namespace.clone().unwrap_or_default();
-    store
-        .state()
-        .into_iter()
-        .filter(|r| refers_to(r, kind, name, &namespace))
-        .map(|r| ObjectRef::from_obj(&*r))
-        .collect()
-}
-
-/// Whether a Rollout routes through the named VirtualService, DestinationRule, HTTPRoute or
-/// Service.
-fn refers_to(rollout: &Rollout, kind: &str, name: &str, namespace: &str) -> bool {
-    let own_namespace = rollout.namespace().unwrap_or_default();
-    let strategy = &rollout.spec.strategy;
-    if kind == "Service" {
-        let canary = strategy.canary.as_ref();
-        let blue_green = strategy.blue_green.as_ref();
-        let named = [
-            canary.and_then(|c| c.stable_service.as_deref()),
-            canary.and_then(|c| c.canary_service.as_deref()),
-            blue_green.map(|b| b.active_service.as_str()),
-            blue_green.and_then(|b| b.preview_service.as_deref()),
-        ];
-        return own_namespace == namespace && named.into_iter().flatten().any(|n| n == name);
-    }
-    let routing = strategy
-        .canary
-        .as_ref()
-        .and_then(|c| c.traffic_routing.as_ref())
-        .or_else(|| {
-            strategy
-                .blue_green
-                .as_ref()
-                .and_then(|b| b.traffic_routing.as_ref())
-        });
-    let Some(routing) = routing else { return false };
-    match (kind, &routing.istio, &routing.gateway_api) {
-        ("VirtualService", Some(istio), _) => istio
-            .virtual_service
-            .iter()
-            .chain(&istio.virtual_services)
-            .any(|vs| {
-                let (n, ns) =
-                    crate::traffic::locate(&vs.name, vs.namespace.as_deref(), &own_namespace);
-                n == name && ns == namespace
-            }),
-        ("DestinationRule", Some(istio), _) => istio
-            .destination_rule
-            .as_ref()
-            .is_some_and(|dr| dr.name == name && own_namespace == namespace),
-        ("HTTPRoute", _, Some(gateway)) => {
-            gateway.http_route.name == name && own_namespace == namespace
-        }
-        _ => false,
-    }
 }
 
 fn backoff_key(rollout: &Rollout) -> String {
