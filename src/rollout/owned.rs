@@ -70,6 +70,10 @@ fn map(pairs: Option<&Pairs>) -> Option<BTreeMap<String, String>> {
 
 impl Kept {
     fn of(rs: &ReplicaSet) -> Self {
+        debug_assert!(
+            rs.spec.as_ref().is_none_or(|s| s.template.is_none()),
+            "kept only once stripped"
+        );
         let meta = &rs.metadata;
         Self {
             metadata: ObjectMeta {
