@@ -60,8 +60,8 @@ struct KeptSpec {
 /// A map of a few strings, in a slice rather than a B-tree (in order, as the map was).
 type Pairs = Box<[(String, String)]>;
 
-fn pairs(map: Option<&BTreeMap<String, String>>) -> Option<Pairs> {
-    map.map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+fn pairs(map: Option<BTreeMap<String, String>>) -> Option<Pairs> {
+    map.map(|m| m.into_iter().collect())
 }
 
 fn map(pairs: Option<&Pairs>) -> Option<BTreeMap<String, String>> {
@@ -74,20 +74,20 @@ impl Kept {
             rs.spec.as_ref().is_none_or(|s| s.template.is_none()),
             "kept only once stripped"
         );
-        let meta = &rs.metadata;
+        // One copy of each part; its maps are then moved into slices, not copied again.
+        let mut metadata = rs.metadata.clone();
         Self {
-            metadata: ObjectMeta {
-                labels: None,
-                annotations: None,
-                ..meta.clone()
-            },
-            labels: pairs(meta.labels.as_ref()),
-            annotations: pairs(meta.annotations.as_ref()),
-            spec: rs.spec.as_ref().map(|s| KeptSpec {
-                min_ready_seconds: s.min_ready_seconds,
-                replicas: s.replicas,
-                match_labels: pairs(s.selector.match_labels.as_ref()),
-                match_expressions: s.selector.match_expressions.clone(),
+            labels: pairs(metadata.labels.take()),
+            annotations: pairs(metadata.annotations.take()),
+            metadata,
+            spec: rs.spec.as_ref().map(|s| {
+                let selector = s.selector.clone();
+                KeptSpec {
+                    min_ready_seconds: s.min_ready_seconds,
+                    replicas: s.replicas,
+                    match_labels: pairs(selector.match_labels),
+                    match_expressions: selector.match_expressions,
+                }
             }),
             status: rs.status.clone(),
         }
