@@ -106,11 +106,23 @@ fn cloudevent_problems(event: &Value) -> Vec<String> {
     problems
 }
 
-async fn wait_messages(what: &str, check: impl Fn() -> bool) {
-    wait_for(what, Duration::from_secs(60), || async {
-        check().then_some(())
-    })
-    .await;
+/// Waits up to 60 s for `check`; a timeout says what each channel had received by then, so a
+/// short channel is named in the failure.
+async fn wait_messages(receiver: &Receiver, what: &str, check: impl Fn() -> bool) {
+    let timeout = Duration::from_secs(60);
+    let start = Instant::now();
+    while !check() {
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}; received so far: slack {:?}, \
+             teams {:?}, pagerduty {:?}, events {:?}",
+            slack_titles(receiver),
+            teams_titles(receiver),
+            pagerduty_actions(receiver),
+            cloudevent_types(receiver),
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 /// A canary promoted and a canary aborted by a person reach all four channels, each message
@@ -182,7 +194,7 @@ async fn a_promotion_and_an_abort_reach_every_channel_once_in_order_across_a_res
     at_step(&api, 1, RolloutPhase::Paused).await;
     plugin(&["promote", &format!("{}/web", ns.name)]);
     healthy(&api).await;
-    wait_messages("the promotion everywhere", || {
+    wait_messages(&receiver, "the promotion everywhere", || {
         slack_titles(&receiver).len() == 2
             && pagerduty_actions(&receiver) == ["resolve"]
             && cloudevent_types(&receiver).contains(&"dev.cdevents.service.deployed.0.2.0".into())
@@ -197,7 +209,7 @@ async fn a_promotion_and_an_abort_reach_every_channel_once_in_order_across_a_res
     set_template(&api, "web:3", json!({})).await;
     at_step(&api, 1, RolloutPhase::Paused).await;
     plugin(&["abort", &format!("{}/web", ns.name)]);
-    wait_messages("the abort everywhere", || {
+    wait_messages(&receiver, "the abort everywhere", || {
         slack_titles(&receiver).len() == 4 && pagerduty_actions(&receiver).len() == 2
     })
     .await;
@@ -359,7 +371,7 @@ async fn a_failing_receiver_is_retried_then_given_up_with_one_warning_and_the_re
     // Two failures, then success: delivered on the third attempt (after 1 s and 2 s).
     receiver.fail(2);
     set_template(&api, "web:2", json!({})).await;
-    wait_messages("ReleaseStarted after two retries", || {
+    wait_messages(&receiver, "ReleaseStarted after two retries", || {
         cloudevent_types(&receiver).len() == 1
     })
     .await;
@@ -493,13 +505,16 @@ async fn a_budget_exhausted_and_recovered_opens_and_resolves_an_alert() {
     patch("vector(0.098)").await;
     phase("Exhausted").await;
     // The first evaluation (Healthy) resolves nothing open yet; then the alert.
-    wait_messages("the alert", || {
+    wait_messages(&receiver, "the alert", || {
         pagerduty_actions(&receiver) == ["resolve", "trigger"]
     })
     .await;
     patch("vector(0)").await;
     phase("Healthy").await;
-    wait_messages("the resolve", || pagerduty_actions(&receiver).len() == 3).await;
+    wait_messages(&receiver, "the resolve", || {
+        pagerduty_actions(&receiver).len() == 3
+    })
+    .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     assert_eq!(
