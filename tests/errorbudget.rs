@@ -462,7 +462,7 @@ async fn a_completed_release_is_rolled_back_without_a_spec_change_and_stays_ther
     let rollout = rollouts.get("web").await.unwrap();
     assert_eq!(rollout.metadata.generation, generation);
     assert_eq!(
-        rollout.spec.template.spec.unwrap().containers[0]
+        rollout.spec.template.spec.as_ref().unwrap().containers[0]
             .image
             .as_deref(),
         Some("web:2")

@@ -122,6 +122,7 @@ async fn release_started(api: &Api<Rollout>, tag: u32, within: Duration) -> Inst
         .spec
         .template
         .spec
+        .as_ref()
         .unwrap()
         .containers[0]
         .image

@@ -538,7 +538,7 @@ async fn undo(
     // The whole template is replaced (a merge patch would keep labels added since), with the
     // resourceVersion just read: a concurrent change makes this fail rather than be lost.
     let mut rollout = get(&api, &ns, &name).await?;
-    rollout.spec.template = template;
+    rollout.spec.template = std::sync::Arc::new(template);
     api.replace(
         &name,
         &PostParams {

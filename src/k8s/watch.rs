@@ -27,13 +27,16 @@ where
     quiet(watcher(api, config).default_backoff().touched_objects())
 }
 
+/// kubectl's copy of the whole object, in an annotation.
+pub const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
 /// What a cache never needs and kubectl or the apiserver may make large: `managedFields`
 /// (often bigger than the object) and kubectl's copy of the whole object.
 pub fn slim<K: Resource>(object: &mut K) {
     let meta = object.meta_mut();
     meta.managed_fields = None;
     if let Some(annotations) = meta.annotations.as_mut() {
-        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+        annotations.remove(LAST_APPLIED);
     }
 }
 

@@ -10,6 +10,8 @@
 //! only the status), and the template is read from the apiserver on the rare reconcile that
 //! writes it.
 
+use std::sync::{Arc, LazyLock};
+
 use k8s_openapi::api::core::v1::PodTemplateSpec;
 use kube::ResourceExt;
 
@@ -62,14 +64,17 @@ pub fn strip(rollout: &mut Rollout) {
     annotations.insert(HASH.into(), facts.hash);
     annotations.insert(DECLARED.into(), facts.declared);
     annotations.insert(IMAGES.into(), facts.release.images.join("\n"));
-    rollout.spec.template = PodTemplateSpec::default();
+    rollout.spec.template = EMPTY_TEMPLATE.clone();
 }
+
+/// The one empty template every cached copy points at.
+static EMPTY_TEMPLATE: LazyLock<Arc<PodTemplateSpec>> = LazyLock::new(Arc::default);
 
 /// Whether this copy is a cached one, without its template. A copy read from the apiserver
 /// has a template (the schema requires one), so an annotation someone wrote by hand under
 /// the same name is never mistaken for the cache's.
 pub fn is_stripped(rollout: &Rollout) -> bool {
-    rollout.spec.template == PodTemplateSpec::default() && rollout.annotations().contains_key(HASH)
+    *rollout.spec.template == PodTemplateSpec::default() && rollout.annotations().contains_key(HASH)
 }
 
 /// The facts of the Rollout's template, whichever copy it is.
@@ -118,7 +123,7 @@ mod tests {
         let mut cached = full.clone();
         strip(&mut cached);
         assert!(is_stripped(&cached) && !is_stripped(&full));
-        assert_eq!(cached.spec.template, PodTemplateSpec::default());
+        assert_eq!(*cached.spec.template, PodTemplateSpec::default());
         assert_eq!(facts(&cached), facts(&full));
         assert_eq!(facts(&full).release.images, vec!["proxy:1.4", "web:2"]);
         assert_eq!(

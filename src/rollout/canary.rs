@@ -124,7 +124,13 @@ impl Planner<'_> {
 
 /// Plans one reconcile of a canary Rollout.
 pub fn plan(o: &Observed) -> Plan {
-    let canary = o.spec.strategy.canary.clone().unwrap_or_default();
+    let canary = o
+        .spec
+        .strategy
+        .canary
+        .as_deref()
+        .cloned()
+        .unwrap_or_default();
     let mut p = Planner {
         o,
         canary,
@@ -718,7 +724,7 @@ mod tests {
             "strategy": {"canary": {}}
         }))
         .map(|mut s| {
-            s.strategy = RolloutStrategy { canary: Some(CanaryStrategy { steps, ..CanaryStrategy::default() }), blue_green: None };
+            s.strategy = RolloutStrategy { canary: Some(Box::new(CanaryStrategy { steps, ..CanaryStrategy::default() })), blue_green: None };
             s
         })
         .unwrap()

@@ -150,7 +150,7 @@ pub async fn run(ctx: Arc<Context>, stop: watch::Receiver<bool>) {
     let client = ctx.client.clone();
     let namespace = ctx.settings.namespace.clone();
     let rollouts: Api<Rollout> = crate::k8s::scoped(&client, namespace.as_deref());
-    let replica_sets: Api<ReplicaSet> = crate::k8s::scoped(&client, namespace.as_deref());
+    let replica_sets: Api<owned::Kept> = crate::k8s::scoped(&client, namespace.as_deref());
     // Every trigger watch backs off on its own: see k8s/watch.rs.
     let (store, writer) = reflector::store();
     let owned = Arc::new(OwnedReplicaSets::default());
@@ -158,7 +158,9 @@ pub async fn run(ctx: Arc<Context>, stop: watch::Receiver<bool>) {
     let mut controller = Controller::for_stream(
         crate::k8s::watch::reflected_as(
             rollouts,
-            watcher::Config::default(),
+            // Small pages: each Rollout of a page is decoded with its pod template before
+            // the cache strips it, and that peak stays in the process's memory.
+            watcher::Config::default().page_size(100),
             cached::strip,
             writer,
             {
@@ -170,12 +172,12 @@ pub async fn run(ctx: Arc<Context>, stop: watch::Receiver<bool>) {
     )
     .owns_stream(crate::k8s::watch::kept(
         replica_sets,
-        // Small pages: a page of ReplicaSets is decoded whole (templates, managedFields)
-        // before it is stripped, and that peak stays in the process's memory.
+        // Small pages: a page's body is read whole before it is decoded (templates and
+        // managedFields included), and that peak stays in the process's memory.
         watcher::Config::default()
             .labels(ROLLOUT_LABEL)
             .page_size(100),
-        owned::strip,
+        |_| {},
         {
             let owned = owned.clone();
             move |event| owned.apply(event)
@@ -438,7 +440,6 @@ struct World {
     /// As cached (without its pod template) or, after a fresh read, whole.
     rollout: Arc<Rollout>,
     template: TemplateFacts,
-    owned: Vec<ReplicaSet>,
     router: Option<Router>,
     observed: Observed,
 }
@@ -467,8 +468,6 @@ async fn observe(state: &State, cached: &Rollout) -> Result<Option<World>, Error
             fresh
         }
     };
-    let uid = rollout.uid().unwrap_or_default();
-    let owned = state.owned.of(&namespace, &name, &uid);
     let template = cached::facts(&rollout);
     let desired_hash = template.hash.clone();
     let status = rollout.status.clone().unwrap_or_default();
@@ -508,7 +507,15 @@ async fn observe(state: &State, cached: &Rollout) -> Result<Option<World>, Error
         spec: rollout.spec.clone(),
         status,
         desired_hash,
-        replica_sets: owned.iter().map(observe_replica_set).collect(),
+        // Copied from the cache only here, and not kept: a reconcile that measures holds its
+        // World while it waits, and a start can have thousands waiting (carry_out reads
+        // them again).
+        replica_sets: state
+            .owned
+            .of(&namespace, &name, &rollout.uid().unwrap_or_default())
+            .iter()
+            .map(observe_replica_set)
+            .collect(),
         traffic,
         background,
         services,
@@ -521,7 +528,6 @@ async fn observe(state: &State, cached: &Rollout) -> Result<Option<World>, Error
     Ok(Some(World {
         rollout: Arc::new(rollout),
         template,
-        owned,
         router,
         observed,
     }))
@@ -690,7 +696,9 @@ async fn apply(cached: Arc<Rollout>, state: &State, slot: &Slot) -> Result<Actio
             "ErrorBudgets, Pipelines or ReplicaSets cannot be listed yet".into(),
         ));
     }
-    let Some(mut world) = observe(state, &cached).await? else {
+    // The steps' futures are boxed: each holds the state of its awaits, and inline they would
+    // all be part of the reconcile's own (17 KB), held for as long as it waits.
+    let Some(mut world) = Box::pin(observe(state, &cached)).await? else {
         return Ok(Action::await_change());
     };
     // A person's request (abort, promote, retry) is planned from the cluster as it is, before
@@ -699,19 +707,19 @@ async fn apply(cached: Arc<Rollout>, state: &State, slot: &Slot) -> Result<Actio
     let before = plan::plan(&world.observed);
     let handled = |status: &RolloutStatus| status.handled_intents.clone().unwrap_or_default();
     if handled(&before.status) != handled(&world.observed.status) {
-        carry_out(state, &world, before).await?;
+        Box::pin(carry_out(state, &world, before)).await?;
         return Ok(Action::requeue(Duration::ZERO));
     }
     // Measuring holds no slot: another Rollout's abort never waits behind a measurement.
     let measured = slot
-        .without(measure(ctx, &state.rollouts, &mut world))
+        .without(Box::pin(measure(ctx, &state.rollouts, &mut world)))
         .await;
     if !measured {
         return Ok(Action::requeue(Duration::ZERO));
     }
     let plan = plan::plan(&world.observed);
     let requeue = plan.requeue_after;
-    carry_out(state, &world, plan).await?;
+    Box::pin(carry_out(state, &world, plan)).await?;
     Ok(Action::requeue(requeue))
 }
 
@@ -724,15 +732,15 @@ async fn carry_out(state: &State, world: &World, mut plan: Plan) -> Result<(), E
     let rollout = world.rollout.as_ref();
     plan.status.selector = Some(selector_string(&rollout.spec.selector));
     let namespace = rollout.namespace().unwrap_or_default();
-    apply_replica_sets(
-        ctx,
-        rollout,
-        &world.owned,
-        &plan.replica_sets,
-        &world.template,
-    )
-    .await?;
-    prune_history(ctx, rollout, &world.owned, &plan).await?;
+    // As the cache has them now: a moment newer than what was planned on, which only repeats
+    // or skips a write already made (owned.rs).
+    let owned = state.owned.of(
+        &namespace,
+        &rollout.name_any(),
+        &rollout.uid().unwrap_or_default(),
+    );
+    apply_replica_sets(ctx, rollout, &owned, &plan.replica_sets, &world.template).await?;
+    prune_history(ctx, rollout, &owned, &plan).await?;
     let api: Api<Rollout> = Api::namespaced(ctx.client.clone(), &namespace);
     // Intents belong to the plugin's field manager: they are not ours to compare.
     let mut current = rollout.status.clone();
@@ -754,14 +762,13 @@ async fn carry_out(state: &State, world: &World, mut plan: Plan) -> Result<(), E
     apply_replica_sets(
         ctx,
         rollout,
-        &world.owned,
+        &owned,
         &plan.replica_sets_after_traffic,
         &world.template,
     )
     .await?;
     if let Some(released) = plan.promoted.as_ref().and_then(|hash| {
-        world
-            .owned
+        owned
             .iter()
             .find(|rs| rs.labels().get(HASH_LABEL) == Some(hash))
             .and_then(|rs| rs.metadata.creation_timestamp.as_ref())
@@ -1058,9 +1065,9 @@ async fn full_template(
     ctx: &Context,
     rollout: &Rollout,
     template: &TemplateFacts,
-) -> Result<PodTemplateSpec, Error> {
+) -> Result<Arc<PodTemplateSpec>, Error> {
     if !cached::is_stripped(rollout) {
-        return Ok(rollout.spec.template.clone());
+        return Ok(Arc::clone(&rollout.spec.template));
     }
     let namespace = rollout.namespace().unwrap_or_default();
     let api: Api<Rollout> = Api::namespaced(ctx.client.clone(), &namespace);
@@ -1222,7 +1229,7 @@ mod tests {
         };
         // As read back: the apiserver added defaults and metadata of its own.
         let mut current = whole.clone();
-        owned::strip(&mut current);
+        current = owned::as_cached(&current);
         current.metadata.resource_version = Some("42".into());
         current
             .metadata
@@ -1253,7 +1260,7 @@ mod tests {
             deadline.map(String::from),
             Some(&r.spec.template),
         );
-        owned::strip(&mut with_deadline);
+        with_deadline = owned::as_cached(&with_deadline);
         assert_eq!(
             drift(&with_deadline, &shape(&r, 2, "3", None), &declared),
             Drift::Size
@@ -1262,9 +1269,7 @@ mod tests {
         let mut other_owner = r.clone();
         other_owner.metadata.uid = Some("u-2".into());
         let mut other_template = r.clone();
-        other_template
-            .spec
-            .template
+        Arc::make_mut(&mut other_template.spec.template)
             .metadata
             .as_mut()
             .unwrap()
@@ -1301,7 +1306,7 @@ mod tests {
         assert_eq!(a, b);
         let whole = desired_replica_set(&full, &a.hash, 2, "1", None, Some(&full.spec.template));
         let mut current = whole.clone();
-        owned::strip(&mut current);
+        current = owned::as_cached(&current);
         let shape = desired_replica_set(&stripped, &b.hash, 2, "1", None, None);
         assert_eq!(drift(&current, &shape, &b.declared), Drift::None);
     }

@@ -2,33 +2,39 @@
 //!
 //! A reconcile used to LIST its Rollout's ReplicaSets: one request per Rollout per resync,
 //! and the heaviest one (every ReplicaSet with its pod template and managedFields, encoded by
-//! the apiserver and decoded here). Now one watch keeps them, stripped to what a reconcile
+//! the apiserver and decoded here). Now one watch keeps them, with only what a reconcile
 //! reads (labels, Sluice's annotations, owner, replicas, selector, status: no pod template,
 //! no managedFields), so memory stays small per ReplicaSet. The declared-template annotation
 //! is kept as its hash, which is all a comparison needs.
 //!
-//! Each is kept in a form of its own ([`Kept`]), not as a `ReplicaSet`: k8s-openapi's
-//! `ReplicaSet` is 2,384 bytes before anything it points to, 1,872 of them the room for a pod
-//! template that is never there, and its labels and annotations are B-trees of at least one
-//! 544-byte node each. With six ReplicaSets per Rollout (a revision history of five), those
-//! (with the selector's) were 28 of the 44 MB the operator held at 1,000 Rollouts (a heap
-//! profile, heaptrack).
-//! A reconcile gets back a `ReplicaSet` equal to the one that was kept.
+//! The watch decodes each ReplicaSet straight into that form ([`Kept`]): the decoder passes
+//! over the fields a type does not name without building them, so a pod template (8 KB of
+//! JSON in production, several times that once decoded) is never built. It used to be
+//! decoded whole and stripped after, a page at a time, and that burst stayed in the
+//! process's memory. Nor is a ReplicaSet kept as k8s-openapi's `ReplicaSet`, which is 2,384
+//! bytes before anything it points to, 1,872 of them room for a pod template that is never
+//! there, with labels and annotations as B-trees of at least one 544-byte node each. With
+//! six ReplicaSets per Rollout (a revision history of five), those were 28 of the 44 MB the
+//! operator held at 1,000 Rollouts (a heap profile, heaptrack).
+//! A reconcile gets back a `ReplicaSet` equal to what decoding it whole and stripping it
+//! would give (a test decodes both ways).
 //!
 //! The watch can lag Sluice's own writes. That is safe: every ReplicaSet write is a desired
 //! state (server-side apply of the whole object, or a patch of replicas and the scale-down
 //! deadline), so planning on a ReplicaSet a moment old repeats a write, never undoes one;
 //! and the watch event of the write wakes the Rollout again.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, PoisonError};
 
 use k8s_openapi::api::apps::v1::{ReplicaSet, ReplicaSetSpec, ReplicaSetStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
-    LabelSelector, LabelSelectorRequirement, ObjectMeta,
+    LabelSelector, LabelSelectorRequirement, ObjectMeta, OwnerReference, Time,
 };
-use kube::ResourceExt;
 use kube::runtime::watcher::Event;
+use kube::{Resource, ResourceExt};
+use serde::Deserialize;
 use tokio::sync::watch;
 
 use crate::k8s::labels::{ROLLOUT_LABEL, TEMPLATE_ANNOTATION};
@@ -37,19 +43,21 @@ use crate::k8s::labels::{ROLLOUT_LABEL, TEMPLATE_ANNOTATION};
 /// Each kept boxed: a B-tree node has room for eleven of what it holds.
 type Groups = HashMap<String, BTreeMap<String, Box<Kept>>>;
 
-/// A stripped ReplicaSet as kept: all of it, in less memory (see the module's comment).
-#[derive(Debug)]
-struct Kept {
+/// A ReplicaSet as the watch decodes and the cache keeps it: all a reconcile reads of it, in
+/// little memory (see the module's comment).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(from = "Decoded")]
+pub struct Kept {
     /// Without its labels and annotations, which are kept as [`Pairs`].
     metadata: ObjectMeta,
     labels: Option<Pairs>,
     annotations: Option<Pairs>,
-    /// The spec without its template (which a stripped ReplicaSet does not have).
+    /// The spec without its template.
     spec: Option<KeptSpec>,
     status: Option<ReplicaSetStatus>,
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct KeptSpec {
     min_ready_seconds: Option<i32>,
     replicas: Option<i32>,
@@ -68,29 +76,119 @@ fn map(pairs: Option<&Pairs>) -> Option<BTreeMap<String, String>> {
     pairs.map(|p| p.iter().cloned().collect())
 }
 
-impl Kept {
-    fn of(rs: &ReplicaSet) -> Self {
-        debug_assert!(
-            rs.spec.as_ref().is_none_or(|s| s.template.is_none()),
-            "kept only once stripped"
-        );
-        // One copy of each part; its maps are then moved into slices, not copied again.
-        let mut metadata = rs.metadata.clone();
+/// A ReplicaSet's JSON as far as the decoder builds it: the fields not named here (the pod
+/// template, managedFields) are passed over.
+#[derive(Deserialize)]
+struct Decoded {
+    metadata: DecodedMeta,
+    spec: Option<DecodedSpec>,
+    status: Option<ReplicaSetStatus>,
+}
+
+/// `ObjectMeta` less its managedFields.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DecodedMeta {
+    annotations: Option<BTreeMap<String, String>>,
+    creation_timestamp: Option<Time>,
+    deletion_grace_period_seconds: Option<i64>,
+    deletion_timestamp: Option<Time>,
+    finalizers: Option<Vec<String>>,
+    generate_name: Option<String>,
+    generation: Option<i64>,
+    labels: Option<BTreeMap<String, String>>,
+    name: Option<String>,
+    namespace: Option<String>,
+    owner_references: Option<Vec<OwnerReference>>,
+    resource_version: Option<String>,
+    self_link: Option<String>,
+    uid: Option<String>,
+}
+
+/// `ReplicaSetSpec` less its template.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DecodedSpec {
+    min_ready_seconds: Option<i32>,
+    replicas: Option<i32>,
+    #[serde(default)]
+    selector: LabelSelector,
+}
+
+impl From<Decoded> for Kept {
+    fn from(decoded: Decoded) -> Self {
+        let meta = decoded.metadata;
+        let annotations = meta.annotations.map(|mut annotations| {
+            annotations.remove(crate::k8s::watch::LAST_APPLIED);
+            if let Some(declared) = annotations.get_mut(TEMPLATE_ANNOTATION) {
+                *declared = fingerprint(declared);
+            }
+            annotations
+        });
         Self {
-            labels: pairs(metadata.labels.take()),
-            annotations: pairs(metadata.annotations.take()),
-            metadata,
-            spec: rs.spec.as_ref().map(|s| {
-                let selector = s.selector.clone();
-                KeptSpec {
-                    min_ready_seconds: s.min_ready_seconds,
-                    replicas: s.replicas,
-                    match_labels: pairs(selector.match_labels),
-                    match_expressions: selector.match_expressions,
-                }
+            metadata: ObjectMeta {
+                annotations: None,
+                creation_timestamp: meta.creation_timestamp,
+                deletion_grace_period_seconds: meta.deletion_grace_period_seconds,
+                deletion_timestamp: meta.deletion_timestamp,
+                finalizers: meta.finalizers,
+                generate_name: meta.generate_name,
+                generation: meta.generation,
+                labels: None,
+                managed_fields: None,
+                name: meta.name,
+                namespace: meta.namespace,
+                owner_references: meta.owner_references,
+                resource_version: meta.resource_version,
+                self_link: meta.self_link,
+                uid: meta.uid,
+            },
+            labels: pairs(meta.labels),
+            annotations: pairs(annotations),
+            spec: decoded.spec.map(|s| KeptSpec {
+                min_ready_seconds: s.min_ready_seconds,
+                replicas: s.replicas,
+                match_labels: pairs(s.selector.match_labels),
+                match_expressions: s.selector.match_expressions,
             }),
-            status: rs.status.clone(),
+            status: decoded.status,
         }
+    }
+}
+
+/// Watched as what it is, a ReplicaSet. Its metadata carries no labels or annotations: kube
+/// reads only names, versions and owners of it; [`Kept::label`] reads the labels.
+impl Resource for Kept {
+    type DynamicType = ();
+    type Scope = k8s_openapi::NamespaceResourceScope;
+
+    fn kind(dt: &()) -> Cow<'_, str> {
+        ReplicaSet::kind(dt)
+    }
+    fn group(dt: &()) -> Cow<'_, str> {
+        ReplicaSet::group(dt)
+    }
+    fn version(dt: &()) -> Cow<'_, str> {
+        ReplicaSet::version(dt)
+    }
+    fn plural(dt: &()) -> Cow<'_, str> {
+        ReplicaSet::plural(dt)
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+impl Kept {
+    fn label(&self, key: &str) -> Option<&str> {
+        self.labels
+            .iter()
+            .flat_map(|pairs| pairs.iter())
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 
     fn replica_set(&self) -> ReplicaSet {
@@ -140,22 +238,10 @@ impl Default for OwnedReplicaSets {
     }
 }
 
-fn group_of(rs: &ReplicaSet) -> Option<String> {
-    let rollout = rs.labels().get(ROLLOUT_LABEL)?;
-    Some(format!("{}/{rollout}", rs.namespace().unwrap_or_default()))
-}
-
-/// What a reconcile reads of a ReplicaSet, and nothing else.
-pub fn strip(rs: &mut ReplicaSet) {
-    crate::k8s::watch::slim(rs);
-    if let Some(annotations) = rs.metadata.annotations.as_mut()
-        && let Some(declared) = annotations.get_mut(TEMPLATE_ANNOTATION)
-    {
-        *declared = fingerprint(declared);
-    }
-    if let Some(spec) = rs.spec.as_mut() {
-        spec.template = None;
-    }
+fn group_of(kept: &Kept) -> Option<String> {
+    let rollout = kept.label(ROLLOUT_LABEL)?;
+    let namespace = kept.metadata.namespace.as_deref().unwrap_or_default();
+    Some(format!("{namespace}/{rollout}"))
 }
 
 /// The declared-template annotation's stand-in in the cache: a hash of it.
@@ -173,14 +259,14 @@ impl OwnedReplicaSets {
         m.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Takes in one watch event (already stripped).
-    pub fn apply(&self, event: &Event<ReplicaSet>) {
-        let insert = |groups: &mut Groups, rs: &ReplicaSet| {
-            if let Some(group) = group_of(rs) {
+    /// Takes in one watch event.
+    pub fn apply(&self, event: &Event<Kept>) {
+        let insert = |groups: &mut Groups, kept: &Kept| {
+            if let Some(group) = group_of(kept) {
                 groups
                     .entry(group)
                     .or_default()
-                    .insert(rs.name_any(), Box::new(Kept::of(rs)));
+                    .insert(kept.name_any(), Box::new(kept.clone()));
             }
         };
         match event {
@@ -238,45 +324,75 @@ impl OwnedReplicaSets {
     }
 }
 
+/// A ReplicaSet as a reconcile gets it from the cache: for tests elsewhere.
+#[cfg(test)]
+pub fn as_cached(rs: &ReplicaSet) -> ReplicaSet {
+    serde_json::to_value(rs)
+        .and_then(serde_json::from_value::<Kept>)
+        .map(|kept| kept.replica_set())
+        .unwrap_or_else(|e| panic!("a ReplicaSet decodes as kept: {e}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{Value, json};
 
-    fn rs(ns: &str, name: &str, rollout: &str, uid: &str) -> ReplicaSet {
-        let mut rs: ReplicaSet = serde_json::from_value(json!({
+    /// What the cache did before it decoded into [`Kept`]: decode whole, then drop what a
+    /// reconcile does not read. The oracle the decoder is checked against.
+    fn stripped(json: &Value) -> ReplicaSet {
+        let mut rs: ReplicaSet = serde_json::from_value(json.clone()).unwrap();
+        crate::k8s::watch::slim(&mut rs);
+        if let Some(annotations) = rs.metadata.annotations.as_mut()
+            && let Some(declared) = annotations.get_mut(TEMPLATE_ANNOTATION)
+        {
+            *declared = fingerprint(declared);
+        }
+        if let Some(spec) = rs.spec.as_mut() {
+            spec.template = None;
+        }
+        rs
+    }
+
+    fn kept(json: &Value) -> Kept {
+        serde_json::from_value(json.clone()).unwrap()
+    }
+
+    fn rs(ns: &str, name: &str, rollout: &str, uid: &str) -> Value {
+        json!({
+            "apiVersion": "apps/v1", "kind": "ReplicaSet",
             "metadata": {"name": name, "namespace": ns,
                          "labels": {ROLLOUT_LABEL: rollout},
                          "annotations": {TEMPLATE_ANNOTATION: "{\"spec\":{}}", "other": "kept"},
                          "ownerReferences": [{"apiVersion": "sluice.dev/v1alpha1", "kind": "Rollout",
                                               "name": rollout, "uid": uid}],
-                         "managedFields": [{"manager": "sluice", "operation": "Apply"}]},
+                         "managedFields": [{"manager": "sluice", "operation": "Apply",
+                                            "fieldsType": "FieldsV1", "fieldsV1": {"f:spec": {}}}]},
             "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "web"}},
-                     "template": {"spec": {"containers": [{"name": "web", "image": "web:1"}]}}}
-        }))
-        .unwrap();
-        strip(&mut rs);
-        rs
+                     "template": {"metadata": {"labels": {"app": "web"}},
+                                  "spec": {"containers": [{"name": "web", "image": "web:1"}]}}}
+        })
     }
 
     #[test]
     fn replica_sets_are_kept_stripped_and_grouped_by_rollout() {
         let owned = OwnedReplicaSets::default();
         let a1 = rs("shop", "web-a1", "web", "u1");
-        assert!(a1.metadata.managed_fields.is_none());
-        assert!(a1.spec.as_ref().unwrap().template.is_none());
+        let given_back = kept(&a1).replica_set();
+        assert!(given_back.metadata.managed_fields.is_none());
+        assert!(given_back.spec.as_ref().unwrap().template.is_none());
         assert_eq!(
-            a1.annotations().get(TEMPLATE_ANNOTATION),
+            given_back.annotations().get(TEMPLATE_ANNOTATION),
             Some(&fingerprint("{\"spec\":{}}"))
         );
         assert_eq!(
-            a1.annotations().get("other").map(String::as_str),
+            given_back.annotations().get("other").map(String::as_str),
             Some("kept")
         );
 
         owned.apply(&Event::Init);
-        owned.apply(&Event::InitApply(a1.clone()));
-        owned.apply(&Event::InitApply(rs("shop", "api-b1", "api", "u2")));
+        owned.apply(&Event::InitApply(kept(&a1)));
+        owned.apply(&Event::InitApply(kept(&rs("shop", "api-b1", "api", "u2"))));
         assert_eq!(
             owned.len(),
             0,
@@ -285,7 +401,7 @@ mod tests {
         owned.apply(&Event::InitDone);
         assert_eq!(
             owned.of("shop", "web", "u1"),
-            std::slice::from_ref(&a1),
+            [stripped(&a1)],
             "given back as kept"
         );
         assert_eq!(
@@ -295,14 +411,14 @@ mod tests {
         );
         assert_eq!(owned.of("other", "web", "u1").len(), 0, "namespace checked");
 
-        owned.apply(&Event::Apply(rs("shop", "web-a2", "web", "u1")));
+        owned.apply(&Event::Apply(kept(&rs("shop", "web-a2", "web", "u1"))));
         assert_eq!(owned.of("shop", "web", "u1").len(), 2);
-        owned.apply(&Event::Delete(a1));
+        owned.apply(&Event::Delete(kept(&a1)));
         assert_eq!(owned.of("shop", "web", "u1").len(), 1);
 
         // A relist replaces everything: what was deleted meanwhile is gone.
         owned.apply(&Event::Init);
-        owned.apply(&Event::InitApply(rs("shop", "api-b1", "api", "u2")));
+        owned.apply(&Event::InitApply(kept(&rs("shop", "api-b1", "api", "u2"))));
         assert_eq!(
             owned.len(),
             2,
@@ -313,30 +429,42 @@ mod tests {
         assert!(owned.of("shop", "web", "u1").is_empty());
     }
 
-    /// The kept form gives back the ReplicaSet it was made from, whatever it has or lacks.
+    /// Decoded straight into the kept form, a ReplicaSet comes back as decoding it whole and
+    /// stripping it gives, whatever it has or lacks.
     #[test]
-    fn a_kept_replica_set_is_given_back_whole() {
+    fn a_replica_set_decoded_as_kept_is_the_stripped_replica_set() {
         let full = rs("shop", "web-a1", "web", "u1");
         let mut bare = full.clone();
-        bare.metadata.labels = None;
-        bare.metadata.annotations = Some(BTreeMap::new());
-        bare.spec = None;
+        bare["metadata"].as_object_mut().unwrap().remove("labels");
+        bare["metadata"]["annotations"] = json!({});
+        bare.as_object_mut().unwrap().remove("spec");
+        let mut nulls = full.clone();
+        nulls["metadata"]["labels"] = Value::Null;
+        nulls["spec"]["minReadySeconds"] = Value::Null;
+        nulls["status"] = Value::Null;
         let mut with_status = full.clone();
-        with_status.status = Some(
-            serde_json::from_value(json!(
-                {"replicas": 2, "readyReplicas": 1, "availableReplicas": 1, "observedGeneration": 3}
-            ))
-            .unwrap(),
+        with_status["status"] = json!(
+            {"replicas": 2, "readyReplicas": 1, "availableReplicas": 1, "observedGeneration": 3,
+             "conditions": [{"type": "ReplicaFailure", "status": "False"}]}
         );
-        with_status.metadata.generation = Some(3);
-        with_status.metadata.resource_version = Some("42".into());
+        with_status["metadata"]["generation"] = json!(3);
+        with_status["metadata"]["resourceVersion"] = json!("42");
+        with_status["metadata"]["creationTimestamp"] = json!("2026-12-05T07:00:00Z");
+        with_status["spec"]["minReadySeconds"] = json!(5);
         let mut with_expressions = full.clone();
-        with_expressions.spec.as_mut().unwrap().selector = serde_json::from_value(json!(
+        with_expressions["spec"]["selector"] = json!(
             {"matchExpressions": [{"key": "app", "operator": "In", "values": ["web"]}]}
-        ))
-        .unwrap();
-        for rs in [full, bare, with_status, with_expressions] {
-            assert_eq!(Kept::of(&rs).replica_set(), rs);
+        );
+        let mut deleting = full.clone();
+        deleting["metadata"]["deletionTimestamp"] = json!("2026-12-05T07:00:00Z");
+        deleting["metadata"]["deletionGracePeriodSeconds"] = json!(0);
+        deleting["metadata"]["finalizers"] = json!(["example.com/hold"]);
+        deleting["metadata"]["uid"] = json!("rs-uid");
+        deleting["metadata"]["generateName"] = json!("web-");
+        deleting["metadata"]["annotations"][crate::k8s::watch::LAST_APPLIED] =
+            json!("{\"a\":\"large copy\"}");
+        for json in [full, bare, nulls, with_status, with_expressions, deleting] {
+            assert_eq!(kept(&json).replica_set(), stripped(&json), "{json}");
         }
     }
 }
