@@ -697,7 +697,7 @@ async fn apply(cached: Arc<Rollout>, state: &State, slot: &Slot) -> Result<Actio
         ));
     }
     // The steps' futures are boxed: each holds the state of its awaits, and inline they would
-    // all be part of the reconcile's own (17 KB), held for as long as it waits.
+    // all be part of the reconcile's own (17 KB in a debug build), held while it waits.
     let Some(mut world) = Box::pin(observe(state, &cached)).await? else {
         return Ok(Action::await_change());
     };
@@ -1228,8 +1228,7 @@ mod tests {
             )
         };
         // As read back: the apiserver added defaults and metadata of its own.
-        let mut current = whole.clone();
-        current = owned::as_cached(&current);
+        let mut current = owned::as_cached(&whole);
         current.metadata.resource_version = Some("42".into());
         current
             .metadata
@@ -1252,15 +1251,14 @@ mod tests {
             Drift::Size
         );
         // A deadline Sluice set earlier and no longer wants is written away.
-        let mut with_deadline = desired_replica_set(
+        let with_deadline = owned::as_cached(&desired_replica_set(
             &r,
             "h1",
             2,
             "3",
             deadline.map(String::from),
             Some(&r.spec.template),
-        );
-        with_deadline = owned::as_cached(&with_deadline);
+        ));
         assert_eq!(
             drift(&with_deadline, &shape(&r, 2, "3", None), &declared),
             Drift::Size
@@ -1305,8 +1303,7 @@ mod tests {
         let (a, b) = (cached::facts(&full), cached::facts(&stripped));
         assert_eq!(a, b);
         let whole = desired_replica_set(&full, &a.hash, 2, "1", None, Some(&full.spec.template));
-        let mut current = whole.clone();
-        current = owned::as_cached(&current);
+        let current = owned::as_cached(&whole);
         let shape = desired_replica_set(&stripped, &b.hash, 2, "1", None, None);
         assert_eq!(drift(&current, &shape, &b.declared), Drift::None);
     }
