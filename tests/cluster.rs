@@ -158,21 +158,17 @@ async fn prometheus_sees_traffic_split_by_the_virtual_service_weights() {
     // A 10 s rate over series only seconds old is extrapolated from a few samples, and the
     // 5xx series starts apart from the total, so one early reading can be off by 0.1 (CI saw
     // 0.596): wait for the window to fill. The simulator's counts are exact, so it settles.
-    let mut last = None;
-    let settled = tokio::time::timeout(Duration::from_secs(60), async {
-        loop {
-            last = prometheus_value(&errors).await;
-            if last.is_some_and(|rate| (rate - 0.5).abs() < 0.05) {
-                return;
+    wait_for_seen(
+        "bbb error rate near 0.5",
+        Duration::from_secs(60),
+        || async {
+            match prometheus_value(&errors).await {
+                Some(rate) if (rate - 0.5).abs() < 0.05 => Ok(()),
+                other => Err(format!("{other:?}")),
             }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-    })
+        },
+    )
     .await;
-    assert!(
-        settled.is_ok(),
-        "bbb error rate never near 0.5: last {last:?}"
-    );
 
     // Move the weights: the split follows within a few scrapes.
     let vs_api: Api<DynamicObject> =

@@ -109,20 +109,19 @@ fn cloudevent_problems(event: &Value) -> Vec<String> {
 /// Waits up to 60 s for `check`; a timeout says what each channel had received by then, so a
 /// short channel is named in the failure.
 async fn wait_messages(receiver: &Receiver, what: &str, check: impl Fn() -> bool) {
-    let timeout = Duration::from_secs(60);
-    let start = Instant::now();
-    while !check() {
-        assert!(
-            start.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for {what}; received so far: slack {:?}, \
-             teams {:?}, pagerduty {:?}, events {:?}",
+    wait_for_seen(what, Duration::from_secs(60), || async {
+        if check() {
+            return Ok(());
+        }
+        Err(format!(
+            "slack {:?}, teams {:?}, pagerduty {:?}, events {:?}",
             slack_titles(receiver),
             teams_titles(receiver),
             pagerduty_actions(receiver),
             cloudevent_types(receiver),
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+        ))
+    })
+    .await;
 }
 
 /// A canary promoted and a canary aborted by a person reach all four channels, each message
