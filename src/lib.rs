@@ -1,7 +1,7 @@
 //! Sluice: progressive delivery for Kubernetes.
 //!
-//! Layers, bottom up: `api` (the CRD types, the public contract); `k8s`, `conditions`,
-//! `telemetry` and `heap` (small shared helpers); `analysis` and `traffic` (metric providers
+//! Layers, bottom up: `api` (the CRD types, the public contract); `k8s`, `conditions`
+//! and `telemetry` (small shared helpers); `analysis` and `traffic` (metric providers
 //! and traffic routers); `context` (what every reconcile gets); the controllers (`rollout`);
 //! and on top `controllers` and `operator` (the `sluice controller` process), `plugin` and
 //! `crdgen`.
@@ -16,7 +16,6 @@ pub mod errorbudget;
 pub mod fence;
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod heap;
 pub mod k8s;
 pub mod leader;
 pub mod notify;

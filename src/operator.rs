@@ -66,10 +66,6 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         stop_rx.clone(),
     ));
     health.ready.store(true, Ordering::Relaxed);
-    tokio::spawn(crate::heap::give_back_free_memory(
-        crate::heap::TRIM_INTERVAL,
-        stop_rx.clone(),
-    ));
 
     let (leading_tx, mut leading_rx) = watch::channel(settings.lease.is_none());
     let campaign = match settings.lease.clone() {
