@@ -1,5 +1,7 @@
 //! Logging (JSON or text) and the operator's own Prometheus metrics.
 
+use std::sync::Arc;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -85,17 +87,20 @@ struct ControllerKindLabels {
     kind: String,
 }
 
+/// The labels of one object's series (a Rollout's, an ErrorBudget's). The names are shared
+/// (`Arc`) by the series one call makes, not copied into each: a Rollout has five (four
+/// phases and its weight), 50,000 label sets with 10,000 Rollouts.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RolloutLabels {
-    namespace: String,
-    name: String,
+    namespace: Arc<str>,
+    name: Arc<str>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PhaseLabels {
-    namespace: String,
-    name: String,
-    phase: String,
+    namespace: Arc<str>,
+    name: Arc<str>,
+    phase: &'static str,
 }
 
 const PHASES: [&str; 4] = ["Healthy", "Progressing", "Paused", "Degraded"];
@@ -420,7 +425,7 @@ impl Metrics {
             self.rollout_phase.remove(&PhaseLabels {
                 namespace: namespace.into(),
                 name: name.into(),
-                phase: phase.into(),
+                phase,
             });
         }
         self.canary_weight.remove(&RolloutLabels {
@@ -465,7 +470,7 @@ impl Metrics {
                 .get_or_create(&PhaseLabels {
                     namespace: namespace.into(),
                     name: name.into(),
-                    phase: candidate.into(),
+                    phase: candidate,
                 })
                 .set(i64::from(candidate == current));
         }
@@ -495,7 +500,7 @@ impl Metrics {
             self.budget_phase.remove(&PhaseLabels {
                 namespace: namespace.into(),
                 name: name.into(),
-                phase: candidate.into(),
+                phase: candidate,
             });
         }
     }
@@ -576,21 +581,19 @@ impl Metrics {
         weight: i32,
     ) {
         let current = phase.map(|p| format!("{p:?}")).unwrap_or_default();
+        let (namespace, name): (Arc<str>, Arc<str>) = (namespace.into(), name.into());
         for candidate in PHASES {
             let labels = PhaseLabels {
-                namespace: namespace.into(),
-                name: name.into(),
-                phase: candidate.into(),
+                namespace: namespace.clone(),
+                name: name.clone(),
+                phase: candidate,
             };
             self.rollout_phase
                 .get_or_create(&labels)
                 .set(i64::from(candidate == current));
         }
         self.canary_weight
-            .get_or_create(&RolloutLabels {
-                namespace: namespace.into(),
-                name: name.into(),
-            })
+            .get_or_create(&RolloutLabels { namespace, name })
             .set(i64::from(weight));
     }
 
