@@ -13,6 +13,7 @@ use std::fmt::Debug;
 use futures::{Stream, StreamExt, TryStreamExt, future};
 use kube::Resource;
 use kube::runtime::reflector::store::Writer;
+use kube::runtime::watcher::Event;
 use kube::runtime::{WatchStreamExt, watcher};
 use serde::de::DeserializeOwned;
 
@@ -51,34 +52,51 @@ where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Eq + std::hash::Hash + Clone,
 {
-    reflected_as(api, config, slim, writer, |_| {})
+    quiet(
+        watcher(api, config)
+            .default_backoff()
+            .modify(slim)
+            .reflect(writer)
+            .touched_objects(),
+    )
 }
 
-/// As [`reflected`], with each object changed by `modify` (which makes it slim, and may keep
-/// less of it still) before it is cached, and each event then also handed to `keep` (an index
-/// of the controller's own).
-pub fn reflected_as<K>(
+/// As [`reflected`], the cache keeping each object in a smaller form of the controller's own
+/// (`C`, made from the object by `From`), which the controller's trigger then gets too. Each
+/// event is first handed, as the watch decoded it, to `keep` (an index of the controller's
+/// own).
+pub fn reflected_into<K, C>(
     api: kube::Api<K>,
     config: watcher::Config,
-    modify: impl FnMut(&mut K) + Send + 'static,
-    writer: Writer<K>,
-    keep: impl Fn(&watcher::Event<K>) + Send + 'static,
-) -> impl Stream<Item = Result<K, watcher::Error>> + Send + 'static
+    writer: Writer<C>,
+    keep: impl Fn(&Event<K>) + Send + 'static,
+) -> impl Stream<Item = Result<C, watcher::Error>> + Send + 'static
 where
-    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
-    K::DynamicType: Eq + std::hash::Hash + Clone,
+    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+    C: From<K> + Resource + Clone + Debug + Send + Sync + 'static,
+    C::DynamicType: Eq + std::hash::Hash + Clone,
 {
     quiet(
         watcher(api, config)
             .default_backoff()
-            .modify(modify)
-            .reflect(writer)
             .map_ok(move |event| {
                 keep(&event);
-                event
+                converted(event)
             })
+            .reflect(writer)
             .touched_objects(),
     )
+}
+
+/// The same event, its object in another form.
+fn converted<K, C: From<K>>(event: Event<K>) -> Event<C> {
+    match event {
+        Event::Apply(object) => Event::Apply(object.into()),
+        Event::Delete(object) => Event::Delete(object.into()),
+        Event::Init => Event::Init,
+        Event::InitApply(object) => Event::InitApply(object.into()),
+        Event::InitDone => Event::InitDone,
+    }
 }
 
 /// As [`trigger`], with each object first changed by `modify` (to keep less of it), and each
@@ -87,7 +105,7 @@ pub fn kept<K>(
     api: kube::Api<K>,
     config: watcher::Config,
     modify: impl FnMut(&mut K) + Send + 'static,
-    keep: impl Fn(&watcher::Event<K>) + Send + 'static,
+    keep: impl Fn(&Event<K>) + Send + 'static,
 ) -> impl Stream<Item = Result<K, watcher::Error>> + Send + 'static
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,

@@ -49,7 +49,7 @@ use crate::k8s::labels::{
     SCALE_DOWN_AT_ANNOTATION, TEMPLATE_ANNOTATION,
 };
 use crate::traffic::{Cluster, Router, RouterError, RoutingCache, Targets};
-use cached::TemplateFacts;
+use cached::{CachedRollout, TemplateFacts};
 use model::{
     BudgetHold, Observed, ObservedLeftover, ObservedReplicaSet, ObservedService, ObservedTraffic,
     Plan, ReplicaSetIntent, TrafficWrite,
@@ -80,6 +80,8 @@ pub enum Error {
     NotReady(String),
     #[error("the cache is behind the cluster: {0}")]
     CacheBehind(String),
+    #[error("the cached Rollout cannot be decoded: {0}")]
+    CacheUnreadable(String),
 }
 
 impl Error {
@@ -90,6 +92,7 @@ impl Error {
             Error::Finalizer(_) => "finalizer",
             Error::NotReady(_) => "not_ready",
             Error::CacheBehind(_) => "conflict",
+            Error::CacheUnreadable(_) => "cache",
         }
     }
 }
@@ -100,7 +103,7 @@ pub struct State {
     pub ctx: Arc<Context>,
     /// The client, with the routing objects' cache in front of its reads.
     cluster: Cluster,
-    rollouts: Store<Rollout>,
+    rollouts: Store<CachedRollout>,
     /// ErrorBudgets, to apply their policy to the Rollouts they target.
     budgets: Store<ErrorBudget>,
     /// Pipelines, to hold a release until the Rollout's stage admits it.
@@ -156,12 +159,11 @@ pub async fn run(ctx: Arc<Context>, stop: watch::Receiver<bool>) {
     let owned = Arc::new(OwnedReplicaSets::default());
     let referrers = Arc::new(Referrers::default());
     let mut controller = Controller::for_stream(
-        crate::k8s::watch::reflected_as(
+        crate::k8s::watch::reflected_into(
             rollouts,
             // Small pages: each Rollout of a page is decoded with its pod template before
             // the cache strips it, and that peak stays in the process's memory.
             watcher::Config::default().page_size(100),
-            cached::strip,
             writer,
             {
                 let referrers = referrers.clone();
@@ -282,7 +284,7 @@ pub async fn run(ctx: Arc<Context>, stop: watch::Receiver<bool>) {
 }
 
 /// The Rollouts an ErrorBudget targets.
-fn targets_of(budget: &ErrorBudget) -> Vec<ObjectRef<Rollout>> {
+fn targets_of(budget: &ErrorBudget) -> Vec<ObjectRef<CachedRollout>> {
     let own = budget.namespace().unwrap_or_default();
     budget
         .spec
@@ -294,7 +296,7 @@ fn targets_of(budget: &ErrorBudget) -> Vec<ObjectRef<Rollout>> {
 
 /// The policy actions in force from the budgets that target `rollout`.
 fn budget_holds(budgets: &Store<ErrorBudget>, rollout: &Rollout) -> Vec<BudgetHold> {
-    let me = ObjectRef::from_obj(rollout);
+    let me = cached::reference(rollout);
     let mut holds: Vec<BudgetHold> = budgets
         .state()
         .iter()
@@ -327,7 +329,7 @@ fn budget_holds(budgets: &Store<ErrorBudget>, rollout: &Rollout) -> Vec<BudgetHo
     holds
 }
 
-fn backoff_key(rollout: &Rollout) -> String {
+fn backoff_key(rollout: &impl Resource) -> String {
     format!(
         "Rollout/{}/{}",
         rollout.namespace().unwrap_or_default(),
@@ -335,7 +337,7 @@ fn backoff_key(rollout: &Rollout) -> String {
     )
 }
 
-fn error_policy(rollout: Arc<Rollout>, error: &Error, state: Arc<State>) -> Action {
+fn error_policy(rollout: Arc<CachedRollout>, error: &Error, state: Arc<State>) -> Action {
     let ctx = &state.ctx;
     ctx.metrics()
         .reconcile_errors(CONTROLLER, error.metric_label());
@@ -348,13 +350,13 @@ fn error_policy(rollout: Arc<Rollout>, error: &Error, state: Arc<State>) -> Acti
         tracing::debug!(error = %error, retry_in = ?delay, "reconcile raced another write");
         return Action::requeue(delay);
     }
-    let delay = ctx.backoff.failed(&backoff_key(&rollout));
+    let delay = ctx.backoff.failed(&backoff_key(&*rollout));
     tracing::warn!(error = %error, retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
 }
 
 #[tracing::instrument(skip(rollout, state), fields(rollout = %rollout.name_any(), namespace = rollout.namespace().unwrap_or_default()))]
-async fn reconcile(rollout: Arc<Rollout>, state: Arc<State>) -> Result<Action, Error> {
+async fn reconcile(rollout: Arc<CachedRollout>, state: Arc<State>) -> Result<Action, Error> {
     // Waiting for a slot, hold no copy of the Rollout (the cache may have moved on by the
     // turn of a reconcile queued in a start with thousands): take the cache's newest after.
     let cached = ObjectRef::from_obj(rollout.as_ref());
@@ -367,7 +369,7 @@ async fn reconcile(rollout: Arc<Rollout>, state: Arc<State>) -> Result<Action, E
 }
 
 async fn reconcile_in_slot(
-    cached: ObjectRef<Rollout>,
+    cached: ObjectRef<CachedRollout>,
     state: Arc<State>,
     slot: Slot,
 ) -> Result<Action, Error> {
@@ -375,9 +377,14 @@ async fn reconcile_in_slot(
         // Gone from the cache, so gone from the cluster: nothing left to do.
         return Ok(Action::await_change());
     };
+    let rollout = Arc::new(
+        rollout
+            .rollout()
+            .map_err(|e| Error::CacheUnreadable(e.to_string()))?,
+    );
     let started = Instant::now();
     let namespace = rollout.namespace().unwrap_or_default();
-    let key = backoff_key(&rollout);
+    let key = backoff_key(&*rollout);
     let api: Api<Rollout> = Api::namespaced(state.ctx.client.clone(), &namespace);
     let result = finalizer(&api, FINALIZER, rollout, |event| async {
         match event {
@@ -599,15 +606,24 @@ fn intent_ids(status: Option<&RolloutStatus>) -> Vec<Option<String>> {
 
 /// Returns once the watch cache shows a request that was not there at `baseline`.
 async fn intent_arrives(
-    store: &Store<Rollout>,
-    key: &ObjectRef<Rollout>,
+    store: &Store<CachedRollout>,
+    key: &ObjectRef<CachedRollout>,
     baseline: &[Option<String>],
 ) {
+    // A cached Rollout is decoded only when it changed.
+    let mut seen = None;
     loop {
         tokio::time::sleep(INTENT_POLL).await;
-        if store
-            .get(key)
-            .is_some_and(|r| intent_ids(r.status.as_ref()) != baseline)
+        let Some(cached) = store.get(key) else {
+            continue;
+        };
+        if cached.resource_version() == seen {
+            continue;
+        }
+        seen = cached.resource_version();
+        if cached
+            .rollout()
+            .is_ok_and(|r| intent_ids(r.status.as_ref()) != baseline)
         {
             return;
         }
@@ -617,7 +633,7 @@ async fn intent_arrives(
 /// Takes the measurements due now and folds them into the observed status. Returns false
 /// when a person's request arrived meanwhile: the measurements are dropped (they are still
 /// due next time) and the caller plans the request first.
-async fn measure(ctx: &Context, store: &Store<Rollout>, world: &mut World) -> bool {
+async fn measure(ctx: &Context, store: &Store<CachedRollout>, world: &mut World) -> bool {
     let o = &mut world.observed;
     let name = world.rollout.name_any();
     let namespace = world.rollout.namespace().unwrap_or_default();
@@ -642,7 +658,7 @@ async fn measure(ctx: &Context, store: &Store<Rollout>, world: &mut World) -> bo
     };
     let asked: Vec<_> = due.iter().map(|d| (&d.metric, &d.vars)).collect();
     let baseline = intent_ids(Some(&o.status));
-    let key = ObjectRef::from_obj(world.rollout.as_ref());
+    let key = cached::reference(&world.rollout);
     let results = tokio::select! {
         results = provider::measure_all(&provider_ctx, &asked, MEASUREMENT_DEADLINE) => results,
         _ = intent_arrives(store, &key, &baseline) => {

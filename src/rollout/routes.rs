@@ -11,11 +11,11 @@
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 
-use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher::Event;
 
 use crate::api::rollout::Rollout;
+use crate::rollout::cached::{CachedRollout, reference};
 
 /// The kinds of object a Rollout routes through.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -92,27 +92,20 @@ pub fn routes_of(rollout: &Rollout) -> Vec<Route> {
     routes
 }
 
-type ByRollout = HashMap<ObjectRef<Rollout>, Vec<Route>>;
-
-/// The Rollout's reference, without the uid and resourceVersion `ObjectRef::from_obj` would
-/// copy in (not needed to wake it, and memory for every Rollout).
-fn reference(rollout: &Rollout) -> ObjectRef<Rollout> {
-    ObjectRef::new(&rollout.name_any())
-        .within(rollout.metadata.namespace.as_deref().unwrap_or_default())
-}
+type ByRollout = HashMap<ObjectRef<CachedRollout>, Vec<Route>>;
 
 #[derive(Debug, Default)]
 struct Index {
     by_rollout: ByRollout,
     /// Most routes have one Rollout: a Vec holds it in less memory than a set.
-    by_route: HashMap<Route, Vec<ObjectRef<Rollout>>>,
+    by_route: HashMap<Route, Vec<ObjectRef<CachedRollout>>>,
     /// Built during a (re)list of the Rollouts, swapped in when it is complete (until then the
     /// index answers as before the relist).
     building: Option<ByRollout>,
 }
 
 impl Index {
-    fn forget(&mut self, rollout: &ObjectRef<Rollout>) {
+    fn forget(&mut self, rollout: &ObjectRef<CachedRollout>) {
         for route in self.by_rollout.remove(rollout).unwrap_or_default() {
             if let Some(referrers) = self.by_route.get_mut(&route) {
                 referrers.retain(|r| r != rollout);
@@ -123,7 +116,7 @@ impl Index {
         }
     }
 
-    fn note(&mut self, rollout: ObjectRef<Rollout>, routes: Vec<Route>) {
+    fn note(&mut self, rollout: ObjectRef<CachedRollout>, routes: Vec<Route>) {
         self.forget(&rollout);
         for route in &routes {
             // Room for one: a first push would make room for four. Never there already: it
@@ -176,7 +169,12 @@ impl Referrers {
 
     /// The Rollouts that route through the `kind` object `namespace/name` (none for a kind no
     /// Rollout routes through).
-    pub fn of(&self, kind: &str, namespace: Option<&str>, name: &str) -> Vec<ObjectRef<Rollout>> {
+    pub fn of(
+        &self,
+        kind: &str,
+        namespace: Option<&str>,
+        name: &str,
+    ) -> Vec<ObjectRef<CachedRollout>> {
         let Some(kind) = RouteKind::from_kind(kind) else {
             return Vec::new();
         };
@@ -196,6 +194,7 @@ impl Referrers {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kube::ResourceExt;
     use proptest::prelude::*;
     use serde_json::{Value, json};
     use std::collections::BTreeMap;
@@ -222,7 +221,7 @@ mod tests {
         )
     }
 
-    fn names(mut refs: Vec<ObjectRef<Rollout>>) -> Vec<String> {
+    fn names(mut refs: Vec<ObjectRef<CachedRollout>>) -> Vec<String> {
         refs.sort_by_key(ToString::to_string);
         refs.iter().map(ToString::to_string).collect()
     }
@@ -546,10 +545,10 @@ mod tests {
                 for kind in KINDS {
                     for namespace in NAMESPACES {
                         for name in NAMES {
-                            let mut scanned: Vec<ObjectRef<Rollout>> = rollouts
+                            let mut scanned: Vec<ObjectRef<CachedRollout>> = rollouts
                                 .values()
                                 .filter(|r| refers_to(r, kind, name, namespace))
-                                .map(ObjectRef::from_obj)
+                                .map(reference)
                                 .collect();
                             scanned.sort_by_key(ToString::to_string);
                             prop_assert_eq!(
