@@ -69,7 +69,9 @@ impl Entry {
 
     fn replica_set(&self) -> Option<ReplicaSet> {
         serde_json::from_str(&self.json)
-            .inspect_err(|e| tracing::warn!(name = %self.name, error = %e, "cached ReplicaSet unreadable; skipped"))
+            .inspect_err(|e| {
+                tracing::warn!(name = %self.name, error = %e, "cached ReplicaSet unreadable; skipped");
+            })
             .ok()
     }
 }
