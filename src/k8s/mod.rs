@@ -2,6 +2,38 @@
 //! error means, status written by server-side apply, Events, backoff and the labels Sluice
 //! puts on objects.
 
+/// Implements `kube::Resource` for `$cache`, a controller's own smaller form of the API's
+/// namespaced `$api` kept in a cache: it is watched, listed and referred to as a `$api`, and
+/// its `metadata` field is what kube reads of it.
+macro_rules! resource_as {
+    ($cache:ty, $api:ty) => {
+        impl kube::Resource for $cache {
+            type DynamicType = ();
+            type Scope = k8s_openapi::NamespaceResourceScope;
+
+            fn kind(dt: &()) -> std::borrow::Cow<'_, str> {
+                <$api as kube::Resource>::kind(dt)
+            }
+            fn group(dt: &()) -> std::borrow::Cow<'_, str> {
+                <$api as kube::Resource>::group(dt)
+            }
+            fn version(dt: &()) -> std::borrow::Cow<'_, str> {
+                <$api as kube::Resource>::version(dt)
+            }
+            fn plural(dt: &()) -> std::borrow::Cow<'_, str> {
+                <$api as kube::Resource>::plural(dt)
+            }
+            fn meta(&self) -> &kube::api::ObjectMeta {
+                &self.metadata
+            }
+            fn meta_mut(&mut self) -> &mut kube::api::ObjectMeta {
+                &mut self.metadata
+            }
+        }
+    };
+}
+pub(crate) use resource_as;
+
 pub mod backoff;
 pub mod events;
 pub mod freshness;

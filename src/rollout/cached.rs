@@ -16,13 +16,12 @@
 //! a 544-byte B-tree node for each map of labels or annotations, room for every optional
 //! field). With 10,000 Rollouts that is some 50 MB (docs/performance.md).
 
-use std::borrow::Cow;
 use std::sync::{Arc, LazyLock};
 
 use k8s_openapi::api::core::v1::PodTemplateSpec;
+use kube::ResourceExt;
 use kube::api::ObjectMeta;
 use kube::runtime::reflector::ObjectRef;
-use kube::{Resource, ResourceExt};
 use serde::Deserialize;
 
 use crate::api::pipeline::Release;
@@ -130,30 +129,8 @@ pub fn reference(rollout: &Rollout) -> ObjectRef<CachedRollout> {
         .within(rollout.metadata.namespace.as_deref().unwrap_or_default())
 }
 
-/// Kept and watched as what it is, a Rollout.
-impl Resource for CachedRollout {
-    type DynamicType = ();
-    type Scope = k8s_openapi::NamespaceResourceScope;
-
-    fn kind(dt: &()) -> Cow<'_, str> {
-        Rollout::kind(dt)
-    }
-    fn group(dt: &()) -> Cow<'_, str> {
-        Rollout::group(dt)
-    }
-    fn version(dt: &()) -> Cow<'_, str> {
-        Rollout::version(dt)
-    }
-    fn plural(dt: &()) -> Cow<'_, str> {
-        Rollout::plural(dt)
-    }
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
+// Kept and watched as what it is, a Rollout.
+crate::k8s::resource_as!(CachedRollout, Rollout);
 
 /// The one empty template every cached copy points at.
 static EMPTY_TEMPLATE: LazyLock<Arc<PodTemplateSpec>> = LazyLock::new(Arc::default);

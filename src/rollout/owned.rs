@@ -29,7 +29,6 @@
 //! deadline), so planning on a ReplicaSet a moment old repeats a write, never undoes one;
 //! and the watch event of the write wakes the Rollout again.
 
-use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, PoisonError};
 
@@ -37,8 +36,8 @@ use k8s_openapi::api::apps::v1::{ReplicaSet, ReplicaSetSpec, ReplicaSetStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
     LabelSelector, LabelSelectorRequirement, ObjectMeta, OwnerReference, Time,
 };
+use kube::ResourceExt;
 use kube::runtime::watcher::Event;
-use kube::{Resource, ResourceExt};
 use serde::Deserialize;
 use tokio::sync::watch;
 
@@ -202,31 +201,9 @@ impl From<Decoded> for Kept {
     }
 }
 
-/// Watched as what it is, a ReplicaSet. Its metadata carries no labels or annotations: kube
-/// reads only names, versions and owners of it; [`Kept::label`] reads the labels.
-impl Resource for Kept {
-    type DynamicType = ();
-    type Scope = k8s_openapi::NamespaceResourceScope;
-
-    fn kind(dt: &()) -> Cow<'_, str> {
-        ReplicaSet::kind(dt)
-    }
-    fn group(dt: &()) -> Cow<'_, str> {
-        ReplicaSet::group(dt)
-    }
-    fn version(dt: &()) -> Cow<'_, str> {
-        ReplicaSet::version(dt)
-    }
-    fn plural(dt: &()) -> Cow<'_, str> {
-        ReplicaSet::plural(dt)
-    }
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
+// Watched as what it is, a ReplicaSet. Its metadata carries no labels or annotations: kube
+// reads only names, versions and owners of it; `Kept::label` reads the labels.
+crate::k8s::resource_as!(Kept, ReplicaSet);
 
 impl Kept {
     fn label(&self, key: &str) -> Option<&str> {
