@@ -20,14 +20,14 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// prefixed build looks for. A background thread hands freed pages back on time even when
 /// the operator is idle: without it jemalloc does so only when the program allocates.
 #[unsafe(export_name = "_rjem_malloc_conf")]
-pub static JEMALLOC_SETTINGS: CString = CString(c"background_thread:true".as_ptr());
+pub static JEMALLOC_SETTINGS: CStringPointer = CStringPointer(c"background_thread:true".as_ptr());
 
 /// A C string pointer, as C lays it out.
 #[repr(transparent)]
-pub struct CString(*const std::ffi::c_char);
+pub struct CStringPointer(*const std::ffi::c_char);
 
 // SAFETY: it points at a string literal, never written.
-unsafe impl Sync for CString {}
+unsafe impl Sync for CStringPointer {}
 
 /// Sluice: progressive delivery for Kubernetes. Canary and blue-green releases judged by
 /// Prometheus, rolled back automatically, promoted through environments under gates.
