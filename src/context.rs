@@ -63,11 +63,21 @@ impl Settings {
 
 /// Shared by every controller's reconcile, as `Arc<Context>`.
 pub struct Context {
+    /// The controllers' requests: reads, ReplicaSets, Events, statuses that record what was
+    /// observed or measured.
     pub client: Client,
+    /// The writes a moving release waits on: routes, and the status recorded just before a
+    /// route moves or a person's request is carried out. A lane with its own bound on
+    /// requests in flight, so a step or an abort never queues behind bookkeeping (in
+    /// `operator::run`; tests share one client).
+    pub urgent: Client,
     pub health: Arc<Health>,
     pub settings: Settings,
     /// Writes the Events: one per decision, counted when the same decision is recorded again.
     pub recorder: Recorder,
+    /// The same, in the urgent lane: the Events of a release in flight, so that the reconcile
+    /// a person's abort waits for never waits on the bookkeeping lane.
+    pub urgent_recorder: Recorder,
     /// Prometheus clients by connection settings, so queries reuse connections.
     pub prometheus: PrometheusPool,
     /// Consecutive failures per object, for the error policy.
@@ -82,11 +92,22 @@ impl Context {
         let recorder = Recorder::new(client.clone(), instance);
         Self {
             prometheus: PrometheusPool::new(client.clone()),
+            urgent: client.clone(),
+            urgent_recorder: recorder.clone(),
             client,
             health,
             settings,
             recorder,
             backoff: Backoff::default(),
+        }
+    }
+
+    /// The same, with `urgent` as the lane for the writes a moving release waits on.
+    pub fn with_urgent_lane(self, urgent: Client) -> Self {
+        Self {
+            urgent_recorder: self.recorder.through(urgent.clone()),
+            urgent,
+            ..self
         }
     }
 

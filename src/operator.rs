@@ -32,11 +32,18 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         None => Fence::always_open(),
     };
     let requests = RequestCounts::default();
-    let client = ClientBuilder::try_from(config.clone())?
-        .with_layer(&FenceLayer(fence.clone()))
-        .with_layer(&CountingLayer(requests.clone()))
-        .with_layer(&in_flight_limit(settings.kube_requests_in_flight))
-        .build();
+    // Two lanes, each with its own bound on requests in flight: the writes a moving release
+    // waits on (routes, and the status written just before them) never queue behind the
+    // bookkeeping of a thousand other Rollouts (Events, ReplicaSets, measurements).
+    let lane = |limit: usize| -> anyhow::Result<Client> {
+        Ok(ClientBuilder::try_from(config.clone())?
+            .with_layer(&FenceLayer(fence.clone()))
+            .with_layer(&CountingLayer(requests.clone()))
+            .with_layer(&in_flight_limit(limit))
+            .build())
+    };
+    let client = lane(settings.kube_requests_in_flight)?;
+    let urgent = lane(settings.kube_requests_in_flight)?;
     let election_client = Client::try_from(config)?;
     let version = client
         .apiserver_version()
@@ -92,7 +99,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     };
     let result = if became_leader {
         health.metrics.leader.set(1);
-        let context = Arc::new(Context::new(client, health.clone(), settings));
+        let context =
+            Arc::new(Context::new(client, health.clone(), settings).with_urgent_lane(urgent));
         let mut lost = leading_rx.clone();
         tokio::select! {
             result = crate::controllers::run(context, stop_rx.clone()) => result,

@@ -28,6 +28,14 @@ impl Recorder {
         Self { client, instance }
     }
 
+    /// The same reporter, writing through `client`.
+    pub fn through(&self, client: Client) -> Self {
+        Self {
+            client,
+            instance: self.instance.clone(),
+        }
+    }
+
     async fn record(
         &self,
         reference: &ObjectReference,

@@ -14,7 +14,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
 use super::events::Reason;
 use super::model::{
     Observed, ObservedTraffic, Plan, PlannedEvent, ReplicaSetIntent, TrafficIntent, TrafficWrite,
-    add, budget_actions,
+    WriteOrder, add, budget_actions,
 };
 use super::release::{
     DEFAULT_SCALE_DOWN_DELAY, TemplateChange, abort, clear_intents, first_revision,
@@ -650,6 +650,7 @@ pub fn plan(o: &Observed, bg: &BlueGreenStrategy) -> Plan {
         traffic,
         traffic_writes,
         status,
+        order: WriteOrder::StatusFirst,
         events,
         requeue_after,
         promoted,

@@ -10,7 +10,7 @@ use k8s_openapi::jiff::Timestamp;
 use super::events::Reason;
 use super::model::{
     Observed, ObservedReplicaSet, ObservedTraffic, Plan, PlannedEvent, ReplicaSetIntent,
-    TrafficIntent, add, budget_actions,
+    TrafficIntent, WriteOrder, add, budget_actions,
 };
 use super::release::{
     DEFAULT_SCALE_DOWN_DELAY, abort, clear_intents, first_revision, follow_template, pause_for,
@@ -500,11 +500,13 @@ fn finish(mut p: Planner, steps: &[Step], desired_weight: i32, promoted: Option<
                     scale_down_at: None,
                 }
             } else {
+                // The deadline is `abortedAt` in status plus the delay: no annotation to
+                // write (a whole ReplicaSet write, during an abort), and a restart finds it.
                 p.wakeups.push(at);
                 ReplicaSetIntent {
                     hash: c.clone(),
                     replicas: p.rs(c).map_or(canary_target, |r| r.replicas),
-                    scale_down_at: Some(at),
+                    scale_down_at: None,
                 }
             }
         } else {
@@ -689,6 +691,7 @@ fn finish(mut p: Planner, steps: &[Step], desired_weight: i32, promoted: Option<
         traffic,
         traffic_writes,
         status: p.status,
+        order: WriteOrder::StatusFirst,
         events: p.events,
         requeue_after,
         promoted,
@@ -959,7 +962,10 @@ mod tests {
             .find(|r| r.hash == NEW)
             .expect("the canary's scale-down is scheduled after the traffic moved");
         assert_eq!(canary.replicas, 2);
-        assert!(canary.scale_down_at.is_some());
+        assert!(
+            canary.scale_down_at.is_none(),
+            "the deadline is abortedAt + abortScaleDownDelay, from status"
+        );
 
         let stepping = plan(&observed(vec![weight(50)], releasing(0), 0, Some(0)));
         assert!(
@@ -971,6 +977,50 @@ mod tests {
             stepping.replica_sets
         );
         assert!(stepping.replica_sets_after_traffic.is_empty());
+    }
+
+    #[test]
+    fn a_persons_abort_moves_traffic_before_its_status_other_aborts_record_first() {
+        use crate::api::rollout::TrafficWeights;
+        let steps = vec![weight(50), pause(None)];
+        let mut status = releasing(1);
+        status.abort = intent("a1");
+        let by_person = plan(&observed(steps.clone(), status, 2, Some(50)));
+        assert_eq!(by_person.order, WriteOrder::TrafficFirst);
+        assert!(matches!(
+            by_person.traffic_writes.as_slice(),
+            [TrafficWrite::Route {
+                canary_weight: 0,
+                ..
+            }]
+        ));
+        // Recorded once the route is written: the weights just written, verified.
+        assert_eq!(
+            by_person.status.weights,
+            Some(TrafficWeights {
+                stable: 100,
+                canary: 0,
+                verified: Some(true)
+            })
+        );
+        // The same request once handled: nothing to move, nothing more to record.
+        let again = plan(&observed(
+            steps.clone(),
+            by_person.status.clone(),
+            2,
+            Some(0),
+        ));
+        assert_eq!(again.order, WriteOrder::StatusFirst);
+        assert_eq!(again.status.weights, by_person.status.weights);
+        // A budget's abort is not a request waiting in status: recorded first.
+        let mut o = observed(steps.clone(), releasing(1), 2, Some(50));
+        o.budgets = vec![hold(BudgetAction::Rollback)];
+        let by_budget = plan(&o);
+        assert!(by_budget.status.aborted_at.is_some());
+        assert_eq!(by_budget.order, WriteOrder::StatusFirst);
+        // A release stepping forward: recorded first.
+        let stepping = plan(&observed(steps, releasing(0), 2, Some(0)));
+        assert_eq!(stepping.order, WriteOrder::StatusFirst);
     }
 
     #[test]
@@ -1690,6 +1740,11 @@ mod tests {
                 if plan.status.canary_revision.is_some() {
                     prop_assert!(index >= last_index, "turn {}: step went back from {} to {}", n, last_index, index);
                     last_index = index;
+                }
+                if plan.order == WriteOrder::TrafficFirst {
+                    let handled = |s: &RolloutStatus| s.handled_intents.as_ref().and_then(|h| h.abort.clone());
+                    prop_assert!(handled(&plan.status) != handled(&o.status), "turn {}: traffic first without a new abort", n);
+                    prop_assert!(plan.traffic.as_ref().is_some_and(|t| t.canary_weight == 0), "turn {}: traffic first towards a canary", n);
                 }
                 for write in &plan.traffic_writes {
                     let crate::rollout::model::TrafficWrite::Route { targets, canary_weight } = write else {

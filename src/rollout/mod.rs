@@ -52,7 +52,7 @@ use crate::traffic::{Cluster, Router, RouterError, RoutingCache, Targets};
 use cached::{CachedRollout, TemplateFacts};
 use model::{
     BudgetHold, Observed, ObservedLeftover, ObservedReplicaSet, ObservedService, ObservedTraffic,
-    Plan, ReplicaSetIntent, TrafficWrite,
+    Plan, ReplicaSetIntent, TrafficWrite, WriteOrder,
 };
 use owned::OwnedReplicaSets;
 use routes::Referrers;
@@ -267,7 +267,8 @@ pub async fn run(ctx: Arc<Context>, stop: watch::Receiver<bool>) {
     // Bounded by slots that a measurement gives back, not by kube's controller (slots.rs).
     let slots = Slots::new(ctx.settings.max_concurrent_reconciles);
     let state = Arc::new(State {
-        cluster: Cluster::new(ctx.client.clone(), routing),
+        // Route reads and writes are what a moving release waits on: the urgent lane.
+        cluster: Cluster::new(ctx.urgent.clone(), routing),
         ctx,
         rollouts: store,
         budgets,
@@ -457,7 +458,9 @@ async fn observe(state: &State, cached: &Rollout) -> Result<Option<World>, Error
     let ctx = state.ctx.as_ref();
     let name = cached.name_any();
     let namespace = cached.namespace().unwrap_or_default();
-    let api: Api<Rollout> = Api::namespaced(ctx.client.clone(), &namespace);
+    // A fresh read follows Sluice's own status write, mostly in a release in flight, and a
+    // step or an abort waits on it: the urgent lane (a GET costs the apiserver little).
+    let api: Api<Rollout> = Api::namespaced(ctx.urgent.clone(), &namespace);
     let key = format!("{namespace}/{name}");
     let cached_version = cached.resource_version();
     let rollout = match state.freshness.read(&key, cached_version.as_deref()) {
@@ -735,14 +738,40 @@ async fn apply(cached: Arc<Rollout>, state: &State, slot: &Slot) -> Result<Actio
     }
     let plan = plan::plan(&world.observed);
     let requeue = plan.requeue_after;
-    Box::pin(carry_out(state, &world, plan)).await?;
+    if !records_only(&world.observed, &plan) {
+        Box::pin(carry_out(state, &world, plan)).await?;
+        return Ok(Action::requeue(requeue));
+    }
+    // Only measurements to record: a person's request that arrives while the status write
+    // waits its turn goes first (the next reconcile begins at once). The measurements are
+    // dropped, or land, or are overwritten by the request's status; all the same, as they are
+    // taken again when due.
+    let baseline = intent_ids(Some(&world.observed.status));
+    let key = cached::reference(&world.rollout);
+    tokio::select! {
+        done = Box::pin(carry_out(state, &world, plan)) => done?,
+        _ = intent_arrives(&state.rollouts, &key, &baseline) => {
+            tracing::info!("a request arrived while recording measurements; acting on it first");
+            return Ok(Action::requeue(Duration::ZERO));
+        }
+    }
     Ok(Action::requeue(requeue))
 }
 
-/// Makes the plan's writes, in its order: ReplicaSets that add pods, history, status (the
-/// decision is recorded before traffic moves, so a crash in between leaves a status from which
-/// the next reconcile makes the same move), traffic, then ReplicaSets that add none; Events
-/// and metrics last.
+/// Whether carrying out `plan` records what was measured and nothing a later reconcile would
+/// not plan again: no traffic, no Event, no request handled, no promotion.
+fn records_only(o: &Observed, plan: &Plan) -> bool {
+    plan.traffic_writes.is_empty()
+        && plan.events.is_empty()
+        && plan.promoted.is_none()
+        && plan.status.handled_intents == o.status.handled_intents
+}
+
+/// Makes the plan's writes, in its order: ReplicaSets that add pods, history, then the status
+/// and the traffic in the order the plan says (the decision is recorded before traffic moves,
+/// so a crash in between leaves a status from which the next reconcile makes the same move;
+/// a person's abort moves traffic first), then ReplicaSets that add none; Events and metrics
+/// last.
 async fn carry_out(state: &State, world: &World, mut plan: Plan) -> Result<(), Error> {
     let (ctx, freshness) = (state.ctx.as_ref(), &state.freshness);
     let rollout = world.rollout.as_ref();
@@ -757,24 +786,42 @@ async fn carry_out(state: &State, world: &World, mut plan: Plan) -> Result<(), E
     );
     apply_replica_sets(ctx, rollout, &owned, &plan.replica_sets, &world.template).await?;
     prune_history(ctx, rollout, &owned, &plan).await?;
-    let api: Api<Rollout> = Api::namespaced(ctx.client.clone(), &namespace);
+    // A status written before a route moves is what a step waits on, as a person's request
+    // waits on its record: both take the urgent lane, as the routes do. A status written
+    // after the route (a person's abort) and every Event are bookkeeping.
+    let urgent = plan.order == WriteOrder::StatusFirst
+        && (!plan.traffic_writes.is_empty()
+            || plan.status.handled_intents != world.observed.status.handled_intents);
+    let (lane, recorder) = if urgent {
+        (&ctx.urgent, &ctx.urgent_recorder)
+    } else {
+        (&ctx.client, &ctx.recorder)
+    };
+    let api: Api<Rollout> = Api::namespaced(lane.clone(), &namespace);
     // Intents belong to the plugin's field manager: they are not ours to compare.
     let mut current = rollout.status.clone();
     if let Some(current) = current.as_mut() {
         release::clear_intents(current);
+    }
+    let traffic = || {
+        write_traffic(
+            &state.cluster,
+            &namespace,
+            world.router.as_ref(),
+            &plan.traffic_writes,
+        )
+    };
+    if plan.order == WriteOrder::TrafficFirst {
+        traffic().await?;
     }
     if let Some(version) =
         crate::k8s::status::apply(&api, rollout, current.as_ref(), &plan.status).await?
     {
         freshness.wrote(&format!("{namespace}/{}", rollout.name_any()), &version);
     }
-    write_traffic(
-        &state.cluster,
-        &namespace,
-        world.router.as_ref(),
-        &plan.traffic_writes,
-    )
-    .await?;
+    if plan.order == WriteOrder::StatusFirst {
+        traffic().await?;
+    }
     apply_replica_sets(
         ctx,
         rollout,
@@ -796,7 +843,7 @@ async fn carry_out(state: &State, world: &World, mut plan: Plan) -> Result<(), E
     let reference: ObjectReference = rollout.object_ref(&());
     for event in &plan.events {
         crate::k8s::events::publish(
-            &ctx.recorder,
+            recorder,
             &reference,
             event.warning,
             event.reason.as_str(),
@@ -826,7 +873,7 @@ async fn carry_out(state: &State, world: &World, mut plan: Plan) -> Result<(), E
                     event.message
                 );
                 crate::k8s::events::publish(
-                    &ctx.recorder,
+                    recorder,
                     &on_budget,
                     event.warning,
                     event.reason.as_str(),

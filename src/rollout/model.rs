@@ -168,6 +168,22 @@ pub struct PlannedEvent {
     pub message: String,
 }
 
+/// Which of a plan's status and traffic writes comes first (ReplicaSets that add pods come
+/// before both, so traffic never reaches a revision without pods).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WriteOrder {
+    /// The decision is recorded before traffic moves, so a crash in between leaves a status
+    /// from which the next reconcile makes the same move.
+    #[default]
+    StatusFirst,
+    /// Traffic moves before the decision is recorded, and the record then shows the weights
+    /// just written as verified. Only for a person's abort: the request stays unhandled in
+    /// status until that record lands (each kind of request has its own field manager, so no
+    /// later request erases it), so a crash in between plans the same abort again; and
+    /// traffic is back on stable one write (a Rollout's status, the slowest) sooner.
+    TrafficFirst,
+}
+
 /// What the reconciler must do.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Plan {
@@ -182,8 +198,11 @@ pub struct Plan {
     /// The writes that get traffic there, in order (empty when it is already there).
     pub traffic_writes: Vec<TrafficWrite>,
     /// The status to record, with any analysis runs started by this plan. It is written
-    /// before the traffic moves, so a crash in between repeats the same move.
+    /// before the traffic moves (unless `order` says otherwise), so a crash in between
+    /// repeats the same move.
     pub status: RolloutStatus,
+    /// Whether the status or the traffic is written first.
+    pub order: WriteOrder,
     pub events: Vec<PlannedEvent>,
     pub requeue_after: Duration,
     /// The revision that became stable in this plan (for the release-duration metric).

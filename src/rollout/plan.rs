@@ -3,8 +3,9 @@
 //! Pure: the reconciler observes the world into an [`Observed`], folds new measurements into
 //! its status (`runs`), calls [`plan`], and carries out the [`Plan`] in order.
 
-use super::model::{Observed, Plan, ReplicaSetIntent};
+use super::model::{Observed, Plan, ReplicaSetIntent, TrafficWrite, WriteOrder};
 use super::{bluegreen, canary, policy};
+use crate::api::rollout::{RolloutStatus, TrafficWeights};
 
 /// Plans one reconcile: the ErrorBudget and Pipeline holds around the Rollout's strategy.
 pub fn plan(o: &Observed) -> Plan {
@@ -14,7 +15,45 @@ pub fn plan(o: &Observed) -> Plan {
             _ => canary::plan(seen),
         }
     });
-    order_writes(o, plan)
+    let mut plan = order_writes(o, plan);
+    plan.order = write_order(o, &plan);
+    let routed = plan
+        .traffic_writes
+        .iter()
+        .any(|w| matches!(w, TrafficWrite::Route { .. }));
+    if plan.order == WriteOrder::TrafficFirst
+        && routed
+        && let Some(traffic) = &plan.traffic
+    {
+        // Recorded once the route writes succeeded: the weights are those just written.
+        plan.status.weights = Some(TrafficWeights {
+            stable: 100 - traffic.canary_weight,
+            canary: traffic.canary_weight,
+            verified: Some(true),
+        });
+    }
+    plan
+}
+
+/// Traffic first only when the plan carries out a person's abort and its traffic writes
+/// send no weight to a canary (see [`WriteOrder::TrafficFirst`]); status first otherwise.
+/// An abort by analysis or by a budget is not a request that waits in status, so a crash
+/// after its traffic write would lose the decision: it keeps the status first.
+fn write_order(o: &Observed, plan: &Plan) -> WriteOrder {
+    let abort_handled =
+        |s: &RolloutStatus| s.handled_intents.as_ref().and_then(|h| h.abort.clone());
+    let handles_an_abort = abort_handled(&plan.status).is_some()
+        && abort_handled(&plan.status) != abort_handled(&o.status)
+        && plan.status.aborted_at.is_some();
+    let only_towards_stable = plan.traffic_writes.iter().all(|w| match w {
+        TrafficWrite::Route { canary_weight, .. } => *canary_weight == 0,
+        TrafficWrite::Selector { .. } | TrafficWrite::Release(_) => true,
+    });
+    if handles_an_abort && only_towards_stable && !plan.traffic_writes.is_empty() {
+        WriteOrder::TrafficFirst
+    } else {
+        WriteOrder::StatusFirst
+    }
 }
 
 /// When each ReplicaSet is written, relative to the traffic. Pods must exist before traffic
