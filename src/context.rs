@@ -26,7 +26,8 @@ pub struct Settings {
     /// The operator's own namespace: a Notifier there may cover every namespace.
     pub operator_namespace: String,
     /// Requests to the apiserver awaiting their answer at once, a watch until its stream
-    /// starts (0: no bound). See `operator::in_flight_limit`.
+    /// starts, in each of the two lanes (`client` and `urgent`; 0: no bound). See
+    /// `operator::in_flight_limit`.
     pub kube_requests_in_flight: usize,
     /// Reconciles each controller runs at once (0: no bound); more wait in its queue. A
     /// Rollout reconcile awaiting Prometheus does not count.
@@ -66,17 +67,18 @@ pub struct Context {
     /// The controllers' requests: reads, ReplicaSets, Events, statuses that record what was
     /// observed or measured.
     pub client: Client,
-    /// The writes a moving release waits on: routes, and the status recorded just before a
-    /// route moves or a person's request is carried out. A lane with its own bound on
-    /// requests in flight, so a step or an abort never queues behind bookkeeping (in
-    /// `operator::run`; tests share one client).
+    /// What a moving release waits on: route reads and writes, a Rollout read fresh after
+    /// Sluice's own write, and the status recorded just before a route moves or to carry out
+    /// a person's request. A lane with its own bound on requests in flight, so a step or an
+    /// abort never queues behind bookkeeping (set up in `operator::run`; tests share one
+    /// client).
     pub urgent: Client,
     pub health: Arc<Health>,
     pub settings: Settings,
     /// Writes the Events: one per decision, counted when the same decision is recorded again.
     pub recorder: Recorder,
-    /// The same, in the urgent lane: the Events of a release in flight, so that the reconcile
-    /// a person's abort waits for never waits on the bookkeeping lane.
+    /// The same, in the urgent lane: the Events of a reconcile whose status took that lane,
+    /// so that it never ends behind bookkeeping while a person's abort waits for it.
     pub urgent_recorder: Recorder,
     /// Prometheus clients by connection settings, so queries reuse connections.
     pub prometheus: PrometheusPool,

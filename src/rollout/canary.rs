@@ -1012,6 +1012,17 @@ mod tests {
         ));
         assert_eq!(again.order, WriteOrder::StatusFirst);
         assert_eq!(again.status.weights, by_person.status.weights);
+        // A router that could not be read: nothing says the route writes will take.
+        let mut status = releasing(1);
+        status.abort = intent("a1");
+        let mut broken = observed(steps.clone(), status, 2, Some(50));
+        broken.traffic = ObservedTraffic::Failed("no VirtualService".into());
+        let blind = plan(&broken);
+        assert_ne!(
+            blind.status.weights.and_then(|w| w.verified),
+            Some(true),
+            "verified without a router read"
+        );
         // A budget's abort is not a request waiting in status: recorded first.
         let mut o = observed(steps.clone(), releasing(1), 2, Some(50));
         o.budgets = vec![hold(BudgetAction::Rollback)];

@@ -738,33 +738,8 @@ async fn apply(cached: Arc<Rollout>, state: &State, slot: &Slot) -> Result<Actio
     }
     let plan = plan::plan(&world.observed);
     let requeue = plan.requeue_after;
-    if !records_only(&world.observed, &plan) {
-        Box::pin(carry_out(state, &world, plan)).await?;
-        return Ok(Action::requeue(requeue));
-    }
-    // Only measurements to record: a person's request that arrives while the status write
-    // waits its turn goes first (the next reconcile begins at once). The measurements are
-    // dropped, or land, or are overwritten by the request's status; all the same, as they are
-    // taken again when due.
-    let baseline = intent_ids(Some(&world.observed.status));
-    let key = cached::reference(&world.rollout);
-    tokio::select! {
-        done = Box::pin(carry_out(state, &world, plan)) => done?,
-        _ = intent_arrives(&state.rollouts, &key, &baseline) => {
-            tracing::info!("a request arrived while recording measurements; acting on it first");
-            return Ok(Action::requeue(Duration::ZERO));
-        }
-    }
+    Box::pin(carry_out(state, &world, plan)).await?;
     Ok(Action::requeue(requeue))
-}
-
-/// Whether carrying out `plan` records what was measured and nothing a later reconcile would
-/// not plan again: no traffic, no Event, no request handled, no promotion.
-fn records_only(o: &Observed, plan: &Plan) -> bool {
-    plan.traffic_writes.is_empty()
-        && plan.events.is_empty()
-        && plan.promoted.is_none()
-        && plan.status.handled_intents == o.status.handled_intents
 }
 
 /// Makes the plan's writes, in its order: ReplicaSets that add pods, history, then the status
@@ -786,12 +761,11 @@ async fn carry_out(state: &State, world: &World, mut plan: Plan) -> Result<(), E
     );
     apply_replica_sets(ctx, rollout, &owned, &plan.replica_sets, &world.template).await?;
     prune_history(ctx, rollout, &owned, &plan).await?;
-    // A status written before a route moves is what a step waits on, as a person's request
-    // waits on its record: both take the urgent lane, as the routes do. A status written
-    // after the route (a person's abort) and every Event are bookkeeping.
-    let urgent = plan.order == WriteOrder::StatusFirst
-        && (!plan.traffic_writes.is_empty()
-            || plan.status.handled_intents != world.observed.status.handled_intents);
+    // The status of a reconcile that moves traffic is what a step waits on (written first),
+    // and a person's abort on its record (written after its route, the shorter the window
+    // the better): both take the urgent lane, as the routes do.
+    let urgent = !plan.traffic_writes.is_empty()
+        || plan.status.handled_intents != world.observed.status.handled_intents;
     let (lane, recorder) = if urgent {
         (&ctx.urgent, &ctx.urgent_recorder)
     } else {
@@ -811,8 +785,11 @@ async fn carry_out(state: &State, world: &World, mut plan: Plan) -> Result<(), E
             &plan.traffic_writes,
         )
     };
-    if plan.order == WriteOrder::TrafficFirst {
-        traffic().await?;
+    if plan.order == WriteOrder::TrafficFirst && !traffic().await? {
+        // A route refused as misconfigured was not written after all: not verified.
+        if let Some(weights) = plan.status.weights.as_mut() {
+            weights.verified = Some(false);
+        }
     }
     if let Some(version) =
         crate::k8s::status::apply(&api, rollout, current.as_ref(), &plan.status).await?
@@ -892,13 +869,15 @@ async fn carry_out(state: &State, world: &World, mut plan: Plan) -> Result<(), E
     Ok(())
 }
 
-/// Moves traffic: the plan's route, selector and release writes, in order.
+/// Moves traffic: the plan's route, selector and release writes, in order. False when a
+/// write was refused as misconfigured (logged; the next observation reports it).
 async fn write_traffic(
     cluster: &Cluster,
     namespace: &str,
     router: Option<&Router>,
     writes: &[TrafficWrite],
-) -> Result<(), Error> {
+) -> Result<bool, Error> {
+    let mut all_written = true;
     for write in writes {
         let written = match (write, router) {
             (
@@ -918,11 +897,14 @@ async fn write_traffic(
         };
         match written {
             Ok(()) => tracing::info!(?write, "traffic written"),
-            Err(RouterError::Misconfigured(why)) => tracing::warn!(%why, "cannot route traffic"),
+            Err(RouterError::Misconfigured(why)) => {
+                tracing::warn!(%why, "cannot route traffic");
+                all_written = false;
+            }
             Err(e) => return Err(e.into()),
         }
     }
-    Ok(())
+    Ok(all_written)
 }
 
 fn observe_replica_set(rs: &ReplicaSet) -> ObservedReplicaSet {

@@ -3,7 +3,7 @@
 //! Pure: the reconciler observes the world into an [`Observed`], folds new measurements into
 //! its status (`runs`), calls [`plan`], and carries out the [`Plan`] in order.
 
-use super::model::{Observed, Plan, ReplicaSetIntent, TrafficWrite, WriteOrder};
+use super::model::{Observed, ObservedTraffic, Plan, ReplicaSetIntent, TrafficWrite, WriteOrder};
 use super::{bluegreen, canary, policy};
 use crate::api::rollout::{RolloutStatus, TrafficWeights};
 
@@ -17,12 +17,15 @@ pub fn plan(o: &Observed) -> Plan {
     });
     let mut plan = order_writes(o, plan);
     plan.order = write_order(o, &plan);
+    // Only through a router that was read fine: the weights it records are then those the
+    // route writes set (a write refused as misconfigured clears `verified` in the shell).
     let routed = plan
         .traffic_writes
         .iter()
         .any(|w| matches!(w, TrafficWrite::Route { .. }));
     if plan.order == WriteOrder::TrafficFirst
         && routed
+        && matches!(o.traffic, ObservedTraffic::State(_))
         && let Some(traffic) = &plan.traffic
     {
         // Recorded once the route writes succeeded: the weights are those just written.
