@@ -1035,6 +1035,44 @@ mod tests {
     }
 
     #[test]
+    fn an_aborted_release_takes_no_more_measurements() {
+        use crate::rollout::runs;
+        let spec: crate::api::analysis::AnalysisSpec = serde_json::from_value(serde_json::json!(
+            {"metrics": [{"name": "bg", "prometheus": {"query": "q"}, "successCondition": "result < 1"}]}
+        ))
+        .unwrap();
+        let mut o = observed(vec![weight(50), pause(None)], releasing(1), 2, Some(50));
+        o.spec.strategy.canary.as_mut().unwrap().analysis = Some(spec.clone());
+        o.background = Some(analysis::resolve(&spec, None, None));
+        let later = add(o.now, Duration::from_secs(3600));
+        let due = |status: &RolloutStatus| {
+            runs::due(
+                status,
+                &o.spec.strategy,
+                o.background.as_ref(),
+                ("r", "ns"),
+                OLD,
+                later,
+            )
+        };
+        let measuring = plan(&o);
+        assert!(
+            !due(&measuring.status).is_empty(),
+            "the background run measures"
+        );
+        let mut asked = o.clone();
+        asked.status = measuring.status;
+        asked.status.abort = intent("a1");
+        let aborted = plan(&asked);
+        assert!(aborted.status.aborted_at.is_some());
+        assert!(due(&aborted.status).is_empty(), "measured after the abort");
+        assert_eq!(
+            runs::next_due(&aborted.status, &o.spec.strategy, o.background.as_ref()),
+            None
+        );
+    }
+
+    #[test]
     fn promote_full_skips_to_full_weight_then_promotes() {
         let steps = vec![weight(10), pause(None), weight(50)];
         let mut status = releasing(1);

@@ -9,7 +9,7 @@ use k8s_openapi::jiff::Timestamp;
 use crate::analysis::condition::MeasuredValue;
 use crate::analysis::run::{self as analysis, ProviderFailure, ResolvedAnalysis, ResolvedMetric};
 use crate::analysis::template::TemplateVars;
-use crate::api::analysis::{AnalysisPhase, AnalysisSpec, MeasurementPhase};
+use crate::api::analysis::{AnalysisPhase, AnalysisRunStatus, AnalysisSpec, MeasurementPhase};
 use crate::api::rollout::{RolloutStatus, RolloutStrategy};
 
 /// The name of an analysis run in status.
@@ -152,7 +152,7 @@ pub fn due(
 ) -> Vec<Due> {
     let (name, namespace) = rollout;
     let mut due = Vec::new();
-    for run in status.analysis_runs.iter().filter(|r| is_going(r.phase)) {
+    for run in measuring(status) {
         let Some(resolved) = resolve_named(&run.name, strategy, background) else {
             continue;
         };
@@ -209,15 +209,24 @@ pub fn next_due(
     strategy: &RolloutStrategy,
     background: Option<&ResolvedAnalysis>,
 ) -> Option<Timestamp> {
-    status
-        .analysis_runs
-        .iter()
-        .filter(|r| is_going(r.phase))
+    measuring(status)
         .filter_map(|run| {
             let resolved = resolve_named(&run.name, strategy, background)?;
             analysis::earliest_due(&resolved, run)
         })
         .min()
+}
+
+/// The runs that still take measurements: those going, unless the release is aborted. An
+/// aborted release is judged already, and nothing plans on its runs until a retry or a new
+/// revision starts them again; measuring on would cost a query and a status write per
+/// interval for as long as it stays aborted.
+fn measuring(status: &RolloutStatus) -> impl Iterator<Item = &AnalysisRunStatus> {
+    let aborted = status.aborted_at.is_some();
+    status
+        .analysis_runs
+        .iter()
+        .filter(move |r| !aborted && is_going(r.phase))
 }
 
 fn is_going(phase: AnalysisPhase) -> bool {
