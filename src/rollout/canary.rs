@@ -983,9 +983,11 @@ mod tests {
     fn a_persons_abort_moves_traffic_before_its_status_other_aborts_record_first() {
         use crate::api::rollout::TrafficWeights;
         let steps = vec![weight(50), pause(None)];
-        let mut status = releasing(1);
-        status.abort = intent("a1");
-        let by_person = plan(&observed(steps.clone(), status, 2, Some(50)));
+        let asked_to_abort = || RolloutStatus {
+            abort: intent("a1"),
+            ..releasing(1)
+        };
+        let by_person = plan(&observed(steps.clone(), asked_to_abort(), 2, Some(50)));
         assert_eq!(by_person.order, WriteOrder::TrafficFirst);
         assert!(matches!(
             by_person.traffic_writes.as_slice(),
@@ -1013,9 +1015,7 @@ mod tests {
         assert_eq!(again.order, WriteOrder::StatusFirst);
         assert_eq!(again.status.weights, by_person.status.weights);
         // A router that could not be read: nothing says the route writes will take.
-        let mut status = releasing(1);
-        status.abort = intent("a1");
-        let mut broken = observed(steps.clone(), status, 2, Some(50));
+        let mut broken = observed(steps.clone(), asked_to_abort(), 2, Some(50));
         broken.traffic = ObservedTraffic::Failed("no VirtualService".into());
         let blind = plan(&broken);
         assert_ne!(
