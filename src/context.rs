@@ -69,8 +69,8 @@ pub struct Context {
     pub client: Client,
     /// What a moving release waits on: route reads and writes, a Rollout read fresh after
     /// Sluice's own write, and the status recorded just before a route moves or to carry out
-    /// a person's request. A lane with its own bound on requests in flight, so a step or an
-    /// abort never queues behind bookkeeping (set up in `operator::run`; tests share one
+    /// a person's request. A lane with its own, larger bound on requests in flight, so a step
+    /// or an abort never queues behind bookkeeping (set up in `operator::run`; tests share one
     /// client).
     pub urgent: Client,
     pub health: Arc<Health>,

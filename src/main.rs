@@ -102,9 +102,9 @@ struct ControllerArgs {
     prometheus_address: Option<String>,
 
     /// Requests to the Kubernetes apiserver awaiting an answer at once (a watch counts until
-    /// its stream starts), in each of two lanes: what a moving release waits on (routes, the
-    /// status before a route moves), and everything else. More wait their turn in order.
-    /// 0: no bound.
+    /// its stream starts) for everything but what a moving release waits on (routes, the
+    /// status before a route moves), which has a lane of its own with four times as many.
+    /// More wait their turn in order. 0: no bound.
     #[arg(long, env = "SLUICE_KUBE_REQUESTS_IN_FLIGHT", default_value_t = sluice::context::DEFAULT_KUBE_REQUESTS_IN_FLIGHT)]
     kube_requests_in_flight: usize,
 

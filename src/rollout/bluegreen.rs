@@ -651,6 +651,7 @@ pub fn plan(o: &Observed, bg: &BlueGreenStrategy) -> Plan {
         traffic_writes,
         status,
         order: WriteOrder::StatusFirst,
+        stepped_by_clock: false,
         events,
         requeue_after,
         promoted,

@@ -38,6 +38,9 @@ struct Planner<'a> {
     replicas: i32,
     /// Why an ErrorBudget holds the release, for the status message.
     budget_hold: Option<String>,
+    /// Steps passed in this plan: timed pauses that ran out, and any other.
+    passed_by_clock: bool,
+    passed_otherwise: bool,
 }
 
 impl Planner<'_> {
@@ -140,6 +143,8 @@ pub fn plan(o: &Observed) -> Plan {
         start_runs: Vec::new(),
         wakeups: Vec::new(),
         budget_hold: None,
+        passed_by_clock: false,
+        passed_otherwise: false,
         replicas: o.spec.replicas.unwrap_or(1).max(0),
     };
     let intents = unhandled(&o.status);
@@ -286,6 +291,7 @@ pub fn plan(o: &Observed) -> Plan {
                 |p: &Planner| !p.status.pause_conditions.is_empty() || p.background_doubtful();
             desired_weight = steps::weight_at(&steps, index);
             while index < steps.len() {
+                let mut promoted_past = false;
                 let advance = match &steps[index] {
                     Step::SetWeight(weight) => {
                         desired_weight = *weight;
@@ -297,6 +303,7 @@ pub fn plan(o: &Observed) -> Plan {
                     Step::Pause(duration) => {
                         if let Some(id) = promote.take() {
                             p.handled.promote = Some(id);
+                            promoted_past = true;
                             p.event(
                                 false,
                                 Reason::Resumed,
@@ -355,6 +362,11 @@ pub fn plan(o: &Observed) -> Plan {
                 p.status
                     .pause_conditions
                     .retain(|c| c.reason != PauseReason::CanaryPauseStep);
+                if matches!(steps[index], Step::Pause(Some(_))) && !promoted_past {
+                    p.passed_by_clock = true;
+                } else {
+                    p.passed_otherwise = true;
+                }
                 index += 1;
                 started = o.now;
                 let next = steps
@@ -692,6 +704,7 @@ fn finish(mut p: Planner, steps: &[Step], desired_weight: i32, promoted: Option<
         traffic_writes,
         status: p.status,
         order: WriteOrder::StatusFirst,
+        stepped_by_clock: p.passed_by_clock && !p.passed_otherwise,
         events: p.events,
         requeue_after,
         promoted,
@@ -1029,9 +1042,62 @@ mod tests {
         let by_budget = plan(&o);
         assert!(by_budget.status.aborted_at.is_some());
         assert_eq!(by_budget.order, WriteOrder::StatusFirst);
-        // A release stepping forward: recorded first.
+        // A release stepping forward on pods and weights: recorded first.
         let stepping = plan(&observed(steps, releasing(0), 2, Some(0)));
         assert_eq!(stepping.order, WriteOrder::StatusFirst);
+    }
+
+    #[test]
+    fn a_timed_pause_that_ran_out_moves_traffic_before_its_status_a_promote_records_first() {
+        use crate::api::rollout::TrafficWeights;
+        let steps = vec![weight(20), pause(Some(5)), weight(50), pause(None)];
+        // At 20%, the 5 s pause started at t(0) and it is t(10).
+        let due = observed(steps.clone(), releasing(1), 4, Some(20));
+        let timed = plan(&due);
+        assert!(timed.stepped_by_clock);
+        assert_eq!(timed.order, WriteOrder::TrafficFirst);
+        assert_eq!(timed.status.current_step_index, Some(2));
+        assert_eq!(
+            timed.status.weights,
+            Some(TrafficWeights {
+                stable: 50,
+                canary: 50,
+                verified: Some(true)
+            })
+        );
+        // The operator stopped after the route write, before the status: from the status as
+        // it was, the next reconcile passes the same pause and moves nothing back.
+        let mut lost = due.clone();
+        lost.traffic = ObservedTraffic::State(TrafficState {
+            canary_weight: Some(50),
+            targets_match: true,
+        });
+        let mut kept = lost.clone();
+        kept.status = timed.status.clone();
+        let (after_lost, after_kept) = (plan(&lost), plan(&kept));
+        assert!(after_lost.traffic_writes.is_empty());
+        assert_eq!(after_lost.traffic, after_kept.traffic);
+        assert_eq!(
+            after_lost.status.current_step_index,
+            after_kept.status.current_step_index
+        );
+        // A promote past a pause: the request is recorded first.
+        let promoted = plan(&observed(
+            vec![weight(20), pause(None), weight(50), pause(None)],
+            RolloutStatus {
+                promote: intent("p1"),
+                ..releasing(1)
+            },
+            4,
+            Some(20),
+        ));
+        assert_eq!(promoted.status.current_step_index, Some(2));
+        assert!(!promoted.stepped_by_clock);
+        assert_eq!(promoted.order, WriteOrder::StatusFirst);
+        // A pause not yet over moves nothing.
+        let mut early = due;
+        early.now = t(3);
+        assert!(plan(&early).traffic_writes.is_empty());
     }
 
     #[test]
@@ -1792,8 +1858,22 @@ mod tests {
                 }
                 if plan.order == WriteOrder::TrafficFirst {
                     let handled = |s: &RolloutStatus| s.handled_intents.as_ref().and_then(|h| h.abort.clone());
-                    prop_assert!(handled(&plan.status) != handled(&o.status), "turn {}: traffic first without a new abort", n);
-                    prop_assert!(plan.traffic.as_ref().is_some_and(|t| t.canary_weight == 0), "turn {}: traffic first towards a canary", n);
+                    if handled(&plan.status) != handled(&o.status) {
+                        prop_assert!(plan.traffic.as_ref().is_some_and(|t| t.canary_weight == 0), "turn {}: an abort's traffic first towards a canary", n);
+                    } else {
+                        prop_assert!(plan.stepped_by_clock, "turn {}: traffic first without a new abort or a timed pause", n);
+                        // The operator stops after the route write: the status as it was and
+                        // the route as written plan what the recorded status would have.
+                        let moved = ObservedTraffic::State(TrafficState {
+                            canary_weight: plan.traffic.as_ref().map(|t| t.canary_weight),
+                            targets_match: true,
+                        });
+                        let lost = Observed { traffic: moved.clone(), ..o.clone() };
+                        let kept = Observed { traffic: moved, status: plan.status.clone(), ..o.clone() };
+                        let (after_lost, after_kept) = (super::super::plan::plan(&lost), super::super::plan::plan(&kept));
+                        prop_assert_eq!(&after_lost.traffic, &after_kept.traffic, "turn {}: a lost status moves traffic elsewhere", n);
+                        prop_assert_eq!(after_lost.status.current_step_index, after_kept.status.current_step_index, "turn {}", n);
+                    }
                 }
                 for write in &plan.traffic_writes {
                     let crate::rollout::model::TrafficWrite::Route { targets, canary_weight } = write else {
@@ -1837,6 +1917,47 @@ mod tests {
                 });
                 o.now = add(o.now, Duration::from_secs(turn.seconds as u64));
             }
+        }
+
+        /// A release standing at any step, with the traffic its steps so far set: when the
+        /// plan moves the route before its status, the operator stopping in between changes
+        /// nothing. The next plan, from the status as it was and the route as written, is the
+        /// one the recorded status would have given.
+        #[test]
+        fn a_route_written_before_its_status_loses_nothing_with_the_status(
+            before in proptest::collection::vec(arb_step(), 0..4),
+            pause_seconds in 0..60u64,
+            after in proptest::collection::vec(arb_step(), 0..4),
+            available in 0..6i32,
+            elapsed in 0..90i64,
+            promote in proptest::bool::weighted(0.2),
+        ) {
+            // At a timed pause, with the traffic the steps before it set.
+            let index = before.len();
+            let steps: Vec<_> = before.into_iter().chain([pause(Some(pause_seconds))]).chain(after).collect();
+            let mut status = releasing(index as i32);
+            if promote {
+                status.promote = intent("p");
+            }
+            let at = steps::weight_at(&steps::effective(&steps), index);
+            let mut o = observed(steps, status, available, Some(at));
+            o.now = t(elapsed);
+            let plan = plan(&o);
+            if plan.order != WriteOrder::TrafficFirst {
+                return Ok(());
+            }
+            prop_assert!(plan.stepped_by_clock);
+            prop_assert_eq!(plan.status.handled_intents.clone().unwrap_or_default(), o.status.handled_intents.clone().unwrap_or_default());
+            let moved = ObservedTraffic::State(TrafficState {
+                canary_weight: plan.traffic.as_ref().map(|t| t.canary_weight),
+                targets_match: true,
+            });
+            let lost = Observed { traffic: moved.clone(), ..o.clone() };
+            let kept = Observed { traffic: moved, status: plan.status.clone(), ..o };
+            let (after_lost, after_kept) = (super::super::plan::plan(&lost), super::super::plan::plan(&kept));
+            prop_assert_eq!(&after_lost.traffic, &after_kept.traffic);
+            prop_assert_eq!(after_lost.status.current_step_index, after_kept.status.current_step_index);
+            prop_assert_eq!(after_lost.status.aborted_at, after_kept.status.aborted_at);
         }
 
         #[test]

@@ -745,8 +745,8 @@ async fn apply(cached: Arc<Rollout>, state: &State, slot: &Slot) -> Result<Actio
 /// Makes the plan's writes, in its order: ReplicaSets that add pods, history, then the status
 /// and the traffic in the order the plan says (the decision is recorded before traffic moves,
 /// so a crash in between leaves a status from which the next reconcile makes the same move;
-/// a person's abort moves traffic first), then ReplicaSets that add none; Events and metrics
-/// last.
+/// a person's abort and a timed pause that ran out move traffic first), then ReplicaSets that
+/// add none; Events and metrics last.
 async fn carry_out(state: &State, world: &World, mut plan: Plan) -> Result<(), Error> {
     let (ctx, freshness) = (state.ctx.as_ref(), &state.freshness);
     let rollout = world.rollout.as_ref();
@@ -761,11 +761,13 @@ async fn carry_out(state: &State, world: &World, mut plan: Plan) -> Result<(), E
     );
     apply_replica_sets(ctx, rollout, &owned, &plan.replica_sets, &world.template).await?;
     prune_history(ctx, rollout, &owned, &plan).await?;
-    // The status of a reconcile that moves traffic is what a step waits on (written first),
-    // and a person's abort on its record (written after its route, the shorter the window
-    // the better): both take the urgent lane, as the routes do.
-    let urgent = !plan.traffic_writes.is_empty()
-        || plan.status.handled_intents != world.observed.status.handled_intents;
+    // A status written before a route moves, or to carry out a person's request, is what a
+    // moving release waits on: the urgent lane, as the routes. Written after the route (a
+    // person's abort, a timed step), it holds nothing up: the usual lane, so the routes of
+    // other releases do not queue behind it.
+    let urgent = plan.order == WriteOrder::StatusFirst
+        && (!plan.traffic_writes.is_empty()
+            || plan.status.handled_intents != world.observed.status.handled_intents);
     let (lane, recorder) = if urgent {
         (&ctx.urgent, &ctx.urgent_recorder)
     } else {

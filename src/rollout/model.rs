@@ -177,10 +177,17 @@ pub enum WriteOrder {
     #[default]
     StatusFirst,
     /// Traffic moves before the decision is recorded, and the record then shows the weights
-    /// just written as verified. Only for a person's abort: the request stays unhandled in
-    /// status until that record lands (each kind of request has its own field manager, so no
-    /// later request erases it), so a crash in between plans the same abort again; and
-    /// traffic is back on stable one write (a Rollout's status, the slowest) sooner.
+    /// just written as verified: traffic moves one write (a Rollout's status, the slowest)
+    /// sooner. Only where a crash in between loses nothing the next reconcile would not
+    /// decide again from the status as it was:
+    /// - a person's abort, towards stable: the request stays unhandled in status until the
+    ///   record lands (each kind of request has its own field manager, so no later request
+    ///   erases it), so the same abort is planned again;
+    /// - a step past timed pauses that ran out ([`Plan::stepped_by_clock`]): the pause's start
+    ///   is in status and the clock only goes on, so the same pauses are passed again, and the
+    ///   weight they lead to is the one already written. A measurement taken in the same
+    ///   reconcile is then lost and taken again (it did not fail: the step would not have
+    ///   moved).
     TrafficFirst,
 }
 
@@ -203,6 +210,9 @@ pub struct Plan {
     pub status: RolloutStatus,
     /// Whether the status or the traffic is written first.
     pub order: WriteOrder,
+    /// Every step this plan passed was a timed pause that ran out (not a promote, a weight
+    /// reached or an analysis), and at least one was.
+    pub stepped_by_clock: bool,
     pub events: Vec<PlannedEvent>,
     pub requeue_after: Duration,
     /// The revision that became stable in this plan (for the release-duration metric).

@@ -38,21 +38,30 @@ pub fn plan(o: &Observed) -> Plan {
     plan
 }
 
-/// Traffic first only when the plan carries out a person's abort and its traffic writes
-/// send no weight to a canary (see [`WriteOrder::TrafficFirst`]); status first otherwise.
-/// An abort by analysis or by a budget is not a request that waits in status, so a crash
-/// after its traffic write would lose the decision: it keeps the status first.
+/// Traffic first (see [`WriteOrder::TrafficFirst`]) for a person's abort whose traffic
+/// writes send no weight to a canary, and for a step past timed pauses that ran out; status
+/// first otherwise. An abort by analysis or by a budget is not a request that waits in
+/// status, so a crash after its traffic write would lose the decision: it keeps the status
+/// first. So does a step that also handles a request (a promote), starts or ends a release,
+/// or promotes: those are not all decided again the same way.
 fn write_order(o: &Observed, plan: &Plan) -> WriteOrder {
-    let abort_handled =
-        |s: &RolloutStatus| s.handled_intents.as_ref().and_then(|h| h.abort.clone());
-    let handles_an_abort = abort_handled(&plan.status).is_some()
-        && abort_handled(&plan.status) != abort_handled(&o.status)
+    if plan.traffic_writes.is_empty() {
+        return WriteOrder::StatusFirst;
+    }
+    let handled = |s: &RolloutStatus| s.handled_intents.clone().unwrap_or_default();
+    let handles_an_abort = handled(&plan.status).abort.is_some()
+        && handled(&plan.status).abort != handled(&o.status).abort
         && plan.status.aborted_at.is_some();
     let only_towards_stable = plan.traffic_writes.iter().all(|w| match w {
         TrafficWrite::Route { canary_weight, .. } => *canary_weight == 0,
         TrafficWrite::Selector { .. } | TrafficWrite::Release(_) => true,
     });
-    if handles_an_abort && only_towards_stable && !plan.traffic_writes.is_empty() {
+    let timed_step = plan.stepped_by_clock
+        && handled(&plan.status) == handled(&o.status)
+        && plan.status.aborted_at.is_none()
+        && plan.status.canary_revision == o.status.canary_revision
+        && plan.promoted.is_none();
+    if (handles_an_abort && only_towards_stable) || timed_step {
         WriteOrder::TrafficFirst
     } else {
         WriteOrder::StatusFirst
