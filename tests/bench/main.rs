@@ -667,6 +667,20 @@ async fn scale() {
     };
     wait_all_at(&reached, 50, released.len(), Duration::from_secs(300)).await;
     let all_at_half = release_started.elapsed();
+    // A timed step writes its route before its status, and on a busy apiserver this watch of
+    // the Rollouts can lag the one of the routes by seconds: the status that started a pause
+    // may arrive after the route that ended it. Wait for it (a relist may have skipped it).
+    let waited = Instant::now();
+    let all_pauses_seen = || {
+        let seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+        released
+            .iter()
+            .all(|r| seen.pause_started.contains_key(&key(r)))
+            || seen.relists.values().sum::<usize>() > 0
+    };
+    while !all_pauses_seen() && waited.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let step_latencies: Vec<Duration> = {
         let seen = seen.lock().unwrap_or_else(|p| p.into_inner());
         released
