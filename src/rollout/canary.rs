@@ -1067,14 +1067,7 @@ mod tests {
         );
         // The operator stopped after the route write, before the status: from the status as
         // it was, the next reconcile passes the same pause and moves nothing back.
-        let mut lost = due.clone();
-        lost.traffic = ObservedTraffic::State(TrafficState {
-            canary_weight: Some(50),
-            targets_match: true,
-        });
-        let mut kept = lost.clone();
-        kept.status = timed.status.clone();
-        let (after_lost, after_kept) = (plan(&lost), plan(&kept));
+        let (after_lost, after_kept) = next_plans(&due, &timed);
         assert!(after_lost.traffic_writes.is_empty());
         assert_eq!(after_lost.traffic, after_kept.traffic);
         assert_eq!(
@@ -1742,6 +1735,28 @@ mod tests {
             )
     }
 
+    /// The next plans once `plan`'s route is written: with its status lost (the operator
+    /// stopped in between) and with its status recorded.
+    fn next_plans(o: &Observed, plan: &Plan) -> (Plan, Plan) {
+        let moved = ObservedTraffic::State(TrafficState {
+            canary_weight: plan.traffic.as_ref().map(|t| t.canary_weight),
+            targets_match: true,
+        });
+        let lost = Observed {
+            traffic: moved.clone(),
+            ..o.clone()
+        };
+        let kept = Observed {
+            traffic: moved,
+            status: plan.status.clone(),
+            ..o.clone()
+        };
+        (
+            super::super::plan::plan(&lost),
+            super::super::plan::plan(&kept),
+        )
+    }
+
     /// The most traffic the steps up to `index` allow the canary.
     fn allowed(steps: &[Step], index: usize) -> i32 {
         if index >= steps.len() {
@@ -1864,13 +1879,7 @@ mod tests {
                         prop_assert!(plan.stepped_by_clock, "turn {}: traffic first without a new abort or a timed pause", n);
                         // The operator stops after the route write: the status as it was and
                         // the route as written plan what the recorded status would have.
-                        let moved = ObservedTraffic::State(TrafficState {
-                            canary_weight: plan.traffic.as_ref().map(|t| t.canary_weight),
-                            targets_match: true,
-                        });
-                        let lost = Observed { traffic: moved.clone(), ..o.clone() };
-                        let kept = Observed { traffic: moved, status: plan.status.clone(), ..o.clone() };
-                        let (after_lost, after_kept) = (super::super::plan::plan(&lost), super::super::plan::plan(&kept));
+                        let (after_lost, after_kept) = next_plans(&o, &plan);
                         prop_assert_eq!(&after_lost.traffic, &after_kept.traffic, "turn {}: a lost status moves traffic elsewhere", n);
                         prop_assert_eq!(after_lost.status.current_step_index, after_kept.status.current_step_index, "turn {}", n);
                     }
@@ -1948,13 +1957,7 @@ mod tests {
             }
             prop_assert!(plan.stepped_by_clock);
             prop_assert_eq!(plan.status.handled_intents.clone().unwrap_or_default(), o.status.handled_intents.clone().unwrap_or_default());
-            let moved = ObservedTraffic::State(TrafficState {
-                canary_weight: plan.traffic.as_ref().map(|t| t.canary_weight),
-                targets_match: true,
-            });
-            let lost = Observed { traffic: moved.clone(), ..o.clone() };
-            let kept = Observed { traffic: moved, status: plan.status.clone(), ..o };
-            let (after_lost, after_kept) = (super::super::plan::plan(&lost), super::super::plan::plan(&kept));
+            let (after_lost, after_kept) = next_plans(&o, &plan);
             prop_assert_eq!(&after_lost.traffic, &after_kept.traffic);
             prop_assert_eq!(after_lost.status.current_step_index, after_kept.status.current_step_index);
             prop_assert_eq!(after_lost.status.aborted_at, after_kept.status.aborted_at);
