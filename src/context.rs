@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use kube::Client;
 
@@ -32,6 +33,9 @@ pub struct Settings {
     /// Reconciles each controller runs at once (0: no bound); more wait in its queue. A
     /// Rollout reconcile awaiting Prometheus does not count.
     pub max_concurrent_reconciles: u16,
+    /// How long a passing measurement may wait to be written to a Rollout's status (see
+    /// `rollout::runs::passes_may_wait`; zero: each at once).
+    pub record_passes_within: Duration,
 }
 
 /// The default of `--kube-requests-in-flight` (measured in docs/performance.md).
@@ -39,6 +43,11 @@ pub const DEFAULT_KUBE_REQUESTS_IN_FLIGHT: usize = 32;
 
 /// The default of `--max-concurrent-reconciles` (measured in docs/performance.md).
 pub const DEFAULT_MAX_CONCURRENT_RECONCILES: u16 = 100;
+
+/// The default of `--record-passes-within-seconds`: `kubectl sluice status` shows a passing
+/// analysis at most this far behind, and 100 canaries measured every 5 s write 4 statuses a
+/// second instead of 20 (docs/performance.md).
+pub const DEFAULT_RECORD_PASSES_WITHIN: Duration = Duration::from_secs(30);
 
 impl Settings {
     /// Settings for a controller run in-process (tests): no listener, no leader election.
@@ -51,6 +60,7 @@ impl Settings {
             operator_namespace: "sluice-system".into(),
             kube_requests_in_flight: DEFAULT_KUBE_REQUESTS_IN_FLIGHT,
             max_concurrent_reconciles: DEFAULT_MAX_CONCURRENT_RECONCILES,
+            record_passes_within: DEFAULT_RECORD_PASSES_WITHIN,
         }
     }
 

@@ -112,6 +112,14 @@ struct ControllerArgs {
     /// object). A Rollout reconcile awaiting Prometheus does not count. 0: no bound.
     #[arg(long, env = "SLUICE_MAX_CONCURRENT_RECONCILES", default_value_t = sluice::context::DEFAULT_MAX_CONCURRENT_RECONCILES)]
     max_concurrent_reconciles: u16,
+
+    /// Seconds a passing measurement may wait before it is written to the Rollout's status:
+    /// it goes with the next status write, or once the newest measurement written is this
+    /// old. Only passes of a metric without a `count` wait (they decide nothing); failed,
+    /// inconclusive and errored measurements, and any that changes a phase, are written at
+    /// once. 0: every measurement at once.
+    #[arg(long, env = "SLUICE_RECORD_PASSES_WITHIN_SECONDS", default_value_t = sluice::context::DEFAULT_RECORD_PASSES_WITHIN.as_secs())]
+    record_passes_within_seconds: u64,
 }
 
 #[derive(clap::Args, Debug)]
@@ -189,6 +197,7 @@ fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         operator_namespace: args.lease_namespace.clone(),
         kube_requests_in_flight: args.kube_requests_in_flight,
         max_concurrent_reconciles: args.max_concurrent_reconciles,
+        record_passes_within: Duration::from_secs(args.record_passes_within_seconds),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -303,6 +303,9 @@ pub struct MetricStatus {
     #[serde(default)]
     pub consecutive_errors: i32,
     /// The most recent measurements, newest last. Bounded (the operator keeps the last 10).
+    /// Passes of a metric without a `count` are written with the next status change, or
+    /// once the newest one written is 30 s old (`--record-passes-within-seconds`); every
+    /// other measurement at once.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 10))]
     pub measurements: Vec<Measurement>,

@@ -652,6 +652,7 @@ pub fn plan(o: &Observed, bg: &BlueGreenStrategy) -> Plan {
         status,
         order: WriteOrder::StatusFirst,
         stepped_by_clock: false,
+        status_waits: false,
         events,
         requeue_after,
         promoted,
@@ -738,6 +739,8 @@ mod tests {
             leftovers: Vec::new(),
             release: Default::default(),
             pipeline: None,
+            recorded_runs: None,
+            passes_wait: Duration::ZERO,
             now: t(now),
         }
     }

@@ -705,6 +705,7 @@ fn finish(mut p: Planner, steps: &[Step], desired_weight: i32, promoted: Option<
         status: p.status,
         order: WriteOrder::StatusFirst,
         stepped_by_clock: p.passed_by_clock && !p.passed_otherwise,
+        status_waits: false,
         events: p.events,
         requeue_after,
         promoted,
@@ -810,6 +811,8 @@ mod tests {
             leftovers: Vec::new(),
             release: Default::default(),
             pipeline: None,
+            recorded_runs: None,
+            passes_wait: Duration::ZERO,
             now: t(10),
         }
     }
@@ -1045,6 +1048,65 @@ mod tests {
         // A release stepping forward on pods and weights: recorded first.
         let stepping = plan(&observed(steps, releasing(0), 2, Some(0)));
         assert_eq!(stepping.order, WriteOrder::StatusFirst);
+    }
+
+    #[test]
+    fn passes_wait_for_the_next_write_unless_the_plan_moves_traffic() {
+        use crate::analysis::condition::MeasuredValue;
+        use crate::rollout::runs;
+        // Paused at 20% for a person, a background analysis measuring every 5 s.
+        let steps = vec![weight(20), pause(None)];
+        let mut o = observed(steps, releasing(1), 4, Some(20));
+        let background: crate::api::analysis::AnalysisSpec = serde_json::from_value(
+            serde_json::json!({"interval": "5s", "metrics": [{"name": "errors",
+                "prometheus": {"query": "q"}, "successCondition": "result < 1"}]}),
+        )
+        .unwrap();
+        o.background = Some(analysis::resolve(&background, None, None));
+        o.passes_wait = Duration::from_secs(30);
+        let strategy = o.spec.strategy.clone();
+        let measured = |status: &mut RolloutStatus, at: Timestamp| {
+            let bg = o.background.as_ref();
+            let due = runs::due(status, &strategy, bg, ("web", "shop"), OLD, at);
+            let results = due.into_iter().map(|d| (d, Ok(MeasuredValue::Number(0.0))));
+            runs::record(status, &strategy, bg, results.collect(), at);
+        };
+        runs::start(
+            &mut o.status,
+            &strategy,
+            o.background.as_ref(),
+            &[(RunName::Background, NEW.into())],
+            t(0),
+        );
+        measured(&mut o.status, t(0));
+        // The status the plan settles on, as recorded.
+        let settled = plan(&o).status;
+        o.status = settled.clone();
+        assert_eq!(plan(&o).status, settled, "settled");
+        assert!(!plan(&o).status_waits, "nothing new");
+
+        measured(&mut o.status, t(10));
+        o.recorded_runs = Some(settled.analysis_runs.clone());
+        let passed = plan(&o);
+        assert!(passed.status_waits, "a pass alone waits");
+        assert_ne!(
+            passed.status.analysis_runs, settled.analysis_runs,
+            "kept for the next write"
+        );
+        // Traffic to put back: the status is written, passes and all.
+        let drifted = Observed {
+            traffic: ObservedTraffic::State(TrafficState {
+                canary_weight: Some(0),
+                targets_match: true,
+            }),
+            ..o.clone()
+        };
+        let moving = plan(&drifted);
+        assert!(!moving.traffic_writes.is_empty() && !moving.status_waits);
+        assert_eq!(moving.status.analysis_runs, passed.status.analysis_runs);
+        // With the flag at 0, each one is written.
+        o.passes_wait = Duration::ZERO;
+        assert!(!plan(&o).status_waits);
     }
 
     #[test]

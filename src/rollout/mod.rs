@@ -18,6 +18,7 @@ mod routes;
 pub mod runs;
 mod slots;
 pub mod steps;
+mod unrecorded;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -57,6 +58,7 @@ use model::{
 use owned::OwnedReplicaSets;
 use routes::Referrers;
 use slots::{Slot, Slots};
+use unrecorded::Unrecorded;
 
 const FINALIZER: &str = "sluice.dev/traffic";
 /// The controller's name in metrics.
@@ -114,6 +116,8 @@ pub struct State {
     owned: Arc<OwnedReplicaSets>,
     /// The bound on reconciles at work at once (not measuring): see slots.rs.
     slots: Slots,
+    /// Passing measurements not written yet (unrecorded.rs).
+    unrecorded: Unrecorded,
 }
 
 /// How long a reconcile waits for the Pipeline and ErrorBudget caches after a start: until
@@ -276,6 +280,7 @@ pub async fn run(ctx: Arc<Context>, stop: watch::Receiver<bool>) {
         freshness: Freshness::default(),
         owned,
         slots,
+        unrecorded: Unrecorded::default(),
     });
     controller
         .graceful_shutdown_on(crate::k8s::stopped(stop))
@@ -391,9 +396,9 @@ async fn reconcile_in_slot(
         match event {
             Finalizer::Apply(rollout) => apply(rollout, &state, &slot).await,
             Finalizer::Cleanup(rollout) => {
-                state
-                    .freshness
-                    .forget(&format!("{namespace}/{}", rollout.name_any()));
+                let key = format!("{namespace}/{}", rollout.name_any());
+                state.freshness.forget(&key);
+                state.unrecorded.forget(&key);
                 cleanup(rollout, &state).await
             }
         }
@@ -480,7 +485,16 @@ async fn observe(state: &State, cached: &Rollout) -> Result<Option<World>, Error
     };
     let template = cached::facts(&rollout);
     let desired_hash = template.hash.clone();
-    let status = rollout.status.clone().unwrap_or_default();
+    let mut status = rollout.status.clone().unwrap_or_default();
+    // The runs as recorded: `measure` folds what it takes into `status` alone.
+    let recorded_runs = state
+        .unrecorded
+        .merge(
+            &key,
+            &rollout.uid().unwrap_or_default(),
+            &mut status.analysis_runs,
+        )
+        .unwrap_or_else(|| status.analysis_runs.clone());
     let strategy = &rollout.spec.strategy;
     let router = Router::for_strategy(&state.cluster, &namespace, strategy);
     let traffic = match &router {
@@ -533,6 +547,8 @@ async fn observe(state: &State, cached: &Rollout) -> Result<Option<World>, Error
         leftovers: observe_leftovers(&state.cluster, &namespace, &rollout).await?,
         release: template.release.clone(),
         pipeline: pipeline_gate(&state.pipelines, &rollout),
+        recorded_runs: Some(recorded_runs),
+        passes_wait: ctx.settings.record_passes_within,
         now: Timestamp::now(),
     };
     Ok(Some(World {
@@ -793,10 +809,18 @@ async fn carry_out(state: &State, world: &World, mut plan: Plan) -> Result<(), E
             weights.verified = Some(false);
         }
     }
-    if let Some(version) =
+    let key = format!("{namespace}/{}", rollout.name_any());
+    if plan.status_waits {
+        let recorded = current.map(|s| s.analysis_runs).unwrap_or_default();
+        let uid = rollout.uid().unwrap_or_default();
+        state
+            .unrecorded
+            .keep(&key, &uid, recorded, plan.status.analysis_runs.clone());
+    } else if let Some(version) =
         crate::k8s::status::apply(&api, rollout, current.as_ref(), &plan.status).await?
     {
-        freshness.wrote(&format!("{namespace}/{}", rollout.name_any()), &version);
+        state.unrecorded.forget(&key);
+        freshness.wrote(&key, &version);
     }
     if plan.order == WriteOrder::StatusFirst {
         traffic().await?;

@@ -7,6 +7,7 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
 use super::events::Reason;
 use crate::analysis::run::ResolvedAnalysis;
+use crate::api::analysis::AnalysisRunStatus;
 use crate::api::errorbudget::BudgetAction;
 use crate::api::pipeline::Release;
 use crate::api::rollout::{RolloutSpec, RolloutStatus, RoutedObject};
@@ -127,6 +128,13 @@ pub struct Observed {
     pub release: Release,
     /// The Pipeline stage the Rollout is in, if any.
     pub pipeline: Option<PipelineGate>,
+    /// The analysis runs as the cluster has them, when `status` may also hold measurements
+    /// not written yet: passes kept from earlier reconciles, and those just taken (`None`:
+    /// `status` is as recorded).
+    pub recorded_runs: Option<Vec<AnalysisRunStatus>>,
+    /// How long passing measurements may wait to be written (`--record-passes-within`; see
+    /// `runs::passes_may_wait`). Zero: each is written at once.
+    pub passes_wait: Duration,
     pub now: Timestamp,
 }
 
@@ -210,6 +218,9 @@ pub struct Plan {
     pub status: RolloutStatus,
     /// Whether the status or the traffic is written first.
     pub order: WriteOrder,
+    /// The status adds only passing measurements that may wait (`runs::passes_may_wait`):
+    /// not written now, but kept for the next write.
+    pub status_waits: bool,
     /// Every step this plan passed was a timed pause that ran out (not a promote, a weight
     /// reached or an analysis), and at least one was.
     pub stepped_by_clock: bool,

@@ -4,7 +4,7 @@
 //! its status (`runs`), calls [`plan`], and carries out the [`Plan`] in order.
 
 use super::model::{Observed, ObservedTraffic, Plan, ReplicaSetIntent, TrafficWrite, WriteOrder};
-use super::{bluegreen, canary, policy};
+use super::{bluegreen, canary, policy, runs};
 use crate::api::rollout::{RolloutStatus, TrafficWeights};
 
 /// Plans one reconcile: the ErrorBudget and Pipeline holds around the Rollout's strategy.
@@ -35,7 +35,33 @@ pub fn plan(o: &Observed) -> Plan {
             verified: Some(true),
         });
     }
+    plan.status_waits = passes_may_wait(o, &plan);
     plan
+}
+
+/// Whether the plan's status adds to the one recorded nothing but passing measurements that
+/// may wait for the next write (`runs::passes_may_wait`). Such passes decide nothing, so the
+/// plan is the one the recorded status gives: its ReplicaSets (each planned every time, and
+/// written only when off) need no new record. A plan that moves traffic or has an Event to
+/// tell writes its status, passes and all.
+fn passes_may_wait(o: &Observed, plan: &Plan) -> bool {
+    let recorded = RolloutStatus {
+        analysis_runs: o
+            .recorded_runs
+            .clone()
+            .unwrap_or_else(|| o.status.analysis_runs.clone()),
+        ..o.status.clone()
+    };
+    plan.traffic_writes.is_empty()
+        && plan.events.is_empty()
+        && runs::passes_may_wait(
+            &recorded,
+            &plan.status,
+            &o.spec.strategy,
+            o.background.as_ref(),
+            o.now,
+            o.passes_wait,
+        )
 }
 
 /// Traffic first (see [`WriteOrder::TrafficFirst`]) for a person's abort whose traffic

@@ -540,6 +540,8 @@ mod tests {
             leftovers: Vec::new(),
             release: Default::default(),
             pipeline: None,
+            recorded_runs: None,
+            passes_wait: Duration::ZERO,
             now: t(0),
         }
     }
