@@ -45,8 +45,8 @@ pub const DEFAULT_KUBE_REQUESTS_IN_FLIGHT: usize = 32;
 pub const DEFAULT_MAX_CONCURRENT_RECONCILES: u16 = 100;
 
 /// The default of `--record-passes-within-seconds`: `kubectl sluice status` shows a passing
-/// analysis at most this far behind, and 100 canaries measured every 5 s write 4 statuses a
-/// second instead of 20 (docs/performance.md).
+/// analysis at most this far behind, and 100 canaries measured every 5 s write about 3 statuses
+/// a second instead of 20 (docs/performance.md).
 pub const DEFAULT_RECORD_PASSES_WITHIN: Duration = Duration::from_secs(30);
 
 impl Settings {

@@ -132,8 +132,8 @@ pub struct Observed {
     /// not written yet: passes kept from earlier reconciles, and those just taken (`None`:
     /// `status` is as recorded).
     pub recorded_runs: Option<Vec<AnalysisRunStatus>>,
-    /// How long passing measurements may wait to be written (`--record-passes-within`; see
-    /// `runs::passes_may_wait`). Zero: each is written at once.
+    /// How long passing measurements may wait to be written
+    /// (`--record-passes-within-seconds`; see `runs::passes_may_wait`). Zero: each at once.
     pub passes_wait: Duration,
     pub now: Timestamp,
 }
