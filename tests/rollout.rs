@@ -1022,7 +1022,7 @@ async fn start_counted_controller(
     let settings = sluice::context::Settings::local(Some(ns.to_string()), Some(prometheus_url()));
     let ctx = std::sync::Arc::new(sluice::context::Context::for_tests(client, settings));
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(sluice::rollout::run(ctx.clone(), stop_rx));
+    tokio::spawn(sluice::rollout::run(ctx.clone(), stop_rx, None));
     (stop, ctx, counts)
 }
 

@@ -40,6 +40,7 @@ pub mod freshness;
 pub mod labels;
 pub mod requests;
 pub mod status;
+pub mod touched;
 pub mod watch;
 
 use kube::api::{Api, ApiResource, DynamicObject};

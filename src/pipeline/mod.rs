@@ -11,10 +11,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, PartialObjectMeta};
+use kube::api::{
+    Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, ObjectMeta, PartialObjectMeta,
+    PartialObjectMetaExt,
+};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::watcher;
@@ -25,6 +28,7 @@ use crate::api::errorbudget::ErrorBudget;
 use crate::api::pipeline::Pipeline;
 use crate::api::rollout::{Rollout, RolloutPhase};
 use crate::context::Context;
+use crate::k8s::touched;
 use plan::{ObservedRollout, RolloutState};
 
 const CONTROLLER: &str = "pipeline";
@@ -62,8 +66,14 @@ pub fn stages_listing(
         .collect()
 }
 
-/// Runs the Pipeline controller until `stop`.
-pub async fn run(ctx: Arc<Context>, stop: watch::Receiver<bool>) {
+/// Runs the Pipeline controller until `stop`, woken also by each Rollout in
+/// `rollouts_touched` (the Rollouts the Rollout controller's watch saw change: a watch of its
+/// own would have the apiserver decode every Rollout written once more, see k8s/touched.rs).
+pub async fn run(
+    ctx: Arc<Context>,
+    stop: watch::Receiver<bool>,
+    rollouts_touched: impl Stream<Item = touched::Name> + Send + 'static,
+) {
     let client = ctx.client.clone();
     let namespace = ctx.settings.namespace.clone();
     let pipelines: Api<Pipeline> = crate::k8s::scoped(&client, namespace.as_deref());
@@ -75,22 +85,26 @@ pub async fn run(ctx: Arc<Context>, stop: watch::Receiver<bool>) {
     );
     let by_rollout = store.clone();
     let by_budget = store.clone();
-    // The Rollouts' metadata alone is all the mapper reads (kube asks the apiserver for
-    // metadata only with this type): no spec or status is encoded, sent or decoded for it.
-    let rollouts: Api<PartialObjectMeta<Rollout>> =
-        crate::k8s::scoped(&client, namespace.as_deref());
+    // The mapper reads a Rollout's namespace and name alone.
+    let rollouts = rollouts_touched.map(|(namespace, name)| {
+        Ok::<_, watcher::Error>(
+            ObjectMeta {
+                namespace: Some(namespace),
+                name: Some(name),
+                ..ObjectMeta::default()
+            }
+            .into_request_partial::<Rollout>(),
+        )
+    });
     let budgets: Api<ErrorBudget> = crate::k8s::scoped(&client, namespace.as_deref());
     controller
-        .watches_stream(
-            crate::k8s::watch::trigger(rollouts, watcher::Config::default()),
-            move |rollout| {
-                let (ns, name) = (rollout.namespace().unwrap_or_default(), rollout.name_any());
-                stages_listing(&by_rollout.state(), &ns, &name)
-                    .into_iter()
-                    .map(|(p, _)| ObjectRef::from_obj(p.as_ref()))
-                    .collect::<Vec<_>>()
-            },
-        )
+        .watches_stream(rollouts, move |rollout: PartialObjectMeta<Rollout>| {
+            let (ns, name) = (rollout.namespace().unwrap_or_default(), rollout.name_any());
+            stages_listing(&by_rollout.state(), &ns, &name)
+                .into_iter()
+                .map(|(p, _)| ObjectRef::from_obj(p.as_ref()))
+                .collect::<Vec<_>>()
+        })
         .watches_stream(
             crate::k8s::watch::trigger(budgets, watcher::Config::default()),
             move |budget| gating(&by_budget, &budget),

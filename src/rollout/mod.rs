@@ -49,6 +49,7 @@ use crate::k8s::labels::{
     HASH_LABEL, ISTIO_CANONICAL_REVISION_LABEL, REVISION_ANNOTATION, ROLLOUT_LABEL,
     SCALE_DOWN_AT_ANNOTATION, TEMPLATE_ANNOTATION,
 };
+use crate::k8s::touched::Touched;
 use crate::traffic::{Cluster, Router, RouterError, RoutingCache, Targets};
 use cached::{CachedRollout, TemplateFacts};
 use model::{
@@ -152,8 +153,9 @@ fn pipeline_gate(pipelines: &Store<Pipeline>, rollout: &Rollout) -> Option<model
     })
 }
 
-/// Runs the Rollout controller until `stop`.
-pub async fn run(ctx: Arc<Context>, stop: watch::Receiver<bool>) {
+/// Runs the Rollout controller until `stop`. Each Rollout its watch sees change is also noted
+/// in `touched`, for another controller to wake on without a watch of its own.
+pub async fn run(ctx: Arc<Context>, stop: watch::Receiver<bool>, touched: Option<Touched>) {
     let client = ctx.client.clone();
     let namespace = ctx.settings.namespace.clone();
     let rollouts: Api<Rollout> = crate::k8s::scoped(&client, namespace.as_deref());
@@ -171,7 +173,12 @@ pub async fn run(ctx: Arc<Context>, stop: watch::Receiver<bool>) {
             writer,
             {
                 let referrers = referrers.clone();
-                move |event| referrers.apply(event)
+                move |event| {
+                    referrers.apply(event);
+                    if let Some(touched) = &touched {
+                        touched.note(event);
+                    }
+                }
             },
         ),
         store.clone(),

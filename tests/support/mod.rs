@@ -399,7 +399,7 @@ pub async fn start_controller_as(
     let (stop_tx, stop_rx) = watch::channel(false);
     let settings = sluice::context::Settings::local(Some(ns.to_string()), Some(prometheus));
     let ctx = Arc::new(sluice::context::Context::for_tests(client, settings));
-    tokio::spawn(sluice::rollout::run(ctx, stop_rx));
+    tokio::spawn(sluice::rollout::run(ctx, stop_rx, None));
     stop_tx
 }
 
@@ -412,10 +412,7 @@ pub async fn start_controllers_in(ns: Option<&str>, prometheus: String) -> watch
         client().await,
         settings,
     ));
-    tokio::spawn(sluice::rollout::run(ctx.clone(), stop_rx.clone()));
-    tokio::spawn(sluice::errorbudget::run(ctx.clone(), stop_rx.clone()));
-    tokio::spawn(sluice::pipeline::run(ctx.clone(), stop_rx.clone()));
-    tokio::spawn(sluice::notify::run(ctx, stop_rx));
+    tokio::spawn(sluice::controllers::run(ctx, stop_rx));
     stop_tx
 }
 
