@@ -72,6 +72,11 @@ impl Freshness {
         self.with(|awaited| awaited.insert(key.to_string(), rv.to_string()));
     }
 
+    /// The version awaited for `key`, if any.
+    pub fn awaited(&self, key: &str) -> Option<String> {
+        self.with(|awaited| awaited.get(key).cloned())
+    }
+
     /// The object is gone.
     pub fn forget(&self, key: &str) {
         self.with(|awaited| awaited.remove(key));

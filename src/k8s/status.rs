@@ -13,13 +13,14 @@ pub fn changed<S: Serialize>(current: Option<&S>, desired: &S) -> bool {
 }
 
 /// Applies `desired` as the status of `object`, unless it equals `current` (an idle resync
-/// then makes no write at all). Returns the resource version written, if a write was made.
+/// then makes no write at all). Returns the object as written (the apiserver's answer), if a
+/// write was made.
 pub async fn apply<K, S>(
     api: &Api<K>,
     object: &K,
     current: Option<&S>,
     desired: &S,
-) -> Result<Option<String>, kube::Error>
+) -> Result<Option<K>, kube::Error>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
     S: Serialize,
@@ -32,14 +33,13 @@ where
         "kind": K::kind(&()),
         "status": desired,
     });
-    let written = api
-        .patch_status(
-            &object.name_any(),
-            &PatchParams::apply(crate::FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await?;
-    Ok(Some(written.resource_version().unwrap_or_default()))
+    api.patch_status(
+        &object.name_any(),
+        &PatchParams::apply(crate::FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map(Some)
 }
 
 #[cfg(test)]

@@ -64,12 +64,13 @@ where
 /// As [`reflected`], the cache keeping each object in a smaller form of the controller's own
 /// (`C`, made from the object by `From`), which the controller's trigger then gets too. Each
 /// event is first handed, as the watch decoded it, to `keep` (an index of the controller's
-/// own).
+/// own), and then, once the cache holds it, to `cached`.
 pub fn reflected_into<K, C>(
     api: kube::Api<K>,
     config: watcher::Config,
     writer: Writer<C>,
     keep: impl Fn(&Event<K>) + Send + 'static,
+    cached: impl Fn(&Event<C>) + Send + 'static,
 ) -> impl Stream<Item = Result<C, watcher::Error>> + Send + 'static
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
@@ -84,6 +85,10 @@ where
                 converted(event)
             })
             .reflect(writer)
+            .map_ok(move |event| {
+                cached(&event);
+                event
+            })
             .touched_objects(),
     )
 }

@@ -19,6 +19,7 @@ pub mod runs;
 mod slots;
 pub mod steps;
 mod unrecorded;
+mod written;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -44,7 +45,6 @@ use crate::api::errorbudget::{BudgetAction, ErrorBudget};
 use crate::api::pipeline::Pipeline;
 use crate::api::rollout::{Rollout, RolloutStatus};
 use crate::context::Context;
-use crate::k8s::freshness::{Freshness, Read};
 use crate::k8s::labels::{
     HASH_LABEL, ISTIO_CANONICAL_REVISION_LABEL, REVISION_ANNOTATION, ROLLOUT_LABEL,
     SCALE_DOWN_AT_ANNOTATION, TEMPLATE_ANNOTATION,
@@ -60,6 +60,7 @@ use owned::OwnedReplicaSets;
 use routes::Referrers;
 use slots::{Slot, Slots};
 use unrecorded::Unrecorded;
+use written::{Source, Written};
 
 const FINALIZER: &str = "sluice.dev/traffic";
 /// The controller's name in metrics.
@@ -111,8 +112,8 @@ pub struct State {
     budgets: Store<ErrorBudget>,
     /// Pipelines, to hold a release until the Rollout's stage admits it.
     pipelines: Store<Pipeline>,
-    /// The status writes the Rollout cache has not shown yet (read those Rollouts fresh).
-    freshness: Freshness,
+    /// Sluice's own status writes the Rollout cache has not shown yet, with their answers.
+    written: Arc<Written>,
     /// Every Rollout's ReplicaSets, from one watch.
     owned: Arc<OwnedReplicaSets>,
     /// The bound on reconciles at work at once (not measuring): see slots.rs.
@@ -164,6 +165,7 @@ pub async fn run(ctx: Arc<Context>, stop: watch::Receiver<bool>, touched: Option
     let (store, writer) = reflector::store();
     let owned = Arc::new(OwnedReplicaSets::default());
     let referrers = Arc::new(Referrers::default());
+    let written = Arc::new(Written::default());
     let mut controller = Controller::for_stream(
         crate::k8s::watch::reflected_into(
             rollouts,
@@ -179,6 +181,10 @@ pub async fn run(ctx: Arc<Context>, stop: watch::Receiver<bool>, touched: Option
                         touched.note(event);
                     }
                 }
+            },
+            {
+                let written = written.clone();
+                move |event| written.seen(event)
             },
         ),
         store.clone(),
@@ -284,7 +290,7 @@ pub async fn run(ctx: Arc<Context>, stop: watch::Receiver<bool>, touched: Option
         rollouts: store,
         budgets,
         pipelines,
-        freshness: Freshness::default(),
+        written,
         owned,
         slots,
         unrecorded: Unrecorded::default(),
@@ -404,7 +410,7 @@ async fn reconcile_in_slot(
             Finalizer::Apply(rollout) => apply(rollout, &state, &slot).await,
             Finalizer::Cleanup(rollout) => {
                 let key = format!("{namespace}/{}", rollout.name_any());
-                state.freshness.forget(&key);
+                state.written.forget(&key);
                 state.unrecorded.forget(&key);
                 cleanup(rollout, &state).await
             }
@@ -475,14 +481,17 @@ async fn observe(state: &State, cached: &Rollout) -> Result<Option<World>, Error
     let api: Api<Rollout> = Api::namespaced(ctx.urgent.clone(), &namespace);
     let key = format!("{namespace}/{name}");
     let cached_version = cached.resource_version();
-    let rollout = match state.freshness.read(&key, cached_version.as_deref()) {
-        Read::Cache => cached.clone(),
-        Read::Fresh => {
+    let rollout = match state.written.read(&key, cached_version.as_deref()) {
+        Source::Cache => cached.clone(),
+        Source::Answer(answer) => answer
+            .rollout()
+            .map_err(|e| Error::CacheUnreadable(e.to_string()))?,
+        Source::Apiserver => {
             let Some(fresh) = api.get_opt(&name).await? else {
-                state.freshness.forget(&key);
+                state.written.forget(&key);
                 return Ok(None);
             };
-            state.freshness.read_fresh(
+            state.written.read_fresh(
                 &key,
                 fresh.resource_version().as_deref(),
                 cached_version.as_deref(),
@@ -771,7 +780,7 @@ async fn apply(cached: Arc<Rollout>, state: &State, slot: &Slot) -> Result<Actio
 /// a person's abort and a timed pause that ran out move traffic first), then ReplicaSets that
 /// add none; Events and metrics last.
 async fn carry_out(state: &State, world: &World, mut plan: Plan) -> Result<(), Error> {
-    let (ctx, freshness) = (state.ctx.as_ref(), &state.freshness);
+    let ctx = state.ctx.as_ref();
     let rollout = world.rollout.as_ref();
     plan.status.selector = Some(selector_string(&rollout.spec.selector));
     let namespace = rollout.namespace().unwrap_or_default();
@@ -823,11 +832,11 @@ async fn carry_out(state: &State, world: &World, mut plan: Plan) -> Result<(), E
         state
             .unrecorded
             .keep(&key, &uid, recorded, plan.status.analysis_runs.clone());
-    } else if let Some(version) =
+    } else if let Some(answer) =
         crate::k8s::status::apply(&api, rollout, current.as_ref(), &plan.status).await?
     {
         state.unrecorded.forget(&key);
-        freshness.wrote(&key, &version);
+        state.written.wrote(&key, answer);
     }
     if plan.order == WriteOrder::StatusFirst {
         traffic().await?;

@@ -424,7 +424,7 @@ mod tests {
         let mut phase_too = planned.clone();
         phase_too.message = Some("paused".into());
         assert!(!may_wait(&recorded, &phase_too, 10));
-        // Unless the flag is 0.
+        // Nor when the flag is 0.
         let s = strategy();
         let bg = background(&s);
         assert!(!passes_may_wait(
