@@ -832,11 +832,19 @@ async fn carry_out(state: &State, world: &World, mut plan: Plan) -> Result<(), E
         state
             .unrecorded
             .keep(&key, &uid, recorded, plan.status.analysis_runs.clone());
-    } else if let Some(answer) =
-        crate::k8s::status::apply(&api, rollout, current.as_ref(), &plan.status).await?
-    {
-        state.unrecorded.forget(&key);
-        state.written.wrote(&key, answer);
+    } else {
+        // What the cache shows as the write goes out: its answer is planned on only while the
+        // cache still shows this (written.rs).
+        let base = state
+            .rollouts
+            .get(&ObjectRef::new(&rollout.name_any()).within(&namespace))
+            .and_then(|cached| cached.resource_version());
+        if let Some(answer) =
+            crate::k8s::status::apply(&api, rollout, current.as_ref(), &plan.status).await?
+        {
+            state.unrecorded.forget(&key);
+            state.written.wrote(&key, base, answer);
+        }
     }
     if plan.order == WriteOrder::StatusFirst {
         traffic().await?;
