@@ -642,3 +642,16 @@ pub struct RolloutStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handled_intents: Option<HandledIntents>,
 }
+
+impl RolloutStatus {
+    /// Drops the people's intents: they belong to the person who wrote them, and the operator
+    /// never writes them back.
+    pub fn clear_intents(&mut self) {
+        self.abort = None;
+        self.promote = None;
+        self.promote_full = None;
+        self.retry = None;
+        self.pause = None;
+        self.resume = None;
+    }
+}

@@ -17,9 +17,9 @@ use super::model::{
     WriteOrder, add, budget_actions,
 };
 use super::release::{
-    DEFAULT_SCALE_DOWN_DELAY, TemplateChange, abort, clear_intents, first_revision,
-    follow_template, pause_for, paused_by_person, progress_deadline, record_counts, record_phase,
-    reset, route_writes, run_phase, schedule, take_back, unhandled,
+    DEFAULT_SCALE_DOWN_DELAY, TemplateChange, abort, first_revision, follow_template, pause_for,
+    paused_by_person, progress_deadline, record_counts, record_phase, reset, route_writes,
+    run_phase, schedule, take_back, unhandled,
 };
 use super::runs::RunName;
 use crate::api::analysis::AnalysisPhase;
@@ -633,7 +633,7 @@ pub fn plan(o: &Observed, bg: &BlueGreenStrategy) -> Plan {
         o,
     );
     status.handled_intents = Some(handled);
-    clear_intents(&mut status);
+    status.clear_intents();
     let busy = preview.is_some() || previous.is_some();
     let requeue_after = schedule(&mut status, o, &start_runs, &wakeups, busy);
     let mut traffic_writes = match &traffic {

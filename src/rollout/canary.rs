@@ -13,9 +13,9 @@ use super::model::{
     TrafficIntent, WriteOrder, add, budget_actions,
 };
 use super::release::{
-    DEFAULT_SCALE_DOWN_DELAY, abort, clear_intents, first_revision, follow_template, pause_for,
-    paused_by_person, progress_deadline, record_counts, record_phase, reset, route_writes,
-    run_phase, scale_down_later, schedule, take_back, unhandled,
+    DEFAULT_SCALE_DOWN_DELAY, abort, first_revision, follow_template, pause_for, paused_by_person,
+    progress_deadline, record_counts, record_phase, reset, route_writes, run_phase,
+    scale_down_later, schedule, take_back, unhandled,
 };
 use super::runs::RunName;
 use super::steps::{self, Step};
@@ -682,7 +682,7 @@ fn finish(mut p: Planner, steps: &[Step], desired_weight: i32, promoted: Option<
         o,
     );
     p.status.handled_intents = Some(p.handled.clone());
-    clear_intents(&mut p.status);
+    p.status.clear_intents();
 
     let requeue_after = schedule(
         &mut p.status,

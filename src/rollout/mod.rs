@@ -809,7 +809,7 @@ async fn carry_out(state: &State, world: &World, mut plan: Plan) -> Result<(), E
     // Intents belong to the plugin's field manager: they are not ours to compare.
     let mut current = rollout.status.clone();
     if let Some(current) = current.as_mut() {
-        release::clear_intents(current);
+        current.clear_intents();
     }
     let traffic = || {
         write_traffic(

@@ -480,16 +480,6 @@ pub fn scale_down_later(
     }
 }
 
-/// Intents belong to the person who wrote them: the operator never writes them back.
-pub fn clear_intents(status: &mut RolloutStatus) {
-    status.abort = None;
-    status.promote = None;
-    status.promote_full = None;
-    status.retry = None;
-    status.pause = None;
-    status.resume = None;
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -248,7 +248,7 @@ pub fn passes_may_wait(
             selector: None,
             ..s.clone()
         };
-        super::release::clear_intents(&mut rest);
+        rest.clear_intents();
         rest
     };
     if crate::k8s::status::changed(Some(&rest(recorded)), &rest(planned))
