@@ -656,6 +656,7 @@ pub fn plan(o: &Observed, bg: &BlueGreenStrategy) -> Plan {
         events,
         requeue_after,
         promoted,
+        unfolded: None,
     }
 }
 

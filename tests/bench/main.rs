@@ -3,8 +3,9 @@
 //! Creates N Rollouts shaped like production ones (`fixtures.rs`), starts the operator, and
 //! measures memory, CPU, apiserver requests and status writes while idle, reconcile latency,
 //! a restart with every Rollout present, and 100 (at most N/2) canaries released at once:
-//! step due -> weight written, and abort -> all traffic on stable. Writes `bench-N.json` and
-//! `bench-N.md` under `SLUICE_BENCH_OUT` (default `target/bench`).
+//! step due -> weight written, and abort -> all traffic on stable. Writes `bench-N.json`,
+//! `bench-N.md` and `steps-N.tsv` (each timed step: Rollout, due, weight seen, in seconds since
+//! the epoch) under `SLUICE_BENCH_OUT` (default `target/bench`).
 //!
 //! Settings: `SLUICE_BENCH_N` (default 100), `SLUICE_BENCH_IDLE_SECONDS` (default 20; `make
 //! bench` uses 320 to span the 300 s idle resync), `SLUICE_BENCH_OPERATOR` (the binary; default
@@ -681,7 +682,7 @@ async fn scale() {
     while !all_pauses_seen() && waited.elapsed() < Duration::from_secs(60) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let step_latencies: Vec<Duration> = {
+    let steps: Vec<(String, SystemTime, SystemTime)> = {
         let seen = seen.lock().unwrap_or_else(|p| p.into_inner());
         released
             .iter()
@@ -689,10 +690,26 @@ async fn scale() {
                 let due =
                     *seen.pause_started.get(&key(r))? + Duration::from_secs(STEP_PAUSE_SECONDS);
                 let written = seen.weights.get(&key(r))?.iter().find(|(_, w)| *w == 50)?.0;
-                Some(written.duration_since(due).unwrap_or(Duration::ZERO))
+                Some((key(r), due, written))
             })
             .collect()
     };
+    // Each step as timed, to be read against the apiserver's audit log (when the operator's
+    // route write arrived and was answered): where a slow step spent its time.
+    let unix = |t: &SystemTime| {
+        t.duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64()
+    };
+    let rows: String = steps
+        .iter()
+        .map(|(key, due, written)| format!("{key}\t{:.3}\t{:.3}\n", unix(due), unix(written)))
+        .collect();
+    std::fs::write(out.join(format!("steps-{n}.tsv")), rows).expect("write the steps");
+    let step_latencies: Vec<Duration> = steps
+        .iter()
+        .map(|(_, due, written)| written.duration_since(*due).unwrap_or(Duration::ZERO))
+        .collect();
     if step_latencies.len() != released.len() {
         // Why not: what the watches went through, and one untimed Rollout as it is now.
         let (untimed, relisted): (Vec<&(String, String)>, usize) = {
