@@ -656,7 +656,6 @@ pub fn plan(o: &Observed, bg: &BlueGreenStrategy) -> Plan {
         events,
         requeue_after,
         promoted,
-        unfolded: None,
     }
 }
 

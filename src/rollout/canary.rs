@@ -709,7 +709,6 @@ fn finish(mut p: Planner, steps: &[Step], desired_weight: i32, promoted: Option<
         events: p.events,
         requeue_after,
         promoted,
-        unfolded: None,
     }
 }
 
@@ -873,23 +872,7 @@ mod tests {
         let steps = vec![weight(25), pause(None)];
         let plan1 = plan(&observed(steps.clone(), releasing(0), 1, Some(0)));
         assert_eq!(plan1.traffic.as_ref().unwrap().canary_weight, 25);
-        // The route is written first, and the step passed in the same plan; refused, the
-        // plan without it stays at the step.
-        assert_eq!(plan1.order, WriteOrder::TrafficFirst);
-        assert_eq!(plan1.status.current_step_index, Some(1));
-        let unfolded = plan1
-            .unfolded
-            .as_deref()
-            .expect("the plan without the step passed");
-        assert_eq!(
-            unfolded.status.current_step_index,
-            Some(0),
-            "not verified yet"
-        );
-        // Without the pods, no route and no step.
-        let waiting = plan(&observed(steps.clone(), releasing(0), 0, Some(0)));
-        assert!(waiting.traffic_writes.is_empty());
-        assert_eq!(waiting.status.current_step_index, Some(0));
+        assert_eq!(plan1.status.current_step_index, Some(0), "not verified yet");
         let plan2 = plan(&observed(steps, releasing(0), 1, Some(25)));
         assert_eq!(plan2.status.current_step_index, Some(1));
         assert_eq!(plan2.status.phase, Some(RolloutPhase::Paused));
@@ -1062,16 +1045,9 @@ mod tests {
         let by_budget = plan(&o);
         assert!(by_budget.status.aborted_at.is_some());
         assert_eq!(by_budget.order, WriteOrder::StatusFirst);
-        // A release routing to the weight of the step it stands at: nothing to record first.
-        let stepping = plan(&observed(steps.clone(), releasing(0), 2, Some(0)));
-        assert_eq!(stepping.order, WriteOrder::TrafficFirst);
-        // One that starts the release: recorded first.
-        let mut starting = observed(steps, releasing(0), 2, Some(0));
-        starting.status.canary_revision = None;
-        starting.status.current_step_index = None;
-        let started = plan(&starting);
-        assert!(started.status.canary_revision.is_some());
-        assert_eq!(started.order, WriteOrder::StatusFirst);
+        // A release stepping forward on pods and weights: recorded first.
+        let stepping = plan(&observed(steps, releasing(0), 2, Some(0)));
+        assert_eq!(stepping.order, WriteOrder::StatusFirst);
     }
 
     #[test]
@@ -1142,31 +1118,15 @@ mod tests {
         let timed = plan(&due);
         assert!(timed.stepped_by_clock);
         assert_eq!(timed.order, WriteOrder::TrafficFirst);
-        let at_half = Some(TrafficWeights {
-            stable: 50,
-            canary: 50,
-            verified: Some(true),
-        });
-        // The weight the route write reaches passes its step too (its pods are available):
-        // one status write for both steps, paused at the last.
-        assert_eq!(timed.status.current_step_index, Some(3));
-        assert_eq!(timed.status.weights, at_half);
-        assert_eq!(timed.status.phase, Some(RolloutPhase::Paused));
-        let completed = |plan: &Plan| {
-            plan.events
-                .iter()
-                .filter(|e| e.reason == Reason::StepCompleted)
-                .count()
-        };
-        assert_eq!(completed(&timed), 2);
-        // Should the router refuse the route, the plan without that step.
-        let unfolded = timed
-            .unfolded
-            .as_deref()
-            .expect("the plan without the folded step");
-        assert_eq!(unfolded.status.current_step_index, Some(2));
-        assert_eq!(completed(unfolded), 1);
-        assert_eq!(unfolded.traffic_writes, timed.traffic_writes);
+        assert_eq!(timed.status.current_step_index, Some(2));
+        assert_eq!(
+            timed.status.weights,
+            Some(TrafficWeights {
+                stable: 50,
+                canary: 50,
+                verified: Some(true)
+            })
+        );
         // The operator stopped after the route write, before the status: from the status as
         // it was, the next reconcile passes the same pause and moves nothing back.
         let (after_lost, after_kept) = next_plans(&due, &timed);
@@ -1978,11 +1938,7 @@ mod tests {
                     if handled(&plan.status) != handled(&o.status) {
                         prop_assert!(plan.traffic.as_ref().is_some_and(|t| t.canary_weight == 0), "turn {}: an abort's traffic first towards a canary", n);
                     } else {
-                        prop_assert!(
-                            plan.stepped_by_clock
-                                || crate::rollout::plan::routes_to_the_recorded_step(&o, plan.unfolded.as_deref().unwrap_or(&plan)),
-                            "turn {}: traffic first without a new abort, a timed pause or the recorded step's weight", n
-                        );
+                        prop_assert!(plan.stepped_by_clock, "turn {}: traffic first without a new abort or a timed pause", n);
                         // The operator stops after the route write: the status as it was and
                         // the route as written plan what the recorded status would have.
                         let (after_lost, after_kept) = next_plans(&o, &plan);

@@ -769,11 +769,7 @@ async fn apply(cached: Arc<Rollout>, state: &State, slot: &Slot) -> Result<Actio
         return Ok(Action::requeue(Duration::ZERO));
     }
     let plan = plan::plan(&world.observed);
-    // The sooner of the plan's and, should its route be refused, the plan without the step
-    // that route reaches.
-    let requeue = plan.unfolded.as_ref().map_or(plan.requeue_after, |u| {
-        u.requeue_after.min(plan.requeue_after)
-    });
+    let requeue = plan.requeue_after;
     Box::pin(carry_out(state, &world, plan)).await?;
     Ok(Action::requeue(requeue))
 }
@@ -815,22 +811,16 @@ async fn carry_out(state: &State, world: &World, mut plan: Plan) -> Result<(), E
     if let Some(current) = current.as_mut() {
         current.clear_intents();
     }
-    // The plan may change below (`unfolded`), its traffic writes do not.
-    let traffic_writes = std::mem::take(&mut plan.traffic_writes);
     let traffic = || {
         write_traffic(
             &state.cluster,
             &namespace,
             world.router.as_ref(),
-            &traffic_writes,
+            &plan.traffic_writes,
         )
     };
     if plan.order == WriteOrder::TrafficFirst && !traffic().await? {
-        // A route refused as misconfigured was not written after all: not verified, and no
-        // step it would have reached is passed.
-        if let Some(unfolded) = plan.unfolded.take() {
-            plan = *unfolded;
-        }
+        // A route refused as misconfigured was not written after all: not verified.
         if let Some(weights) = plan.status.weights.as_mut() {
             weights.verified = Some(false);
         }

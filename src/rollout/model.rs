@@ -195,12 +195,7 @@ pub enum WriteOrder {
     ///   is in status and the clock only goes on, so the same pauses are passed again, and the
     ///   weight they lead to is the one already written. A measurement taken in the same
     ///   reconcile is then lost and taken again (it did not fail: the step would not have
-    ///   moved);
-    /// - a route to the weight of the `setWeight` step the status stands at, passing none
-    ///   (`plan::routes_to_the_recorded_step`): the step is recorded and its pods observed,
-    ///   so the same route is planned again.
-    ///
-    /// The step that route reaches is then passed in the same plan (`Plan::unfolded`).
+    ///   moved).
     TrafficFirst,
 }
 
@@ -233,12 +228,9 @@ pub struct Plan {
     pub requeue_after: Duration,
     /// The revision that became stable in this plan (for the release-duration metric).
     pub promoted: Option<String>,
-    /// Set when this plan also passes the step its route write reaches (see
-    /// `plan::pass_the_weight_written`): the plan without that step, which the shell carries
-    /// out instead from the status on when the router refuses the route write.
-    pub unfolded: Option<Box<Plan>>,
 }
 
+#[cfg(test)]
 impl Plan {
     /// Every ReplicaSet write, before and after the traffic.
     pub fn replica_set_writes(&self) -> Vec<ReplicaSetIntent> {
