@@ -46,15 +46,15 @@ fn decide(
     awaited: Option<&str>,
     cached: Option<&str>,
     answer: Option<&Answer>,
-) -> Option<Source> {
+) -> Source {
     match (read, answer) {
-        (Read::Cache, _) => Some(Source::Cache),
+        (Read::Cache, _) => Source::Cache,
         (Read::Fresh, Some(a))
             if a.object.resource_version().as_deref() == awaited && a.base.as_deref() == cached =>
         {
-            Some(Source::Answer(a.object.clone()))
+            Source::Answer(a.object.clone())
         }
-        (Read::Fresh, _) => None,
+        (Read::Fresh, _) => Source::Apiserver,
     }
 }
 
@@ -82,10 +82,10 @@ impl Written {
         let awaited = self.freshness.awaited(key);
         let mut answers = self.answers();
         let source = decide(read, awaited.as_deref(), cached, answers.get(key));
-        if !matches!(source, Some(Source::Answer(_))) {
+        if !matches!(source, Source::Answer(_)) {
             answers.remove(key);
         }
-        source.unwrap_or(Source::Apiserver)
+        source
     }
 
     /// A read from the apiserver returned version `fresh`.
