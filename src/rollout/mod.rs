@@ -45,6 +45,7 @@ use crate::api::errorbudget::{BudgetAction, ErrorBudget};
 use crate::api::pipeline::Pipeline;
 use crate::api::rollout::{Rollout, RolloutStatus};
 use crate::context::Context;
+use crate::k8s::events::PlannedEvent as Report;
 use crate::k8s::labels::{
     HASH_LABEL, ISTIO_CANONICAL_REVISION_LABEL, REVISION_ANNOTATION, ROLLOUT_LABEL,
     SCALE_DOWN_AT_ANNOTATION, TEMPLATE_ANNOTATION,
@@ -769,16 +770,20 @@ async fn apply(cached: Arc<Rollout>, state: &State, slot: &Slot) -> Result<Actio
         return Ok(Action::requeue(Duration::ZERO));
     }
     let plan = plan::plan(&world.observed);
-    let requeue = plan.requeue_after;
+    // The plan's wake-up is a moment (its `now` plus the wait), not a wait from whenever the
+    // writes end: the status write recording a pause takes 0.3 to 0.8 s on a busy apiserver,
+    // and the step after the pause would start that much late whenever no other reconcile
+    // came between to set the timer again.
+    let wake_at = model::add(world.observed.now, plan.requeue_after);
     Box::pin(carry_out(state, &world, plan)).await?;
-    Ok(Action::requeue(requeue))
+    Ok(Action::requeue(model::until(Timestamp::now(), wake_at)))
 }
 
 /// Makes the plan's writes, in its order: ReplicaSets that add pods, history, then the status
 /// and the traffic in the order the plan says (the decision is recorded before traffic moves,
 /// so a crash in between leaves a status from which the next reconcile makes the same move;
 /// a person's abort and a timed pause that ran out move traffic first), then ReplicaSets that
-/// add none; Events and metrics last.
+/// add none; metrics last, and the Events handed over to be posted after (k8s/events.rs).
 async fn carry_out(state: &State, world: &World, mut plan: Plan) -> Result<(), Error> {
     let ctx = state.ctx.as_ref();
     let rollout = world.rollout.as_ref();
@@ -800,11 +805,7 @@ async fn carry_out(state: &State, world: &World, mut plan: Plan) -> Result<(), E
     let urgent = plan.order == WriteOrder::StatusFirst
         && (!plan.traffic_writes.is_empty()
             || plan.status.handled_intents != world.observed.status.handled_intents);
-    let (lane, recorder) = if urgent {
-        (&ctx.urgent, &ctx.urgent_recorder)
-    } else {
-        (&ctx.client, &ctx.recorder)
-    };
+    let lane = if urgent { &ctx.urgent } else { &ctx.client };
     let api: Api<Rollout> = Api::namespaced(lane.clone(), &namespace);
     // Intents belong to the plugin's field manager: they are not ours to compare.
     let mut current = rollout.status.clone();
@@ -868,15 +869,14 @@ async fn carry_out(state: &State, world: &World, mut plan: Plan) -> Result<(), E
         ctx.metrics().observe_release(took);
     }
     let reference: ObjectReference = rollout.object_ref(&());
+    let mut events = Vec::new();
     for event in &plan.events {
-        crate::k8s::events::publish(
-            recorder,
-            &reference,
-            event.warning,
-            event.reason.as_str(),
-            &event.message,
-        )
-        .await;
+        let report = |message: String| Report {
+            warning: event.warning,
+            reason: event.reason.as_str(),
+            message,
+        };
+        events.push((reference.clone(), report(event.message.clone())));
         // A policy acting is recorded on the budgets too, naming the Rollout.
         if event.reason.is_budget_action() {
             for hold in world
@@ -899,17 +899,12 @@ async fn carry_out(state: &State, world: &World, mut plan: Plan) -> Result<(), E
                     rollout.name_any(),
                     event.message
                 );
-                crate::k8s::events::publish(
-                    recorder,
-                    &on_budget,
-                    event.warning,
-                    event.reason.as_str(),
-                    &message,
-                )
-                .await;
+                events.push((on_budget, report(message)));
             }
         }
     }
+    let object = crate::k8s::events::object_key(&reference);
+    ctx.events.hand_over(object, events).await;
     ctx.metrics().rollout_state(
         &namespace,
         &rollout.name_any(),
