@@ -313,6 +313,16 @@ async fn watch_releases(client: &Client, seen: Arc<Mutex<Seen>>) {
     .await;
 }
 
+/// A latency's p50 and p99, in milliseconds, under `keys`.
+fn record_latencies(
+    report: &mut BTreeMap<&str, Value>,
+    keys: [&'static str; 2],
+    values: &[Duration],
+) {
+    report.insert(keys[0], millis(percentile(values, 0.5)));
+    report.insert(keys[1], millis(percentile(values, 0.99)));
+}
+
 /// The Rollout controller's reconcile p50 and p99 between two scrapes, under `keys` (the
 /// upper bound of the histogram bucket; above its last bound, 10.24 s, `null`).
 fn record_reconcile_quantiles(
@@ -833,21 +843,15 @@ async fn scale() {
         &release_start,
     );
     report.insert("releases", json!(released.len()));
-    report.insert(
-        "step_to_weight_p50_ms",
-        millis(percentile(&step_latencies, 0.5)),
+    record_latencies(
+        &mut report,
+        ["step_to_weight_p50_ms", "step_to_weight_p99_ms"],
+        &step_latencies,
     );
-    report.insert(
-        "step_to_weight_p99_ms",
-        millis(percentile(&step_latencies, 0.99)),
-    );
-    report.insert(
-        "abort_to_stable_p50_ms",
-        millis(percentile(&abort_latencies, 0.5)),
-    );
-    report.insert(
-        "abort_to_stable_p99_ms",
-        millis(percentile(&abort_latencies, 0.99)),
+    record_latencies(
+        &mut report,
+        ["abort_to_stable_p50_ms", "abort_to_stable_p99_ms"],
+        &abort_latencies,
     );
     let release_requests = release_end.requests_since(&release_start);
     report.insert("release_requests", json!(release_requests));
@@ -871,13 +875,10 @@ async fn scale() {
     .await;
     report.insert("failures_timed", json!(failing_latencies.len()));
     report.insert("failures_untimed", json!(failing_untimed));
-    report.insert(
-        "failing_to_stable_p50_ms",
-        millis(percentile(&failing_latencies, 0.5)),
-    );
-    report.insert(
-        "failing_to_stable_p99_ms",
-        millis(percentile(&failing_latencies, 0.99)),
+    record_latencies(
+        &mut report,
+        ["failing_to_stable_p50_ms", "failing_to_stable_p99_ms"],
+        &failing_latencies,
     );
     println!(
         "MEASURE {} failing measurements ({failing_untimed} before any traffic moved): \
@@ -895,13 +896,10 @@ async fn scale() {
         .and_then(|dir| audit::step_to_written(Path::new(&dir), &steps))
         .unwrap_or_default();
     report.insert("steps_written_timed", json!(to_written.len()));
-    report.insert(
-        "step_to_written_p50_ms",
-        millis(percentile(&to_written, 0.5)),
-    );
-    report.insert(
-        "step_to_written_p99_ms",
-        millis(percentile(&to_written, 0.99)),
+    record_latencies(
+        &mut report,
+        ["step_to_written_p50_ms", "step_to_written_p99_ms"],
+        &to_written,
     );
     println!(
         "MEASURE {} steps to the route write's answer (audit log): p50 {:?} p99 {:?}",
