@@ -126,7 +126,7 @@ async fn wait_messages(receiver: &Receiver, what: &str, check: impl Fn() -> bool
 
 /// A canary promoted and a canary aborted by a person reach all four channels, each message
 /// exactly once and in order, with the operator killed and restarted right after the
-/// promotion was delivered; the token is in no log line, Event or status.
+/// promotion was delivered and recorded; the token is in no log line, Event or status.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs the local cluster: make test"]
 async fn a_promotion_and_an_abort_reach_every_channel_once_in_order_across_a_restart() {
@@ -199,7 +199,25 @@ async fn a_promotion_and_an_abort_reach_every_channel_once_in_order_across_a_res
             && cloudevent_types(&receiver).contains(&"dev.cdevents.service.deployed.0.2.0".into())
     })
     .await;
-    // Killed right after: the restarted operator sees every Event again and sends none twice.
+    // Each delivery is recorded just after it is made (a kill in between sends it again: at
+    // least once). Killed right after the records: the restarted operator sees every Event
+    // again and sends none twice.
+    wait_for(
+        "the promotion recorded by every Notifier",
+        Duration::from_secs(30),
+        || async {
+            let all = notifiers.list(&ListParams::default()).await.ok()?;
+            all.items
+                .iter()
+                .all(|n| {
+                    n.status
+                        .as_ref()
+                        .is_some_and(|s| s.sent.iter().any(|r| r.what.starts_with("Promoted")))
+                })
+                .then_some(())
+        },
+    )
+    .await;
     operator.kill();
     let before_restart = receiver.received.lock().unwrap().len();
     operator.start();

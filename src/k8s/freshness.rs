@@ -44,7 +44,10 @@ impl Freshness {
         f(&mut awaited)
     }
 
-    /// Where to read `key` from, given the cached copy's resource version.
+    /// Where to read `key` from, given the cached copy's resource version. `Cache` is about
+    /// the cache as it is after this call, which [`Freshness::seen`] may have moved past
+    /// `cached` (it is told only once the cache shows the version): the copy planned on is
+    /// taken after it, not before.
     pub fn read(&self, key: &str, cached: Option<&str>) -> Read {
         self.with(|awaited| {
             let read = decide(awaited.get(key).map(String::as_str), cached);

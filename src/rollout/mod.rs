@@ -480,17 +480,25 @@ async fn observe(state: &State, cached: &Rollout) -> Result<Option<World>, Error
     // step or an abort waits on it: the urgent lane (a GET costs the apiserver little).
     let api: Api<Rollout> = Api::namespaced(ctx.urgent.clone(), &namespace);
     let key = format!("{namespace}/{name}");
-    let cached_version = cached.resource_version();
-    let rollout = match state.written.read(&key, cached_version.as_deref()) {
-        Source::Cache => cached.clone(),
-        Source::Answer(answer) => answer
-            .rollout()
-            .map_err(|e| Error::CacheUnreadable(e.to_string()))?,
+    let reference = ObjectRef::new(&name).within(&namespace);
+    let decoded = |c: &CachedRollout| {
+        c.rollout()
+            .map_err(|e| Error::CacheUnreadable(e.to_string()))
+    };
+    let rollout = match state.written.read(&state.rollouts, &reference, &key) {
+        // The copy held since the reconcile began, unless the cache has moved since.
+        Source::Cache(now) if now.resource_version() == cached.resource_version() => cached.clone(),
+        Source::Cache(now) => decoded(&now)?,
+        Source::Answer(answer) => decoded(&answer)?,
         Source::Apiserver => {
             let Some(fresh) = api.get_opt(&name).await? else {
                 state.written.forget(&key);
                 return Ok(None);
             };
+            let cached_version = state
+                .rollouts
+                .get(&reference)
+                .and_then(|c| c.resource_version());
             state.written.read_fresh(
                 &key,
                 fresh.resource_version().as_deref(),

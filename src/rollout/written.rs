@@ -13,11 +13,18 @@
 //! moves it shows either our write (read from the cache) or a version that may come after it:
 //! resource versions can only be compared for equality, and the watch may deliver our write
 //! before the apiserver's answer reaches us, so that is read from the apiserver, as before.
+//!
+//! A reconcile holds the copy the cache had when it began, and the watch may show our write
+//! (and so end the wait for it) while it runs: a decision to read the cache is about the cache
+//! as it is then, so the copy is taken from it again after the decision, never the one held.
+//! The cache's first list (and any relist) is swapped in whole once complete, so a version it
+//! lists ends no wait before that.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use kube::ResourceExt;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher::Event;
 
 use crate::api::rollout::Rollout;
@@ -32,7 +39,8 @@ const ANSWERS_KEPT: usize = 1_000;
 /// Where to read a Rollout from.
 #[derive(Debug)]
 pub enum Source {
-    Cache,
+    /// The cache's copy, taken after the decision.
+    Cache(Arc<CachedRollout>),
     /// The answer to Sluice's own last status write, which the cache does not show yet.
     Answer(Arc<CachedRollout>),
     Apiserver,
@@ -46,16 +54,22 @@ fn decide(
     awaited: Option<&str>,
     cached: Option<&str>,
     answer: Option<&Answer>,
-) -> Source {
+) -> Decision {
     match (read, answer) {
-        (Read::Cache, _) => Source::Cache,
+        (Read::Cache, _) => Decision::Cache,
         (Read::Fresh, Some(a))
             if a.object.resource_version().as_deref() == awaited && a.base.as_deref() == cached =>
         {
-            Source::Answer(a.object.clone())
+            Decision::Answer(a.object.clone())
         }
-        (Read::Fresh, _) => Source::Apiserver,
+        (Read::Fresh, _) => Decision::Apiserver,
     }
+}
+
+enum Decision {
+    Cache,
+    Answer(Arc<CachedRollout>),
+    Apiserver,
 }
 
 struct Answer {
@@ -76,16 +90,38 @@ impl Written {
         self.answers.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Where to read `key` from, given the cached copy's resource version.
-    pub fn read(&self, key: &str, cached: Option<&str>) -> Source {
-        let read = self.freshness.read(key, cached);
+    /// Where to read the Rollout `key` from, `cache` holding it as `reference`.
+    pub fn read(
+        &self,
+        cache: &Store<CachedRollout>,
+        reference: &ObjectRef<CachedRollout>,
+        key: &str,
+    ) -> Source {
+        let cached = cache.get(reference).and_then(|c| c.resource_version());
+        let read = self.freshness.read(key, cached.as_deref());
         let awaited = self.freshness.awaited(key);
-        let mut answers = self.answers();
-        let source = decide(read, awaited.as_deref(), cached, answers.get(key));
-        if !matches!(source, Source::Answer(_)) {
-            answers.remove(key);
+        let decision = {
+            let mut answers = self.answers();
+            let decision = decide(
+                read,
+                awaited.as_deref(),
+                cached.as_deref(),
+                answers.get(key),
+            );
+            if !matches!(decision, Decision::Answer(_)) {
+                answers.remove(key);
+            }
+            decision
+        };
+        match decision {
+            // Taken now: the watch may have shown the write awaited since `cached` was read,
+            // and it updates the cache before it ends the wait.
+            Decision::Cache => cache
+                .get(reference)
+                .map_or(Source::Apiserver, Source::Cache),
+            Decision::Answer(answer) => Source::Answer(answer),
+            Decision::Apiserver => Source::Apiserver,
         }
-        source
     }
 
     /// A read from the apiserver returned version `fresh`.
@@ -120,12 +156,14 @@ impl Written {
     /// use, and a write it shows is no longer awaited.
     pub fn seen(&self, event: &Event<CachedRollout>) {
         let object = match event {
-            Event::Apply(object) | Event::InitApply(object) => object,
+            Event::Apply(object) => object,
             Event::Delete(object) => {
                 self.forget(&key_of(object));
                 return;
             }
-            Event::Init | Event::InitDone => return,
+            // A listed copy is in the cache only once the whole list is: the next read
+            // compares it then.
+            Event::Init | Event::InitApply(_) | Event::InitDone => return,
         };
         let key = key_of(object);
         let version = object.resource_version();
@@ -178,6 +216,38 @@ mod tests {
         }
     }
 
+    /// The version of the cache's copy read, if the cache is read.
+    fn from_cache(source: &Source) -> Option<String> {
+        match source {
+            Source::Cache(c) => c.resource_version(),
+            _ => None,
+        }
+    }
+
+    fn reference() -> ObjectRef<CachedRollout> {
+        ObjectRef::new("r").within("ns")
+    }
+
+    /// Reads through a cache that shows `version`.
+    fn read(w: &Written, version: &str) -> Source {
+        read_key(w, version, "ns/r")
+    }
+
+    /// Reads the Rollout of `key` through a cache that shows `version` (of `ns/r`).
+    fn read_key(w: &Written, version: &str, key: &str) -> Source {
+        let (cache, mut writer) = kube::runtime::reflector::store();
+        writer.apply_watcher_event(&Event::Apply(cached(version)));
+        w.read(&cache, &reference(), key)
+    }
+
+    fn is_cache(source: &Source) -> bool {
+        matches!(source, Source::Cache(_))
+    }
+
+    fn is_apiserver(source: &Source) -> bool {
+        matches!(source, Source::Apiserver)
+    }
+
     fn base(version: &str) -> Option<String> {
         Some(version.into())
     }
@@ -185,15 +255,15 @@ mod tests {
     #[test]
     fn the_answer_is_read_while_the_cache_shows_what_it_showed_at_the_write() {
         let w = Written::default();
-        assert!(matches!(w.read("ns/r", Some("5")), Source::Cache));
+        assert!(is_cache(&read(&w, "5")));
         w.wrote("ns/r", base("5"), rollout("6"));
-        assert_eq!(answered(&w.read("ns/r", Some("5"))), Some("6".into()));
-        assert_eq!(answered(&w.read("ns/r", Some("5"))), Some("6".into()));
+        assert_eq!(answered(&read(&w, "5")), Some("6".into()));
+        assert_eq!(answered(&read(&w, "5")), Some("6".into()));
         // The cache shows our write: good from now on, whatever comes after it.
         w.seen(&Event::Apply(cached("6")));
         assert!(w.is_empty());
         w.seen(&Event::Apply(cached("8")));
-        assert!(matches!(w.read("ns/r", Some("8")), Source::Cache));
+        assert!(is_cache(&read(&w, "8")));
     }
 
     #[test]
@@ -204,14 +274,14 @@ mod tests {
         w.seen(&Event::Apply(cached("6")));
         w.seen(&Event::Apply(cached("7")));
         w.wrote("ns/r", base("5"), rollout("6"));
-        assert!(matches!(w.read("ns/r", Some("7")), Source::Apiserver));
+        assert!(is_apiserver(&read(&w, "7")));
         w.read_fresh("ns/r", Some("7"), Some("7"));
-        assert!(matches!(w.read("ns/r", Some("7")), Source::Cache));
+        assert!(is_cache(&read(&w, "7")));
         assert!(w.is_empty());
         // Someone else's write lands between the base and ours: not the answer either.
         w.wrote("ns/r", base("7"), rollout("9"));
         w.seen(&Event::Apply(cached("8")));
-        assert!(matches!(w.read("ns/r", Some("8")), Source::Apiserver));
+        assert!(is_apiserver(&read(&w, "8")));
     }
 
     #[test]
@@ -221,9 +291,9 @@ mod tests {
         w.seen(&Event::Init);
         w.seen(&Event::InitApply(cached("9")));
         w.seen(&Event::InitDone);
-        assert!(matches!(w.read("ns/r", Some("9")), Source::Apiserver));
+        assert!(is_apiserver(&read(&w, "9")));
         w.read_fresh("ns/r", Some("9"), Some("9"));
-        assert!(matches!(w.read("ns/r", Some("9")), Source::Cache));
+        assert!(is_cache(&read(&w, "9")));
         assert!(w.is_empty());
     }
 
@@ -231,11 +301,53 @@ mod tests {
     fn a_read_from_the_cache_or_a_deletion_forgets_the_answer() {
         let w = Written::default();
         w.wrote("ns/r", base("5"), rollout("6"));
-        assert!(matches!(w.read("ns/r", Some("6")), Source::Cache));
+        assert!(is_cache(&read(&w, "6")));
         assert!(w.is_empty());
         w.wrote("ns/r", base("6"), rollout("7"));
         w.seen(&Event::Delete(cached("7")));
         assert!(w.is_empty());
+    }
+
+    #[test]
+    fn the_cache_is_read_as_it_is_after_the_decision_not_as_the_reconcile_found_it() {
+        // A reconcile holds the copy at 5, writes 6, and the next one begins with that copy
+        // still held while the watch brings 6 (and ends the wait for it) before it reads:
+        // planning on 5 would decide again what 6 records (a person's abort, twice).
+        let w = Written::default();
+        let (cache, mut writer) = kube::runtime::reflector::store();
+        writer.apply_watcher_event(&Event::Apply(cached("5")));
+        let held = cache.get(&reference()).unwrap();
+        w.wrote("ns/r", base("5"), rollout("6"));
+        let shown = Event::Apply(cached("6"));
+        writer.apply_watcher_event(&shown);
+        w.seen(&shown);
+        let source = w.read(&cache, &reference(), "ns/r");
+        assert_eq!(held.resource_version().as_deref(), Some("5"));
+        assert_eq!(from_cache(&source).as_deref(), Some("6"));
+        // Gone from the cache meanwhile: read from the apiserver (which says whether it is).
+        writer.apply_watcher_event(&Event::Delete(cached("6")));
+        assert!(is_apiserver(&w.read(&cache, &reference(), "ns/r")));
+    }
+
+    #[test]
+    fn a_relisted_copy_ends_no_wait_before_the_list_is_in_the_cache() {
+        let w = Written::default();
+        let (cache, mut writer) = kube::runtime::reflector::store();
+        writer.apply_watcher_event(&Event::Apply(cached("5")));
+        w.wrote("ns/r", base("5"), rollout("6"));
+        // The relist lists our write; the cache still shows 5 until the list is complete.
+        for event in [Event::Init, Event::InitApply(cached("6"))] {
+            writer.apply_watcher_event(&event);
+            w.seen(&event);
+        }
+        let during = w.read(&cache, &reference(), "ns/r");
+        assert_eq!(answered(&during).as_deref(), Some("6"), "{during:?}");
+        writer.apply_watcher_event(&Event::InitDone);
+        w.seen(&Event::InitDone);
+        assert_eq!(
+            from_cache(&w.read(&cache, &reference(), "ns/r")).as_deref(),
+            Some("6")
+        );
     }
 
     #[test]
@@ -246,9 +358,9 @@ mod tests {
         }
         assert_eq!(w.answers().len(), ANSWERS_KEPT);
         let last = format!("ns/r{ANSWERS_KEPT}");
-        assert!(matches!(w.read(&last, Some("5")), Source::Apiserver));
+        assert!(is_apiserver(&read_key(&w, "5", &last)));
         // One already kept is replaced by its next answer.
         w.wrote("ns/r0", base("5"), rollout("7"));
-        assert_eq!(answered(&w.read("ns/r0", Some("5"))), Some("7".into()));
+        assert_eq!(answered(&read_key(&w, "5", "ns/r0")), Some("7".into()));
     }
 }

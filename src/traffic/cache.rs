@@ -173,16 +173,20 @@ impl RoutingCache {
     /// The copy to plan on: none before the kind's first list is complete, none when there is
     /// no copy, and none while a write of Sluice's is awaited.
     fn cached(&self, kind: &str, namespace: &str, name: &str) -> Option<DynamicObject> {
-        let copy = {
+        let copy = || {
             let kinds = self.kinds();
             let kept = kinds.get(kind).filter(|k| k.ready)?;
-            kept.objects.get(&place(namespace, name))?.clone()
+            kept.objects.get(&place(namespace, name)).cloned()
         };
+        let version = copy()?.version.clone();
         let read = self
             .freshness
-            .read(&key(kind, namespace, name), copy.version.as_deref());
+            .read(&key(kind, namespace, name), version.as_deref());
+        // The copy is taken again after the decision: the watch may have shown the version
+        // awaited (and so ended the wait) since `version` was read, and it keeps the copy
+        // before it ends the wait.
         (read == Read::Cache)
-            .then(|| serde_json::from_str(&copy.json).ok())
+            .then(|| serde_json::from_str(&copy()?.json).ok())
             .flatten()
     }
 
