@@ -9,7 +9,7 @@ use kube::Client;
 
 use crate::analysis::pool::PrometheusPool;
 use crate::k8s::backoff::Backoff;
-use crate::k8s::events::Recorder;
+use crate::k8s::events::{Poster, Recorder};
 use crate::leader::LeaseSettings;
 use crate::server::Health;
 use crate::telemetry::Metrics;
@@ -87,9 +87,8 @@ pub struct Context {
     pub settings: Settings,
     /// Writes the Events: one per decision, counted when the same decision is recorded again.
     pub recorder: Recorder,
-    /// The same, in the urgent lane: the Events of a reconcile whose status took that lane,
-    /// so that it never ends behind bookkeeping while a person's abort waits for it.
-    pub urgent_recorder: Recorder,
+    /// The same, posting a reconcile's Events after it, on a task of their own.
+    pub events: Poster,
     /// Prometheus clients by connection settings, so queries reuse connections.
     pub prometheus: PrometheusPool,
     /// Consecutive failures per object, for the error policy.
@@ -105,7 +104,7 @@ impl Context {
         Self {
             prometheus: PrometheusPool::new(client.clone()),
             urgent: client.clone(),
-            urgent_recorder: recorder.clone(),
+            events: Poster::new(recorder.clone()),
             client,
             health,
             settings,
@@ -116,11 +115,7 @@ impl Context {
 
     /// The same, with `urgent` as the lane for the writes a moving release waits on.
     pub fn with_urgent_lane(self, urgent: Client) -> Self {
-        Self {
-            urgent_recorder: self.recorder.through(urgent.clone()),
-            urgent,
-            ..self
-        }
+        Self { urgent, ..self }
     }
 
     /// A context with fresh metrics, for tests that run a controller in-process.

@@ -116,7 +116,7 @@ async fn evaluate(cached: &ErrorBudget, ctx: &Context) -> Result<Action, Error> 
     let plan = plan::plan(&o);
     crate::k8s::status::apply(&api, &budget, Some(&status), &plan.status).await?;
     let reference: ObjectReference = budget.object_ref(&());
-    crate::k8s::events::publish_all(&ctx.recorder, &reference, &plan.events).await;
+    ctx.events.hand_over_on(&reference, &plan.events).await;
     ctx.metrics().budget_state(&namespace, &name, &plan.status);
     Ok(Action::requeue(plan.requeue_after))
 }

@@ -275,7 +275,7 @@ async fn admit(cached: &Pipeline, state: &State) -> Result<Action, Error> {
     desired.approvals.clear();
     crate::k8s::status::apply(&api, &pipeline, Some(&current), &desired).await?;
     let reference: ObjectReference = pipeline.object_ref(&());
-    crate::k8s::events::publish_all(&ctx.recorder, &reference, &plan.events).await;
+    ctx.events.hand_over_on(&reference, &plan.events).await;
     ctx.metrics()
         .pipeline_state(&namespace, &name, &plan.status.stages);
     for timing in &plan.timings {

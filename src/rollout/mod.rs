@@ -45,6 +45,7 @@ use crate::api::errorbudget::{BudgetAction, ErrorBudget};
 use crate::api::pipeline::Pipeline;
 use crate::api::rollout::{Rollout, RolloutStatus};
 use crate::context::Context;
+use crate::k8s::events::PlannedEvent as Report;
 use crate::k8s::labels::{
     HASH_LABEL, ISTIO_CANONICAL_REVISION_LABEL, REVISION_ANNOTATION, ROLLOUT_LABEL,
     SCALE_DOWN_AT_ANNOTATION, TEMPLATE_ANNOTATION,
@@ -790,7 +791,7 @@ async fn apply(cached: Arc<Rollout>, state: &State, slot: &Slot) -> Result<Actio
 /// and the traffic in the order the plan says (the decision is recorded before traffic moves,
 /// so a crash in between leaves a status from which the next reconcile makes the same move;
 /// a person's abort and a timed pause that ran out move traffic first), then ReplicaSets that
-/// add none; Events and metrics last.
+/// add none; metrics last, and the Events handed over to be posted after (k8s/events.rs).
 async fn carry_out(state: &State, world: &World, mut plan: Plan) -> Result<(), Error> {
     let ctx = state.ctx.as_ref();
     let rollout = world.rollout.as_ref();
@@ -812,11 +813,7 @@ async fn carry_out(state: &State, world: &World, mut plan: Plan) -> Result<(), E
     let urgent = plan.order == WriteOrder::StatusFirst
         && (!plan.traffic_writes.is_empty()
             || plan.status.handled_intents != world.observed.status.handled_intents);
-    let (lane, recorder) = if urgent {
-        (&ctx.urgent, &ctx.urgent_recorder)
-    } else {
-        (&ctx.client, &ctx.recorder)
-    };
+    let lane = if urgent { &ctx.urgent } else { &ctx.client };
     let api: Api<Rollout> = Api::namespaced(lane.clone(), &namespace);
     // Intents belong to the plugin's field manager: they are not ours to compare.
     let mut current = rollout.status.clone();
@@ -880,15 +877,14 @@ async fn carry_out(state: &State, world: &World, mut plan: Plan) -> Result<(), E
         ctx.metrics().observe_release(took);
     }
     let reference: ObjectReference = rollout.object_ref(&());
+    let mut events = Vec::new();
     for event in &plan.events {
-        crate::k8s::events::publish(
-            recorder,
-            &reference,
-            event.warning,
-            event.reason.as_str(),
-            &event.message,
-        )
-        .await;
+        let report = |message: String| Report {
+            warning: event.warning,
+            reason: event.reason.as_str(),
+            message,
+        };
+        events.push((reference.clone(), report(event.message.clone())));
         // A policy acting is recorded on the budgets too, naming the Rollout.
         if event.reason.is_budget_action() {
             for hold in world
@@ -911,17 +907,12 @@ async fn carry_out(state: &State, world: &World, mut plan: Plan) -> Result<(), E
                     rollout.name_any(),
                     event.message
                 );
-                crate::k8s::events::publish(
-                    recorder,
-                    &on_budget,
-                    event.warning,
-                    event.reason.as_str(),
-                    &message,
-                )
-                .await;
+                events.push((on_budget, report(message)));
             }
         }
     }
+    let object = crate::k8s::events::object_key(&reference);
+    ctx.events.hand_over(object, events).await;
     ctx.metrics().rollout_state(
         &namespace,
         &rollout.name_any(),
