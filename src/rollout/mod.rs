@@ -842,17 +842,18 @@ async fn carry_out(state: &State, world: &World, mut plan: Plan) -> Result<(), E
             .unrecorded
             .keep(&key, &uid, recorded, plan.status.analysis_runs.clone());
     } else {
-        // What the cache shows as the write goes out: its answer is planned on only while the
-        // cache still shows this (written.rs).
-        let base = state
+        // What comes before the write as it goes out: its answer is planned on only while the
+        // cache shows one of these (written.rs).
+        let cached = state
             .rollouts
             .get(&ObjectRef::new(&rollout.name_any()).within(&namespace))
             .and_then(|cached| cached.resource_version());
+        let before = state.written.sending(&key, cached);
         if let Some(answer) =
             crate::k8s::status::apply(&api, rollout, current.as_ref(), &plan.status).await?
         {
             state.unrecorded.forget(&key);
-            state.written.wrote(&key, base, answer);
+            state.written.wrote(&key, before, answer);
         }
     }
     if plan.order == WriteOrder::StatusFirst {
