@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ListParams};
 use serde_json::{Value, json};
-use sluice::api::notifier::Notifier;
+use sluice::api::notifier::{Notifier, NotifierStatus};
 use sluice::api::rollout::RolloutPhase;
 use support::receiver::{Receiver, TOKEN, notifier, secret_ref};
 use support::*;
@@ -124,6 +124,26 @@ async fn wait_messages(receiver: &Receiver, what: &str, check: impl Fn() -> bool
     .await;
 }
 
+/// Waits up to 30 s for `check` to hold for the status of every Notifier.
+async fn every_notifier(
+    notifiers: &Api<Notifier>,
+    what: &str,
+    check: impl Fn(&NotifierStatus) -> bool,
+) {
+    wait_for(
+        &format!("every Notifier: {what}"),
+        Duration::from_secs(30),
+        || async {
+            let all = notifiers.list(&ListParams::default()).await.ok()?;
+            all.items
+                .iter()
+                .all(|n| n.status.as_ref().is_some_and(&check))
+                .then_some(())
+        },
+    )
+    .await;
+}
+
 /// A canary promoted and a canary aborted by a person reach all four channels, each message
 /// exactly once and in order, with the operator killed and restarted right after the
 /// promotion was delivered and recorded; the token is in no log line, Event or status.
@@ -175,18 +195,7 @@ async fn a_promotion_and_an_abort_reach_every_channel_once_in_order_across_a_res
     routing(&ns).await;
     let (api, _) = healthy_rollout(&ns, json!([{"setWeight": 50}, {"pause": {}}])).await;
     let notifiers: Api<Notifier> = Api::namespaced(ns.client.clone(), &ns.name);
-    wait_for(
-        "every Notifier checked",
-        Duration::from_secs(30),
-        || async {
-            let all = notifiers.list(&ListParams::default()).await.ok()?;
-            all.items
-                .iter()
-                .all(|n| n.status.as_ref().is_some_and(|s| s.channel.is_some()))
-                .then_some(())
-        },
-    )
-    .await;
+    every_notifier(&notifiers, "checked", |s| s.channel.is_some()).await;
 
     // A release, promoted by a person.
     set_template(&api, "web:2", json!({})).await;
@@ -202,21 +211,9 @@ async fn a_promotion_and_an_abort_reach_every_channel_once_in_order_across_a_res
     // Each delivery is recorded just after it is made (a kill in between sends it again: at
     // least once). Killed right after the records: the restarted operator sees every Event
     // again and sends none twice.
-    wait_for(
-        "the promotion recorded by every Notifier",
-        Duration::from_secs(30),
-        || async {
-            let all = notifiers.list(&ListParams::default()).await.ok()?;
-            all.items
-                .iter()
-                .all(|n| {
-                    n.status
-                        .as_ref()
-                        .is_some_and(|s| s.sent.iter().any(|r| r.what.starts_with("Promoted")))
-                })
-                .then_some(())
-        },
-    )
+    every_notifier(&notifiers, "the promotion recorded", |s| {
+        s.sent.iter().any(|r| r.what.starts_with("Promoted"))
+    })
     .await;
     operator.kill();
     let before_restart = receiver.received.lock().unwrap().len();
