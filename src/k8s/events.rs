@@ -240,12 +240,11 @@ impl Poster {
                 let Ok(_in_flight) = self.posts.acquire().await else {
                     return;
                 };
-                let (warning, reason) = (event.warning, event.reason);
                 post(
                     &self.recorder,
                     &reference,
-                    warning,
-                    reason,
+                    event.warning,
+                    event.reason,
                     &event.message,
                     at,
                 )

@@ -194,11 +194,11 @@ impl Written {
         };
         self.freshness.wrote(key, &version);
         let mut answers = self.answers();
+        // Past the bound no answer is kept for a Rollout that has none: it is read from the
+        // apiserver, as before.
         if answers.len() < ANSWERS_KEPT || answers.contains_key(key) {
             let object = Arc::new(CachedRollout::from(answer));
             answers.insert(key.to_string(), Answer { before, object });
-        } else {
-            answers.remove(key);
         }
     }
 
