@@ -10,6 +10,7 @@ use kube::Client;
 use crate::analysis::pool::PrometheusPool;
 use crate::k8s::backoff::Backoff;
 use crate::k8s::events::{Poster, Recorder};
+use crate::k8s::lanes::Lane;
 use crate::leader::LeaseSettings;
 use crate::server::Health;
 use crate::telemetry::Metrics;
@@ -27,8 +28,7 @@ pub struct Settings {
     /// The operator's own namespace: a Notifier there may cover every namespace.
     pub operator_namespace: String,
     /// Requests to the apiserver awaiting their answer at once, a watch until its stream
-    /// starts, in each of the two lanes (`client` and `urgent`; 0: no bound). See
-    /// `operator::in_flight_limit`.
+    /// starts, in all lanes together (0: no bound). See `k8s::lanes`.
     pub kube_requests_in_flight: usize,
     /// Reconciles each controller runs at once (0: no bound); more wait in its queue. A
     /// Rollout reconcile awaiting Prometheus does not count.
@@ -39,7 +39,7 @@ pub struct Settings {
 }
 
 /// The default of `--kube-requests-in-flight` (measured in docs/performance.md).
-pub const DEFAULT_KUBE_REQUESTS_IN_FLIGHT: usize = 32;
+pub const DEFAULT_KUBE_REQUESTS_IN_FLIGHT: usize = 16;
 
 /// The default of `--max-concurrent-reconciles` (measured in docs/performance.md).
 pub const DEFAULT_MAX_CONCURRENT_RECONCILES: u16 = 100;
@@ -75,14 +75,15 @@ impl Settings {
 /// Shared by every controller's reconcile, as `Arc<Context>`.
 pub struct Context {
     /// The controllers' requests: reads, ReplicaSets, Events, statuses that record what was
-    /// observed or measured.
+    /// observed or measured (`Lane::Usual`).
     pub client: Client,
-    /// What a moving release waits on: route reads and writes, a Rollout read fresh after
-    /// Sluice's own write, and the status recorded just before a route moves or to carry out
-    /// a person's request. A lane with its own, larger bound on requests in flight, so a step
-    /// or an abort never queues behind bookkeeping (set up in `operator::run`; tests share one
-    /// client).
+    /// What a moving release waits on now: route reads and writes, a Rollout read fresh
+    /// after Sluice's own write, and the status recorded just before a route moves or to
+    /// carry out a person's request (`Lane::Urgent`: goes first, set up in `operator::run`;
+    /// tests share one client).
     pub urgent: Client,
+    /// The status that starts a step, which the step's pause counts from (`Lane::Progress`).
+    pub progress: Client,
     pub health: Arc<Health>,
     pub settings: Settings,
     /// Writes the Events: one per decision, counted when the same decision is recorded again.
@@ -104,6 +105,7 @@ impl Context {
         Self {
             prometheus: PrometheusPool::new(client.clone()),
             urgent: client.clone(),
+            progress: client.clone(),
             events: Poster::new(recorder.clone()),
             client,
             health,
@@ -113,9 +115,22 @@ impl Context {
         }
     }
 
-    /// The same, with `urgent` as the lane for the writes a moving release waits on.
-    pub fn with_urgent_lane(self, urgent: Client) -> Self {
-        Self { urgent, ..self }
+    /// The same, with the lanes that go before `client` (k8s/lanes.rs).
+    pub fn with_lanes(self, urgent: Client, progress: Client) -> Self {
+        Self {
+            urgent,
+            progress,
+            ..self
+        }
+    }
+
+    /// The client of a lane.
+    pub fn lane(&self, lane: Lane) -> &Client {
+        match lane {
+            Lane::Urgent => &self.urgent,
+            Lane::Progress => &self.progress,
+            Lane::Usual => &self.client,
+        }
     }
 
     /// A context with fresh metrics, for tests that run a controller in-process.

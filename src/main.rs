@@ -101,10 +101,11 @@ struct ControllerArgs {
     #[arg(long, env = "SLUICE_PROMETHEUS_ADDRESS")]
     prometheus_address: Option<String>,
 
-    /// Requests to the Kubernetes apiserver awaiting an answer at once (a watch counts until
-    /// its stream starts) for everything but what a moving release waits on (routes, the
-    /// status before a route moves), which has a lane of its own with four times as many.
-    /// More wait their turn in order. 0: no bound.
+    /// Requests to the Kubernetes apiserver awaiting an answer at once, in all lanes
+    /// together (a watch counts until its stream starts). When places are taken, what a moving
+    /// release waits on (routes, the status before a route moves, a person's request) goes
+    /// first, the status that starts a step next, everything else last; those two hold at most
+    /// a quarter and a half of the places. 0: no bound.
     #[arg(long, env = "SLUICE_KUBE_REQUESTS_IN_FLIGHT", default_value_t = sluice::context::DEFAULT_KUBE_REQUESTS_IN_FLIGHT)]
     kube_requests_in_flight: usize,
 

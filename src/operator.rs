@@ -9,11 +9,11 @@ use http::HeaderValue;
 use http::header::USER_AGENT;
 use kube::client::ClientBuilder;
 use kube::{Client, Config};
-use tokio::sync::{Semaphore, watch};
-use tower::limit::ConcurrencyLimitLayer;
+use tokio::sync::watch;
 
 use crate::context::Context;
 use crate::fence::{Fence, FenceLayer};
+use crate::k8s::lanes::{Gate, Lane};
 use crate::k8s::requests::{CountingLayer, RequestCounts};
 use crate::leader;
 use crate::server::{self, Health};
@@ -32,24 +32,19 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         None => Fence::always_open(),
     };
     let requests = RequestCounts::default();
-    // Two lanes, each with its own bound on requests in flight: the writes a moving release
-    // waits on (routes, and the status written just before them) never queue behind the
-    // bookkeeping of a thousand other Rollouts (Events, ReplicaSets, measurements). The
-    // urgent lane may have more in flight (URGENT_SHARE): a busy apiserver shares its CPU
-    // among the requests it is serving, so those of moving releases get the larger share.
-    let lane = |limit: usize| -> anyhow::Result<Client> {
+    // Three lanes under one bound on requests in flight (k8s/lanes.rs): what a moving
+    // release waits on goes first, the status that starts a step next, bookkeeping last.
+    let gate = Gate::new(settings.kube_requests_in_flight);
+    let lane = |lane: Lane| -> anyhow::Result<Client> {
         Ok(ClientBuilder::try_from(config.clone())?
             .with_layer(&FenceLayer(fence.clone()))
             .with_layer(&CountingLayer(requests.clone()))
-            .with_layer(&in_flight_limit(limit))
+            .with_layer(&gate.lane(lane))
             .build())
     };
-    let client = lane(settings.kube_requests_in_flight)?;
-    let urgent = lane(
-        settings
-            .kube_requests_in_flight
-            .saturating_mul(URGENT_SHARE),
-    )?;
+    let client = lane(Lane::Usual)?;
+    let urgent = lane(Lane::Urgent)?;
+    let progress = lane(Lane::Progress)?;
     let election_client = Client::try_from(config)?;
     let version = client
         .apiserver_version()
@@ -106,7 +101,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let result = if became_leader {
         health.metrics.leader.set(1);
         let context =
-            Arc::new(Context::new(client, health.clone(), settings).with_urgent_lane(urgent));
+            Arc::new(Context::new(client, health.clone(), settings).with_lanes(urgent, progress));
         let mut lost = leading_rx.clone();
         tokio::select! {
             result = crate::controllers::run(context, stop_rx.clone()) => result,
@@ -137,24 +132,6 @@ async fn client_config(identity: Option<&str>) -> anyhow::Result<Config> {
         config.headers.push((USER_AGENT, value));
     }
     Ok(config)
-}
-
-/// How many times `--kube-requests-in-flight` the urgent lane may have in flight. At N = 200
-/// with 100 releases aborted at once, 4 instead of 1 took the abort's p50 from 1.3 to 0.6-0.8 s
-/// (docs/performance.md); its requests are few (a route write, a read) and small.
-const URGENT_SHARE: usize = 4;
-
-/// Bounds the controllers' requests awaiting the apiserver's answer; more wait their turn in
-/// the order they came (the layer holds a fair semaphore's permit from sending a request to
-/// its response headers, so a watch holds one only until its stream starts). Unbounded, a
-/// first start with 1,000 Rollouts sent up to 1,000 requests at once, each on a connection of
-/// its own, and concurrent writes to one object refused each other more often: with 32, an
-/// abort's p99 fell from 2.9 to 2.2 s at 1,000 (docs/performance.md).
-fn in_flight_limit(limit: usize) -> ConcurrencyLimitLayer {
-    ConcurrencyLimitLayer::new(match limit {
-        0 => Semaphore::MAX_PERMITS,
-        n => n,
-    })
 }
 
 /// Waits (bounded) for the campaign to release the Lease and the server to drain.
@@ -196,50 +173,4 @@ async fn stop_on_signal(stop: Arc<watch::Sender<bool>>) {
         _ = terminate => tracing::info!("SIGTERM; shutting down"),
     }
     stop.send_replace(true);
-}
-
-#[cfg(test)]
-mod tests {
-    use std::sync::atomic::AtomicUsize;
-
-    use tower::{Layer, ServiceExt, service_fn};
-
-    use super::*;
-
-    /// The most requests a service wrapped in `in_flight_limit(limit)` had in flight at once
-    /// when 20 were sent together.
-    async fn most_in_flight(limit: usize) -> usize {
-        let now = Arc::new(AtomicUsize::new(0));
-        let most = Arc::new(AtomicUsize::new(0));
-        let inner = {
-            let (now, most) = (now.clone(), most.clone());
-            service_fn(move |_: ()| {
-                let (now, most) = (now.clone(), most.clone());
-                async move {
-                    let current = now.fetch_add(1, Ordering::SeqCst) + 1;
-                    most.fetch_max(current, Ordering::SeqCst);
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    now.fetch_sub(1, Ordering::SeqCst);
-                    Ok::<_, std::convert::Infallible>(())
-                }
-            })
-        };
-        let service = in_flight_limit(limit).layer(inner);
-        let calls = (0..20).map(|_| service.clone().oneshot(()));
-        for result in futures::future::join_all(calls).await {
-            assert!(result.is_ok());
-        }
-        most.load(Ordering::SeqCst)
-    }
-
-    #[tokio::test]
-    async fn requests_beyond_the_bound_wait_their_turn() {
-        assert_eq!(most_in_flight(3).await, 3);
-        assert_eq!(most_in_flight(1).await, 1);
-    }
-
-    #[tokio::test]
-    async fn zero_means_no_bound() {
-        assert_eq!(most_in_flight(0).await, 20);
-    }
 }

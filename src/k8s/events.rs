@@ -171,8 +171,9 @@ struct Handover {
 /// Handovers that may wait to be posted at once.
 const HANDOVERS_WAITING: usize = 512;
 
-/// Events posted at once (a quarter of the default bound of a request lane).
-const POSTS_IN_FLIGHT: usize = 8;
+/// Events posted at once: half of the usual lane's places at the default bound
+/// (`k8s::lanes`), so status writes and measurements always have the other half.
+const POSTS_IN_FLIGHT: usize = 4;
 
 impl Poster {
     pub fn new(recorder: Recorder) -> Self {

@@ -38,6 +38,7 @@ pub mod backoff;
 pub mod events;
 pub mod freshness;
 pub mod labels;
+pub mod lanes;
 pub mod requests;
 pub mod status;
 pub mod touched;

@@ -28,6 +28,7 @@ use crate::api::rollout::{
     RolloutStatus, TrafficWeights,
 };
 use crate::conditions;
+use crate::k8s::lanes::Lane;
 use crate::traffic::Targets;
 use k8s_openapi::jiff::Timestamp;
 
@@ -651,6 +652,7 @@ pub fn plan(o: &Observed, bg: &BlueGreenStrategy) -> Plan {
         traffic_writes,
         status,
         order: WriteOrder::StatusFirst,
+        status_lane: Lane::Usual,
         stepped_by_clock: false,
         status_waits: false,
         events,

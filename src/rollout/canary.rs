@@ -25,6 +25,7 @@ use crate::api::rollout::{
     CanaryStrategy, HandledIntents, PauseReason, RolloutPhase, RolloutStatus, TrafficWeights,
 };
 use crate::conditions;
+use crate::k8s::lanes::Lane;
 use crate::traffic::{Targets, TrafficState};
 
 struct Planner<'a> {
@@ -704,6 +705,7 @@ fn finish(mut p: Planner, steps: &[Step], desired_weight: i32, promoted: Option<
         traffic_writes,
         status: p.status,
         order: WriteOrder::StatusFirst,
+        status_lane: Lane::Usual,
         stepped_by_clock: p.passed_by_clock && !p.passed_otherwise,
         status_waits: false,
         events: p.events,
@@ -1107,6 +1109,56 @@ mod tests {
         // With the flag at 0, each one is written.
         o.passes_wait = Duration::ZERO;
         assert!(!plan(&o).status_waits);
+    }
+
+    #[test]
+    fn the_status_write_takes_the_lane_of_what_waits_on_it() {
+        use crate::k8s::lanes::Lane;
+        let steps = vec![weight(20), pause(Some(5)), weight(50), pause(None)];
+        let lane = |status: RolloutStatus, weight: Option<i32>, now: i64| {
+            let mut o = observed(steps.clone(), status, 4, weight);
+            o.now = t(now);
+            let plan = plan(&o);
+            (plan.status_lane, plan.order, plan.traffic_writes.is_empty())
+        };
+        // A route to move, its decision recorded first: the move waits on it now.
+        assert_eq!(
+            lane(releasing(0), Some(0), 10),
+            (Lane::Urgent, WriteOrder::StatusFirst, false)
+        );
+        // The weight reached: the pause that starts counts from this record.
+        assert_eq!(
+            lane(releasing(0), Some(20), 10),
+            (Lane::Progress, WriteOrder::StatusFirst, true)
+        );
+        // A timed pause ran out: the route went first, and the record starts the next step.
+        assert_eq!(
+            lane(releasing(1), Some(20), 10),
+            (Lane::Progress, WriteOrder::TrafficFirst, false)
+        );
+        // A person's promote is recorded before the route moves.
+        let promote = RolloutStatus {
+            promote: intent("p1"),
+            ..releasing(1)
+        };
+        assert_eq!(
+            lane(promote, Some(20), 3),
+            (Lane::Urgent, WriteOrder::StatusFirst, false)
+        );
+        // A person's abort moved the route first: nothing waits on its record.
+        let abort = RolloutStatus {
+            abort: intent("a1"),
+            ..releasing(1)
+        };
+        assert_eq!(
+            lane(abort, Some(20), 3),
+            (Lane::Usual, WriteOrder::TrafficFirst, false)
+        );
+        // Within the pause, nothing new.
+        assert_eq!(
+            lane(releasing(1), Some(20), 3),
+            (Lane::Usual, WriteOrder::StatusFirst, true)
+        );
     }
 
     #[test]

@@ -806,14 +806,8 @@ async fn carry_out(state: &State, world: &World, mut plan: Plan) -> Result<(), E
     );
     apply_replica_sets(ctx, rollout, &owned, &plan.replica_sets, &world.template).await?;
     prune_history(ctx, rollout, &owned, &plan).await?;
-    // A status written before a route moves, or to carry out a person's request, is what a
-    // moving release waits on: the urgent lane, as the routes. Written after the route (a
-    // person's abort, a timed step), it holds nothing up: the usual lane, so the routes of
-    // other releases do not queue behind it.
-    let urgent = plan.order == WriteOrder::StatusFirst
-        && (!plan.traffic_writes.is_empty()
-            || plan.status.handled_intents != world.observed.status.handled_intents);
-    let lane = if urgent { &ctx.urgent } else { &ctx.client };
+    // The planner says what waits on the status write (plan::status_lane).
+    let lane = ctx.lane(plan.status_lane);
     let api: Api<Rollout> = Api::namespaced(lane.clone(), &namespace);
     // Intents belong to the plugin's field manager: they are not ours to compare.
     let mut current = rollout.status.clone();

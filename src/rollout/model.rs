@@ -11,6 +11,7 @@ use crate::api::analysis::AnalysisRunStatus;
 use crate::api::errorbudget::BudgetAction;
 use crate::api::pipeline::Release;
 use crate::api::rollout::{RolloutSpec, RolloutStatus, RoutedObject};
+use crate::k8s::lanes::Lane;
 use crate::traffic::{Targets, TrafficState};
 
 /// A ReplicaSet of this Rollout as observed.
@@ -218,6 +219,8 @@ pub struct Plan {
     pub status: RolloutStatus,
     /// Whether the status or the traffic is written first.
     pub order: WriteOrder,
+    /// The lane of the status write (`k8s::lanes`): what waits on it.
+    pub status_lane: Lane,
     /// The status adds only passing measurements that may wait (`runs::passes_may_wait`):
     /// not written now, but kept for the next write.
     pub status_waits: bool,

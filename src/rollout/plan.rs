@@ -6,6 +6,7 @@
 use super::model::{Observed, ObservedTraffic, Plan, ReplicaSetIntent, TrafficWrite, WriteOrder};
 use super::{bluegreen, canary, policy, runs};
 use crate::api::rollout::{RolloutStatus, TrafficWeights};
+use crate::k8s::lanes::Lane;
 
 /// Plans one reconcile: the ErrorBudget and Pipeline holds around the Rollout's strategy.
 pub fn plan(o: &Observed) -> Plan {
@@ -17,6 +18,7 @@ pub fn plan(o: &Observed) -> Plan {
     });
     let mut plan = order_writes(o, plan);
     plan.order = write_order(o, &plan);
+    plan.status_lane = status_lane(o, &plan);
     // Only through a router that was read fine: the weights it records are then those the
     // route writes set (a write refused as misconfigured clears `verified` in the shell).
     let routed = plan
@@ -91,6 +93,28 @@ fn write_order(o: &Observed, plan: &Plan) -> WriteOrder {
         WriteOrder::TrafficFirst
     } else {
         WriteOrder::StatusFirst
+    }
+}
+
+/// What waits on the status write, and so its lane. Written before a route moves, or to carry
+/// out a person's request, a moving release waits on it now: `Urgent`. Written after the
+/// route (a person's abort, a timed step), that wait is over; but a status that starts a step
+/// records the moment the step's pause counts from, and the next step comes late if the
+/// record lands after the pause ran out: `Progress`. Anything else (a measurement, the pods'
+/// counts, a release ended): `Usual`.
+fn status_lane(o: &Observed, plan: &Plan) -> Lane {
+    let handled = |s: &RolloutStatus| s.handled_intents.clone().unwrap_or_default();
+    let handles_a_request = handled(&plan.status) != handled(&o.status);
+    let starts_a_step = plan.status.current_step_started_at.is_some()
+        && plan.status.current_step_started_at != o.status.current_step_started_at;
+    if plan.order == WriteOrder::StatusFirst
+        && (!plan.traffic_writes.is_empty() || handles_a_request)
+    {
+        Lane::Urgent
+    } else if starts_a_step {
+        Lane::Progress
+    } else {
+        Lane::Usual
     }
 }
 

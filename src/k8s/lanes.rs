@@ -1,0 +1,385 @@
+//! The lanes of the operator's requests to the apiserver, and the one bound they share.
+//!
+//! A busy apiserver shares its CPU among the requests it is serving, so each request in
+//! flight slows every other: a route write that takes 4 ms alone took 250 to 500 ms beside
+//! 30 to 55 Rollout status writes (docs/performance.md). The operator keeps few requests in
+//! flight (`--kube-requests-in-flight`, all lanes together) and, when a place frees, gives it
+//! to the lane a moving release waits on first. Each lane is a client of its own (kube's
+//! client sends one lane's requests in the order they came), built over one [`Gate`].
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, ready};
+
+use tokio::sync::oneshot;
+use tower::{Layer, Service};
+
+/// Which requests go first when the places are taken. Each lane keeps its requests in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lane {
+    /// What a moving release waits on now: route reads and writes, a Rollout read fresh,
+    /// the status recorded just before a route moves or to carry out a person's request.
+    /// Goes first, and may take every place.
+    Urgent,
+    /// A status that starts a step: the step's pause counts from the moment recorded, so the
+    /// record must land before the pause runs out, or the next step comes late. Goes second,
+    /// and may take a quarter of the places.
+    Progress,
+    /// Everything else: reads, watches, ReplicaSets, Events, measurements, the other
+    /// controllers. Goes last, and may take half the places. With `Progress` it never holds
+    /// more than three quarters, so a route write finds a place free at once, and a burst of
+    /// bookkeeping never fills the apiserver with work a step then waits behind.
+    Usual,
+}
+
+const LANES: [Lane; 3] = [Lane::Urgent, Lane::Progress, Lane::Usual];
+
+impl Lane {
+    fn index(self) -> usize {
+        match self {
+            Lane::Urgent => 0,
+            Lane::Progress => 1,
+            Lane::Usual => 2,
+        }
+    }
+
+    /// The places this lane may hold at once, of `total` (0: no bound).
+    fn cap(self, total: usize) -> usize {
+        match (self, total) {
+            (_, 0) => usize::MAX,
+            (Lane::Urgent, total) => total,
+            (Lane::Progress, total) => (total / 4).max(1),
+            (Lane::Usual, total) => (total / 2).max(1),
+        }
+    }
+}
+
+/// The lane to give the next free place to: the first, in the lanes' order, with a request
+/// waiting and room under both its own cap and the total.
+fn next(waiting: [bool; 3], in_flight: [usize; 3], total: usize) -> Option<Lane> {
+    let taken: usize = in_flight.iter().sum();
+    if total != 0 && taken >= total {
+        return None;
+    }
+    LANES
+        .into_iter()
+        .find(|lane| waiting[lane.index()] && in_flight[lane.index()] < lane.cap(total))
+}
+
+/// The bound shared by the lanes: requests awaiting their answer at once (a watch until its
+/// stream starts), and who goes next.
+#[derive(Clone)]
+pub struct Gate(Arc<Mutex<Places>>);
+
+struct Places {
+    total: usize,
+    in_flight: [usize; 3],
+    waiting: [VecDeque<oneshot::Sender<Place>>; 3],
+}
+
+/// A place held by one request until its answer's headers arrive; dropped, it goes to the
+/// next request [`next`] picks.
+pub struct Place {
+    gate: Gate,
+    lane: Lane,
+}
+
+impl Gate {
+    /// `total` places for all lanes together; 0: no bound.
+    pub fn new(total: usize) -> Self {
+        Self(Arc::new(Mutex::new(Places {
+            total,
+            in_flight: [0; 3],
+            waiting: Default::default(),
+        })))
+    }
+
+    /// The layer that puts a client's requests in `lane`.
+    pub fn lane(&self, lane: Lane) -> LaneLayer {
+        LaneLayer {
+            gate: self.clone(),
+            lane,
+        }
+    }
+
+    /// Waits for a place in `lane`, behind the requests of that lane already waiting.
+    pub async fn enter(&self, lane: Lane) -> Place {
+        let (sender, receiver) = oneshot::channel();
+        let given = {
+            let mut places = self.lock();
+            places.waiting[lane.index()].push_back(sender);
+            places.give(self)
+        };
+        hand_over(given);
+        match receiver.await {
+            Ok(place) => place,
+            // Not reached: a waiting sender is only taken out to be given a place. Counted
+            // all the same, so that its drop keeps the tally right.
+            Err(_) => {
+                self.lock().in_flight[lane.index()] += 1;
+                Place {
+                    gate: self.clone(),
+                    lane,
+                }
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Places> {
+        // The tallies stay consistent under a panic elsewhere: each change is one statement.
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Places {
+    /// The places free now, given to the requests [`next`] picks (handed over once the lock
+    /// is released: a place refused by a request that stopped waiting frees itself again).
+    fn give(&mut self, gate: &Gate) -> Vec<(oneshot::Sender<Place>, Place)> {
+        let mut given = Vec::new();
+        loop {
+            let waiting = LANES.map(|lane| !self.waiting[lane.index()].is_empty());
+            let Some(lane) = next(waiting, self.in_flight, self.total) else {
+                break;
+            };
+            let Some(sender) = self.waiting[lane.index()].pop_front() else {
+                break;
+            };
+            if sender.is_closed() {
+                continue;
+            }
+            self.in_flight[lane.index()] += 1;
+            let place = Place {
+                gate: gate.clone(),
+                lane,
+            };
+            given.push((sender, place));
+        }
+        given
+    }
+}
+
+fn hand_over(given: Vec<(oneshot::Sender<Place>, Place)>) {
+    for (sender, place) in given {
+        // A request that stopped waiting refuses it; the place is dropped and freed here.
+        let _ = sender.send(place);
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        let given = {
+            let mut places = self.gate.lock();
+            let held = &mut places.in_flight[self.lane.index()];
+            *held = held.saturating_sub(1);
+            places.give(&self.gate)
+        };
+        hand_over(given);
+    }
+}
+
+/// Puts a client's requests in one lane of a [`Gate`].
+#[derive(Clone)]
+pub struct LaneLayer {
+    gate: Gate,
+    lane: Lane,
+}
+
+impl<S> Layer<S> for LaneLayer {
+    type Service = LaneService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        LaneService {
+            inner,
+            gate: self.gate.clone(),
+            lane: self.lane,
+            entering: None,
+            place: None,
+        }
+    }
+}
+
+type Entering = Pin<Box<dyn Future<Output = Place> + Send>>;
+
+/// Takes a place before it is ready for a request, and holds it until the answer's headers.
+pub struct LaneService<S> {
+    inner: S,
+    gate: Gate,
+    lane: Lane,
+    entering: Option<Entering>,
+    place: Option<Place>,
+}
+
+impl<S, B> Service<http::Request<B>> for LaneService<S>
+where
+    S: Service<http::Request<B>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        if self.place.is_none() {
+            let (gate, lane) = (self.gate.clone(), self.lane);
+            let entering = self
+                .entering
+                .get_or_insert_with(|| Box::pin(async move { gate.enter(lane).await }));
+            let place = ready!(entering.as_mut().poll(cx));
+            self.entering = None;
+            self.place = Some(place);
+        }
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let place = self.place.take();
+        let answer = self.inner.call(request);
+        Box::pin(async move {
+            let answer = answer.await;
+            drop(place);
+            answer
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn the_next_place_goes_to_the_first_lane_with_room() {
+        use Lane::*;
+        // Lanes waiting, places each holds, the total, who gets the next place.
+        type Case = ([bool; 3], [usize; 3], usize, Option<Lane>);
+        let cases: &[Case] = &[
+            // Nobody waits.
+            ([false, false, false], [0, 0, 0], 8, None),
+            // The lanes' order.
+            ([true, true, true], [0, 0, 0], 8, Some(Urgent)),
+            ([false, true, true], [0, 0, 0], 8, Some(Progress)),
+            ([false, false, true], [0, 0, 0], 8, Some(Usual)),
+            // Every place taken: nobody, whoever waits.
+            ([true, true, true], [2, 3, 3], 8, None),
+            // Progress holds at most a quarter, Usual half; Urgent may take the rest.
+            ([false, true, true], [0, 2, 3], 8, Some(Usual)),
+            ([false, true, true], [0, 2, 4], 8, None),
+            ([true, false, false], [0, 2, 4], 8, Some(Urgent)),
+            ([true, false, false], [7, 0, 0], 8, Some(Urgent)),
+            // A bound of 1 still lets each lane have one.
+            ([false, false, true], [0, 0, 0], 1, Some(Usual)),
+            // No bound.
+            ([false, false, true], [0, 0, 1000], 0, Some(Usual)),
+        ];
+        for (waiting, in_flight, total, want) in cases {
+            assert_eq!(
+                next(*waiting, *in_flight, *total),
+                *want,
+                "{waiting:?} {in_flight:?} of {total}"
+            );
+        }
+    }
+
+    /// Whatever the order of arrivals and releases, the lanes never hold more than their
+    /// caps and the total, and every request is served.
+    #[tokio::test]
+    async fn the_bound_holds_and_the_urgent_lane_overtakes() {
+        let gate = Gate::new(4);
+        let mut usual = Vec::new();
+        for _ in 0..2 {
+            usual.push(gate.enter(Lane::Usual).await);
+        }
+        // Usual holds its half: a third waits, and an urgent request behind it does not.
+        let third = tokio::spawn({
+            let gate = gate.clone();
+            async move { gate.enter(Lane::Usual).await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!third.is_finished(), "Usual may hold only half the places");
+        let urgent = [
+            gate.enter(Lane::Urgent).await,
+            gate.enter(Lane::Urgent).await,
+        ];
+        assert_eq!(gate.lock().in_flight, [2, 0, 2]);
+        // All four taken: an urgent request waits, and the next free place is its.
+        let waiting_urgent = tokio::spawn({
+            let gate = gate.clone();
+            async move { gate.enter(Lane::Urgent).await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(urgent);
+        let _next_urgent = waiting_urgent.await.expect("served");
+        assert_eq!(gate.lock().in_flight, [1, 0, 2]);
+        drop(usual);
+        let _third = third.await.expect("served");
+        assert_eq!(gate.lock().in_flight, [1, 0, 1]);
+    }
+
+    /// The most requests a lane had in flight at once when 20 were sent together, each
+    /// through a client of its own over one gate of `total` places.
+    async fn most_in_flight(lane: Lane, total: usize) -> usize {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tower::ServiceExt;
+        let now = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let counters = (now, most.clone());
+        let inner = tower::service_fn(move |_: http::Request<()>| {
+            let (now, most) = (counters.0.clone(), counters.1.clone());
+            async move {
+                let current = now.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(current, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                now.fetch_sub(1, Ordering::SeqCst);
+                Ok::<_, std::convert::Infallible>(())
+            }
+        });
+        let gate = Gate::new(total);
+        let calls = (0..20).map(|_| {
+            gate.lane(lane)
+                .layer(inner.clone())
+                .oneshot(http::Request::new(()))
+        });
+        for answer in futures::future::join_all(calls).await {
+            assert!(answer.is_ok());
+        }
+        most.load(Ordering::SeqCst)
+    }
+
+    #[tokio::test]
+    async fn requests_beyond_the_lanes_share_wait_their_turn() {
+        assert_eq!(most_in_flight(Lane::Urgent, 3).await, 3);
+        assert_eq!(most_in_flight(Lane::Usual, 6).await, 3);
+        assert_eq!(most_in_flight(Lane::Progress, 8).await, 2);
+        assert_eq!(most_in_flight(Lane::Usual, 1).await, 1);
+    }
+
+    #[tokio::test]
+    async fn zero_means_no_bound() {
+        assert_eq!(most_in_flight(Lane::Usual, 0).await, 20);
+    }
+
+    #[tokio::test]
+    async fn a_request_that_stops_waiting_gives_its_place_on() {
+        let gate = Gate::new(1);
+        let held = gate.enter(Lane::Usual).await;
+        let gone = tokio::spawn({
+            let gate = gate.clone();
+            async move { gate.enter(Lane::Usual).await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        gone.abort();
+        let _ = gone.await;
+        let next = tokio::spawn({
+            let gate = gate.clone();
+            async move { gate.enter(Lane::Usual).await }
+        });
+        drop(held);
+        let _next = tokio::time::timeout(Duration::from_secs(5), next)
+            .await
+            .expect("the place was given on")
+            .expect("served");
+        assert_eq!(gate.lock().in_flight, [0, 0, 1]);
+    }
+}
