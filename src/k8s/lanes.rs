@@ -35,8 +35,8 @@ pub enum Lane {
     Progress,
     /// Everything else: reads, watches, ReplicaSets, Events, measurements, the other
     /// controllers. Goes last, and may take half the places. With `Progress` it never holds
-    /// more than three quarters, so a route write finds a place free at once, and a burst of
-    /// bookkeeping never fills the apiserver with work a step then waits behind.
+    /// more than three quarters, so the urgent lane always has a quarter to itself, and a
+    /// burst of bookkeeping never fills the apiserver with work a step then waits behind.
     Usual,
 }
 
