@@ -1113,7 +1113,6 @@ mod tests {
 
     #[test]
     fn the_status_write_takes_the_lane_of_what_waits_on_it() {
-        use crate::k8s::lanes::Lane;
         let steps = vec![weight(20), pause(Some(5)), weight(50), pause(None)];
         let lane = |status: RolloutStatus, weight: Option<i32>, now: i64| {
             let mut o = observed(steps.clone(), status, 4, weight);

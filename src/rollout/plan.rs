@@ -5,7 +5,7 @@
 
 use super::model::{Observed, ObservedTraffic, Plan, ReplicaSetIntent, TrafficWrite, WriteOrder};
 use super::{bluegreen, canary, policy, runs};
-use crate::api::rollout::{RolloutStatus, TrafficWeights};
+use crate::api::rollout::{HandledIntents, RolloutStatus, TrafficWeights};
 use crate::k8s::lanes::Lane;
 
 /// Plans one reconcile: the ErrorBudget and Pipeline holds around the Rollout's strategy.
@@ -76,7 +76,6 @@ fn write_order(o: &Observed, plan: &Plan) -> WriteOrder {
     if plan.traffic_writes.is_empty() {
         return WriteOrder::StatusFirst;
     }
-    let handled = |s: &RolloutStatus| s.handled_intents.clone().unwrap_or_default();
     let handles_an_abort = handled(&plan.status).abort.is_some()
         && handled(&plan.status).abort != handled(&o.status).abort
         && plan.status.aborted_at.is_some();
@@ -103,7 +102,6 @@ fn write_order(o: &Observed, plan: &Plan) -> WriteOrder {
 /// record lands after the pause ran out: `Progress`. Anything else (a measurement, the pods'
 /// counts, a release ended): `Usual`.
 fn status_lane(o: &Observed, plan: &Plan) -> Lane {
-    let handled = |s: &RolloutStatus| s.handled_intents.clone().unwrap_or_default();
     let handles_a_request = handled(&plan.status) != handled(&o.status);
     let starts_a_step = plan.status.current_step_started_at.is_some()
         && plan.status.current_step_started_at != o.status.current_step_started_at;
@@ -116,6 +114,11 @@ fn status_lane(o: &Observed, plan: &Plan) -> Lane {
     } else {
         Lane::Usual
     }
+}
+
+/// The requests a status records as handled ("none recorded" is "none handled").
+fn handled(status: &RolloutStatus) -> HandledIntents {
+    status.handled_intents.clone().unwrap_or_default()
 }
 
 /// When each ReplicaSet is written, relative to the traffic. Pods must exist before traffic
