@@ -84,6 +84,9 @@ pub struct Context {
     pub urgent: Client,
     /// The status that starts a step, which the step's pause counts from (`Lane::Progress`).
     pub progress: Client,
+    /// A status that records what the cluster already shows, after its route moved: it gives
+    /// way to the routes still moving (`Lane::Record`).
+    pub record: Client,
     pub health: Arc<Health>,
     pub settings: Settings,
     /// Writes the Events: one per decision, counted when the same decision is recorded again.
@@ -106,6 +109,7 @@ impl Context {
             prometheus: PrometheusPool::new(client.clone()),
             urgent: client.clone(),
             progress: client.clone(),
+            record: client.clone(),
             events: Poster::new(recorder.clone()),
             client,
             health,
@@ -116,10 +120,11 @@ impl Context {
     }
 
     /// The same, with the lanes that go before `client` (k8s/lanes.rs).
-    pub fn with_lanes(self, urgent: Client, progress: Client) -> Self {
+    pub fn with_lanes(self, urgent: Client, progress: Client, record: Client) -> Self {
         Self {
             urgent,
             progress,
+            record,
             ..self
         }
     }
@@ -130,6 +135,7 @@ impl Context {
             Lane::Urgent => &self.urgent,
             Lane::Progress => &self.progress,
             Lane::Usual => &self.client,
+            Lane::Record => &self.record,
         }
     }
 

@@ -32,8 +32,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         None => Fence::always_open(),
     };
     let requests = RequestCounts::default();
-    // Three lanes under one bound on requests in flight (k8s/lanes.rs): what a moving
-    // release waits on goes first, the status that starts a step next, bookkeeping last.
+    // Four lanes under one bound on requests in flight (k8s/lanes.rs): what a moving
+    // release waits on goes first, the status that starts a step next, bookkeeping after,
+    // and the record of what the routes already show once no route is moving.
     let gate = Gate::new(settings.kube_requests_in_flight);
     let lane = |lane: Lane| -> anyhow::Result<Client> {
         Ok(ClientBuilder::try_from(config.clone())?
@@ -45,6 +46,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let client = lane(Lane::Usual)?;
     let urgent = lane(Lane::Urgent)?;
     let progress = lane(Lane::Progress)?;
+    let record = lane(Lane::Record)?;
     let election_client = Client::try_from(config)?;
     let version = client
         .apiserver_version()
@@ -100,8 +102,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     };
     let result = if became_leader {
         health.metrics.leader.set(1);
-        let context =
-            Arc::new(Context::new(client, health.clone(), settings).with_lanes(urgent, progress));
+        let context = Arc::new(
+            Context::new(client, health.clone(), settings).with_lanes(urgent, progress, record),
+        );
         let mut lost = leading_rx.clone();
         tokio::select! {
             result = crate::controllers::run(context, stop_rx.clone()) => result,

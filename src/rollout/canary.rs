@@ -1144,14 +1144,15 @@ mod tests {
             lane(promote, Some(20), 3),
             (Lane::Urgent, WriteOrder::StatusFirst, false)
         );
-        // A person's abort moved the route first: nothing waits on its record.
+        // A person's abort moved the route first: nothing waits on its record, which gives
+        // way to the routes still moving.
         let abort = RolloutStatus {
             abort: intent("a1"),
             ..releasing(1)
         };
         assert_eq!(
             lane(abort, Some(20), 3),
-            (Lane::Usual, WriteOrder::TrafficFirst, false)
+            (Lane::Record, WriteOrder::TrafficFirst, false)
         );
         // Within the pause, nothing new.
         assert_eq!(

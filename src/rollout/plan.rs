@@ -99,20 +99,20 @@ fn write_order(o: &Observed, plan: &Plan) -> WriteOrder {
 /// out a person's request, a moving release waits on it now: `Urgent`. Written after the
 /// route (a person's abort, a timed step), that wait is over; but a status that starts a step
 /// records the moment the step's pause counts from, and the next step comes late if the
-/// record lands after the pause ran out: `Progress`. Anything else (a measurement, the pods'
-/// counts, a release ended): `Usual`.
+/// record lands after the pause ran out: `Progress`. Any other status written after its route
+/// only records what the cluster already shows: `Record`, which gives way to the routes still
+/// moving. Anything else (a measurement, the pods' counts, a release ended): `Usual`.
 fn status_lane(o: &Observed, plan: &Plan) -> Lane {
     let handles_a_request = handled(&plan.status) != handled(&o.status);
     let starts_a_step = plan.status.current_step_started_at.is_some()
         && plan.status.current_step_started_at != o.status.current_step_started_at;
-    if plan.order == WriteOrder::StatusFirst
-        && (!plan.traffic_writes.is_empty() || handles_a_request)
-    {
-        Lane::Urgent
-    } else if starts_a_step {
-        Lane::Progress
-    } else {
-        Lane::Usual
+    match plan.order {
+        WriteOrder::StatusFirst if !plan.traffic_writes.is_empty() || handles_a_request => {
+            Lane::Urgent
+        }
+        _ if starts_a_step => Lane::Progress,
+        WriteOrder::TrafficFirst => Lane::Record,
+        WriteOrder::StatusFirst => Lane::Usual,
     }
 }
 
