@@ -265,12 +265,7 @@ async fn replace(
     };
     match api.replace(&name, &params, object).await {
         Ok(written) => {
-            cluster.wrote(
-                &resource.kind,
-                &namespace,
-                &name,
-                written.resource_version(),
-            );
+            cluster.wrote_route(&resource.kind, object.resource_version(), &written);
             Ok(())
         }
         Err(e) if crate::k8s::is_conflict(&e) => {
