@@ -119,7 +119,7 @@ impl Context {
         }
     }
 
-    /// The same, with the lanes that go before `client` (k8s/lanes.rs).
+    /// The same, with the lanes beside `client` (k8s/lanes.rs).
     pub fn with_lanes(self, urgent: Client, progress: Client, record: Client) -> Self {
         Self {
             urgent,

@@ -50,7 +50,9 @@ pub enum Lane {
     /// (a whole Rollout, the dearest write there is) takes the apiserver's time from them and
     /// lengthens its watches' queues. It takes a place only while the urgent lane has nothing
     /// waiting or in flight, or once it has waited [`RECORD_PATIENCE`]; it shares `Usual`'s
-    /// half. A record that waits holds up nothing but its own Rollout's next reconcile.
+    /// half. A record that waits holds its reconcile (and so its Rollout's next one) and the
+    /// reconcile's slot: were every slot held so, no route write could start, the urgent lane
+    /// would go quiet, and the records would go.
     Record,
 }
 
@@ -181,6 +183,8 @@ impl Gate {
 }
 
 impl Places {
+    /// What waits now. Whether a record is overdue is asked whenever a request arrives or a
+    /// place frees; while the urgent lane is busy, its places keep freeing.
     fn waiting(&self) -> Waiting {
         let record = &self.waiting[Lane::Record.index()];
         Waiting {
