@@ -29,6 +29,37 @@ pub fn decide(awaited: Option<&str>, cached: Option<&str>) -> Read {
     }
 }
 
+/// At most this many versions are remembered as coming before an answer.
+const BEFORE_KEPT: usize = 8;
+
+/// Versions known to come before the answer to one of Sluice's writes, oldest first: while the
+/// cache shows one of them, the answer is the newest the operator can know
+/// (rollout/written.rs, traffic/cache.rs).
+#[derive(Debug, Default)]
+pub struct Before(Vec<String>);
+
+impl Before {
+    /// Adds `version`, once; past [`BEFORE_KEPT`] the first added is forgotten.
+    pub fn add(&mut self, version: Option<String>) {
+        let Some(version) = version else { return };
+        if !self.0.contains(&version) {
+            if self.0.len() == BEFORE_KEPT {
+                self.0.remove(0);
+            }
+            self.0.push(version);
+        }
+    }
+
+    /// Adds each of `other`'s, oldest first.
+    pub fn add_all(&mut self, other: &Before) {
+        other.0.iter().for_each(|v| self.add(Some(v.clone())));
+    }
+
+    pub fn has(&self, version: Option<&str>) -> bool {
+        version.is_some_and(|v| self.0.iter().any(|b| b == v))
+    }
+}
+
 /// The versions awaited, by object key (`namespace/name`).
 #[derive(Debug, Default)]
 pub struct Freshness {
@@ -112,6 +143,19 @@ impl Freshness {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_comes_before_is_bounded_and_kept_once() {
+        let mut before = Before::default();
+        for v in (0..=BEFORE_KEPT).chain([3, 4]) {
+            before.add(Some(v.to_string()));
+        }
+        before.add(None);
+        assert_eq!(before.0.len(), BEFORE_KEPT);
+        assert!(!before.has(Some("0")), "the first added is forgotten");
+        assert!(before.has(Some("1")) && before.has(Some(&BEFORE_KEPT.to_string())));
+        assert!(!before.has(None));
+    }
 
     #[test]
     fn the_cache_is_used_once_it_shows_the_awaited_version() {

@@ -36,7 +36,7 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher::Event;
 
 use crate::api::rollout::Rollout;
-use crate::k8s::freshness::{Freshness, Read};
+use crate::k8s::freshness::{Before, Freshness, Read};
 use crate::rollout::cached::CachedRollout;
 
 /// At most this many answers are kept (a few KB each, as the cache keeps them); past it a
@@ -77,30 +77,6 @@ enum Decision {
     Cache,
     Answer(Arc<CachedRollout>),
     Apiserver,
-}
-
-/// At most this many versions are remembered as coming before an answer.
-const BEFORE_KEPT: usize = 8;
-
-/// Versions known to come before a status write, oldest first: see [`Written::sending`].
-#[derive(Debug, Default)]
-pub struct Before(Vec<String>);
-
-impl Before {
-    /// Adds `version`, once; past [`BEFORE_KEPT`] the first added is forgotten.
-    fn add(&mut self, version: Option<String>) {
-        let Some(version) = version else { return };
-        if !self.0.contains(&version) {
-            if self.0.len() == BEFORE_KEPT {
-                self.0.remove(0);
-            }
-            self.0.push(version);
-        }
-    }
-
-    fn has(&self, version: Option<&str>) -> bool {
-        version.is_some_and(|v| self.0.iter().any(|b| b == v))
-    }
 }
 
 struct Answer {
@@ -174,11 +150,7 @@ impl Written {
     pub fn sending(&self, key: &str, cached: Option<String>) -> Before {
         let mut before = Before::default();
         if let Some(last) = self.answers().get(key) {
-            last.before
-                .0
-                .iter()
-                .cloned()
-                .for_each(|v| before.add(Some(v)));
+            before.add_all(&last.before);
             before.add(last.object.resource_version());
         }
         before.add(self.freshness.awaited(key));
@@ -442,19 +414,6 @@ mod tests {
         wrote(&w, "ns/r", "10", "13");
         w.seen(&Event::Apply(cached("11")));
         assert!(is_apiserver(&read(&w, "11")));
-    }
-
-    #[test]
-    fn what_comes_before_is_bounded_and_kept_once() {
-        let mut before = Before::default();
-        for v in (0..=BEFORE_KEPT).chain([3, 4]) {
-            before.add(Some(v.to_string()));
-        }
-        before.add(None);
-        assert_eq!(before.0.len(), BEFORE_KEPT);
-        assert!(!before.has(Some("0")), "the first added is forgotten");
-        assert!(before.has(Some("1")) && before.has(Some(&BEFORE_KEPT.to_string())));
-        assert!(!before.has(None));
     }
 
     #[test]

@@ -36,7 +36,7 @@ use kube::runtime::watcher::Event;
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
-use crate::k8s::freshness::{Freshness, Read};
+use crate::k8s::freshness::{Before, Freshness, Read};
 
 /// One object's copy.
 #[derive(Debug)]
@@ -70,13 +70,10 @@ struct Kept {
 /// from the apiserver until the cache shows the write, as before.
 const ANSWERS_KEPT: usize = 1_000;
 
-/// At most this many versions are remembered as coming before an answer.
-const BEFORE_KEPT: usize = 8;
-
 /// The answer to Sluice's last write of a route, and the versions known to come before it.
 #[derive(Debug)]
 struct Answer {
-    before: Vec<String>,
+    before: Before,
     copy: Arc<StoredCopy>,
 }
 
@@ -185,7 +182,7 @@ impl RoutingCache {
                 let mut answers = self.answers();
                 if answers
                     .get(&key)
-                    .is_some_and(|a| !version.as_ref().is_some_and(|v| a.before.contains(v)))
+                    .is_some_and(|a| !a.before.has(version.as_deref()))
                 {
                     answers.remove(&key);
                 }
@@ -233,10 +230,9 @@ impl RoutingCache {
             Read::Fresh => {
                 let awaited = self.freshness.awaited(&key);
                 let answers = self.answers();
-                let answer = answers.get(&key).filter(|a| {
-                    a.copy.version == awaited
-                        && version.as_ref().is_some_and(|v| a.before.contains(v))
-                })?;
+                let answer = answers
+                    .get(&key)
+                    .filter(|a| a.copy.version == awaited && a.before.has(version.as_deref()))?;
                 answer.copy.clone()
             }
         };
@@ -296,17 +292,12 @@ impl RoutingCache {
         let mut answers = self.answers();
         // Each earlier answer, and what came before it, was answered before this write was
         // sent: it all comes before this answer.
-        let earlier = answers
-            .remove(&key)
-            .map(|last| last.before.into_iter().chain(last.copy.version.clone()));
-        let mut before: Vec<String> = Vec::new();
-        for version in earlier.into_iter().flatten().chain(sent) {
-            if !before.contains(&version) {
-                before.push(version);
-            }
+        let mut before = Before::default();
+        if let Some(last) = answers.remove(&key) {
+            before.add_all(&last.before);
+            before.add(last.copy.version.clone());
         }
-        // Oldest first: past the bound, the oldest are forgotten.
-        before.drain(..before.len().saturating_sub(BEFORE_KEPT));
+        before.add(sent);
         if answers.len() < ANSWERS_KEPT {
             answers.insert(key, Answer { before, copy });
         }
