@@ -112,22 +112,57 @@ pub fn is_not_found(error: &kube::Error) -> bool {
     classify(error) == ErrorKind::NotFound
 }
 
+/// The namespace is being deleted and takes no new objects (the apiserver's NamespaceLifecycle
+/// names this cause). Whatever asked for one goes with the namespace: retrying cannot help.
+pub fn is_namespace_terminating(error: &kube::Error) -> bool {
+    matches!(error, kube::Error::Api(status)
+    if status.code == 403
+        && status.details.as_ref().is_some_and(|details| {
+            details.causes.iter().any(|cause| cause.reason == "NamespaceTerminating")
+        }))
+}
+
 pub fn is_conflict(error: &kube::Error) -> bool {
     classify(error) == ErrorKind::Conflict
 }
 
+/// Errors as the apiserver sends them, for tests.
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// An error as the apiserver sends it: a reason and a code.
-    fn api_error(reason: &str, code: u16) -> kube::Error {
+pub(crate) mod test_errors {
+    /// A refusal with a reason and a code.
+    pub fn api_error(reason: &str, code: u16) -> kube::Error {
         kube::Error::Api(
             kube::core::Status::failure("x", reason)
                 .with_code(code)
                 .boxed(),
         )
     }
+
+    /// The answer to a create in a namespace being deleted (with `code`, to vary it).
+    pub fn namespace_terminating(code: u16) -> kube::Error {
+        let status: kube::core::Status = serde_json::from_value(serde_json::json!({
+            "status": "Failure",
+            "message": "replicasets.apps \"r-1\" is forbidden: unable to create new content in namespace x because it is being terminated",
+            "reason": "Forbidden",
+            "details": {
+                "name": "r-1", "group": "apps", "kind": "replicasets",
+                "causes": [{
+                    "reason": "NamespaceTerminating",
+                    "message": "namespace x is being terminated",
+                    "field": "metadata.namespace"
+                }]
+            },
+            "code": code
+        }))
+        .unwrap_or_default();
+        kube::Error::Api(status.boxed())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_errors::*;
+    use super::*;
 
     #[test]
     fn errors_are_classified_by_reason_and_code() {
@@ -139,5 +174,13 @@ mod tests {
             classify(&api_error("InternalError", 500)),
             ErrorKind::Transient
         );
+    }
+
+    #[test]
+    fn a_terminating_namespace_is_told_apart_from_other_refusals() {
+        assert!(is_namespace_terminating(&namespace_terminating(403)));
+        assert!(!is_namespace_terminating(&namespace_terminating(500)));
+        assert!(!is_namespace_terminating(&api_error("Forbidden", 403)));
+        assert!(!is_namespace_terminating(&api_error("NotFound", 404)));
     }
 }

@@ -422,19 +422,41 @@ async fn reconcile_in_slot(
         .ctx
         .metrics()
         .observe_reconcile(CONTROLLER, started.elapsed());
+    let result = settle(result);
     if result.is_ok() {
         state.ctx.backoff.succeeded(&key);
     }
-    result.map_err(|e| match e {
-        kube::runtime::finalizer::Error::ApplyFailed(e)
-        | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+    result
+}
+
+/// What a reconcile's outcome, finalizer handling included, means for the controller: done,
+/// or a failure of which kind.
+fn settle(result: Result<Action, kube::runtime::finalizer::Error<Error>>) -> Result<Action, Error> {
+    use kube::runtime::finalizer::Error as Failed;
+    match result {
+        Ok(action) => Ok(action),
+        // Nothing left to take the finalizer off: the Rollout is gone (this reconcile ran on a
+        // copy the cache held after the finalizer came off), or its namespace is (an object
+        // left behind in a namespace deleted while it could not be seen; no request can change
+        // it any more). Neither is a failure, and retrying cannot help.
+        Err(Failed::RemoveFinalizer(e)) if crate::k8s::is_not_found(&e) => {
+            tracing::debug!(error = %e, "nothing left to take the finalizer off");
+            Ok(Action::await_change())
+        }
+        // The namespace is being deleted and refused a new object (a ReplicaSet its deletion
+        // took away first). The Rollout's own deletion comes next and is reconciled then.
+        Err(Failed::ApplyFailed(Error::Kube(e))) if crate::k8s::is_namespace_terminating(&e) => {
+            tracing::info!("the namespace is being deleted: waiting for the Rollout's deletion");
+            Ok(Action::await_change())
+        }
+        Err(Failed::ApplyFailed(e) | Failed::CleanupFailed(e)) => Err(e),
         // The finalizer patch tests the finalizers the cache showed: refused (422) when the
         // cache lags a finalizer just added. Someone else's write in between, as a conflict.
-        kube::runtime::finalizer::Error::AddFinalizer(kube::Error::Api(e)) if e.code == 422 => {
-            Error::CacheBehind(e.message)
+        Err(Failed::AddFinalizer(kube::Error::Api(e))) if e.code == 422 => {
+            Err(Error::CacheBehind(e.message))
         }
-        other => Error::Finalizer(other.to_string()),
-    })
+        Err(other) => Err(Error::Finalizer(other.to_string())),
+    }
 }
 
 /// On deletion: all traffic back to stable before the Rollout (and its ReplicaSets) go.
@@ -1302,6 +1324,52 @@ mod tests {
                      "strategy": {"canary": {"steps": []}}}
         }))
         .unwrap()
+    }
+
+    /// A reconcile's outcome, as the controller takes it: a Rollout or namespace already gone
+    /// and a namespace being deleted are no failures; the rest keep their kind.
+    #[test]
+    fn a_reconcile_outcome_is_settled_by_what_failed() {
+        use crate::k8s::test_errors::{api_error, namespace_terminating};
+        use kube::runtime::finalizer::Error as Failed;
+        let done = |r: Result<Action, Error>| matches!(r, Ok(a) if a == Action::await_change());
+        let kind = |r: Result<Action, Error>| r.err().map(|e| e.metric_label());
+        assert!(done(settle(Err(Failed::RemoveFinalizer(api_error(
+            "NotFound", 404
+        ))))));
+        assert!(done(settle(Err(Failed::ApplyFailed(Error::Kube(
+            namespace_terminating(403)
+        ))))));
+        assert_eq!(
+            kind(settle(Err(Failed::RemoveFinalizer(api_error(
+                "InternalError",
+                500
+            ))))),
+            Some("finalizer")
+        );
+        // Refused for another reason, a create is a failure a person can act on.
+        assert_eq!(
+            kind(settle(Err(Failed::ApplyFailed(Error::Kube(api_error(
+                "Forbidden",
+                403
+            )))))),
+            Some("kube")
+        );
+        // While a namespace is deleted, a cleanup that fails is retried.
+        assert_eq!(
+            kind(settle(Err(Failed::CleanupFailed(Error::Kube(
+                namespace_terminating(403)
+            ))))),
+            Some("kube")
+        );
+        assert_eq!(
+            kind(settle(Err(Failed::AddFinalizer(api_error("Invalid", 422))))),
+            Some("conflict")
+        );
+        assert!(matches!(
+            settle(Ok(Action::requeue(Duration::from_secs(5)))),
+            Ok(a) if a == Action::requeue(Duration::from_secs(5))
+        ));
     }
 
     /// What a cached ReplicaSet needs: nothing, a resize, or a whole write.
