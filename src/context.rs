@@ -79,10 +79,11 @@ pub struct Context {
     pub client: Client,
     /// What a moving release waits on now: route reads and writes, a Rollout read fresh
     /// after Sluice's own write, and the status recorded just before a route moves or to
-    /// carry out a person's request (`Lane::Urgent`: goes first, set up in `operator::run`;
-    /// tests share one client).
+    /// carry out a person's request (`Lane::Urgent`: set up in `operator::run`; tests share
+    /// one client).
     pub urgent: Client,
-    /// The status that starts a step, which the step's pause counts from (`Lane::Progress`).
+    /// The status that starts a timed pause, which the pause counts from (`Lane::Progress`:
+    /// offered a place first, at most a quarter).
     pub progress: Client,
     /// A status that records what the cluster already shows, after its route moved: it gives
     /// way to the routes still moving (`Lane::Record`).

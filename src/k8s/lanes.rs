@@ -33,11 +33,14 @@ use tower::{Layer, Service};
 pub enum Lane {
     /// What a moving release waits on now: route reads and writes, a Rollout read fresh,
     /// the status recorded just before a route moves or to carry out a person's request.
-    /// Goes first, and may take every place.
+    /// Offered a place after `Progress`, and may take every place.
     Urgent,
-    /// A status that starts a step: the step's pause counts from the moment recorded, so the
-    /// record must land before the pause runs out, or the next step comes late. Goes second,
-    /// and may take a quarter of the places.
+    /// A status that starts a timed pause: the pause counts from the moment recorded, so the
+    /// record must land before the pause runs out, or the next step comes late. The one lane
+    /// with a deadline: offered a free place first, and may take a quarter of the places, so
+    /// the urgent lane always keeps three quarters. (Behind the urgent lane, with the other
+    /// statuses that start a step, these records waited 1.6 to 2.7 s at the median in 100
+    /// releases, and up to half of them landed after their pause had run out.)
     Progress,
     /// Everything else: reads, watches, ReplicaSets, Events, measurements, the other
     /// controllers. Goes third, and may take half the places (with `Record`). With
@@ -57,6 +60,9 @@ pub enum Lane {
 }
 
 const LANES: [Lane; 4] = [Lane::Urgent, Lane::Progress, Lane::Usual, Lane::Record];
+
+/// The order in which the lanes are offered a free place: the deadline first.
+const ORDER: [Lane; 4] = [Lane::Progress, Lane::Urgent, Lane::Usual, Lane::Record];
 
 /// How long a record waits for the urgent lane to go quiet before it takes a place anyway
 /// (a burst of 100 aborts kept the urgent lane busy for about 2.5 s at 10,000 Rollouts).
@@ -94,7 +100,7 @@ struct Waiting {
     record_overdue: bool,
 }
 
-/// The lane to give the next free place to: the first, in the lanes' order, with a request
+/// The lane to give the next free place to: the first, in [`ORDER`], with a request
 /// waiting and room under both its own share and the total; a record only while the urgent
 /// lane is quiet or once it is overdue.
 fn next(waiting: Waiting, in_flight: [usize; 4], total: usize) -> Option<Lane> {
@@ -103,7 +109,7 @@ fn next(waiting: Waiting, in_flight: [usize; 4], total: usize) -> Option<Lane> {
         return None;
     }
     let urgent_quiet = in_flight[0] == 0 && !waiting.lanes[0];
-    LANES.into_iter().find(|lane| {
+    ORDER.into_iter().find(|lane| {
         waiting.lanes[lane.index()]
             && lane.has_room(in_flight, total)
             && (*lane != Lane::Record || total == 0 || urgent_quiet || waiting.record_overdue)
@@ -315,8 +321,16 @@ mod tests {
         let cases: &[Case] = &[
             // Nobody waits.
             ([false; 4], false, [0; 4], 8, None),
-            // The lanes' order.
-            ([true; 4], false, [0; 4], 8, Some(Urgent)),
+            // The lanes' order: Progress (a deadline) first while it has room, then Urgent.
+            ([true; 4], false, [0; 4], 8, Some(Progress)),
+            ([true, false, true, true], false, [0; 4], 8, Some(Urgent)),
+            (
+                [true, true, true, true],
+                false,
+                [0, 2, 0, 0],
+                8,
+                Some(Urgent),
+            ),
             ([false, true, true, true], false, [0; 4], 8, Some(Progress)),
             ([false, false, true, true], false, [0; 4], 8, Some(Usual)),
             ([false, false, false, true], false, [0; 4], 8, Some(Record)),

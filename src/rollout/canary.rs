@@ -1125,15 +1125,26 @@ mod tests {
             lane(releasing(0), Some(0), 10),
             (Lane::Urgent, WriteOrder::StatusFirst, false)
         );
-        // The weight reached: the pause that starts counts from this record.
+        // The weight reached: the timed pause that starts counts from this record.
         assert_eq!(
             lane(releasing(0), Some(20), 10),
             (Lane::Progress, WriteOrder::StatusFirst, true)
         );
-        // A timed pause ran out: the route went first, and the record starts the next step.
+        // A pause without a duration has no deadline: its record holds only its Rollout.
+        let mut untimed = observed(vec![weight(20), pause(None)], releasing(0), 4, Some(20));
+        untimed.now = t(10);
+        assert_eq!(
+            (
+                plan(&untimed).status_lane,
+                plan(&untimed).status.current_step_index
+            ),
+            (Lane::Usual, Some(1))
+        );
+        // A timed pause ran out: the route went first, and the record starts the next step, a
+        // weight (no deadline), yet holds the Rollout's next reconcile: not a mere record.
         assert_eq!(
             lane(releasing(1), Some(20), 10),
-            (Lane::Progress, WriteOrder::TrafficFirst, false)
+            (Lane::Usual, WriteOrder::TrafficFirst, false)
         );
         // A person's promote is recorded before the route moves.
         let promote = RolloutStatus {

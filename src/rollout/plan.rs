@@ -4,7 +4,7 @@
 //! its status (`runs`), calls [`plan`], and carries out the [`Plan`] in order.
 
 use super::model::{Observed, ObservedTraffic, Plan, ReplicaSetIntent, TrafficWrite, WriteOrder};
-use super::{bluegreen, canary, policy, runs};
+use super::{bluegreen, canary, policy, runs, steps};
 use crate::api::rollout::{HandledIntents, RolloutStatus, TrafficWeights};
 use crate::k8s::lanes::Lane;
 
@@ -96,21 +96,34 @@ fn write_order(o: &Observed, plan: &Plan) -> WriteOrder {
 }
 
 /// What waits on the status write, and so its lane. Written before a route moves, or to carry
-/// out a person's request, a moving release waits on it now: `Urgent`. Written after the
-/// route (a person's abort, a timed step), that wait is over; but a status that starts a step
-/// records the moment the step's pause counts from, and the next step comes late if the
-/// record lands after the pause ran out: `Progress`. Any other status written after its route
+/// out a person's request, a moving release waits on it now: `Urgent`. A status that starts a
+/// timed pause records the moment the pause counts from, and the next step comes late if the
+/// record lands after the pause ran out: `Progress`, which has a deadline and goes first
+/// within its share. Any other status that starts a step holds its Rollout's next reconcile
+/// (a person's abort would wait for it): `Usual`. Any other status written after its route
 /// only records what the cluster already shows: `Record`, which gives way to the routes still
 /// moving. Anything else (a measurement, the pods' counts, a release ended): `Usual`.
 fn status_lane(o: &Observed, plan: &Plan) -> Lane {
     let handles_a_request = handled(&plan.status) != handled(&o.status);
     let starts_a_step = plan.status.current_step_started_at.is_some()
         && plan.status.current_step_started_at != o.status.current_step_started_at;
+    let timed_pause = o
+        .spec
+        .strategy
+        .canary
+        .as_ref()
+        .zip(plan.status.current_step_index)
+        .is_some_and(|(canary, index)| {
+            let steps = steps::effective(&canary.steps);
+            let step = usize::try_from(index).ok().and_then(|i| steps.get(i));
+            matches!(step, Some(steps::Step::Pause(Some(_))))
+        });
     match plan.order {
         WriteOrder::StatusFirst if !plan.traffic_writes.is_empty() || handles_a_request => {
             Lane::Urgent
         }
-        _ if starts_a_step => Lane::Progress,
+        _ if starts_a_step && timed_pause => Lane::Progress,
+        _ if starts_a_step => Lane::Usual,
         WriteOrder::TrafficFirst => Lane::Record,
         WriteOrder::StatusFirst => Lane::Usual,
     }
