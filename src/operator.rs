@@ -66,6 +66,11 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         fence.refused_writes(),
     );
     metrics.registry.register(
+        "kube_request_wait_seconds",
+        "Time a request to the Kubernetes apiserver waited for a place under --kube-requests-in-flight, by lane",
+        gate.waits(),
+    );
+    metrics.registry.register(
         "kube_requests",
         "Requests the controllers sent to the Kubernetes apiserver, by verb and resource",
         requests,

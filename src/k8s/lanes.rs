@@ -25,6 +25,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use tokio::sync::oneshot;
 use tower::{Layer, Service};
 
@@ -37,8 +40,8 @@ pub enum Lane {
     Urgent,
     /// A status that starts a timed pause: the pause counts from the moment recorded, so the
     /// record must land before the pause runs out, or the next step comes late. The one lane
-    /// with a deadline: offered a free place first, and may take a quarter of the places, so
-    /// the urgent lane always keeps three quarters. (Behind the urgent lane, with the other
+    /// with a deadline: offered a free place first, and may take no more than a quarter of
+    /// the places, one record per timed pause. (Behind the urgent lane, with the other
     /// statuses that start a step, these records waited 1.6 to 2.7 s at the median in 100
     /// releases, and up to half of them landed after their pause had run out.)
     Progress,
@@ -68,7 +71,27 @@ const ORDER: [Lane; 4] = [Lane::Progress, Lane::Urgent, Lane::Usual, Lane::Recor
 /// (a burst of 100 aborts kept the urgent lane busy for about 2.5 s at 10,000 Rollouts).
 pub const RECORD_PATIENCE: Duration = Duration::from_secs(3);
 
+/// How long requests waited for their place, by lane (`operator::run` registers it as
+/// `sluice_kube_request_wait_seconds`): the lanes' queues sit in kube's client buffers, where
+/// nothing else shows them.
+pub type LaneWaits = Family<LaneLabel, Histogram>;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LaneLabel {
+    /// urgent, progress, usual or record.
+    pub lane: String,
+}
+
 impl Lane {
+    fn name(self) -> &'static str {
+        match self {
+            Lane::Urgent => "urgent",
+            Lane::Progress => "progress",
+            Lane::Usual => "usual",
+            Lane::Record => "record",
+        }
+    }
+
     fn index(self) -> usize {
         match self {
             Lane::Urgent => 0,
@@ -124,6 +147,9 @@ pub struct Gate(Arc<Mutex<Places>>);
 struct Places {
     total: usize,
     patience: Duration,
+    /// Every lane's series of `waits`, by index, to observe without a lookup.
+    waited: [Histogram; 4],
+    waits: LaneWaits,
     in_flight: [usize; 4],
     /// Each request waiting, with the moment it began to.
     waiting: [VecDeque<(oneshot::Sender<Place>, Instant)>; 4],
@@ -143,12 +169,29 @@ impl Gate {
     }
 
     fn with_patience(total: usize, patience: Duration) -> Self {
+        // 1 ms to about 16 s.
+        let waits =
+            LaneWaits::new_with_constructor(|| Histogram::new(exponential_buckets(0.001, 2.0, 15)));
+        let waited = LANES.map(|lane| {
+            waits
+                .get_or_create(&LaneLabel {
+                    lane: lane.name().to_string(),
+                })
+                .clone()
+        });
         Self(Arc::new(Mutex::new(Places {
             total,
             patience,
+            waited,
+            waits,
             in_flight: [0; 4],
             waiting: Default::default(),
         })))
+    }
+
+    /// How long requests waited for their place, by lane: to register with the metrics.
+    pub fn waits(&self) -> LaneWaits {
+        self.lock().waits.clone()
     }
 
     /// The layer that puts a client's requests in `lane`.
@@ -206,12 +249,13 @@ impl Places {
     fn give(&mut self, gate: &Gate) -> Vec<(oneshot::Sender<Place>, Place)> {
         let mut given = Vec::new();
         while let Some(lane) = next(self.waiting(), self.in_flight, self.total) {
-            let Some((sender, _)) = self.waiting[lane.index()].pop_front() else {
+            let Some((sender, since)) = self.waiting[lane.index()].pop_front() else {
                 break;
             };
             if sender.is_closed() {
                 continue;
             }
+            self.waited[lane.index()].observe(since.elapsed().as_secs_f64());
             self.in_flight[lane.index()] += 1;
             let place = Place {
                 gate: gate.clone(),
@@ -409,6 +453,42 @@ mod tests {
                 "{waiting:?} {in_flight:?} of {total}"
             );
         }
+    }
+
+    /// `(count, sum)` of one lane's waits, as the metrics endpoint shows them.
+    fn waited(gate: &Gate, lane: &str) -> (f64, f64) {
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register("wait", "", gate.waits());
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap_or_default();
+        let value = |series: &str| {
+            text.lines()
+                .find(|l| l.starts_with(&format!("{series}{{lane=\"{lane}\"}}")))
+                .and_then(|l| l.split_whitespace().last()?.parse().ok())
+                .unwrap_or(f64::NAN)
+        };
+        (value("wait_count"), value("wait_sum"))
+    }
+
+    #[tokio::test]
+    async fn each_lane_s_wait_for_a_place_is_measured() {
+        let gate = Gate::new(1);
+        let usual = gate.enter(Lane::Usual).await;
+        let urgent = tokio::spawn({
+            let gate = gate.clone();
+            async move { gate.enter(Lane::Urgent).await }
+        });
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        drop(usual);
+        let _urgent = urgent.await.expect("served once the place is free");
+        let (count, sum) = waited(&gate, "usual");
+        assert!(count == 1.0 && sum < 0.04, "no wait: {count} {sum}");
+        let (count, sum) = waited(&gate, "urgent");
+        assert!(
+            count == 1.0 && sum >= 0.04,
+            "waited for the place: {count} {sum}"
+        );
+        assert_eq!(waited(&gate, "record"), (0.0, 0.0), "nothing asked");
     }
 
     #[tokio::test]
