@@ -455,6 +455,12 @@ mod tests {
         }
     }
 
+    /// A request waiting in `lane`, on a task of its own.
+    fn waiter(gate: &Gate, lane: Lane) -> tokio::task::JoinHandle<Place> {
+        let gate = gate.clone();
+        tokio::spawn(async move { gate.enter(lane).await })
+    }
+
     /// `(count, sum)` of one lane's waits, as the metrics endpoint shows them.
     fn waited(gate: &Gate, lane: &str) -> (f64, f64) {
         let mut registry = prometheus_client::registry::Registry::default();
@@ -474,10 +480,7 @@ mod tests {
     async fn each_lane_s_wait_for_a_place_is_measured() {
         let gate = Gate::new(1);
         let usual = gate.enter(Lane::Usual).await;
-        let urgent = tokio::spawn({
-            let gate = gate.clone();
-            async move { gate.enter(Lane::Urgent).await }
-        });
+        let urgent = waiter(&gate, Lane::Urgent);
         tokio::time::sleep(Duration::from_millis(40)).await;
         drop(usual);
         let _urgent = urgent.await.expect("served once the place is free");
@@ -495,10 +498,7 @@ mod tests {
     async fn a_record_waits_for_the_urgent_lane_to_go_quiet_or_its_patience() {
         let gate = Gate::with_patience(8, Duration::from_millis(50));
         let urgent = gate.enter(Lane::Urgent).await;
-        let record = tokio::spawn({
-            let gate = gate.clone();
-            async move { gate.enter(Lane::Record).await }
-        });
+        let record = waiter(&gate, Lane::Record);
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!record.is_finished(), "a route is moving");
         // A usual request is not held back; the record still is.
@@ -509,10 +509,7 @@ mod tests {
 
         // Under a stream of urgent requests, a record waits out its patience, then goes.
         let held = gate.enter(Lane::Urgent).await;
-        let record = tokio::spawn({
-            let gate = gate.clone();
-            async move { gate.enter(Lane::Record).await }
-        });
+        let record = waiter(&gate, Lane::Record);
         tokio::time::sleep(Duration::from_millis(70)).await;
         assert!(!record.is_finished(), "nothing freed a place since it came");
         let _another = gate.enter(Lane::Urgent).await;
@@ -534,10 +531,7 @@ mod tests {
             usual.push(gate.enter(Lane::Usual).await);
         }
         // Usual holds its half: a third waits, and an urgent request behind it does not.
-        let third = tokio::spawn({
-            let gate = gate.clone();
-            async move { gate.enter(Lane::Usual).await }
-        });
+        let third = waiter(&gate, Lane::Usual);
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!third.is_finished(), "Usual may hold only half the places");
         let urgent = [
@@ -546,10 +540,7 @@ mod tests {
         ];
         assert_eq!(gate.lock().in_flight, [2, 0, 2, 0]);
         // All four taken: an urgent request waits, and the next free place is its.
-        let waiting_urgent = tokio::spawn({
-            let gate = gate.clone();
-            async move { gate.enter(Lane::Urgent).await }
-        });
+        let waiting_urgent = waiter(&gate, Lane::Urgent);
         tokio::time::sleep(Duration::from_millis(20)).await;
         drop(urgent);
         let _next_urgent = waiting_urgent.await.expect("served");
@@ -677,17 +668,11 @@ mod tests {
     async fn a_request_that_stops_waiting_gives_its_place_on() {
         let gate = Gate::new(1);
         let held = gate.enter(Lane::Usual).await;
-        let gone = tokio::spawn({
-            let gate = gate.clone();
-            async move { gate.enter(Lane::Usual).await }
-        });
+        let gone = waiter(&gate, Lane::Usual);
         tokio::time::sleep(Duration::from_millis(20)).await;
         gone.abort();
         let _ = gone.await;
-        let next = tokio::spawn({
-            let gate = gate.clone();
-            async move { gate.enter(Lane::Usual).await }
-        });
+        let next = waiter(&gate, Lane::Usual);
         drop(held);
         let _next = tokio::time::timeout(Duration::from_secs(5), next)
             .await
