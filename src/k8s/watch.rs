@@ -13,6 +13,7 @@ use std::fmt::Debug;
 use futures::{Stream, StreamExt, TryStreamExt, future};
 use kube::Resource;
 use kube::runtime::reflector::store::Writer;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher::Event;
 use kube::runtime::{WatchStreamExt, watcher};
 use serde::de::DeserializeOwned;
@@ -75,8 +76,9 @@ pub fn reflected_into<K, C>(
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
     C: From<K> + Resource + Clone + Debug + Send + Sync + 'static,
-    C::DynamicType: Eq + std::hash::Hash + Clone,
+    C::DynamicType: Eq + std::hash::Hash + Clone + Default,
 {
+    let store = writer.as_reader();
     quiet(
         watcher(api, config)
             .default_backoff()
@@ -89,8 +91,26 @@ where
                 cached(&event);
                 event
             })
+            .try_filter(move |event| future::ready(relisted_news(&store, event)))
             .touched_objects(),
     )
+}
+
+/// Whether an event, already reflected, is news to the controller: not an object a relist
+/// shows at the version the store holds. kube's store fills a relist into a buffer of its
+/// own and serves the old objects until the list is complete, so the store still shows
+/// the version from before the watch went away. Such an object would wake its reconcile for
+/// nothing: at 10,000 Rollouts, each relist woke all of them.
+fn relisted_news<K>(store: &Store<K>, event: &Event<K>) -> bool
+where
+    K: Resource + Clone,
+    K::DynamicType: Eq + std::hash::Hash + Clone + Default,
+{
+    let Event::InitApply(object) = event else {
+        return true;
+    };
+    let held = store.get(&ObjectRef::from_obj(object));
+    held.is_none_or(|held| held.meta().resource_version != object.meta().resource_version)
 }
 
 /// The same event, its object in another form.
@@ -105,12 +125,15 @@ fn converted<K, C: From<K>>(event: Event<K>) -> Event<C> {
 }
 
 /// As [`trigger`], with each object first changed by `modify` (to keep less of it), and each
-/// event then handed to `keep` (a cache of the controller's own shape).
+/// event then handed to `keep` (a cache of the controller's own shape), which says whether it
+/// was news: an object the cache already held as it is triggers nothing. After a relist (a
+/// watch away too long, an apiserver restarted) most objects are so, and each would wake its
+/// owner for nothing: at 10,000 Rollouts, a relist of their 60,000 ReplicaSets woke them all.
 pub fn kept<K>(
     api: kube::Api<K>,
     config: watcher::Config,
     modify: impl FnMut(&mut K) + Send + 'static,
-    keep: impl Fn(&Event<K>) + Send + 'static,
+    keep: impl Fn(&Event<K>) -> bool + Send + 'static,
 ) -> impl Stream<Item = Result<K, watcher::Error>> + Send + 'static
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
@@ -119,10 +142,7 @@ where
         watcher(api, config)
             .default_backoff()
             .modify(modify)
-            .map_ok(move |event| {
-                keep(&event);
-                event
-            })
+            .try_filter(move |event| future::ready(keep(event)))
             .touched_objects(),
     )
 }
@@ -137,4 +157,55 @@ fn quiet<K: Send + 'static>(
         }
         future::ready(item.is_ok())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::api::ObjectMeta;
+    use kube::runtime::reflector;
+
+    fn object(name: &str, version: &str) -> ConfigMap {
+        ConfigMap {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("shop".into()),
+                resource_version: Some(version.into()),
+                ..ObjectMeta::default()
+            },
+            ..ConfigMap::default()
+        }
+    }
+
+    /// Each event is reflected first, as in the stream, then asked whether it is news.
+    fn reflected_news(
+        writer: &mut Writer<ConfigMap>,
+        store: &Store<ConfigMap>,
+        event: Event<ConfigMap>,
+    ) -> bool {
+        writer.apply_watcher_event(&event);
+        relisted_news(store, &event)
+    }
+
+    #[test]
+    fn a_relist_tells_only_what_changed_while_the_watch_was_away() {
+        let (store, mut writer) = reflector::store();
+        let mut news = |event| reflected_news(&mut writer, &store, event);
+        assert!(news(Event::Init));
+        assert!(news(Event::InitApply(object("a", "1"))), "first list");
+        assert!(news(Event::InitApply(object("b", "1"))));
+        assert!(news(Event::InitDone));
+        assert!(news(Event::Apply(object("b", "2"))), "a watch event");
+
+        assert!(news(Event::Init));
+        assert!(!news(Event::InitApply(object("a", "1"))), "unchanged");
+        assert!(
+            news(Event::InitApply(object("b", "3"))),
+            "changed meanwhile"
+        );
+        assert!(news(Event::InitApply(object("c", "4"))), "made meanwhile");
+        assert!(news(Event::InitDone));
+        assert_eq!(store.len(), 3, "the relisted store holds them all");
+    }
 }

@@ -52,6 +52,8 @@ type Groups = HashMap<Box<str>, Vec<Entry>>;
 struct Entry {
     name: Box<str>,
     json: Box<str>,
+    /// Seen in the list under way; those not seen are dropped when it is complete.
+    listed: bool,
 }
 
 impl Entry {
@@ -63,6 +65,7 @@ impl Entry {
             json: serde_json::to_string(&kept.replica_set())
                 .unwrap_or_default()
                 .into(),
+            listed: true,
         }
     }
 
@@ -75,16 +78,28 @@ impl Entry {
     }
 }
 
-/// Puts `kept` in its group, in place of the ReplicaSet of the same name.
-fn insert(groups: &mut Groups, kept: &Kept) {
+/// Puts `kept` in its group, in place of the ReplicaSet of the same name, and marks it
+/// listed. Whether it is news: not when the cache already holds it as it is (a relist shows
+/// most so), and then it keeps its entry, with no second copy made.
+fn insert(groups: &mut Groups, kept: &Kept) -> bool {
     let Some(group) = group_of(kept) else {
-        return;
+        return true;
     };
     let entry = Entry::of(kept);
     let members = groups.entry(group).or_default();
     match members.binary_search_by(|m| m.name.cmp(&entry.name)) {
-        Ok(at) => members[at] = entry,
-        Err(at) => members.insert(at, entry),
+        Ok(at) if members[at].json == entry.json => {
+            members[at].listed = true;
+            false
+        }
+        Ok(at) => {
+            members[at] = entry;
+            true
+        }
+        Err(at) => {
+            members.insert(at, entry);
+            true
+        }
     }
 }
 
@@ -235,11 +250,14 @@ impl Kept {
     }
 }
 
+/// A (re)list is applied in place: each ReplicaSet it shows is put in (or, unchanged, only
+/// marked), and those it did not show are dropped when it is complete. It used to build a
+/// second grouping beside the first and swap at the end: at 10,000 Rollouts, two copies of
+/// 60,000 ReplicaSets for as long as the list took. Meanwhile a reconcile reads each
+/// ReplicaSet as listed or as before, each a state it had, as a lagging watch gives.
 #[derive(Debug)]
 pub struct OwnedReplicaSets {
     groups: Mutex<Groups>,
-    /// Built during a (re)list, swapped in when it is complete.
-    building: Mutex<Option<Groups>>,
     ready: watch::Sender<bool>,
 }
 
@@ -247,7 +265,6 @@ impl Default for OwnedReplicaSets {
     fn default() -> Self {
         Self {
             groups: Mutex::default(),
-            building: Mutex::default(),
             ready: watch::channel(false).0,
         }
     }
@@ -274,24 +291,27 @@ impl OwnedReplicaSets {
         m.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Takes in one watch event.
-    pub fn apply(&self, event: &Event<Kept>) {
+    /// Takes in one watch event. Whether it told the cache anything new: a ReplicaSet listed
+    /// again as it is kept wakes no Rollout (its periodic resync still comes).
+    pub fn apply(&self, event: &Event<Kept>) -> bool {
+        let mut groups = Self::lock(&self.groups);
         match event {
-            Event::Init => *Self::lock(&self.building) = Some(Groups::new()),
-            Event::InitApply(rs) => {
-                if let Some(building) = Self::lock(&self.building).as_mut() {
-                    insert(building, rs);
+            Event::Init => {
+                for entry in groups.values_mut().flatten() {
+                    entry.listed = false;
                 }
+                true
             }
+            Event::InitApply(rs) | Event::Apply(rs) => insert(&mut groups, rs),
             Event::InitDone => {
-                if let Some(built) = Self::lock(&self.building).take() {
-                    *Self::lock(&self.groups) = built;
-                }
+                groups.retain(|_, members| {
+                    members.retain(|m| m.listed);
+                    !members.is_empty()
+                });
                 self.ready.send_replace(true);
+                true
             }
-            Event::Apply(rs) => insert(&mut Self::lock(&self.groups), rs),
             Event::Delete(rs) => {
-                let mut groups = Self::lock(&self.groups);
                 if let Some(group) = group_of(rs)
                     && let Some(members) = groups.get_mut(&group)
                 {
@@ -301,6 +321,7 @@ impl OwnedReplicaSets {
                         groups.remove(&group);
                     }
                 }
+                true
             }
         }
     }
@@ -407,12 +428,12 @@ mod tests {
         owned.apply(&Event::Init);
         owned.apply(&Event::InitApply(kept(&a1)));
         owned.apply(&Event::InitApply(kept(&rs("shop", "api-b1", "api", "u2"))));
-        assert_eq!(
-            owned.len(),
-            0,
-            "nothing is served before the list is complete"
+        assert!(
+            !*owned.ready.borrow(),
+            "not ready (a reconcile waits) before the first list is complete"
         );
         owned.apply(&Event::InitDone);
+        assert!(*owned.ready.borrow());
         assert_eq!(
             owned.of("shop", "web", "u1"),
             [stripped(&a1)],
@@ -450,11 +471,82 @@ mod tests {
         assert_eq!(
             owned.len(),
             2,
-            "served as before until the relist is complete"
+            "what it has not shown yet is served as before"
         );
         owned.apply(&Event::InitDone);
         assert_eq!(owned.len(), 1);
         assert!(owned.of("shop", "web", "u1").is_empty());
+    }
+
+    /// The address of each kept ReplicaSet's JSON, by name.
+    fn addresses(owned: &OwnedReplicaSets) -> BTreeMap<String, usize> {
+        OwnedReplicaSets::lock(&owned.groups)
+            .values()
+            .flatten()
+            .map(|e| (e.name.to_string(), e.json.as_ptr() as usize))
+            .collect()
+    }
+
+    /// A relist is applied in place: what it shows unchanged keeps its entry (no second copy
+    /// of it is made) and is no news, so it wakes no Rollout; what changed, came or went
+    /// while the watch was away is news, and what went is dropped when the list is complete.
+    #[test]
+    fn a_relist_keeps_what_is_unchanged_and_tells_only_what_is_new() {
+        let owned = OwnedReplicaSets::default();
+        let (a1, a2, b1) = (
+            rs("shop", "web-a1", "web", "u1"),
+            rs("shop", "web-a2", "web", "u1"),
+            rs("shop", "api-b1", "api", "u2"),
+        );
+        owned.apply(&Event::Init);
+        for listed in [&a1, &a2, &b1] {
+            assert!(
+                owned.apply(&Event::InitApply(kept(listed))),
+                "first list: news"
+            );
+        }
+        owned.apply(&Event::InitDone);
+        let before = addresses(&owned);
+
+        let mut a2_scaled = a2.clone();
+        a2_scaled["spec"]["replicas"] = json!(0);
+        let c1 = rs("shop", "cart-c1", "cart", "u3");
+        owned.apply(&Event::Init);
+        assert!(
+            !owned.apply(&Event::InitApply(kept(&a1))),
+            "unchanged: no news"
+        );
+        assert!(owned.apply(&Event::InitApply(kept(&a2_scaled))), "changed");
+        assert!(owned.apply(&Event::InitApply(kept(&c1))), "new");
+        assert_eq!(
+            owned.of("shop", "api", "u2"),
+            [stripped(&b1)],
+            "not shown yet: served as before"
+        );
+        assert_eq!(
+            owned.of("shop", "web", "u1"),
+            [stripped(&a1), stripped(&a2_scaled)],
+            "shown: served as listed"
+        );
+        owned.apply(&Event::InitDone);
+
+        let after = addresses(&owned);
+        assert_eq!(
+            after["web-a1"], before["web-a1"],
+            "unchanged: the same entry"
+        );
+        assert!(owned.of("shop", "api", "u2").is_empty(), "not listed: gone");
+        assert!(
+            !OwnedReplicaSets::lock(&owned.groups).contains_key("shop/api"),
+            "and its group with it"
+        );
+        assert_eq!(owned.of("shop", "cart", "u3"), [stripped(&c1)]);
+        assert_eq!(owned.len(), 3);
+
+        // Between lists, every event is news but one that repeats what is kept.
+        assert!(owned.apply(&Event::Apply(kept(&a2))));
+        assert!(!owned.apply(&Event::Apply(kept(&a2))));
+        assert!(owned.apply(&Event::Delete(kept(&a2))));
     }
 
     /// Decoded straight into the kept form, a ReplicaSet comes back as decoding it whole and

@@ -140,8 +140,8 @@ impl RoutingCache {
     }
 
     /// Changes the copies of `kind` (the freshness map is never locked meanwhile).
-    fn with_kind(&self, kind: &str, change: impl FnOnce(&mut Kept)) {
-        change(self.kinds().entry(kind.to_string()).or_default());
+    fn with_kind<T>(&self, kind: &str, change: impl FnOnce(&mut Kept) -> T) -> T {
+        change(self.kinds().entry(kind.to_string()).or_default())
     }
 
     /// A watch of `kind` is starting: from now on Sluice's writes of its objects are awaited
@@ -150,27 +150,44 @@ impl RoutingCache {
         self.with_kind(kind, |_| {});
     }
 
-    /// Takes in one watch event of `kind` (already stripped).
-    pub fn apply(&self, kind: &str, event: &Event<DynamicObject>) {
+    /// Takes in one watch event of `kind` (already stripped). Whether it is news: not when
+    /// the cache already holds the object as it is (a relist shows most so, and the copy is
+    /// kept), which then wakes no Rollout.
+    pub fn apply(&self, kind: &str, event: &Event<DynamicObject>) -> bool {
         match event {
-            Event::Init => self.with_kind(kind, |kept| kept.listed = Some(HashSet::new())),
-            Event::InitDone => self.with_kind(kind, |kept| {
-                if let Some(listed) = kept.listed.take() {
-                    kept.objects.retain(|place, _| listed.contains(place));
-                }
-                kept.ready = true;
-            }),
+            Event::Init => {
+                self.with_kind(kind, |kept| kept.listed = Some(HashSet::new()));
+                true
+            }
+            Event::InitDone => {
+                self.with_kind(kind, |kept| {
+                    if let Some(listed) = kept.listed.take() {
+                        kept.objects.retain(|place, _| listed.contains(place));
+                    }
+                    kept.ready = true;
+                });
+                true
+            }
             Event::InitApply(object) | Event::Apply(object) => {
                 let (place, copy) = (place_of(object), StoredCopy::of(object));
                 let listing = matches!(event, Event::InitApply(_));
-                self.with_kind(kind, |kept| {
+                let news = self.with_kind(kind, |kept| {
                     if let (true, Some(listed)) = (listing, kept.listed.as_mut()) {
                         listed.insert(place.clone());
                     }
-                    match copy {
-                        Some(copy) => kept.objects.insert(place, copy),
-                        None => kept.objects.remove(&place),
+                    let Some(copy) = copy else {
+                        kept.objects.remove(&place);
+                        return true;
                     };
+                    if kept
+                        .objects
+                        .get(&place)
+                        .is_some_and(|c| c.json == copy.json)
+                    {
+                        return false;
+                    }
+                    kept.objects.insert(place, copy);
+                    true
                 });
                 let key = key_of(kind, object);
                 let version = object.resource_version();
@@ -186,18 +203,20 @@ impl RoutingCache {
                 {
                     answers.remove(&key);
                 }
+                news
             }
             Event::Delete(object) => {
                 self.with_kind(kind, |kept| {
                     kept.objects.remove(&place_of(object));
                 });
                 self.forget(&key_of(kind, object));
+                true
             }
         }
     }
 
     /// Takes in one watch event of a Service.
-    pub fn apply_service(&self, event: &Event<Service>) {
+    pub fn apply_service(&self, event: &Event<Service>) -> bool {
         let copy = match event {
             Event::Init => Event::Init,
             Event::InitDone => Event::InitDone,
@@ -205,7 +224,7 @@ impl RoutingCache {
             Event::Apply(s) => Event::Apply(service_copy(s)),
             Event::Delete(s) => Event::Delete(service_copy(s)),
         };
-        self.apply("Service", &copy);
+        self.apply("Service", &copy)
     }
 
     /// The copy to plan on: none before the kind's first list is complete, and none when
@@ -430,19 +449,27 @@ mod tests {
         // A relist serves what it lists at once (it wakes the Rollouts that route through
         // each object, and a change made while the watch was away must be seen), and drops
         // what it did not list when it is complete.
+        // An object it lists as the cache holds it is no news (it wakes no Rollout).
         cache.apply(kind, &Event::Apply(vs("old", "7")));
         cache.apply(kind, &Event::Apply(vs("kept", "7")));
+        cache.apply(kind, &Event::Apply(vs("same", "7")));
         cache.apply(kind, &Event::Init);
-        cache.apply(kind, &Event::InitApply(vs("kept", "9")));
-        cache.apply(kind, &Event::InitApply(vs("new", "8")));
-        assert_eq!(cache.len(kind), 3);
+        assert!(cache.apply(kind, &Event::InitApply(vs("kept", "9"))));
+        assert!(cache.apply(kind, &Event::InitApply(vs("new", "8"))));
+        assert!(!cache.apply(kind, &Event::InitApply(vs("same", "7"))));
+        assert_eq!(cache.len(kind), 4);
         let relisted = cache.cached(kind, "shop", "kept").unwrap();
         assert_eq!(relisted.resource_version().as_deref(), Some("9"));
         assert!(cache.cached(kind, "shop", "old").is_some());
         cache.apply(kind, &Event::InitDone);
         assert!(cache.cached(kind, "shop", "old").is_none());
         assert!(cache.cached(kind, "shop", "new").is_some());
-        assert_eq!(cache.len(kind), 2);
+        assert!(
+            cache.cached(kind, "shop", "same").is_some(),
+            "kept as it was"
+        );
+        assert_eq!(cache.len(kind), 3);
+        assert!(cache.apply(kind, &Event::Delete(vs("same", "7"))));
     }
 
     #[test]
