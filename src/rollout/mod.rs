@@ -124,7 +124,7 @@ pub struct State {
 /// start before it gives its slot back and comes again: until they are filled, nothing is
 /// released (a hold could be missed).
 const CACHE_WAIT: Duration = Duration::from_secs(5);
-/// After this long without the caches filled, the operator says so (once).
+/// Every this long without the caches filled, the operator says so.
 const CACHES_SLOW: Duration = Duration::from_secs(60);
 
 /// The Pipeline stage that lists `rollout`, with what it admitted; a Rollout listed by more
@@ -156,7 +156,8 @@ fn pipeline_gate(pipelines: &Store<Pipeline>, rollout: &Rollout) -> Option<model
 }
 
 /// Runs the Rollout controller until `stop`. Each Rollout its watch sees change is also noted
-/// in `touched`, for another controller to wake on without a watch of its own.
+/// in `touched` once the cache serves it, for another controller to wake on without a watch
+/// of its own.
 pub async fn run(ctx: Arc<Context>, stop: watch::Receiver<bool>, touched: Option<Touched>) {
     let client = ctx.client.clone();
     let namespace = ctx.settings.namespace.clone();
@@ -176,16 +177,18 @@ pub async fn run(ctx: Arc<Context>, stop: watch::Receiver<bool>, touched: Option
             writer,
             {
                 let referrers = referrers.clone();
+                move |event| referrers.apply(event)
+            },
+            {
+                // Once the cache serves it, and only what changed (a relist's unchanged
+                // Rollouts are not told).
+                let written = written.clone();
                 move |event| {
-                    referrers.apply(event);
+                    written.seen(event);
                     if let Some(touched) = &touched {
                         touched.note(event);
                     }
                 }
-            },
-            {
-                let written = written.clone();
-                move |event| written.seen(event)
             },
         ),
         store.clone(),
@@ -285,7 +288,7 @@ pub async fn run(ctx: Arc<Context>, stop: watch::Receiver<bool>, touched: Option
     tokio::spawn(report_caches(
         budgets.clone(),
         pipelines.clone(),
-        owned.clone(),
+        owned.readiness(),
     ));
     // Bounded by slots that a measurement gives back, not by kube's controller (slots.rs).
     let slots = Slots::new(ctx.settings.max_concurrent_reconciles);
@@ -308,36 +311,45 @@ pub async fn run(ctx: Arc<Context>, stop: watch::Receiver<bool>, touched: Option
         .await;
 }
 
-/// Says when the caches every reconcile waits for are filled, and once if that takes long:
-/// a start at 10,000 Rollouts logged a warning (and counted a failure) for each of 500 to
-/// 585 reconciles that waited, where waiting is what they should do.
+/// Says when the caches every reconcile waits for are filled, and every minute until then
+/// which one it waits for: a start at 10,000 Rollouts logged a warning (and counted a
+/// failure) for each of 500 to 585 reconciles that waited, where waiting is what they should
+/// do. Ends when the operator stops (a cache's watch ends).
 async fn report_caches(
     budgets: Store<ErrorBudget>,
     pipelines: Store<Pipeline>,
-    owned: Arc<OwnedReplicaSets>,
+    mut replica_sets: watch::Receiver<bool>,
 ) {
+    const CACHES: [&str; 3] = ["ErrorBudget", "Pipeline", "ReplicaSet"];
     let started = Instant::now();
+    let filling = std::sync::atomic::AtomicUsize::new(0);
+    let next = || filling.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let filled = async {
-        let budgets = budgets.wait_until_ready().await.is_ok();
-        let pipelines = pipelines.wait_until_ready().await.is_ok();
-        owned.wait_until_ready().await;
-        budgets && pipelines
+        budgets.wait_until_ready().await.ok()?;
+        next();
+        pipelines.wait_until_ready().await.ok()?;
+        next();
+        replica_sets.wait_for(|filled| *filled).await.ok()?;
+        Some(())
     };
     tokio::pin!(filled);
-    let filled = match tokio::time::timeout(CACHES_SLOW, &mut filled).await {
-        Ok(filled) => filled,
-        Err(_) => {
-            tracing::warn!(
-                waited = ?CACHES_SLOW,
-                "the ErrorBudget, Pipeline and ReplicaSet caches are not filled yet, and no \
-                 Rollout is planned until they are: can the operator list and watch them?"
-            );
-            filled.await
+    loop {
+        match tokio::time::timeout(CACHES_SLOW, &mut filled).await {
+            Ok(Some(())) => {
+                tracing::info!(took = ?started.elapsed(), "caches filled: Rollouts are planned");
+                return;
+            }
+            Ok(None) => return,
+            Err(_) => {
+                let cache = CACHES[filling.load(std::sync::atomic::Ordering::Relaxed).min(2)];
+                tracing::warn!(
+                    waited = ?started.elapsed(),
+                    cache,
+                    "a cache is not filled yet, and no Rollout is planned until it is: can \
+                     the operator list and watch its objects?"
+                );
+            }
         }
-    };
-    // A cache whose watch ended (the operator stopping) was never filled: nothing to say.
-    if filled {
-        tracing::info!(took = ?started.elapsed(), "caches filled: Rollouts are planned");
     }
 }
 

@@ -42,6 +42,7 @@ use serde::Deserialize;
 use tokio::sync::watch;
 
 use crate::k8s::labels::{ROLLOUT_LABEL, TEMPLATE_ANNOTATION};
+use crate::k8s::watch::News;
 
 /// ReplicaSets by `namespace/rollout`, each group in order of name (a Rollout has a few: a
 /// vector, where a B-tree would take a node of room for eleven).
@@ -69,6 +70,12 @@ impl Entry {
         }
     }
 
+    /// The ReplicaSet as the watch gave it, as far as the cache kept it (its owner and
+    /// labels: enough to wake its Rollout).
+    fn kept(&self) -> Option<Kept> {
+        serde_json::from_str(&self.json).ok()
+    }
+
     fn replica_set(&self) -> Option<ReplicaSet> {
         serde_json::from_str(&self.json)
             .inspect_err(|e| {
@@ -80,7 +87,7 @@ impl Entry {
 
 /// Puts `kept` in its group, in place of the ReplicaSet of the same name, and marks it
 /// listed. Whether it is news: not when the cache already holds it as it is (a relist shows
-/// most so), and then it keeps its entry, with no second copy made.
+/// most so), and then it keeps its entry (the new one, made to compare, is dropped at once).
 fn insert(groups: &mut Groups, kept: &Kept) -> bool {
     let Some(group) = group_of(kept) else {
         return true;
@@ -254,7 +261,10 @@ impl Kept {
 /// marked), and those it did not show are dropped when it is complete. It used to build a
 /// second grouping beside the first and swap at the end: at 10,000 Rollouts, two copies of
 /// 60,000 ReplicaSets for as long as the list took. Meanwhile a reconcile reads each
-/// ReplicaSet as listed or as before, each a state it had, as a lagging watch gives.
+/// ReplicaSet as listed or as before, and one deleted while the watch was away until the
+/// list is complete: a mix no single moment of the cluster had, but each ReplicaSet in a
+/// state it had, which is safe as a lagging watch is (a write repeats, a deletion of one
+/// already gone is answered 404 and taken as done).
 #[derive(Debug)]
 pub struct OwnedReplicaSets {
     groups: Mutex<Groups>,
@@ -291,25 +301,38 @@ impl OwnedReplicaSets {
         m.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Takes in one watch event. Whether it told the cache anything new: a ReplicaSet listed
-    /// again as it is kept wakes no Rollout (its periodic resync still comes).
-    pub fn apply(&self, event: &Event<Kept>) -> bool {
+    /// Takes in one watch event, and says what was news: a ReplicaSet listed again as it is
+    /// kept wakes no Rollout (its periodic resync still comes); one a relist found gone
+    /// wakes its Rollout as a deletion would have.
+    pub fn apply(&self, event: &Event<Kept>) -> News<Kept> {
         let mut groups = Self::lock(&self.groups);
         match event {
             Event::Init => {
                 for entry in groups.values_mut().flatten() {
                     entry.listed = false;
                 }
-                true
+                News::Yes
             }
-            Event::InitApply(rs) | Event::Apply(rs) => insert(&mut groups, rs),
+            Event::InitApply(rs) | Event::Apply(rs) => {
+                if insert(&mut groups, rs) {
+                    News::Yes
+                } else {
+                    News::No
+                }
+            }
             Event::InitDone => {
+                let mut gone = Vec::new();
                 groups.retain(|_, members| {
-                    members.retain(|m| m.listed);
+                    members.retain(|m| {
+                        if !m.listed {
+                            gone.extend(m.kept());
+                        }
+                        m.listed
+                    });
                     !members.is_empty()
                 });
                 self.ready.send_replace(true);
-                true
+                News::Gone(gone)
             }
             Event::Delete(rs) => {
                 if let Some(group) = group_of(rs)
@@ -321,9 +344,14 @@ impl OwnedReplicaSets {
                         groups.remove(&group);
                     }
                 }
-                true
+                News::Yes
             }
         }
+    }
+
+    /// A receiver of whether the first list is in (it ends when the cache does).
+    pub fn readiness(&self) -> watch::Receiver<bool> {
+        self.ready.subscribe()
     }
 
     /// The ReplicaSets labelled as `rollout`'s in `namespace` and owned by `uid`.
@@ -487,9 +515,27 @@ mod tests {
             .collect()
     }
 
+    fn is_news(news: &News<Kept>) -> bool {
+        matches!(news, News::Yes)
+    }
+
+    /// The names of what a completed list found gone, with the owner each wakes.
+    fn gone(news: News<Kept>) -> Vec<(String, String)> {
+        let News::Gone(gone) = news else {
+            panic!("a completed list says what it found gone");
+        };
+        gone.iter()
+            .map(|k| {
+                let owner = k.owner_references().first().map(|o| o.uid.clone());
+                (k.name_any(), owner.unwrap_or_default())
+            })
+            .collect()
+    }
+
     /// A relist is applied in place: what it shows unchanged keeps its entry (no second copy
-    /// of it is made) and is no news, so it wakes no Rollout; what changed, came or went
-    /// while the watch was away is news, and what went is dropped when the list is complete.
+    /// of it is kept) and is no news, so it wakes no Rollout; what changed or came while the
+    /// watch was away is news, and what went is dropped when the list is complete and named,
+    /// with its owner, to wake its Rollout.
     #[test]
     fn a_relist_keeps_what_is_unchanged_and_tells_only_what_is_new() {
         let owned = OwnedReplicaSets::default();
@@ -501,11 +547,11 @@ mod tests {
         owned.apply(&Event::Init);
         for listed in [&a1, &a2, &b1] {
             assert!(
-                owned.apply(&Event::InitApply(kept(listed))),
-                "first list: news"
+                is_news(&owned.apply(&Event::InitApply(kept(listed)))),
+                "first list"
             );
         }
-        owned.apply(&Event::InitDone);
+        assert!(gone(owned.apply(&Event::InitDone)).is_empty());
         let before = addresses(&owned);
 
         let mut a2_scaled = a2.clone();
@@ -513,11 +559,14 @@ mod tests {
         let c1 = rs("shop", "cart-c1", "cart", "u3");
         owned.apply(&Event::Init);
         assert!(
-            !owned.apply(&Event::InitApply(kept(&a1))),
+            matches!(owned.apply(&Event::InitApply(kept(&a1))), News::No),
             "unchanged: no news"
         );
-        assert!(owned.apply(&Event::InitApply(kept(&a2_scaled))), "changed");
-        assert!(owned.apply(&Event::InitApply(kept(&c1))), "new");
+        assert!(
+            is_news(&owned.apply(&Event::InitApply(kept(&a2_scaled)))),
+            "changed"
+        );
+        assert!(is_news(&owned.apply(&Event::InitApply(kept(&c1)))), "new");
         assert_eq!(
             owned.of("shop", "api", "u2"),
             [stripped(&b1)],
@@ -528,7 +577,11 @@ mod tests {
             [stripped(&a1), stripped(&a2_scaled)],
             "shown: served as listed"
         );
-        owned.apply(&Event::InitDone);
+        assert_eq!(
+            gone(owned.apply(&Event::InitDone)),
+            [("api-b1".to_string(), "u2".to_string())],
+            "deleted while the watch was away: wakes its owner"
+        );
 
         let after = addresses(&owned);
         assert_eq!(
@@ -543,10 +596,22 @@ mod tests {
         assert_eq!(owned.of("shop", "cart", "u3"), [stripped(&c1)]);
         assert_eq!(owned.len(), 3);
 
+        // A list cut short and begun again: what the second shows is kept, the rest goes.
+        owned.apply(&Event::Init);
+        owned.apply(&Event::InitApply(kept(&a1)));
+        owned.apply(&Event::Init);
+        owned.apply(&Event::InitApply(kept(&c1)));
+        assert_eq!(
+            gone(owned.apply(&Event::InitDone)).len(),
+            2,
+            "web-a1, web-a2"
+        );
+        assert_eq!(owned.len(), 1);
+
         // Between lists, every event is news but one that repeats what is kept.
-        assert!(owned.apply(&Event::Apply(kept(&a2))));
-        assert!(!owned.apply(&Event::Apply(kept(&a2))));
-        assert!(owned.apply(&Event::Delete(kept(&a2))));
+        assert!(is_news(&owned.apply(&Event::Apply(kept(&a2)))));
+        assert!(!is_news(&owned.apply(&Event::Apply(kept(&a2)))));
+        assert!(is_news(&owned.apply(&Event::Delete(kept(&a2)))));
     }
 
     /// Decoded straight into the kept form, a ReplicaSet comes back as decoding it whole and

@@ -37,6 +37,7 @@ use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
 use crate::k8s::freshness::{Before, Freshness, Read};
+use crate::k8s::watch::News;
 
 /// One object's copy.
 #[derive(Debug)]
@@ -150,23 +151,35 @@ impl RoutingCache {
         self.with_kind(kind, |_| {});
     }
 
-    /// Takes in one watch event of `kind` (already stripped). Whether it is news: not when
-    /// the cache already holds the object as it is (a relist shows most so, and the copy is
-    /// kept), which then wakes no Rollout.
-    pub fn apply(&self, kind: &str, event: &Event<DynamicObject>) -> bool {
+    /// Takes in one watch event of `kind` (already stripped), and says what was news: not an
+    /// object the cache already holds as it is (a relist shows most so, and the copy is
+    /// kept), which then wakes no Rollout; and the objects a relist found gone, which wake
+    /// theirs as a deletion would have.
+    pub fn apply(&self, kind: &str, event: &Event<DynamicObject>) -> News<DynamicObject> {
         match event {
             Event::Init => {
                 self.with_kind(kind, |kept| kept.listed = Some(HashSet::new()));
-                true
+                News::Yes
             }
             Event::InitDone => {
-                self.with_kind(kind, |kept| {
+                let gone = self.with_kind(kind, |kept| {
+                    let mut gone = Vec::new();
                     if let Some(listed) = kept.listed.take() {
-                        kept.objects.retain(|place, _| listed.contains(place));
+                        kept.objects.retain(|place, copy| {
+                            let shown = listed.contains(place);
+                            if !shown {
+                                gone.extend(serde_json::from_str::<DynamicObject>(&copy.json).ok());
+                            }
+                            shown
+                        });
                     }
                     kept.ready = true;
+                    gone
                 });
-                true
+                for object in &gone {
+                    self.forget(&key_of(kind, object));
+                }
+                News::Gone(gone)
             }
             Event::InitApply(object) | Event::Apply(object) => {
                 let (place, copy) = (place_of(object), StoredCopy::of(object));
@@ -203,20 +216,20 @@ impl RoutingCache {
                 {
                     answers.remove(&key);
                 }
-                news
+                if news { News::Yes } else { News::No }
             }
             Event::Delete(object) => {
                 self.with_kind(kind, |kept| {
                     kept.objects.remove(&place_of(object));
                 });
                 self.forget(&key_of(kind, object));
-                true
+                News::Yes
             }
         }
     }
 
     /// Takes in one watch event of a Service.
-    pub fn apply_service(&self, event: &Event<Service>) -> bool {
+    pub fn apply_service(&self, event: &Event<Service>) -> News<Service> {
         let copy = match event {
             Event::Init => Event::Init,
             Event::InitDone => Event::InitDone,
@@ -224,7 +237,19 @@ impl RoutingCache {
             Event::Apply(s) => Event::Apply(service_copy(s)),
             Event::Delete(s) => Event::Delete(service_copy(s)),
         };
-        self.apply("Service", &copy)
+        match self.apply("Service", &copy) {
+            News::Yes => News::Yes,
+            News::No => News::No,
+            // Its name is all a Service's wake needs.
+            News::Gone(gone) => News::Gone(
+                gone.into_iter()
+                    .map(|copy| Service {
+                        metadata: copy.metadata,
+                        ..Service::default()
+                    })
+                    .collect(),
+            ),
+        }
     }
 
     /// The copy to plan on: none before the kind's first list is complete, and none when
@@ -454,14 +479,22 @@ mod tests {
         cache.apply(kind, &Event::Apply(vs("kept", "7")));
         cache.apply(kind, &Event::Apply(vs("same", "7")));
         cache.apply(kind, &Event::Init);
-        assert!(cache.apply(kind, &Event::InitApply(vs("kept", "9"))));
-        assert!(cache.apply(kind, &Event::InitApply(vs("new", "8"))));
-        assert!(!cache.apply(kind, &Event::InitApply(vs("same", "7"))));
+        let news = |event| matches!(cache.apply(kind, &event), News::Yes);
+        assert!(news(Event::InitApply(vs("kept", "9"))));
+        assert!(news(Event::InitApply(vs("new", "8"))));
+        assert!(!news(Event::InitApply(vs("same", "7"))), "unchanged");
         assert_eq!(cache.len(kind), 4);
         let relisted = cache.cached(kind, "shop", "kept").unwrap();
         assert_eq!(relisted.resource_version().as_deref(), Some("9"));
         assert!(cache.cached(kind, "shop", "old").is_some());
-        cache.apply(kind, &Event::InitDone);
+        let News::Gone(gone) = cache.apply(kind, &Event::InitDone) else {
+            panic!("a completed list says what it found gone");
+        };
+        assert_eq!(
+            gone.iter().map(ResourceExt::name_any).collect::<Vec<_>>(),
+            ["old"],
+            "gone while the watch was away: wakes what routes through it"
+        );
         assert!(cache.cached(kind, "shop", "old").is_none());
         assert!(cache.cached(kind, "shop", "new").is_some());
         assert!(
@@ -469,7 +502,10 @@ mod tests {
             "kept as it was"
         );
         assert_eq!(cache.len(kind), 3);
-        assert!(cache.apply(kind, &Event::Delete(vs("same", "7"))));
+        assert!(matches!(
+            cache.apply(kind, &Event::Delete(vs("same", "7"))),
+            News::Yes
+        ));
     }
 
     #[test]
