@@ -122,7 +122,10 @@ where
 /// version than the store held, or new) are held, as references, and applied once the store
 /// serves the list; an object shown at the version the store holds wakes nothing (at 10,000
 /// Rollouts, each relist woke all of them for nothing).
-struct Relist<C: Resource> {
+struct Relist<C: Resource + 'static>
+where
+    C::DynamicType: Eq + std::hash::Hash,
+{
     store: Store<C>,
     /// The changed objects of the list under way.
     held: Option<Vec<ObjectRef<C>>>,
@@ -253,6 +256,7 @@ fn quiet<K: Send + 'static>(
 mod tests {
     use super::*;
     use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::ResourceExt;
     use kube::api::ObjectMeta;
     use kube::runtime::reflector;
     use std::sync::{Arc, Mutex};
