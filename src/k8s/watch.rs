@@ -195,6 +195,13 @@ pub enum News<K> {
     Gone(Vec<K>),
 }
 
+impl<K> News<K> {
+    /// `Yes` if the cache changed, else `No`.
+    pub fn changed(changed: bool) -> Self {
+        if changed { News::Yes } else { News::No }
+    }
+}
+
 /// As [`trigger`], with each object first changed by `modify` (to keep less of it), and each
 /// event then handed to `keep` (a cache of the controller's own shape), which says what was
 /// news: an object the cache already held as it is triggers nothing, and an object a relist

@@ -313,13 +313,7 @@ impl OwnedReplicaSets {
                 }
                 News::Yes
             }
-            Event::InitApply(rs) | Event::Apply(rs) => {
-                if insert(&mut groups, rs) {
-                    News::Yes
-                } else {
-                    News::No
-                }
-            }
+            Event::InitApply(rs) | Event::Apply(rs) => News::changed(insert(&mut groups, rs)),
             Event::InitDone => {
                 let mut gone = Vec::new();
                 groups.retain(|_, members| {
@@ -375,7 +369,7 @@ impl OwnedReplicaSets {
 
     /// Waits until the first list is in.
     pub async fn wait_until_ready(&self) {
-        let mut ready = self.ready.subscribe();
+        let mut ready = self.readiness();
         let _ = ready.wait_for(|r| *r).await;
     }
 

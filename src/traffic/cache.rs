@@ -216,7 +216,7 @@ impl RoutingCache {
                 {
                     answers.remove(&key);
                 }
-                if news { News::Yes } else { News::No }
+                News::changed(news)
             }
             Event::Delete(object) => {
                 self.with_kind(kind, |kept| {
@@ -471,10 +471,10 @@ mod tests {
         );
         assert!(cache.cached("DestinationRule", "shop", "web").is_none());
 
-        // A relist serves what it lists at once (it wakes the Rollouts that route through
-        // each object, and a change made while the watch was away must be seen), and drops
-        // what it did not list when it is complete.
-        // An object it lists as the cache holds it is no news (it wakes no Rollout).
+        // A relist serves what it lists at once (a change made while the watch was away
+        // must be seen, and wakes the Rollouts that route through the object), and drops
+        // what it did not list when it is complete. An object it lists as the cache holds
+        // it is no news (it wakes no Rollout).
         cache.apply(kind, &Event::Apply(vs("old", "7")));
         cache.apply(kind, &Event::Apply(vs("kept", "7")));
         cache.apply(kind, &Event::Apply(vs("same", "7")));
