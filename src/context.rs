@@ -72,15 +72,25 @@ impl Settings {
     }
 }
 
+/// The clients of the lanes beside the usual one (k8s/lanes.rs).
+pub struct Lanes {
+    pub route: Client,
+    pub urgent: Client,
+    pub progress: Client,
+    pub record: Client,
+}
+
 /// Shared by every controller's reconcile, as `Arc<Context>`.
 pub struct Context {
     /// The controllers' requests: reads, ReplicaSets, Events, statuses that record what was
     /// observed or measured (`Lane::Usual`).
     pub client: Client,
-    /// What a moving release waits on now: route reads and writes, a Rollout read fresh
-    /// after Sluice's own write, and the status recorded just before a route moves or to
-    /// carry out a person's request (`Lane::Urgent`: set up in `operator::run`; tests share
-    /// one client).
+    /// Route reads and writes, what a step or an abort waits on, on places of their own
+    /// (`Lane::Route`: set up in `operator::run`; tests share one client).
+    pub route: Client,
+    /// What else a moving release waits on now: a Rollout read fresh after Sluice's own
+    /// write, and the status recorded just before a route moves or to carry out a person's
+    /// request (`Lane::Urgent`).
     pub urgent: Client,
     /// The status that starts a timed pause, which the pause counts from (`Lane::Progress`:
     /// offered a place first, at most a quarter).
@@ -108,6 +118,7 @@ impl Context {
         let recorder = Recorder::new(client.clone(), instance);
         Self {
             prometheus: PrometheusPool::new(client.clone()),
+            route: client.clone(),
             urgent: client.clone(),
             progress: client.clone(),
             record: client.clone(),
@@ -121,8 +132,15 @@ impl Context {
     }
 
     /// The same, with the lanes beside `client` (k8s/lanes.rs).
-    pub fn with_lanes(self, urgent: Client, progress: Client, record: Client) -> Self {
+    pub fn with_lanes(self, lanes: Lanes) -> Self {
+        let Lanes {
+            route,
+            urgent,
+            progress,
+            record,
+        } = lanes;
         Self {
+            route,
             urgent,
             progress,
             record,
@@ -137,6 +155,7 @@ impl Context {
             Lane::Progress => &self.progress,
             Lane::Usual => &self.client,
             Lane::Record => &self.record,
+            Lane::Route => &self.route,
         }
     }
 

@@ -102,11 +102,11 @@ struct ControllerArgs {
     prometheus_address: Option<String>,
 
     /// Requests to the Kubernetes apiserver awaiting an answer at once, in all lanes
-    /// together (a watch counts until its stream starts). When places are taken, the status
-    /// that starts a timed pause goes first (at most a quarter of the places), what a moving
-    /// release waits on (routes, the status before a route moves, a person's request) next,
-    /// everything else after (at most half), and last the record of an abort already carried
-    /// out. 0: no bound.
+    /// together (a watch counts until its stream starts); route reads and writes have as many
+    /// places again of their own. When places are taken, the status that starts a timed pause
+    /// goes first (at most a quarter of the places), what a moving release waits on (the
+    /// status before a route moves, a person's request) next, everything else after (at most
+    /// half), and last the record of an abort already carried out. 0: no bound.
     #[arg(long, env = "SLUICE_KUBE_REQUESTS_IN_FLIGHT", default_value_t = sluice::context::DEFAULT_KUBE_REQUESTS_IN_FLIGHT)]
     kube_requests_in_flight: usize,
 

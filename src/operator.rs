@@ -11,7 +11,7 @@ use kube::client::ClientBuilder;
 use kube::{Client, Config};
 use tokio::sync::watch;
 
-use crate::context::Context;
+use crate::context::{Context, Lanes};
 use crate::fence::{Fence, FenceLayer};
 use crate::k8s::lanes::{Gate, Lane};
 use crate::k8s::requests::{CountingLayer, RequestCounts};
@@ -35,7 +35,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     // Four lanes under one bound on requests in flight (k8s/lanes.rs): the status that starts
     // a timed pause first (within a quarter), what a moving release waits on next,
     // bookkeeping after, and the record of what the routes already show once no route is
-    // moving.
+    // moving; route reads and writes on as many places again of their own.
     let gate = Gate::new(settings.kube_requests_in_flight);
     let lane = |lane: Lane| -> anyhow::Result<Client> {
         Ok(ClientBuilder::try_from(config.clone())?
@@ -45,9 +45,12 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             .build())
     };
     let client = lane(Lane::Usual)?;
-    let urgent = lane(Lane::Urgent)?;
-    let progress = lane(Lane::Progress)?;
-    let record = lane(Lane::Record)?;
+    let lanes = Lanes {
+        route: lane(Lane::Route)?,
+        urgent: lane(Lane::Urgent)?,
+        progress: lane(Lane::Progress)?,
+        record: lane(Lane::Record)?,
+    };
     let election_client = Client::try_from(config)?;
     let version = client
         .apiserver_version()
@@ -108,9 +111,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     };
     let result = if became_leader {
         health.metrics.leader.set(1);
-        let context = Arc::new(
-            Context::new(client, health.clone(), settings).with_lanes(urgent, progress, record),
-        );
+        let context = Arc::new(Context::new(client, health.clone(), settings).with_lanes(lanes));
         let mut lost = leading_rx.clone();
         tokio::select! {
             result = crate::controllers::run(context, stop_rx.clone()) => result,

@@ -293,8 +293,8 @@ pub async fn run(ctx: Arc<Context>, stop: watch::Receiver<bool>, touched: Option
     // Bounded by slots that a measurement gives back, not by kube's controller (slots.rs).
     let slots = Slots::new(ctx.settings.max_concurrent_reconciles);
     let state = Arc::new(State {
-        // Route reads and writes are what a moving release waits on: the urgent lane.
-        cluster: Cluster::new(ctx.urgent.clone(), routing),
+        // Route reads and writes are what a moving release waits on: a lane of their own.
+        cluster: Cluster::new(ctx.route.clone(), routing),
         ctx,
         rollouts: store,
         budgets,

@@ -344,6 +344,22 @@ fn record_reconcile_quantiles(
     }
 }
 
+/// How long the operator's requests waited for a place during the releases, p99 by lane
+/// (`sluice_kube_request_wait_seconds`, the upper bound of the bucket), as `lane: seconds`.
+fn record_lane_waits(report: &mut BTreeMap<&str, Value>, now: &Metrics, before: &Metrics) {
+    let waits: BTreeMap<&str, Value> = ["route", "urgent", "progress", "usual", "record"]
+        .into_iter()
+        .map(|lane| {
+            let label = format!("lane=\"{lane}\"");
+            let p99 = now
+                .quantile(before, "sluice_kube_request_wait_seconds", &[&label], 0.99)
+                .filter(|v| v.is_finite());
+            (lane, json!(p99))
+        })
+        .collect();
+    report.insert("release_lane_wait_p99_seconds", json!(waits));
+}
+
 /// Waits until `total` canaries show `weight` (`count_at` counts them), failing after `limit`.
 async fn wait_all_at(count_at: &impl Fn(i64) -> usize, weight: i64, total: usize, limit: Duration) {
     let waited = Instant::now();
@@ -842,6 +858,7 @@ async fn scale() {
         &release_end,
         &release_start,
     );
+    record_lane_waits(&mut report, &release_end, &release_start);
     report.insert("releases", json!(released.len()));
     record_latencies(
         &mut report,
@@ -958,6 +975,19 @@ async fn scale() {
                 fmt("release_reconcile_p50_seconds"),
                 fmt("release_reconcile_p99_seconds")
             ),
+        ),
+        (
+            "Wait for a place during the releases, p99 by lane (s, bucket bound)",
+            report["release_lane_wait_p99_seconds"]
+                .as_object()
+                .map(|lanes| {
+                    lanes
+                        .iter()
+                        .map(|(lane, p99)| format!("{lane} {p99}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                })
+                .unwrap_or_default(),
         ),
         (
             "Restart -> all reconciled once (s)",
