@@ -28,7 +28,8 @@ pub struct Settings {
     /// The operator's own namespace: a Notifier there may cover every namespace.
     pub operator_namespace: String,
     /// Requests to the apiserver awaiting their answer at once, a watch until its stream
-    /// starts, in all lanes together (0: no bound). See `k8s::lanes`.
+    /// starts, in all lanes but the routes' together, and as many again for the routes (0: no
+    /// bound). See `k8s::lanes`.
     pub kube_requests_in_flight: usize,
     /// Reconciles each controller runs at once (0: no bound); more wait in its queue. A
     /// Rollout reconcile awaiting Prometheus does not count.
@@ -93,7 +94,7 @@ pub struct Context {
     /// request (`Lane::Urgent`).
     pub urgent: Client,
     /// The status that starts a timed pause, which the pause counts from (`Lane::Progress`:
-    /// offered a place first, at most a quarter).
+    /// offered a shared place first, at most a quarter).
     pub progress: Client,
     /// A status that records what the cluster already shows, after its route moved: it gives
     /// way to the routes still moving (`Lane::Record`).

@@ -101,9 +101,9 @@ struct ControllerArgs {
     #[arg(long, env = "SLUICE_PROMETHEUS_ADDRESS")]
     prometheus_address: Option<String>,
 
-    /// Requests to the Kubernetes apiserver awaiting an answer at once, in all lanes
-    /// together (a watch counts until its stream starts); route reads and writes have as many
-    /// places again of their own. When places are taken, the status that starts a timed pause
+    /// Requests to the Kubernetes apiserver awaiting an answer at once, in all lanes but the
+    /// routes' together (a watch counts until its stream starts); route reads and writes have
+    /// as many places again of their own. When places are taken, the status that starts a timed pause
     /// goes first (at most a quarter of the places), what a moving release waits on (the
     /// status before a route moves, a person's request) next, everything else after (at most
     /// half), and last the record of an abort already carried out. 0: no bound.

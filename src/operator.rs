@@ -32,10 +32,10 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         None => Fence::always_open(),
     };
     let requests = RequestCounts::default();
-    // Four lanes under one bound on requests in flight (k8s/lanes.rs): the status that starts
-    // a timed pause first (within a quarter), what a moving release waits on next,
+    // Five lanes (k8s/lanes.rs). Four share one bound on requests in flight: the status that
+    // starts a timed pause first (within a quarter), what a moving release waits on next,
     // bookkeeping after, and the record of what the routes already show once no route is
-    // moving; route reads and writes on as many places again of their own.
+    // moving. Route reads and writes have as many places again of their own.
     let gate = Gate::new(settings.kube_requests_in_flight);
     let lane = |lane: Lane| -> anyhow::Result<Client> {
         Ok(ClientBuilder::try_from(config.clone())?

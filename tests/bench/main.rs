@@ -344,20 +344,28 @@ fn record_reconcile_quantiles(
     }
 }
 
+/// The operator's lanes to the apiserver (`sluice_kube_request_wait_seconds`), in the order
+/// the report lists them.
+const LANES: [&str; 5] = ["route", "urgent", "progress", "usual", "record"];
+
 /// How long the operator's requests waited for a place during the releases, p99 by lane
-/// (`sluice_kube_request_wait_seconds`, the upper bound of the bucket), as `lane: seconds`.
+/// (the upper bound of the bucket; past the last bound, 16.384 s, `">16.384"`; `null` for a
+/// lane that sent nothing), as `lane: seconds`.
 fn record_lane_waits(report: &mut BTreeMap<&str, Value>, now: &Metrics, before: &Metrics) {
-    let waits: BTreeMap<&str, Value> = ["route", "urgent", "progress", "usual", "record"]
+    let waits: serde_json::Map<String, Value> = LANES
         .into_iter()
         .map(|lane| {
             let label = format!("lane=\"{lane}\"");
-            let p99 = now
-                .quantile(before, "sluice_kube_request_wait_seconds", &[&label], 0.99)
-                .filter(|v| v.is_finite());
-            (lane, json!(p99))
+            let p99 =
+                match now.quantile(before, "sluice_kube_request_wait_seconds", &[&label], 0.99) {
+                    Some(v) if v.is_finite() => json!(v),
+                    Some(_) => json!(">16.384"),
+                    None => Value::Null,
+                };
+            (lane.to_string(), p99)
         })
         .collect();
-    report.insert("release_lane_wait_p99_seconds", json!(waits));
+    report.insert("release_lane_wait_p99_seconds", Value::Object(waits));
 }
 
 /// Waits until `total` canaries show `weight` (`count_at` counts them), failing after `limit`.
@@ -978,16 +986,11 @@ async fn scale() {
         ),
         (
             "Wait for a place during the releases, p99 by lane (s, bucket bound)",
-            report["release_lane_wait_p99_seconds"]
-                .as_object()
-                .map(|lanes| {
-                    lanes
-                        .iter()
-                        .map(|(lane, p99)| format!("{lane} {p99}"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                })
-                .unwrap_or_default(),
+            LANES
+                .iter()
+                .map(|lane| format!("{lane} {}", report["release_lane_wait_p99_seconds"][*lane]))
+                .collect::<Vec<_>>()
+                .join(", "),
         ),
         (
             "Restart -> all reconciled once (s)",
