@@ -25,7 +25,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::apps::v1::{ReplicaSet, ReplicaSetSpec};
 use k8s_openapi::api::core::v1::{ObjectReference, PodTemplateSpec, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, OwnerReference};
@@ -320,15 +320,10 @@ async fn report_caches(
     pipelines: Store<Pipeline>,
     mut replica_sets: watch::Receiver<bool>,
 ) {
-    const CACHES: [&str; 3] = ["ErrorBudget", "Pipeline", "ReplicaSet"];
     let started = Instant::now();
-    let filling = std::sync::atomic::AtomicUsize::new(0);
-    let next = || filling.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let filled = async {
         budgets.wait_until_ready().await.ok()?;
-        next();
         pipelines.wait_until_ready().await.ok()?;
-        next();
         replica_sets.wait_for(|filled| *filled).await.ok()?;
         Some(())
     };
@@ -341,7 +336,14 @@ async fn report_caches(
             }
             Ok(None) => return,
             Err(_) => {
-                let cache = CACHES[filling.load(std::sync::atomic::Ordering::Relaxed).min(2)];
+                // The first one not filled, in the order they are waited for.
+                let cache = if budgets.wait_until_ready().now_or_never().is_none() {
+                    "ErrorBudget"
+                } else if pipelines.wait_until_ready().now_or_never().is_none() {
+                    "Pipeline"
+                } else {
+                    "ReplicaSet"
+                };
                 tracing::warn!(
                     waited = ?started.elapsed(),
                     cache,
