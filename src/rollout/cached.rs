@@ -78,11 +78,14 @@ pub fn strip(rollout: &mut Rollout) {
 
 /// A Rollout in the controller's cache: the metadata kube's controller reads (its name,
 /// namespace, uid and resourceVersion) and the JSON of the rest of the Rollout, [`strip`]ped.
+/// The JSON is shared by its clones: a relist hands kube's store a clone of the copy it holds
+/// for each Rollout that did not change (`k8s::watch`), so the store's second copy while the
+/// relist fills in is the metadata alone.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(from = "Rollout")]
 pub struct CachedRollout {
     metadata: ObjectMeta,
-    json: Box<str>,
+    json: Arc<str>,
 }
 
 impl From<Rollout> for CachedRollout {
@@ -274,6 +277,12 @@ mod tests {
             let again = CachedRollout::from(cached.rollout().unwrap());
             assert_eq!(facts(&again.rollout().unwrap()), facts(&full));
         }
+    }
+
+    #[test]
+    fn a_clone_shares_the_json() {
+        let cached = CachedRollout::from(rollout());
+        assert!(Arc::ptr_eq(&cached.json, &cached.clone().json));
     }
 
     #[test]
