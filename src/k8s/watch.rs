@@ -178,6 +178,9 @@ where
 /// fills a relist into a buffer of its own and swaps it in at the end, so until then it holds
 /// each object twice. A clone of the store's copy shares what `C` shares (the cached Rollout's
 /// JSON, `rollout::cached`), so an unchanged object, most of a relist, is not held twice.
+/// The same resourceVersion is taken as the same object, as [`Relist`] takes it: what the
+/// apiserver alone changes as it reads (a CRD's new defaults) shows at the object's next
+/// write or the operator's next start, not at a relist.
 fn held_copy<C>(store: &Store<C>, event: Event<C>) -> Event<C>
 where
     C: Resource + Clone + 'static,
@@ -360,9 +363,13 @@ mod tests {
             Event::InitApply(object("gone", "1")),
             Event::InitDone,
             Event::Apply(object("b", "2")),
-            // The watch was away: b changed, c came, gone went.
+            // The watch was away: b changed, c came, gone went. (a is listed at the version
+            // the store holds; the store keeps its own copy, told apart by its data.)
             Event::Init,
-            Event::InitApply(object("a", "1")),
+            Event::InitApply(ConfigMap {
+                data: Some([("listed".to_string(), "again".to_string())].into()),
+                ..object("a", "1")
+            }),
             Event::InitApply(object("b", "3")),
             Event::InitApply(object("c", "4")),
             Event::InitDone,
@@ -393,6 +400,12 @@ mod tests {
             store.len(),
             2,
             "a and b: gone went with the relist, c deleted"
+        );
+        let a = store.get(&ObjectRef::from_obj(&object("a", "1")));
+        assert_eq!(
+            a.and_then(|a| a.data.clone()),
+            None,
+            "the store kept its copy of a, not the relist's"
         );
     }
 

@@ -178,10 +178,11 @@ pub async fn run(ctx: Arc<Context>, stop: watch::Receiver<bool>, touched: Option
         crate::k8s::watch::reflected_into(
             rollouts,
             // Small pages: each Rollout of a page is decoded with its pod template before
-            // the cache strips it, and that peak stays in the process's memory. A relist
-            // (every few minutes on an apiserver without its watch cache) raised the RSS by
-            // about 16 MB while it ran with pages of 100 and ReplicaSets, 9 MB with pages of
-            // 50 (docs/performance.md).
+            // the cache strips it, and that peak stays in the process's memory. At 1,000
+            // Rollouts the relists of all the watches (about every ten minutes on an
+            // apiserver without its watch cache) raised the RSS by about 16 MB with the
+            // pages before `PAGE` and `ROUTING_PAGE`, 9 to 11 MB with them
+            // (docs/performance.md).
             watcher::Config::default().page_size(PAGE),
             writer,
             {
