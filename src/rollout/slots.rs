@@ -6,57 +6,148 @@
 //! awaiting Prometheus (up to 15 s) would keep its place, and a person's abort of another
 //! Rollout would queue behind every measurement; an intent must never wait for one. Here a
 //! reconcile gives its slot back while it measures and takes one again when the answers are
-//! in. Slots are handed out in the order they were asked for.
+//! in.
+//!
+//! A reconcile back from measuring is served before one that has not begun. It holds what it
+//! observed (its Rollout decoded, its ReplicaSets, its routes: some 30 KB), where one not
+//! begun holds only a name. Served in the order asked, as before, a start with 10,000
+//! Rollouts, each measuring its background analysis, had every reconcile observe, measure
+//! (at once: one query answers them all) and then queue behind all those not begun yet: a
+//! heap profile counted 10,946 of them holding their observations at once, a peak of 488 MB
+//! of heap (about 150 MB after the start) and 550 MiB resident. Otherwise slots are handed
+//! out in the order asked.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::oneshot;
+
+/// Which queue a reconcile waits in for a slot.
+#[derive(Clone, Copy)]
+enum Turn {
+    /// A reconcile about to begin.
+    Begin,
+    /// A reconcile back from measuring, holding what it observed: served first.
+    Resume,
+}
 
 /// The slots of one controller.
 #[derive(Clone)]
-pub struct Slots(Arc<Semaphore>);
+pub struct Slots(Arc<Mutex<Queue>>);
+
+/// The free slots, and who waits for one. A freed slot goes straight to a waiter, so while
+/// anyone waits none is free.
+struct Queue {
+    free: usize,
+    resuming: VecDeque<oneshot::Sender<Permit>>,
+    beginning: VecDeque<oneshot::Sender<Permit>>,
+}
 
 impl Slots {
     /// `bound` slots; `0`: no bound.
     pub fn new(bound: u16) -> Self {
-        let permits = match bound {
-            0 => Semaphore::MAX_PERMITS,
+        let free = match bound {
+            0 => usize::MAX,
             n => usize::from(n),
         };
-        Self(Arc::new(Semaphore::new(permits)))
+        Self(Arc::new(Mutex::new(Queue {
+            free,
+            resuming: VecDeque::new(),
+            beginning: VecDeque::new(),
+        })))
     }
 
     /// Waits for a slot, in turn.
     pub async fn take(&self) -> Slot {
         Slot {
-            slots: self.0.clone(),
-            permit: Mutex::new(self.permit().await),
+            slots: self.clone(),
+            permit: Mutex::new(Some(self.permit(Turn::Begin).await)),
         }
     }
 
-    async fn permit(&self) -> Option<OwnedSemaphorePermit> {
-        // Err only once closed, and these slots are never closed.
-        self.0.clone().acquire_owned().await.ok()
+    async fn permit(&self, turn: Turn) -> Permit {
+        loop {
+            let handed = {
+                let mut queue = lock(&self.0);
+                if queue.free > 0 {
+                    queue.free -= 1;
+                    return Permit(Some(self.0.clone()));
+                }
+                let (hand, handed) = oneshot::channel();
+                match turn {
+                    Turn::Resume => queue.resuming.push_back(hand),
+                    Turn::Begin => queue.beginning.push_back(hand),
+                }
+                handed
+            };
+            // A waiter is only ever dropped from the queue by handing it a slot; should it
+            // be dropped otherwise, ask again rather than wait forever.
+            if let Ok(permit) = handed.await {
+                return permit;
+            }
+        }
+    }
+}
+
+fn lock(queue: &Mutex<Queue>) -> std::sync::MutexGuard<'_, Queue> {
+    queue.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// One slot, given back (to the next waiter, if any) when dropped. A waiter that gave up
+/// before its slot reached it drops it unused, which gives it back too.
+struct Permit(Option<Arc<Mutex<Queue>>>);
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let Some(queue) = self.0.take() else { return };
+        loop {
+            // Handed over outside the lock: a waiter's drop of its permit takes the lock.
+            let next = {
+                let mut waiting = lock(&queue);
+                match waiting
+                    .resuming
+                    .pop_front()
+                    .or_else(|| waiting.beginning.pop_front())
+                {
+                    Some(next) => next,
+                    None => {
+                        waiting.free += 1;
+                        return;
+                    }
+                }
+            };
+            match next.send(Permit(Some(queue.clone()))) {
+                Ok(()) => return,
+                // That waiter gave up: the slot goes to the next one.
+                Err(mut unsent) => unsent.0 = None,
+            }
+        }
     }
 }
 
 /// A slot taken; given back when dropped.
 pub struct Slot {
-    slots: Arc<Semaphore>,
-    permit: Mutex<Option<OwnedSemaphorePermit>>,
+    slots: Slots,
+    permit: Mutex<Option<Permit>>,
 }
 
 impl Slot {
-    /// Runs `wait` with the slot given back, then takes one again (in turn).
+    /// Runs `wait` with the slot given back, then takes one again, before the reconciles
+    /// that have not begun.
     pub async fn without<T>(&self, wait: impl Future<Output = T>) -> T {
         self.set(None);
         let out = wait.await;
-        self.set(Slots(self.slots.clone()).permit().await);
+        self.set(Some(self.slots.permit(Turn::Resume).await));
         out
     }
 
-    fn set(&self, permit: Option<OwnedSemaphorePermit>) {
-        *self.permit.lock().unwrap_or_else(PoisonError::into_inner) = permit;
+    fn set(&self, permit: Option<Permit>) {
+        let old = std::mem::replace(
+            &mut *self.permit.lock().unwrap_or_else(PoisonError::into_inner),
+            permit,
+        );
+        // Given back once the slot's own lock is released.
+        drop(old);
     }
 }
 
@@ -109,6 +200,102 @@ mod tests {
             "it holds the one slot again"
         );
         drop(measuring);
+    }
+
+    #[tokio::test]
+    async fn a_reconcile_back_from_measuring_goes_before_one_not_begun() {
+        let slots = Slots::new(1);
+        let measuring = slots.take().await;
+        let (answer_tx, answer_rx) = tokio::sync::oneshot::channel::<()>();
+        let measurement = tokio::spawn(async move {
+            measuring.without(answer_rx).await.ok();
+            measuring
+        });
+        let other = tokio::time::timeout(Duration::from_secs(5), slots.take())
+            .await
+            .expect("the slot given back while measuring");
+        // Asks before the measured reconcile asks again.
+        let not_begun = tokio::spawn({
+            let slots = slots.clone();
+            async move { slots.take().await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        answer_tx.send(()).ok();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(other);
+        let measuring = tokio::time::timeout(Duration::from_secs(5), measurement)
+            .await
+            .expect("the measured reconcile takes the freed slot first")
+            .expect("no panic");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!not_begun.is_finished(), "the one not begun waits");
+        drop(measuring);
+        tokio::time::timeout(Duration::from_secs(5), not_begun)
+            .await
+            .expect("and then takes it")
+            .expect("no panic");
+    }
+
+    #[tokio::test]
+    async fn a_waiter_that_gives_up_loses_no_slot() {
+        let slots = Slots::new(1);
+        let held = slots.take().await;
+        assert!(is_waiting(slots.take()).await, "gives up after 50 ms");
+        drop(held);
+        assert!(!is_waiting(slots.take()).await);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn never_more_at_work_than_the_bound() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        const BOUND: usize = 3;
+        let slots = Slots::new(BOUND as u16);
+        let (at_work, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let reconciles: Vec<_> = (0..200u64)
+            .map(|i| {
+                let (slots, at_work, most) = (slots.clone(), at_work.clone(), most.clone());
+                // Counted at work from taking a slot to giving it back.
+                let work = move || {
+                    let (at_work, most) = (at_work.clone(), most.clone());
+                    async move {
+                        most.fetch_max(
+                            at_work.fetch_add(1, Ordering::SeqCst) + 1,
+                            Ordering::SeqCst,
+                        );
+                        tokio::task::yield_now().await;
+                        at_work.fetch_sub(1, Ordering::SeqCst);
+                    }
+                };
+                tokio::spawn(async move {
+                    let slot = slots.take().await;
+                    work().await;
+                    if i % 2 == 0 {
+                        // Some measure, and some of those give up waiting to resume.
+                        let resumed = tokio::time::timeout(
+                            Duration::from_millis(i % 7),
+                            slot.without(tokio::time::sleep(Duration::from_millis(i % 5))),
+                        )
+                        .await;
+                        if resumed.is_ok() {
+                            work().await;
+                        }
+                    }
+                })
+            })
+            .collect();
+        for reconcile in reconciles {
+            reconcile.await.expect("no panic");
+        }
+        assert!(most.load(Ordering::SeqCst) <= BOUND);
+        // Every slot came back, whoever gave up on the way.
+        let all = tokio::time::timeout(
+            Duration::from_secs(5),
+            futures::future::join_all((0..BOUND).map(|_| slots.take())),
+        )
+        .await
+        .expect("every slot came back");
+        assert!(is_waiting(slots.take()).await);
+        drop(all);
     }
 
     #[tokio::test]
