@@ -15,7 +15,9 @@
 //! (at once: one query answers them all) and then queue behind all those not begun yet: a
 //! heap profile counted 10,946 of them holding their observations at once, a peak of 488 MB
 //! of heap (about 150 MB after the start) and 550 MiB resident. Otherwise slots are handed
-//! out in the order asked.
+//! out in the order asked. So a person's abort, when every slot is taken, also waits for the
+//! reconciles back from measuring while it waits (at most one per measurement under way),
+//! each carrying out its outcome; never for a measurement itself.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -93,15 +95,17 @@ fn lock(queue: &Mutex<Queue>) -> std::sync::MutexGuard<'_, Queue> {
     queue.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// One slot, given back (to the next waiter, if any) when dropped. A waiter that gave up
-/// before its slot reached it drops it unused, which gives it back too.
+/// One slot, given back (to the next waiter, if any) when dropped. A waiter that gave up after
+/// its slot was sent drops it unread, which gives it back too; one that gave up before is
+/// passed over when the slot is handed on.
 struct Permit(Option<Arc<Mutex<Queue>>>);
 
 impl Drop for Permit {
     fn drop(&mut self) {
         let Some(queue) = self.0.take() else { return };
         loop {
-            // Handed over outside the lock: a waiter's drop of its permit takes the lock.
+            // Handed over outside the lock: a permit that comes back unsent must not be
+            // dropped under it (its drop would take the lock again).
             let next = {
                 let mut waiting = lock(&queue);
                 match waiting
@@ -155,6 +159,8 @@ impl Slot {
 mod tests {
     use std::time::Duration;
 
+    use tokio::task::JoinHandle;
+
     use super::*;
 
     async fn is_waiting<T>(future: impl Future<Output = T>) -> bool {
@@ -173,15 +179,22 @@ mod tests {
         assert!(!is_waiting(slots.take()).await);
     }
 
-    #[tokio::test]
-    async fn a_measuring_reconcile_holds_no_slot() {
-        let slots = Slots::new(1);
+    /// A reconcile that took a slot and measures until its answer is sent; it ends holding a
+    /// slot again.
+    async fn measuring(slots: &Slots) -> (JoinHandle<Slot>, oneshot::Sender<()>) {
         let measuring = slots.take().await;
-        let (answer_tx, answer_rx) = tokio::sync::oneshot::channel::<()>();
+        let (answer_tx, answer_rx) = oneshot::channel::<()>();
         let measurement = tokio::spawn(async move {
             measuring.without(answer_rx).await.ok();
             measuring
         });
+        (measurement, answer_tx)
+    }
+
+    #[tokio::test]
+    async fn a_measuring_reconcile_holds_no_slot() {
+        let slots = Slots::new(1);
+        let (measurement, answer_tx) = measuring(&slots).await;
         // While the measurement waits, another Rollout's abort gets the slot at once.
         let abort = tokio::time::timeout(Duration::from_secs(5), slots.take())
             .await
@@ -205,12 +218,7 @@ mod tests {
     #[tokio::test]
     async fn a_reconcile_back_from_measuring_goes_before_one_not_begun() {
         let slots = Slots::new(1);
-        let measuring = slots.take().await;
-        let (answer_tx, answer_rx) = tokio::sync::oneshot::channel::<()>();
-        let measurement = tokio::spawn(async move {
-            measuring.without(answer_rx).await.ok();
-            measuring
-        });
+        let (measurement, answer_tx) = measuring(&slots).await;
         let other = tokio::time::timeout(Duration::from_secs(5), slots.take())
             .await
             .expect("the slot given back while measuring");
@@ -242,7 +250,27 @@ mod tests {
         let held = slots.take().await;
         assert!(is_waiting(slots.take()).await, "gives up after 50 ms");
         drop(held);
-        assert!(!is_waiting(slots.take()).await);
+        let again = tokio::time::timeout(Duration::from_secs(5), slots.take())
+            .await
+            .expect("the slot came back");
+        assert!(is_waiting(slots.take()).await, "and only once");
+        drop(again);
+    }
+
+    #[tokio::test]
+    async fn a_waiter_that_gives_up_with_its_slot_sent_gives_it_back() {
+        let slots = Slots::new(1);
+        let held = slots.take().await;
+        let mut waiter = Box::pin(slots.take());
+        assert!(futures::poll!(&mut waiter).is_pending(), "queued");
+        drop(held);
+        // The slot is sent to the waiter, which gives up before it reads it.
+        drop(waiter);
+        let again = tokio::time::timeout(Duration::from_secs(5), slots.take())
+            .await
+            .expect("the slot came back");
+        assert!(is_waiting(slots.take()).await, "and only once");
+        drop(again);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
