@@ -163,6 +163,13 @@ mod tests {
 
     use super::*;
 
+    /// `future`'s output, or a failure saying `what` did not happen within 5 s.
+    async fn soon<T>(future: impl Future<Output = T>, what: &str) -> T {
+        tokio::time::timeout(Duration::from_secs(5), future)
+            .await
+            .unwrap_or_else(|_| panic!("not within 5 s: {what}"))
+    }
+
     async fn is_waiting<T>(future: impl Future<Output = T>) -> bool {
         tokio::time::timeout(Duration::from_millis(50), future)
             .await
@@ -196,17 +203,14 @@ mod tests {
         let slots = Slots::new(1);
         let (measurement, answer_tx) = measuring(&slots).await;
         // While the measurement waits, another Rollout's abort gets the slot at once.
-        let abort = tokio::time::timeout(Duration::from_secs(5), slots.take())
-            .await
-            .expect("an abort never waits for a measurement");
+        let abort = soon(slots.take(), "an abort never waits for a measurement").await;
         // The measured reconcile goes on only once it has a slot again.
         answer_tx.send(()).ok();
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!measurement.is_finished());
         drop(abort);
-        let measuring = tokio::time::timeout(Duration::from_secs(5), measurement)
+        let measuring = soon(measurement, "the measured reconcile takes the freed slot")
             .await
-            .expect("the measured reconcile takes the freed slot")
             .expect("no panic");
         assert!(
             is_waiting(slots.take()).await,
@@ -219,9 +223,7 @@ mod tests {
     async fn a_reconcile_back_from_measuring_goes_before_one_not_begun() {
         let slots = Slots::new(1);
         let (measurement, answer_tx) = measuring(&slots).await;
-        let other = tokio::time::timeout(Duration::from_secs(5), slots.take())
-            .await
-            .expect("the slot given back while measuring");
+        let other = soon(slots.take(), "the slot given back while measuring").await;
         // Asks before the measured reconcile asks again.
         let not_begun = tokio::spawn({
             let slots = slots.clone();
@@ -231,16 +233,17 @@ mod tests {
         answer_tx.send(()).ok();
         tokio::time::sleep(Duration::from_millis(50)).await;
         drop(other);
-        let measuring = tokio::time::timeout(Duration::from_secs(5), measurement)
-            .await
-            .expect("the measured reconcile takes the freed slot first")
-            .expect("no panic");
+        let measuring = soon(
+            measurement,
+            "the measured reconcile takes the freed slot first",
+        )
+        .await
+        .expect("no panic");
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!not_begun.is_finished(), "the one not begun waits");
         drop(measuring);
-        tokio::time::timeout(Duration::from_secs(5), not_begun)
+        soon(not_begun, "and then takes it")
             .await
-            .expect("and then takes it")
             .expect("no panic");
     }
 
@@ -250,9 +253,7 @@ mod tests {
         let held = slots.take().await;
         assert!(is_waiting(slots.take()).await, "gives up after 50 ms");
         drop(held);
-        let again = tokio::time::timeout(Duration::from_secs(5), slots.take())
-            .await
-            .expect("the slot came back");
+        let again = soon(slots.take(), "the slot came back").await;
         assert!(is_waiting(slots.take()).await, "and only once");
         drop(again);
     }
@@ -266,9 +267,7 @@ mod tests {
         drop(held);
         // The slot is sent to the waiter, which gives up before it reads it.
         drop(waiter);
-        let again = tokio::time::timeout(Duration::from_secs(5), slots.take())
-            .await
-            .expect("the slot came back");
+        let again = soon(slots.take(), "the slot came back").await;
         assert!(is_waiting(slots.take()).await, "and only once");
         drop(again);
     }
@@ -316,12 +315,11 @@ mod tests {
         }
         assert!(most.load(Ordering::SeqCst) <= BOUND);
         // Every slot came back, whoever gave up on the way.
-        let all = tokio::time::timeout(
-            Duration::from_secs(5),
+        let all = soon(
             futures::future::join_all((0..BOUND).map(|_| slots.take())),
+            "every slot came back",
         )
-        .await
-        .expect("every slot came back");
+        .await;
         assert!(is_waiting(slots.take()).await);
         drop(all);
     }
