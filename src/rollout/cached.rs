@@ -86,6 +86,9 @@ pub fn strip(rollout: &mut Rollout) {
 pub struct CachedRollout {
     metadata: ObjectMeta,
     json: Arc<str>,
+    /// A person's request (abort, promote, retry) waits to be acted on: known without
+    /// decoding, so that its reconcile can be served first (`slots`).
+    request_waiting: bool,
 }
 
 impl From<Rollout> for CachedRollout {
@@ -93,6 +96,10 @@ impl From<Rollout> for CachedRollout {
         if !is_stripped(&rollout) {
             strip(&mut rollout);
         }
+        let request_waiting = rollout
+            .status
+            .as_ref()
+            .is_some_and(|status| super::release::unhandled(status).any());
         Self {
             metadata: ObjectMeta {
                 name: rollout.metadata.name.take(),
@@ -102,11 +109,17 @@ impl From<Rollout> for CachedRollout {
                 ..ObjectMeta::default()
             },
             json: serde_json::to_string(&rollout).unwrap_or_default().into(),
+            request_waiting,
         }
     }
 }
 
 impl CachedRollout {
+    /// Whether a person's request waits to be acted on.
+    pub fn request_waiting(&self) -> bool {
+        self.request_waiting
+    }
+
     /// The Rollout, decoded from the cache (without its pod template: see [`facts`]). Its name,
     /// namespace, uid and resourceVersion are kept apart, not in the JSON: put back.
     pub fn rollout(&self) -> Result<Rollout, serde_json::Error> {
@@ -198,6 +211,30 @@ mod tests {
             cached.annotations().get("team").map(String::as_str),
             Some("payments")
         );
+    }
+
+    #[test]
+    fn a_cached_copy_knows_whether_a_persons_request_waits() {
+        let with = |status: serde_json::Value| {
+            let mut rollout = rollout();
+            rollout.status = serde_json::from_value(status).unwrap();
+            CachedRollout::from(rollout).request_waiting()
+        };
+        let abort = json!({"id": "a-2", "requestedAt": "2026-12-07T09:49:40Z"});
+        assert!(
+            !CachedRollout::from(rollout()).request_waiting(),
+            "no status"
+        );
+        assert!(with(json!({"abort": abort})), "an abort not acted on");
+        assert!(
+            with(json!({"abort": abort, "handledIntents": {"abort": "a-1"}})),
+            "a newer abort than the one acted on"
+        );
+        assert!(
+            !with(json!({"abort": abort, "handledIntents": {"abort": "a-2"}})),
+            "acted on"
+        );
+        assert!(with(json!({"retry": abort})), "a retry not acted on");
     }
 
     /// A Rollout of every sample's shape, and one with a status such as a release leaves.

@@ -444,8 +444,14 @@ async fn reconcile(rollout: Arc<CachedRollout>, state: Arc<State>) -> Result<Act
     // Waiting for a slot, hold no copy of the Rollout (the cache may have moved on by the
     // turn of a reconcile queued in a start with thousands): take the cache's newest after.
     let cached = ObjectRef::from_obj(rollout.as_ref());
+    // A person's abort goes before the reconciles that carry no request.
+    let request = rollout.request_waiting();
     drop(rollout);
-    let slot = state.slots.take().await;
+    let slot = if request {
+        state.slots.take_for_request().await
+    } else {
+        state.slots.take().await
+    };
     // The work is boxed, and made only once the slot is taken: its future holds the state of
     // every step (observations, plans, statuses), many kilobytes, and a start with thousands
     // of Rollouts queues one reconcile per Rollout for a slot.
