@@ -86,9 +86,10 @@ pub fn strip(rollout: &mut Rollout) {
 pub struct CachedRollout {
     metadata: ObjectMeta,
     json: Arc<str>,
-    /// A person's request (abort, promote, retry) waits to be acted on: known without
-    /// decoding, so that its reconcile can be served first (`slots`).
-    request_waiting: bool,
+    /// A person's abort waits to be carried out: known without decoding, so that its
+    /// reconcile can be served first (`slots`). Only the abort: a promote may wait for hours
+    /// on purpose (a blue-green preview not ready), and would jump the queue all along.
+    abort_waiting: bool,
 }
 
 impl From<Rollout> for CachedRollout {
@@ -96,10 +97,10 @@ impl From<Rollout> for CachedRollout {
         if !is_stripped(&rollout) {
             strip(&mut rollout);
         }
-        let request_waiting = rollout
+        let abort_waiting = rollout
             .status
             .as_ref()
-            .is_some_and(|status| super::release::unhandled(status).any());
+            .is_some_and(|status| super::release::unhandled(status).abort.is_some());
         Self {
             metadata: ObjectMeta {
                 name: rollout.metadata.name.take(),
@@ -109,15 +110,15 @@ impl From<Rollout> for CachedRollout {
                 ..ObjectMeta::default()
             },
             json: serde_json::to_string(&rollout).unwrap_or_default().into(),
-            request_waiting,
+            abort_waiting,
         }
     }
 }
 
 impl CachedRollout {
-    /// Whether a person's request waits to be acted on.
-    pub fn request_waiting(&self) -> bool {
-        self.request_waiting
+    /// Whether a person's abort waits to be carried out.
+    pub fn abort_waiting(&self) -> bool {
+        self.abort_waiting
     }
 
     /// The Rollout, decoded from the cache (without its pod template: see [`facts`]). Its name,
@@ -214,27 +215,28 @@ mod tests {
     }
 
     #[test]
-    fn a_cached_copy_knows_whether_a_persons_request_waits() {
+    fn a_cached_copy_knows_whether_a_persons_abort_waits() {
         let with = |status: serde_json::Value| {
             let mut rollout = rollout();
             rollout.status = serde_json::from_value(status).unwrap();
-            CachedRollout::from(rollout).request_waiting()
+            CachedRollout::from(rollout).abort_waiting()
         };
-        let abort = json!({"id": "a-2", "requestedAt": "2026-12-07T09:49:40Z"});
+        let request = json!({"id": "a-2", "requestedAt": "2026-12-07T09:49:40Z"});
+        assert!(!CachedRollout::from(rollout()).abort_waiting(), "no status");
+        assert!(with(json!({"abort": request})), "an abort not carried out");
         assert!(
-            !CachedRollout::from(rollout()).request_waiting(),
-            "no status"
-        );
-        assert!(with(json!({"abort": abort})), "an abort not acted on");
-        assert!(
-            with(json!({"abort": abort, "handledIntents": {"abort": "a-1"}})),
-            "a newer abort than the one acted on"
+            with(json!({"abort": request, "handledIntents": {"abort": "a-1"}})),
+            "a newer abort than the one carried out"
         );
         assert!(
-            !with(json!({"abort": abort, "handledIntents": {"abort": "a-2"}})),
-            "acted on"
+            !with(json!({"abort": request, "handledIntents": {"abort": "a-2"}})),
+            "carried out"
         );
-        assert!(with(json!({"retry": abort})), "a retry not acted on");
+        for other in ["promote", "promoteFull", "retry", "overrideFreeze"] {
+            let mut status = serde_json::Map::new();
+            status.insert(other.into(), request.clone());
+            assert!(!with(status.into()), "{other} is served in turn");
+        }
     }
 
     /// A Rollout of every sample's shape, and one with a status such as a release leaves.

@@ -444,11 +444,13 @@ async fn reconcile(rollout: Arc<CachedRollout>, state: Arc<State>) -> Result<Act
     // Waiting for a slot, hold no copy of the Rollout (the cache may have moved on by the
     // turn of a reconcile queued in a start with thousands): take the cache's newest after.
     let cached = ObjectRef::from_obj(rollout.as_ref());
-    // A person's abort goes before the reconciles that carry no request.
-    let request = rollout.request_waiting();
+    // A person's abort goes before every other reconcile waiting for a slot. Known from the
+    // copy that woke this reconcile: one already waiting when an abort arrives waits in its
+    // turn (kube holds the abort's event until it ends) and then carries the abort out.
+    let abort = rollout.abort_waiting();
     drop(rollout);
-    let slot = if request {
-        state.slots.take_for_request().await
+    let slot = if abort {
+        state.slots.take_for_abort().await
     } else {
         state.slots.take().await
     };

@@ -125,21 +125,6 @@ pub struct Intents {
     pub override_freeze: Option<String>,
 }
 
-impl Intents {
-    pub fn any(&self) -> bool {
-        let Self {
-            abort,
-            promote,
-            promote_full,
-            retry,
-            override_freeze,
-        } = self;
-        [abort, promote, promote_full, retry, override_freeze]
-            .iter()
-            .any(|id| id.is_some())
-    }
-}
-
 pub fn unhandled(status: &RolloutStatus) -> Intents {
     let handled = status.handled_intents.clone().unwrap_or_default();
     let fresh = |intent: &Option<crate::api::common::Intent>, seen: &Option<String>| {

@@ -16,10 +16,10 @@
 //! heap profile counted 10,946 of them holding their observations at once, a peak of 488 MB
 //! of heap (about 150 MB after the start) and 550 MiB resident.
 //!
-//! A reconcile of a Rollout with a person's request not yet acted on (abort, promote, retry)
-//! goes before both: when every slot is taken, an abort waits only for one of them to end,
-//! not for the reconciles back from measuring that come in while it waits. Within a class,
-//! slots are handed out in the order asked.
+//! A reconcile woken by a person's abort not yet carried out goes before both: when every
+//! slot is taken, it waits for one to be given back and for the aborts that asked before
+//! it, not for the reconciles back from measuring that come in while it waits. Within a
+//! class, slots are handed out in the order asked.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -29,11 +29,12 @@ use tokio::sync::oneshot;
 /// Which queue a reconcile waits in for a slot.
 #[derive(Clone, Copy)]
 enum Turn {
-    /// A reconcile carrying a person's request: served first.
-    Request,
+    /// A reconcile carrying a person's abort: served first.
+    Abort,
     /// A reconcile about to begin.
     Begin,
-    /// A reconcile back from measuring, holding what it observed: served first.
+    /// A reconcile back from measuring, holding what it observed: served before those about
+    /// to begin.
     Resume,
 }
 
@@ -45,7 +46,7 @@ pub struct Slots(Arc<Mutex<Queue>>);
 /// anyone waits none is free.
 struct Queue {
     free: usize,
-    requests: VecDeque<oneshot::Sender<Permit>>,
+    aborts: VecDeque<oneshot::Sender<Permit>>,
     resuming: VecDeque<oneshot::Sender<Permit>>,
     beginning: VecDeque<oneshot::Sender<Permit>>,
 }
@@ -59,7 +60,7 @@ impl Slots {
         };
         Self(Arc::new(Mutex::new(Queue {
             free,
-            requests: VecDeque::new(),
+            aborts: VecDeque::new(),
             resuming: VecDeque::new(),
             beginning: VecDeque::new(),
         })))
@@ -70,9 +71,9 @@ impl Slots {
         self.slot(Turn::Begin).await
     }
 
-    /// Waits for a slot, before every reconcile that carries no person's request.
-    pub async fn take_for_request(&self) -> Slot {
-        self.slot(Turn::Request).await
+    /// Waits for a slot, before every reconcile that carries no person's abort.
+    pub async fn take_for_abort(&self) -> Slot {
+        self.slot(Turn::Abort).await
     }
 
     async fn slot(&self, turn: Turn) -> Slot {
@@ -92,7 +93,7 @@ impl Slots {
                 }
                 let (hand, handed) = oneshot::channel();
                 match turn {
-                    Turn::Request => queue.requests.push_back(hand),
+                    Turn::Abort => queue.aborts.push_back(hand),
                     Turn::Resume => queue.resuming.push_back(hand),
                     Turn::Begin => queue.beginning.push_back(hand),
                 }
@@ -125,7 +126,7 @@ impl Drop for Permit {
             let next = {
                 let mut waiting = lock(&queue);
                 match waiting
-                    .requests
+                    .aborts
                     .pop_front()
                     .or_else(|| waiting.resuming.pop_front())
                     .or_else(|| waiting.beginning.pop_front())
@@ -265,7 +266,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_persons_request_goes_before_every_other_waiter() {
+    async fn a_persons_abort_goes_before_every_other_waiter() {
         let slots = Slots::new(1);
         let (measurement, answer_tx) = measuring(&slots).await;
         let other = soon(slots.take(), "the slot given back while measuring").await;
@@ -277,19 +278,19 @@ mod tests {
         answer_tx.send(()).ok();
         tokio::time::sleep(Duration::from_millis(50)).await;
         // Asks last of the three.
-        let request = tokio::spawn({
+        let abort = tokio::spawn({
             let slots = slots.clone();
-            async move { slots.take_for_request().await }
+            async move { slots.take_for_abort().await }
         });
         tokio::time::sleep(Duration::from_millis(50)).await;
         drop(other);
-        let request = soon(request, "the request takes the freed slot first")
+        let abort = soon(abort, "the abort takes the freed slot first")
             .await
             .expect("no panic");
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!measurement.is_finished(), "the measured reconcile waits");
         assert!(!not_begun.is_finished(), "the one not begun waits");
-        drop(request);
+        drop(abort);
         let measuring = soon(measurement, "then the measured reconcile")
             .await
             .expect("no panic");
@@ -346,8 +347,17 @@ mod tests {
                     }
                 };
                 tokio::spawn(async move {
+                    // A third are aborts, and some of those give up waiting for a slot.
                     let slot = if i % 3 == 0 {
-                        slots.take_for_request().await
+                        let Ok(slot) = tokio::time::timeout(
+                            Duration::from_millis(i % 4),
+                            slots.take_for_abort(),
+                        )
+                        .await
+                        else {
+                            return;
+                        };
+                        slot
                     } else {
                         slots.take().await
                     };
