@@ -9,6 +9,7 @@
 #   up              start everything (idempotent: exits 0 at once if already up);
 #                   SLUICE_APISERVER_WATCH_CACHE=false starts the apiserver without its
 #                   watch cache (as `make bench` does)
+#                   and SLUICE_APISERVER_PROFILING=true with its /debug/pprof
 #   down            stop everything, delete etcd/prometheus data (keeps certs)
 #   status          show processes and health; exit 0 only if all is healthy
 #   restart NAME    stop and start etcd, kube-apiserver or prometheus (keeps data)
@@ -58,6 +59,8 @@ ADVERTISE_ADDRESS="${SLUICE_APISERVER_ADVERTISE_ADDRESS:-10.255.255.1}"
 # The apiserver's watch cache (see start_apiserver): on unless `up` runs with
 # SLUICE_APISERVER_WATCH_CACHE=false; `restart` keeps what the cluster was started with.
 WATCH_CACHE="${SLUICE_APISERVER_WATCH_CACHE:-true}"
+# SLUICE_APISERVER_PROFILING=true serves the apiserver's /debug/pprof (docs/performance.md).
+PROFILING="${SLUICE_APISERVER_PROFILING:-false}"
 WATCH_CACHE_FILE="${WORK}/apiserver-watch-cache"
 CLUSTER_NAME=sluice-local
 APISERVER_URL="https://${HOST}:${APISERVER_PORT}"
@@ -409,7 +412,7 @@ start_apiserver() {
     --audit-log-path="${LOGS}/audit.log" \
     --audit-log-maxsize=200 \
     --audit-log-maxbackup=1 \
-    --profiling=false
+    --profiling="${PROFILING}"
   wait_for "kube-apiserver /readyz" 120 kube-apiserver apiserver_ready
 }
 
@@ -530,6 +533,8 @@ cmd_up() {
   flock 8
   [[ "${WATCH_CACHE}" == true || "${WATCH_CACHE}" == false ]] ||
     die "SLUICE_APISERVER_WATCH_CACHE must be true or false, not '${WATCH_CACHE}'"
+  [[ "${PROFILING}" == true || "${PROFILING}" == false ]] ||
+    die "SLUICE_APISERVER_PROFILING must be true or false, not '${PROFILING}'"
 
   if all_healthy; then
     # A cluster is not restarted behind its users' backs: a request for the other watch-cache
