@@ -237,12 +237,11 @@ mod tests {
         drop(measuring);
     }
 
-    #[tokio::test]
-    async fn a_reconcile_back_from_measuring_goes_before_one_not_begun() {
-        let slots = Slots::new(1);
-        let (measurement, answer_tx) = measuring(&slots).await;
-        let other = soon(slots.take(), "the slot given back while measuring").await;
-        // Asks before the measured reconcile asks again.
+    /// One slot, held (returned); waiting for it, a reconcile that has not begun and, having
+    /// asked after it, one back from measuring.
+    async fn both_waiting(slots: &Slots) -> (Slot, JoinHandle<Slot>, JoinHandle<Slot>) {
+        let (measurement, answer_tx) = measuring(slots).await;
+        let held = soon(slots.take(), "the slot given back while measuring").await;
         let not_begun = tokio::spawn({
             let slots = slots.clone();
             async move { slots.take().await }
@@ -250,7 +249,14 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         answer_tx.send(()).ok();
         tokio::time::sleep(Duration::from_millis(50)).await;
-        drop(other);
+        (held, measurement, not_begun)
+    }
+
+    #[tokio::test]
+    async fn a_reconcile_back_from_measuring_goes_before_one_not_begun() {
+        let slots = Slots::new(1);
+        let (held, measurement, not_begun) = both_waiting(&slots).await;
+        drop(held);
         let measuring = soon(
             measurement,
             "the measured reconcile takes the freed slot first",
@@ -268,22 +274,14 @@ mod tests {
     #[tokio::test]
     async fn a_persons_abort_goes_before_every_other_waiter() {
         let slots = Slots::new(1);
-        let (measurement, answer_tx) = measuring(&slots).await;
-        let other = soon(slots.take(), "the slot given back while measuring").await;
-        let not_begun = tokio::spawn({
-            let slots = slots.clone();
-            async move { slots.take().await }
-        });
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        answer_tx.send(()).ok();
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (held, measurement, not_begun) = both_waiting(&slots).await;
         // Asks last of the three.
         let abort = tokio::spawn({
             let slots = slots.clone();
             async move { slots.take_for_abort().await }
         });
         tokio::time::sleep(Duration::from_millis(50)).await;
-        drop(other);
+        drop(held);
         let abort = soon(abort, "the abort takes the freed slot first")
             .await
             .expect("no panic");
