@@ -130,7 +130,7 @@ bench-run:
 	  KUBECONFIG=$$($(MAKE) -s kubeconfig) SLUICE_PROMETHEUS_URL=$$($(MAKE) -s prometheus-url) \
 	  SLUICE_BENCH_N=$$n SLUICE_BENCH_IDLE_SECONDS=$(BENCH_IDLE_SECONDS) \
 	  SLUICE_BENCH_OPERATOR=$(BENCH_OPERATOR) SLUICE_BENCH_OUT=$(CURDIR)/target/bench \
-	  SLUICE_BENCH_AUDIT_LOGS=$(CURDIR)/e2e/.work/logs \
+	  SLUICE_BENCH_AUDIT_LOGS=$(CURDIR)/e2e/.work/logs SLUICE_BENCH_CLUSTER_PIDS=$(CURDIR)/e2e/.work/pids \
 	  $(CARGO) test $(CARGO_FLAGS) -p sluice --test bench -- --ignored --nocapture || exit $$?; \
 	done
 
@@ -139,7 +139,7 @@ bench-run:
 bench-smoke:
 	KUBECONFIG=$$($(MAKE) -s kubeconfig) SLUICE_PROMETHEUS_URL=$$($(MAKE) -s prometheus-url) \
 	  SLUICE_BENCH_N=100 SLUICE_BENCH_IDLE_SECONDS=20 SLUICE_BENCH_OUT=$(CURDIR)/target/bench \
-	  SLUICE_BENCH_AUDIT_LOGS=$(CURDIR)/e2e/.work/logs \
+	  SLUICE_BENCH_AUDIT_LOGS=$(CURDIR)/e2e/.work/logs SLUICE_BENCH_CLUSTER_PIDS=$(CURDIR)/e2e/.work/pids \
 	  $(CARGO) test $(CARGO_FLAGS) -p sluice --test bench -- --ignored --nocapture
 
 ## image: the operator's OCI image, without a container engine (e2e/image.sh): a static

@@ -9,7 +9,9 @@
 //!
 //! Settings: `SLUICE_BENCH_N` (default 100), `SLUICE_BENCH_IDLE_SECONDS` (default 20; `make
 //! bench` uses 320 to span the 300 s idle resync), `SLUICE_BENCH_OPERATOR` (the binary; default
-//! the test build), `SLUICE_BENCH_KEEP` (leave the objects, to look at them). The run asserts what the
+//! the test build), `SLUICE_BENCH_KEEP` (leave the objects, to look at them),
+//! `SLUICE_BENCH_CLUSTER_PIDS` (the local cluster's pid files, to say where the machine's CPU
+//! went in the idle window and the releases). The run asserts what the
 //! run must do (every Rollout healthy, every release stepped and aborted), never a timing.
 
 mod audit;
@@ -34,7 +36,7 @@ use sluice::api::analysis::MeasurementPhase;
 use sluice::api::rollout::{Rollout, RolloutPhase};
 
 use fixtures::{ANALYSIS_INTERVAL_SECONDS, DEADLINE_METRIC, Kind, RUN_LABEL, STEP_PAUSE_SECONDS};
-use probe::{Metrics, Operator, percentile};
+use probe::{MachineCpu, Metrics, Operator, percentile};
 
 /// Rollouts per namespace, as teams group their services.
 const PER_NAMESPACE: usize = 100;
@@ -494,6 +496,31 @@ async fn prometheus_queries(url: &str) -> f64 {
         })
 }
 
+/// Cores by process, most first, as a JSON list of `[process, cores]` (a list keeps the order).
+fn cores_json(cores: Vec<(String, f64)>) -> Value {
+    Value::Array(
+        cores
+            .into_iter()
+            .map(|(name, c)| json!([name, c]))
+            .collect(),
+    )
+}
+
+/// "kube-apiserver 1.08, kube-scheduler 0.38, ..." from `cores_json`.
+fn cores_text(cores: &Value) -> String {
+    let text: Vec<String> = cores
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|pair| Some(format!("{} {}", pair.get(0)?.as_str()?, pair.get(1)?)))
+        .collect();
+    if text.is_empty() {
+        "-".into()
+    } else {
+        text.join(", ")
+    }
+}
+
 fn millis(d: Option<Duration>) -> Value {
     d.map_or(Value::Null, |d| json!(d.as_millis() as u64))
 }
@@ -518,6 +545,10 @@ async fn scale() {
     let prometheus =
         std::env::var("SLUICE_PROMETHEUS_URL").unwrap_or_else(|_| "http://127.0.0.1:19090".into());
     let client = Client::try_default().await.expect("a kubeconfig");
+    let cluster_pids = std::env::var("SLUICE_BENCH_CLUSTER_PIDS")
+        .ok()
+        .map(PathBuf::from);
+    let machine_cpu = |operator: &Operator| MachineCpu::read(cluster_pids.as_deref(), operator);
     let mut report: BTreeMap<&str, Value> = BTreeMap::new();
     report.insert("rollouts", json!(n));
     report.insert("operator", json!(binary.display().to_string()));
@@ -590,8 +621,13 @@ async fn scale() {
     // Idle: nothing changes; the operator should cost little and write nothing.
     tokio::time::sleep(Duration::from_secs(10)).await;
     let (before_cpu, before) = (operator.cpu_seconds(), operator.metrics().await);
+    let idle_machine = machine_cpu(&operator);
     tokio::time::sleep(idle).await;
     let (after_cpu, after) = (operator.cpu_seconds(), operator.metrics().await);
+    report.insert(
+        "idle_machine_cores",
+        cores_json(machine_cpu(&operator).cores_since(&idle_machine, idle)),
+    );
     let (rss, peak) = operator.memory_mib();
     let idle_cpu = after_cpu - before_cpu;
     let reconciles = |m: &Metrics| {
@@ -679,6 +715,7 @@ async fn scale() {
         .map(|i| (namespace_of(i), name_of(i)))
         .collect();
     let release_start = operator.metrics().await;
+    let release_machine = machine_cpu(&operator);
     let (release_started, prometheus_start) =
         (Instant::now(), prometheus_queries(&prometheus).await);
     let releases_sent = Instant::now();
@@ -834,6 +871,10 @@ async fn scale() {
     // The canaries' background analyses all ask the same query: how often Prometheus was
     // asked, by the operator's count and by Prometheus's own.
     let releasing = release_started.elapsed();
+    report.insert(
+        "release_machine_cores",
+        cores_json(machine_cpu(&operator).cores_since(&release_machine, releasing)),
+    );
     let answers = |how: &str| {
         let label = format!("answer=\"{how}\"");
         release_end.sum("sluice_prometheus_queries_total", &[&label])
@@ -993,6 +1034,10 @@ async fn scale() {
                 .join(", "),
         ),
         (
+            "The machine's CPU in the idle window, cores by process",
+            cores_text(&report["idle_machine_cores"]),
+        ),
+        (
             "Restart -> all reconciled once (s)",
             fmt("restart_all_reconciled_seconds"),
         ),
@@ -1033,6 +1078,10 @@ async fn scale() {
                 fmt("release_requests_ms"),
                 fmt("abort_requests_ms")
             ),
+        ),
+        (
+            "The machine's CPU in the releases (release -> abort -> stable), cores by process",
+            cores_text(&report["release_machine_cores"]),
         ),
         (
             "Abort -> stable p50 / p99",

@@ -87,21 +87,7 @@ impl Operator {
 
     /// CPU seconds used so far (user + system).
     pub fn cpu_seconds(&self) -> f64 {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
-        // The command name is in parentheses and may hold spaces: count fields after it.
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .map(|(_, rest)| rest.split_whitespace().collect())
-            .unwrap_or_default();
-        let ticks = |i: usize| {
-            fields
-                .get(i)
-                .and_then(|f| f.parse::<f64>().ok())
-                .unwrap_or(0.0)
-        };
-        // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
-        (ticks(11) + ticks(12)) / clock_ticks_per_second()
+        process_cpu_seconds(self.pid())
     }
 
     /// The operator's metrics, series (name with labels) to value.
@@ -119,6 +105,88 @@ impl Operator {
 impl Drop for Operator {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// CPU seconds a process has used so far (user + system); 0 when it is gone.
+fn process_cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The command name is in parentheses and may hold spaces: count fields after it.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    (ticks(11) + ticks(12)) / clock_ticks_per_second()
+}
+
+/// Where the machine's CPU went: the seconds used so far by each process of the local
+/// cluster (from its pid files, named by component), the operator and the bench, and the
+/// machine's idle seconds (all cores). The operator's tail on a 2-core machine is the
+/// apiserver's, and the apiserver shares the cores with the rest of the cluster: a window's
+/// split says what else ran in it.
+#[derive(Clone, Debug, Default)]
+pub struct MachineCpu {
+    seconds: BTreeMap<String, f64>,
+}
+
+impl MachineCpu {
+    pub fn read(pids: Option<&Path>, operator: &Operator) -> Self {
+        let mut seconds = BTreeMap::new();
+        let pid_files = pids
+            .and_then(|dir| std::fs::read_dir(dir).ok())
+            .into_iter()
+            .flatten()
+            .flatten();
+        for file in pid_files {
+            let path = file.path();
+            let Some(name) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".pid"))
+            else {
+                continue;
+            };
+            if let Some(pid) = std::fs::read_to_string(&path)
+                .ok()
+                .and_then(|text| text.trim().parse::<u32>().ok())
+            {
+                seconds.insert(name.to_string(), process_cpu_seconds(pid));
+            }
+        }
+        seconds.insert("sluice".into(), operator.cpu_seconds());
+        seconds.insert("bench".into(), process_cpu_seconds(std::process::id()));
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        // The first line sums all cores: "cpu user nice system idle ...".
+        let idle = stat
+            .lines()
+            .next()
+            .and_then(|l| l.split_whitespace().nth(4))
+            .and_then(|t| t.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        seconds.insert("idle".into(), idle / clock_ticks_per_second());
+        Self { seconds }
+    }
+
+    /// Cores each used on average from `before` to this reading, `window` apart, most first.
+    pub fn cores_since(&self, before: &Self, window: Duration) -> Vec<(String, f64)> {
+        let window = window.as_secs_f64().max(f64::EPSILON);
+        let mut cores: Vec<(String, f64)> = self
+            .seconds
+            .iter()
+            .filter_map(|(name, now)| {
+                let used = now - before.seconds.get(name)?;
+                Some((name.clone(), (used / window * 100.0).round() / 100.0))
+            })
+            .collect();
+        cores.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        cores
     }
 }
 
