@@ -87,7 +87,7 @@ impl Operator {
 
     /// CPU seconds used so far (user + system).
     pub fn cpu_seconds(&self) -> f64 {
-        process_cpu_seconds(self.pid())
+        process_cpu_ticks(self.pid()).unwrap_or(0.0) / clock_ticks_per_second()
     }
 
     /// The operator's metrics, series (name with labels) to value.
@@ -108,29 +108,25 @@ impl Drop for Operator {
     }
 }
 
-/// CPU seconds a process has used so far (user + system); 0 when it is gone.
-fn process_cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+/// CPU a process has used so far (user + system), in clock ticks; `None` when it is gone.
+fn process_cpu_ticks(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name is in parentheses and may hold spaces: count fields after it.
     let fields: Vec<&str> = stat
         .rsplit_once(')')
         .map(|(_, rest)| rest.split_whitespace().collect())
         .unwrap_or_default();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
     // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
-    (ticks(11) + ticks(12)) / clock_ticks_per_second()
+    Some(ticks(11)? + ticks(12)?)
 }
 
 /// Where the machine's CPU went: the seconds used so far by each process of the local
 /// cluster (from its pid files, named by component), the operator and the bench, and the
 /// machine's idle seconds (all cores). The operator's tail on a 2-core machine is the
 /// apiserver's, and the apiserver shares the cores with the rest of the cluster: a window's
-/// split says what else ran in it.
+/// split says what else ran in it. A process gone (or new) by the second reading is left out
+/// of the window rather than shown as a negative figure.
 #[derive(Clone, Debug, Default)]
 pub struct MachineCpu {
     seconds: BTreeMap<String, f64>,
@@ -138,7 +134,7 @@ pub struct MachineCpu {
 
 impl MachineCpu {
     pub fn read(pids: Option<&Path>, operator: &Operator) -> Self {
-        let mut seconds = BTreeMap::new();
+        let mut ticks = BTreeMap::new();
         let pid_files = pids
             .and_then(|dir| std::fs::read_dir(dir).ok())
             .into_iter()
@@ -153,24 +149,35 @@ impl MachineCpu {
             else {
                 continue;
             };
-            if let Some(pid) = std::fs::read_to_string(&path)
+            if let Some(used) = std::fs::read_to_string(&path)
                 .ok()
                 .and_then(|text| text.trim().parse::<u32>().ok())
+                .and_then(process_cpu_ticks)
             {
-                seconds.insert(name.to_string(), process_cpu_seconds(pid));
+                ticks.insert(name.to_string(), used);
             }
         }
-        seconds.insert("sluice".into(), operator.cpu_seconds());
-        seconds.insert("bench".into(), process_cpu_seconds(std::process::id()));
+        let processes = [("sluice", operator.pid()), ("bench", std::process::id())];
+        for (name, pid) in processes {
+            if let Some(used) = process_cpu_ticks(pid) {
+                ticks.insert(name.into(), used);
+            }
+        }
         let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
         // The first line sums all cores: "cpu user nice system idle ...".
-        let idle = stat
+        if let Some(idle) = stat
             .lines()
             .next()
             .and_then(|l| l.split_whitespace().nth(4))
             .and_then(|t| t.parse::<f64>().ok())
-            .unwrap_or(0.0);
-        seconds.insert("idle".into(), idle / clock_ticks_per_second());
+        {
+            ticks.insert("idle".into(), idle);
+        }
+        let per_second = clock_ticks_per_second();
+        let seconds = ticks
+            .into_iter()
+            .map(|(k, t)| (k, t / per_second))
+            .collect();
         Self { seconds }
     }
 
@@ -313,6 +320,25 @@ pub fn percentile(values: &[Duration], q: f64) -> Option<Duration> {
 
 #[cfg(test)]
 mod tests {
+    fn reading(pairs: &[(&str, f64)]) -> MachineCpu {
+        MachineCpu {
+            seconds: pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        }
+    }
+
+    #[test]
+    fn a_window_shows_cores_most_first_and_leaves_out_a_process_not_read_twice() {
+        let before = reading(&[("etcd", 10.0), ("kube-apiserver", 100.0), ("gone", 5.0)]);
+        let after = reading(&[("etcd", 11.0), ("kube-apiserver", 115.0), ("new", 1.0)]);
+        assert_eq!(
+            after.cores_since(&before, Duration::from_secs(10)),
+            vec![
+                ("kube-apiserver".to_string(), 1.5),
+                ("etcd".to_string(), 0.1)
+            ]
+        );
+    }
+
     use super::*;
 
     #[test]
