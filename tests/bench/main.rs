@@ -36,7 +36,7 @@ use sluice::api::analysis::MeasurementPhase;
 use sluice::api::rollout::{Rollout, RolloutPhase};
 
 use fixtures::{ANALYSIS_INTERVAL_SECONDS, DEADLINE_METRIC, Kind, RUN_LABEL, STEP_PAUSE_SECONDS};
-use probe::{MachineCpu, Metrics, Operator, percentile};
+use probe::{MachineCpu, Metrics, Operator, fixed_work_cpu_ms, memory_by_process, percentile};
 
 /// Rollouts per namespace, as teams group their services.
 const PER_NAMESPACE: usize = 100;
@@ -506,6 +506,29 @@ fn cores_json(cores: Vec<(String, f64)>) -> Value {
     )
 }
 
+/// "kube-apiserver 2310 (4087), etcd ..." from `idle_end_memory_mib`: MiB now (at the highest).
+fn memory_text(memory: &Value) -> String {
+    let text: Vec<String> = memory
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|entry| {
+            let (name, now, peak) = (entry.get(0)?, entry.get(1)?, entry.get(2)?);
+            Some(format!("{} {now} ({peak})", name.as_str()?))
+        })
+        .collect();
+    listed(text)
+}
+
+/// The parts joined with commas, or "-" for none.
+fn listed(parts: Vec<String>) -> String {
+    if parts.is_empty() {
+        "-".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
 /// "kube-apiserver 1.08, kube-scheduler 0.38, ..." from `cores_json`.
 fn cores_text(cores: &Value) -> String {
     let text: Vec<String> = cores
@@ -514,11 +537,7 @@ fn cores_text(cores: &Value) -> String {
         .flatten()
         .filter_map(|pair| Some(format!("{} {}", pair.get(0)?.as_str()?, pair.get(1)?)))
         .collect();
-    if text.is_empty() {
-        "-".into()
-    } else {
-        text.join(", ")
-    }
+    listed(text)
 }
 
 fn millis(d: Option<Duration>) -> Value {
@@ -572,6 +591,9 @@ async fn scale() {
     for i in 0..nodes {
         create(&client, fixtures::node(&format!("sluice-bench-{i}"), 1000)).await;
     }
+
+    // The machine's speed before anything runs, and again at the end (below).
+    let speed_at_start = fixed_work_cpu_ms().await;
 
     // The objects, before the operator runs: each Rollout, its routing, then its history.
     let created = Instant::now();
@@ -627,6 +649,15 @@ async fn scale() {
     report.insert(
         "idle_machine_cores",
         cores_json(machine_cpu(&operator).cores_since(&idle_machine, idle)),
+    );
+    report.insert(
+        "idle_end_memory_mib",
+        Value::Array(
+            memory_by_process(cluster_pids.as_deref(), &operator)
+                .into_iter()
+                .map(|(name, now, peak)| json!([name, now, peak]))
+                .collect(),
+        ),
     );
     let (rss, peak) = operator.memory_mib();
     let idle_cpu = after_cpu - before_cpu;
@@ -974,6 +1005,11 @@ async fn scale() {
         percentile(&to_written, 0.99)
     );
 
+    report.insert(
+        "fixed_work_cpu_ms",
+        json!([speed_at_start, fixed_work_cpu_ms().await]),
+    );
+
     // The report: JSON for machines, a Markdown table for docs/performance.md.
     let json_path = out.join(format!("bench-{n}.json"));
     std::fs::write(
@@ -993,7 +1029,12 @@ async fn scale() {
         None => "-".into(),
     };
     let mut md = format!("| Measure (N = {n}) | Result |\n| --- | --- |\n");
+    let speed = |i: usize| ms_text(&report["fixed_work_cpu_ms"][i]);
     for (label, value) in [
+        (
+            "The machine's speed: CPU for a fixed task, at the start / the end (lower is faster)",
+            format!("{} / {}", speed(0), speed(1)),
+        ),
         ("Create all objects (s)", fmt("create_seconds")),
         (
             "First start -> all Healthy (s)",
@@ -1036,6 +1077,10 @@ async fn scale() {
         (
             "The machine's CPU in the idle window, cores by process",
             cores_text(&report["idle_machine_cores"]),
+        ),
+        (
+            "Resident memory at the end of the idle window, MiB by process (highest so far)",
+            memory_text(&report["idle_end_memory_mib"]),
         ),
         (
             "Restart -> all reconciled once (s)",

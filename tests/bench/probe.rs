@@ -72,17 +72,7 @@ impl Operator {
 
     /// Resident memory now and at its peak, in MiB (`VmRSS`, `VmHWM`).
     pub fn memory_mib(&self) -> (f64, f64) {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
-        let field = |name: &str| {
-            status
-                .lines()
-                .find(|l| l.starts_with(name))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-                .map_or(0.0, |kb| kb / 1024.0)
-        };
-        (field("VmRSS:"), field("VmHWM:"))
+        process_memory_mib(self.pid()).unwrap_or_default()
     }
 
     /// CPU seconds used so far (user + system).
@@ -108,9 +98,105 @@ impl Drop for Operator {
     }
 }
 
+/// A process's resident memory now and at its highest (`VmRSS`, `VmHWM`), in MiB; `None`
+/// when it is gone.
+fn process_memory_mib(pid: u32) -> Option<(f64, f64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0)
+    };
+    Some((field("VmRSS:"), field("VmHWM:")))
+}
+
+/// The processes the reports split the machine by: each of the local cluster's (from its pid
+/// files in `pids`, named by component), the operator and the bench.
+fn processes(pids: Option<&Path>, operator: &Operator) -> Vec<(String, u32)> {
+    let pid_files = pids
+        .and_then(|dir| std::fs::read_dir(dir).ok())
+        .into_iter()
+        .flatten()
+        .flatten();
+    let mut found: Vec<(String, u32)> = pid_files
+        .filter_map(|file| {
+            let path = file.path();
+            let name = path
+                .file_name()?
+                .to_str()?
+                .strip_suffix(".pid")?
+                .to_string();
+            let pid = std::fs::read_to_string(&path).ok()?.trim().parse().ok()?;
+            Some((name, pid))
+        })
+        .collect();
+    found.push(("sluice".into(), operator.pid()));
+    found.push(("bench".into(), std::process::id()));
+    found
+}
+
+/// Resident memory by process now and at its highest, in MiB, most now first: the local
+/// cluster's processes share the machine's memory with the operator, and one near its soft
+/// limit (`GOMEMLIMIT`) spends its CPU collecting.
+pub fn memory_by_process(pids: Option<&Path>, operator: &Operator) -> Vec<(String, u64, u64)> {
+    let mut memory: Vec<(String, u64, u64)> = processes(pids, operator)
+        .into_iter()
+        .filter_map(|(name, pid)| {
+            let (now, peak) = process_memory_mib(pid)?;
+            Some((name, now.round() as u64, peak.round() as u64))
+        })
+        .collect();
+    memory.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    memory
+}
+
+/// The machine's speed: the CPU time, in ms, one thread takes for a fixed piece of work. The
+/// same objects took 880 CPU-seconds of the apiserver to create in one run at 10,000 and
+/// 1,202 in another, and the bench 76 and 108 for the same requests: this machine runs the
+/// same work a third slower in some hours, which moves every figure of a run. CPU time, not
+/// wall time, so other processes running beside it do not count. The work writes at random
+/// into 32 MiB, more than the caches hold, as the apiserver's decoding and collecting reach
+/// all over its heap; a build's optimisation level moves it too (the bench is a test build).
+pub async fn fixed_work_cpu_ms() -> Option<u64> {
+    tokio::task::spawn_blocking(|| {
+        let mut table = vec![0u64; 1 << 22];
+        let before = thread_cpu_ticks()?;
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        for _ in 0..FIXED_WORK_ROUNDS {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let i = (x as usize) & (table.len() - 1);
+            table[i] = table[i].wrapping_add(x);
+        }
+        std::hint::black_box(&table);
+        let used = thread_cpu_ticks()? - before;
+        Some((used / clock_ticks_per_second() * 1000.0).round() as u64)
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+/// About a second of work for the test build on this machine: long enough for the clock
+/// ticks' 10 ms to be 1%.
+const FIXED_WORK_ROUNDS: u64 = 10_000_000;
+
+/// CPU this thread has used so far, in clock ticks.
+fn thread_cpu_ticks() -> Option<f64> {
+    stat_cpu_ticks(&std::fs::read_to_string("/proc/thread-self/stat").ok()?)
+}
+
 /// CPU a process has used so far (user + system), in clock ticks; `None` when it is gone.
 fn process_cpu_ticks(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat_cpu_ticks(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// user + system ticks from a `/proc/.../stat` line.
+fn stat_cpu_ticks(stat: &str) -> Option<f64> {
     // The command name is in parentheses and may hold spaces: count fields after it.
     let fields: Vec<&str> = stat
         .rsplit_once(')')
@@ -134,35 +220,10 @@ pub struct MachineCpu {
 
 impl MachineCpu {
     pub fn read(pids: Option<&Path>, operator: &Operator) -> Self {
-        let mut ticks = BTreeMap::new();
-        let pid_files = pids
-            .and_then(|dir| std::fs::read_dir(dir).ok())
+        let mut ticks: BTreeMap<String, f64> = processes(pids, operator)
             .into_iter()
-            .flatten()
-            .flatten();
-        for file in pid_files {
-            let path = file.path();
-            let Some(name) = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_suffix(".pid"))
-            else {
-                continue;
-            };
-            if let Some(used) = std::fs::read_to_string(&path)
-                .ok()
-                .and_then(|text| text.trim().parse::<u32>().ok())
-                .and_then(process_cpu_ticks)
-            {
-                ticks.insert(name.to_string(), used);
-            }
-        }
-        let processes = [("sluice", operator.pid()), ("bench", std::process::id())];
-        for (name, pid) in processes {
-            if let Some(used) = process_cpu_ticks(pid) {
-                ticks.insert(name.into(), used);
-            }
-        }
+            .filter_map(|(name, pid)| Some((name, process_cpu_ticks(pid)?)))
+            .collect();
         let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
         // The first line sums all cores: "cpu user nice system idle ...".
         if let Some(idle) = stat
@@ -340,6 +401,13 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn cpu_ticks_are_counted_after_a_command_name_with_spaces_and_parentheses() {
+        let stat = "4242 (kube (x) y) S 1 2 3 4 5 6 7 8 9 10 250 50 0 0 20 0";
+        assert_eq!(stat_cpu_ticks(stat), Some(300.0));
+        assert_eq!(stat_cpu_ticks("4242 (short) S 1 2"), None);
+    }
 
     #[test]
     fn histogram_quantiles_come_from_the_buckets_since_a_baseline() {
