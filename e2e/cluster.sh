@@ -422,9 +422,10 @@ start_apiserver() {
 # undo (seen in the chaos restart test). A long grace keeps the nodes Ready through restarts.
 # Its clients' default rate (20 requests/s, 5 ReplicaSets synced at once) made a thousand pods
 # take minutes to appear; the benchmark creates ten thousand, so the limits are raised.
-# It keeps every pod and ReplicaSet: at 10,000 Rollouts some 2.3 GB of live heap (230 MB
-# measured at 1,000), so a 3 GiB soft limit had its collector marking all of it again after
-# every few hundred MB allocated; 6 GiB leaves it room.
+# It keeps every pod and ReplicaSet: about 230 MB of live heap at 1,000 Rollouts and ten times
+# that at the benchmark's 10,000, where a 3 GiB soft limit left its collector almost no room
+# and had it marking the whole heap again and again; with 6 GiB its heap reached 5.4 GB in the
+# first start of 10,000, garbage included.
 start_controller_manager() {
   start kube-controller-manager env GOMEMLIMIT=6GiB "${BIN}/kube-controller-manager" \
     --kubeconfig="${WORK}/kube-controller-manager.kubeconfig" \

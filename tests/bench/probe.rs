@@ -181,8 +181,8 @@ pub async fn fixed_work_cpu_ms() -> Option<u64> {
     .flatten()
 }
 
-/// About a second of work for the test build on this machine: long enough for the clock
-/// ticks' 10 ms to be 1%.
+/// About two thirds of a second for the test build on this machine: long enough for the
+/// clock ticks' 10 ms to be 1.5% of it.
 const FIXED_WORK_ROUNDS: u64 = 10_000_000;
 
 /// CPU this thread has used so far, in clock ticks.
