@@ -38,6 +38,7 @@ async fn canary_happy_path_moves_weights_step_by_step_and_promotes() {
 
     // Every version of the VirtualService, from a watch: short-lived weights are not missed.
     let changes = watch_weights(&ns).await;
+    let indexes = watch_step_indexes(&api).await;
     let started = Instant::now();
     set_template(&api, "web:2", json!({})).await;
     let second = wait_for(
@@ -59,6 +60,22 @@ async fn canary_happy_path_moves_weights_step_by_step_and_promotes() {
         started.elapsed()
     );
     assert_eq!(seen, vec![0, 10, 25, 50, 75, 100, 0], "weights seen");
+    // A weight step after a timed pause is recorded done with the pause after it begun, in
+    // the one status write after its route write: no version of the status stands at it.
+    let indexes = indexes.lock().unwrap().clone();
+    println!("step indexes seen: {indexes:?}");
+    for weight_step in [3, 5, 7] {
+        assert!(
+            !indexes.contains(&weight_step),
+            "a status stood at step {weight_step}: {indexes:?}"
+        );
+    }
+    for pause_step in [2, 4, 6, 8] {
+        assert!(
+            indexes.contains(&pause_step),
+            "no status at pause {pause_step}: {indexes:?}"
+        );
+    }
     // Each of 25, 50, 75 and 100 follows a 1s pause: what is left is the time from the pause
     // ending (the step falling due) to the new weight being written, seen from outside.
     let lags: Vec<Duration> = changes[1..6]

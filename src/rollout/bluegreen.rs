@@ -654,6 +654,7 @@ pub fn plan(o: &Observed, bg: &BlueGreenStrategy) -> Plan {
         order: WriteOrder::StatusFirst,
         status_lane: Lane::Usual,
         stepped_by_clock: false,
+        status_needs_traffic: false,
         status_waits: false,
         events,
         requeue_after,

@@ -42,6 +42,8 @@ struct Planner<'a> {
     /// Steps passed in this plan: timed pauses that ran out, and any other.
     passed_by_clock: bool,
     passed_otherwise: bool,
+    /// A weight step counted done by this plan's own route write (see [`Planner::own_write_passes`]).
+    passed_by_own_write: bool,
 }
 
 impl Planner<'_> {
@@ -115,6 +117,25 @@ impl Planner<'_> {
         pause_for(&mut self.status, reason, since);
     }
 
+    /// Whether a weight step whose route is not yet there may count as done by this plan's own
+    /// route write, so that the status recording the pause after it goes out with that write
+    /// (traffic first) rather than as a second write once the route is seen: one Rollout
+    /// status write, the apiserver's dearest, fewer per step. Only where the plan writes
+    /// traffic first anyway (a step past timed pauses that ran out, the same release, no
+    /// request pending: [`OwnWrite`]) and a pause follows, which this plan then begins and does not pass: the
+    /// route holds one weight per write. The shell writes this status only if the route write
+    /// succeeds ([`Plan::status_needs_traffic`]); should the operator stop in between, the
+    /// status as it was and the route as written lead to the same step.
+    fn own_write_passes(&self, steps: &[Step], index: usize, own_write: OwnWrite) -> bool {
+        own_write == OwnWrite::MayPass
+            && self.passed_by_clock
+            && !self.passed_otherwise
+            && !self.passed_by_own_write
+            && self.status.canary_revision == self.o.status.canary_revision
+            && matches!(self.o.traffic, ObservedTraffic::State(_))
+            && matches!(steps.get(index + 1), Some(Step::Pause(_)))
+    }
+
     fn traffic_at(&self, weight: i32, canary: &str) -> bool {
         match &self.o.traffic {
             ObservedTraffic::None => true,
@@ -126,8 +147,17 @@ impl Planner<'_> {
     }
 }
 
+/// Whether a weight step may count as done by the plan's own route write
+/// ([`Planner::own_write_passes`]). The caller knows: it sees the requests pending before the
+/// budget policy around this planner handles its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OwnWrite {
+    MayPass,
+    Never,
+}
+
 /// Plans one reconcile of a canary Rollout.
-pub fn plan(o: &Observed) -> Plan {
+pub fn plan(o: &Observed, own_write: OwnWrite) -> Plan {
     let canary = o
         .spec
         .strategy
@@ -146,6 +176,7 @@ pub fn plan(o: &Observed) -> Plan {
         budget_hold: None,
         passed_by_clock: false,
         passed_otherwise: false,
+        passed_by_own_write: false,
         replicas: o.spec.replicas.unwrap_or(1).max(0),
     };
     let intents = unhandled(&o.status);
@@ -293,13 +324,21 @@ pub fn plan(o: &Observed) -> Plan {
             desired_weight = steps::weight_at(&steps, index);
             while index < steps.len() {
                 let mut promoted_past = false;
+                let mut own_write_now = false;
                 let advance = match &steps[index] {
                     Step::SetWeight(weight) => {
                         desired_weight = *weight;
                         let needed = steps::canary_replicas(&steps, index, p.replicas);
                         let ready = p.available(&canary_hash)
                             >= needed.max(if *weight > 0 { 1 } else { 0 });
-                        ready && p.traffic_at(*weight, &canary_hash)
+                        if ready && p.traffic_at(*weight, &canary_hash) {
+                            true
+                        } else if ready && p.own_write_passes(&steps, index, own_write) {
+                            own_write_now = true;
+                            true
+                        } else {
+                            false
+                        }
                     }
                     Step::Pause(duration) => {
                         if let Some(id) = promote.take() {
@@ -348,6 +387,7 @@ pub fn plan(o: &Observed) -> Plan {
                 };
                 let is_pause_step = matches!(steps[index], Step::Pause(_));
                 if !advance
+                    || p.passed_by_own_write
                     || (!is_pause_step && held(&p))
                     || (is_pause_step
                         && (p.background_doubtful()
@@ -363,7 +403,9 @@ pub fn plan(o: &Observed) -> Plan {
                 p.status
                     .pause_conditions
                     .retain(|c| c.reason != PauseReason::CanaryPauseStep);
-                if matches!(steps[index], Step::Pause(Some(_))) && !promoted_past {
+                if own_write_now {
+                    p.passed_by_own_write = true;
+                } else if matches!(steps[index], Step::Pause(Some(_))) && !promoted_past {
                     p.passed_by_clock = true;
                 } else {
                     p.passed_otherwise = true;
@@ -707,6 +749,7 @@ fn finish(mut p: Planner, steps: &[Step], desired_weight: i32, promoted: Option<
         order: WriteOrder::StatusFirst,
         status_lane: Lane::Usual,
         stepped_by_clock: p.passed_by_clock && !p.passed_otherwise,
+        status_needs_traffic: p.passed_by_own_write,
         status_waits: false,
         events: p.events,
         requeue_after,
@@ -1181,7 +1224,10 @@ mod tests {
         let timed = plan(&due);
         assert!(timed.stepped_by_clock);
         assert_eq!(timed.order, WriteOrder::TrafficFirst);
-        assert_eq!(timed.status.current_step_index, Some(2));
+        // The weight step is done by this plan's own route write, and the pause after it
+        // begins in the same status (written only if the route write succeeds).
+        assert_eq!(timed.status.current_step_index, Some(3));
+        assert!(timed.status_needs_traffic);
         assert_eq!(
             timed.status.weights,
             Some(TrafficWeights {
@@ -1211,11 +1257,113 @@ mod tests {
         ));
         assert_eq!(promoted.status.current_step_index, Some(2));
         assert!(!promoted.stepped_by_clock);
+        assert!(!promoted.status_needs_traffic);
         assert_eq!(promoted.order, WriteOrder::StatusFirst);
         // A pause not yet over moves nothing.
         let mut early = due;
         early.now = t(3);
         assert!(plan(&early).traffic_writes.is_empty());
+    }
+
+    #[test]
+    fn a_weight_step_after_a_timed_pause_is_recorded_with_its_route_write() {
+        use crate::api::rollout::TrafficWeights;
+        // At 20%, the 5 s pause started at t(0) and it is t(10).
+        let due = |steps: Vec<CanaryStep>| plan(&observed(steps, releasing(1), 4, Some(20)));
+        let two_pauses = due(vec![
+            weight(20),
+            pause(Some(5)),
+            weight(50),
+            pause(Some(30)),
+        ]);
+        assert_eq!(two_pauses.order, WriteOrder::TrafficFirst);
+        assert!(two_pauses.status_needs_traffic);
+        assert_eq!(
+            two_pauses.traffic.as_ref().map(|t| t.canary_weight),
+            Some(50)
+        );
+        assert_eq!(two_pauses.status.current_step_index, Some(3));
+        // The next pause counts from this plan.
+        assert_eq!(
+            two_pauses.status.current_step_started_at,
+            Some(MicroTime(t(10)))
+        );
+        // Woken by the pause's end at the latest (a release in flight resyncs sooner).
+        assert!(two_pauses.requeue_after <= Duration::from_secs(30));
+        assert_eq!(two_pauses.status.phase, Some(RolloutPhase::Paused));
+        assert_eq!(
+            two_pauses.status.weights,
+            Some(TrafficWeights {
+                stable: 50,
+                canary: 50,
+                verified: Some(true)
+            })
+        );
+        // The route as written and the status as recorded: nothing more to write.
+        let (_, kept) = next_plans(
+            &observed(
+                vec![weight(20), pause(Some(5)), weight(50), pause(Some(30))],
+                releasing(1),
+                4,
+                Some(20),
+            ),
+            &two_pauses,
+        );
+        assert!(kept.traffic_writes.is_empty());
+        assert_eq!(kept.status.current_step_index, Some(3));
+        assert!(!kept.status_needs_traffic);
+
+        // A pause that takes no time begins, and is passed by the next plan: one weight per
+        // route write.
+        let zero = due(vec![
+            weight(20),
+            pause(Some(5)),
+            weight(50),
+            pause(Some(0)),
+            weight(80),
+        ]);
+        assert_eq!(zero.status.current_step_index, Some(3));
+        assert_eq!(zero.traffic.as_ref().map(|t| t.canary_weight), Some(50));
+
+        // Without a pause after it, the weight step waits for its route as before.
+        for next in [weight(80), analysis_step(), canary_scale(Some(2), None)] {
+            let unpaused = due(vec![weight(20), pause(Some(5)), weight(50), next]);
+            assert_eq!(unpaused.status.current_step_index, Some(2));
+            assert!(!unpaused.status_needs_traffic);
+            assert_eq!(unpaused.order, WriteOrder::TrafficFirst);
+        }
+        let last = due(vec![weight(20), pause(Some(5)), weight(50)]);
+        assert_eq!(last.status.current_step_index, Some(2));
+        assert!(!last.status_needs_traffic);
+
+        // Canary pods not yet available for the weight: the step waits for them.
+        let steps = vec![weight(20), pause(Some(5)), weight(100), pause(None)];
+        let mut short = observed(steps.clone(), releasing(1), 1, Some(20));
+        short.replica_sets = vec![rs(OLD, 4, 4), rs(NEW, 4, 1)];
+        let waiting = plan(&short);
+        assert_eq!(waiting.status.current_step_index, Some(2));
+        assert!(!waiting.status_needs_traffic);
+
+        // A router not read fine, a request pending, a person's pause: as before.
+        let mut failed = observed(steps.clone(), releasing(1), 4, Some(20));
+        failed.traffic = ObservedTraffic::Failed("no route".into());
+        assert!(!plan(&failed).status_needs_traffic);
+        for status in [
+            RolloutStatus {
+                abort: intent("a1"),
+                ..releasing(1)
+            },
+            RolloutStatus {
+                override_freeze: intent("o1"),
+                ..releasing(1)
+            },
+        ] {
+            let pending = plan(&observed(steps.clone(), status, 4, Some(20)));
+            assert!(!pending.status_needs_traffic);
+        }
+        let mut paused = observed(steps, releasing(1), 4, Some(20));
+        paused.spec.paused = Some(true);
+        assert!(!plan(&paused).status_needs_traffic);
     }
 
     #[test]
@@ -1925,6 +2073,28 @@ mod tests {
     }
 
     proptest! {
+        /// A status that counts a step done by its own route write goes out after that
+        /// write, and only with it.
+        #[test]
+        fn a_step_done_by_its_own_route_write_goes_traffic_first((o, _) in arb_world()) {
+            let plan = plan(&o);
+            // The canary planner's own conditions lead to a plan written traffic first: the
+            // whole planner's fallback (plan again without) is never needed.
+            let direct = crate::rollout::policy::plan(&o, |seen| super::plan(seen, OwnWrite::MayPass));
+            if direct.status_needs_traffic && crate::rollout::release::unhandled(&o.status).is_empty() {
+                prop_assert!(plan.status_needs_traffic, "the planner fell back");
+            }
+            if plan.status_needs_traffic {
+                prop_assert_eq!(plan.order, WriteOrder::TrafficFirst);
+                let routes = plan.traffic_writes.iter().any(|t| matches!(t, TrafficWrite::Route { .. }));
+                prop_assert!(routes, "no route write");
+                prop_assert_eq!(
+                    plan.status.handled_intents.clone().unwrap_or_default(),
+                    o.status.handled_intents.clone().unwrap_or_default()
+                );
+            }
+        }
+
         #[test]
         fn weights_stay_in_range_and_sum_to_100((o, _) in arb_world()) {
             let plan = plan(&o);
@@ -1995,6 +2165,24 @@ mod tests {
                 if plan.status.canary_revision.is_some() {
                     prop_assert!(index >= last_index, "turn {}: step went back from {} to {}", n, last_index, index);
                     last_index = index;
+                }
+                // A weight step passed in this plan is one whose weight the route shows, or
+                // one this plan writes before its status, which waits for that write.
+                let before = o.status.current_step_index.unwrap_or(0).max(0) as usize;
+                if index > before && index < effective.len() && plan.status.aborted_at.is_none()
+                    && let Step::SetWeight(w) = effective[index - 1]
+                {
+                    let shown = matches!(&o.traffic, ObservedTraffic::State(s) if s.canary_weight == Some(w));
+                    let writes_it = |t: &TrafficWrite| matches!(t, TrafficWrite::Route { canary_weight, .. } if *canary_weight == w);
+                    let own_write = plan.status_needs_traffic
+                        && plan.order == WriteOrder::TrafficFirst
+                        && plan.traffic_writes.iter().any(writes_it);
+                    prop_assert!(shown || own_write, "turn {}: step {} ({}%) passed without its route", n, index - 1, w);
+                }
+                if plan.status_needs_traffic {
+                    prop_assert_eq!(plan.order, WriteOrder::TrafficFirst, "turn {}", n);
+                    let at_pause = matches!(effective.get(index), Some(Step::Pause(_)));
+                    prop_assert!(at_pause, "turn {}: own write not before a pause", n);
                 }
                 if plan.order == WriteOrder::TrafficFirst {
                     let handled = |s: &RolloutStatus| s.handled_intents.as_ref().and_then(|h| h.abort.clone());

@@ -917,6 +917,13 @@ async fn carry_out(state: &State, world: &World, mut plan: Plan) -> Result<(), E
         )
     };
     if plan.order == WriteOrder::TrafficFirst && !traffic().await? {
+        if plan.status_needs_traffic {
+            // The status counts a step done by the route just refused: it is not written,
+            // and the next reconcile (after the back-off) observes the refusal and records it.
+            return Err(Error::Router(RouterError::Misconfigured(
+                "a route write was refused; the step it completes is not recorded".into(),
+            )));
+        }
         // A route refused as misconfigured was not written after all: not verified.
         if let Some(weights) = plan.status.weights.as_mut() {
             weights.verified = Some(false);

@@ -227,6 +227,11 @@ pub struct Plan {
     /// Every step this plan passed was a timed pause that ran out (not a promote, a weight
     /// reached or an analysis), and at least one was.
     pub stepped_by_clock: bool,
+    /// The status counts a weight step done by this plan's own route write (written traffic
+    /// first): it is written only if every traffic write succeeds. A route refused as
+    /// misconfigured leaves the status as it was, and the next reconcile plans from the
+    /// refusal it then observes.
+    pub status_needs_traffic: bool,
     pub events: Vec<PlannedEvent>,
     pub requeue_after: Duration,
     /// The revision that became stable in this plan (for the release-duration metric).

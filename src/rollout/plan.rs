@@ -3,21 +3,38 @@
 //! Pure: the reconciler observes the world into an [`Observed`], folds new measurements into
 //! its status (`runs`), calls [`plan`], and carries out the [`Plan`] in order.
 
+use super::canary::OwnWrite;
 use super::model::{Observed, ObservedTraffic, Plan, ReplicaSetIntent, TrafficWrite, WriteOrder};
+use super::release::unhandled;
 use super::{bluegreen, canary, policy, runs, steps};
 use crate::api::rollout::{HandledIntents, RolloutStatus, TrafficWeights};
 use crate::k8s::lanes::Lane;
 
 /// Plans one reconcile: the ErrorBudget and Pipeline holds around the Rollout's strategy.
 pub fn plan(o: &Observed) -> Plan {
-    let plan = policy::plan(o, |seen| {
-        match (&seen.spec.strategy.canary, &seen.spec.strategy.blue_green) {
-            (None, Some(blue_green)) => bluegreen::plan(seen, blue_green),
-            _ => canary::plan(seen),
-        }
-    });
-    let mut plan = order_writes(o, plan);
+    let strategy = |own_write: OwnWrite| {
+        policy::plan(o, |seen| {
+            match (&seen.spec.strategy.canary, &seen.spec.strategy.blue_green) {
+                (None, Some(blue_green)) => bluegreen::plan(seen, blue_green),
+                _ => canary::plan(seen, own_write),
+            }
+        })
+    };
+    // A request pending (the policy hands the strategy its own requests as handled) keeps
+    // the status first, so no step may count on a route write made after it.
+    let own_write = if unhandled(&o.status).is_empty() {
+        OwnWrite::MayPass
+    } else {
+        OwnWrite::Never
+    };
+    let mut plan = order_writes(o, strategy(own_write));
     plan.order = write_order(o, &plan);
+    if plan.status_needs_traffic && plan.order != WriteOrder::TrafficFirst {
+        // Not reached by the conditions the canary planner checks; should they ever part
+        // from `write_order`, the step waits for its route rather than be recorded first.
+        plan = order_writes(o, strategy(OwnWrite::Never));
+        plan.order = write_order(o, &plan);
+    }
     plan.status_lane = status_lane(o, &plan);
     // Only through a router that was read fine: the weights it records are then those the
     // route writes set (a write refused as misconfigured clears `verified` in the shell).

@@ -125,6 +125,17 @@ pub struct Intents {
     pub override_freeze: Option<String>,
 }
 
+impl Intents {
+    /// No request waits to be acted on.
+    pub fn is_empty(&self) -> bool {
+        self.abort.is_none()
+            && self.promote.is_none()
+            && self.promote_full.is_none()
+            && self.retry.is_none()
+            && self.override_freeze.is_none()
+    }
+}
+
 pub fn unhandled(status: &RolloutStatus) -> Intents {
     let handled = status.handled_intents.clone().unwrap_or_default();
     let fresh = |intent: &Option<crate::api::common::Intent>, seen: &Option<String>| {

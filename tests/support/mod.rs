@@ -693,6 +693,31 @@ pub async fn watch_weights(ns: &TestNamespace) -> Arc<std::sync::Mutex<Vec<(Inst
     changes
 }
 
+/// Records the step index of every version of the `web` Rollout's status that has one, as
+/// its watch delivers them (no version is skipped short of a relist).
+pub async fn watch_step_indexes(api: &Api<Rollout>) -> Arc<std::sync::Mutex<Vec<i32>>> {
+    use futures::StreamExt;
+    let indexes = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = indexes.clone();
+    let stream = kube::runtime::watcher(
+        api.clone(),
+        kube::runtime::watcher::Config::default().fields("metadata.name=web"),
+    );
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(kube::runtime::WatchStreamExt::applied_objects(stream));
+        while let Some(Ok(rollout)) = stream.next().await {
+            if let Some(index) = rollout.status.and_then(|s| s.current_step_index) {
+                let mut all = sink.lock().unwrap();
+                if all.last() != Some(&index) {
+                    all.push(index);
+                }
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    indexes
+}
+
 pub async fn status(api: &Api<Rollout>) -> Option<sluice::api::rollout::RolloutStatus> {
     api.get("web").await.ok()?.status
 }
