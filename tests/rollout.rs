@@ -60,8 +60,9 @@ async fn canary_happy_path_moves_weights_step_by_step_and_promotes() {
         started.elapsed()
     );
     assert_eq!(seen, vec![0, 10, 25, 50, 75, 100, 0], "weights seen");
-    // A weight step after a timed pause is recorded done with the pause after it begun, in
-    // the one status write after its route write: no version of the status stands at it.
+    // A weight step that a pause follows is recorded done, with the pause begun, in the one
+    // status write after its route write: no version of the status stands at it once its
+    // pods are there (at step 1 the release's first status does, before the canary's pods).
     let indexes = indexes.lock().unwrap().clone();
     println!("step indexes seen: {indexes:?}");
     for weight_step in [3, 5, 7] {

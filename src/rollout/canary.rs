@@ -42,6 +42,10 @@ struct Planner<'a> {
     /// Steps passed in this plan: timed pauses that ran out, and any other.
     passed_by_clock: bool,
     passed_otherwise: bool,
+    /// Steps passed in this plan that the next plan, from the status as it was and the route
+    /// this plan writes, might not pass again: a weight step (passed on the route as it was),
+    /// a pause passed by a promote, an analysis step passed on its verdict.
+    passed_unrepeatably: bool,
     /// A weight step counted done by this plan's own route write (see [`Planner::own_write_passes`]).
     passed_by_own_write: bool,
 }
@@ -120,20 +124,26 @@ impl Planner<'_> {
     /// Whether a weight step whose route is not yet there may count as done by this plan's own
     /// route write, so that the status recording the pause after it goes out with that write
     /// (traffic first) rather than as a second write once the route is seen: one Rollout
-    /// status write, the apiserver's dearest, fewer per step. Only where the plan writes
-    /// traffic first anyway (a step past timed pauses that ran out, the same release, no
-    /// request pending: [`OwnWrite`]) and a pause follows, which this plan then begins and does not pass: the
-    /// route holds one weight per write. The shell writes this status only if the route write
-    /// succeeds ([`Plan::status_needs_traffic`]); should the operator stop in between, the
-    /// status as it was and the route as written lead to the same step.
+    /// status write, the apiserver's dearest, fewer per step. Only where the operator stopping
+    /// between the two writes loses nothing: in the same release, with no request pending
+    /// ([`OwnWrite`]), after no step passed in this plan but timed pauses that ran out and
+    /// canary scales, so the status as it was and the route as written lead the next plan to
+    /// the same step (it passes the same pauses, as the clock only goes on, the same scales,
+    /// and the weight step as the route shows its weight). And only before a pause that takes
+    /// time, which this plan then begins and does not pass: the route holds one weight per
+    /// write. The shell writes this status only if the route write succeeds
+    /// ([`Plan::status_needs_traffic`]).
     fn own_write_passes(&self, steps: &[Step], index: usize, own_write: OwnWrite) -> bool {
         own_write == OwnWrite::MayPass
-            && self.passed_by_clock
-            && !self.passed_otherwise
+            && !self.passed_unrepeatably
             && !self.passed_by_own_write
             && self.status.canary_revision == self.o.status.canary_revision
             && matches!(self.o.traffic, ObservedTraffic::State(_))
-            && matches!(steps.get(index + 1), Some(Step::Pause(_)))
+            && match steps.get(index + 1) {
+                Some(Step::Pause(None)) => true,
+                Some(Step::Pause(Some(duration))) => !duration.is_zero(),
+                _ => false,
+            }
     }
 
     fn traffic_at(&self, weight: i32, canary: &str) -> bool {
@@ -176,6 +186,7 @@ pub fn plan(o: &Observed, own_write: OwnWrite) -> Plan {
         budget_hold: None,
         passed_by_clock: false,
         passed_otherwise: false,
+        passed_unrepeatably: false,
         passed_by_own_write: false,
         replicas: o.spec.replicas.unwrap_or(1).max(0),
     };
@@ -409,6 +420,7 @@ pub fn plan(o: &Observed, own_write: OwnWrite) -> Plan {
                     p.passed_by_clock = true;
                 } else {
                     p.passed_otherwise = true;
+                    p.passed_unrepeatably |= !matches!(steps[index], Step::SetCanaryScale(_));
                 }
                 index += 1;
                 started = o.now;
@@ -914,12 +926,14 @@ mod tests {
 
     #[test]
     fn weight_is_set_once_pods_are_available_and_step_advances_once_verified() {
-        let steps = vec![weight(25), pause(None)];
+        // Another step follows the weight, so the weight step waits for its route to be read
+        // back (before a pause, its own route write would complete it).
+        let steps = vec![weight(25), weight(25), pause(None)];
         let plan1 = plan(&observed(steps.clone(), releasing(0), 1, Some(0)));
         assert_eq!(plan1.traffic.as_ref().unwrap().canary_weight, 25);
         assert_eq!(plan1.status.current_step_index, Some(0), "not verified yet");
         let plan2 = plan(&observed(steps, releasing(0), 1, Some(25)));
-        assert_eq!(plan2.status.current_step_index, Some(1));
+        assert_eq!(plan2.status.current_step_index, Some(2));
         assert_eq!(plan2.status.phase, Some(RolloutPhase::Paused));
         assert_eq!(plan2.traffic.unwrap().canary_weight, 25);
     }
@@ -1090,8 +1104,14 @@ mod tests {
         let by_budget = plan(&o);
         assert!(by_budget.status.aborted_at.is_some());
         assert_eq!(by_budget.order, WriteOrder::StatusFirst);
-        // A release stepping forward on pods and weights: recorded first.
-        let stepping = plan(&observed(steps, releasing(0), 2, Some(0)));
+        // A release stepping forward on pods and weights to a step other than a pause:
+        // recorded first.
+        let stepping = plan(&observed(
+            vec![weight(50), weight(60)],
+            releasing(0),
+            2,
+            Some(0),
+        ));
         assert_eq!(stepping.order, WriteOrder::StatusFirst);
     }
 
@@ -1157,21 +1177,28 @@ mod tests {
     #[test]
     fn the_status_write_takes_the_lane_of_what_waits_on_it() {
         let steps = vec![weight(20), pause(Some(5)), weight(50), pause(None)];
-        let lane = |status: RolloutStatus, weight: Option<i32>, now: i64| {
-            let mut o = observed(steps.clone(), status, 4, weight);
+        let lane_of = |steps: Vec<CanaryStep>, status: RolloutStatus, weight: Option<i32>, now| {
+            let mut o = observed(steps, status, 4, weight);
             o.now = t(now);
             let plan = plan(&o);
             (plan.status_lane, plan.order, plan.traffic_writes.is_empty())
         };
+        let lane = |status, weight, now| lane_of(steps.clone(), status, weight, now);
         // A route to move, its decision recorded first: the move waits on it now.
         assert_eq!(
-            lane(releasing(0), Some(0), 10),
+            lane_of(vec![weight(20), weight(50)], releasing(0), Some(0), 10),
             (Lane::Urgent, WriteOrder::StatusFirst, false)
         );
         // The weight reached: the timed pause that starts counts from this record.
         assert_eq!(
             lane(releasing(0), Some(20), 10),
             (Lane::Progress, WriteOrder::StatusFirst, true)
+        );
+        // The weight written by this plan, the pause after it begun in the status that
+        // follows the route: the same deadline.
+        assert_eq!(
+            lane(releasing(0), Some(0), 10),
+            (Lane::Progress, WriteOrder::TrafficFirst, false)
         );
         // A pause without a duration has no deadline: its record holds only its Rollout.
         let mut untimed = observed(vec![weight(20), pause(None)], releasing(0), 4, Some(20));
@@ -1183,8 +1210,8 @@ mod tests {
             ),
             (Lane::Usual, Some(1))
         );
-        // A timed pause ran out: the route went first, and the record starts the next step, a
-        // weight (no deadline), yet holds the Rollout's next reconcile: not a mere record.
+        // A timed pause ran out: the route went first, and the record starts the pause after
+        // the weight (no deadline), yet holds the Rollout's next reconcile: not a mere record.
         assert_eq!(
             lane(releasing(1), Some(20), 10),
             (Lane::Usual, WriteOrder::TrafficFirst, false)
@@ -1266,7 +1293,7 @@ mod tests {
     }
 
     #[test]
-    fn a_weight_step_after_a_timed_pause_is_recorded_with_its_route_write() {
+    fn a_weight_step_before_a_pause_is_recorded_with_its_route_write() {
         use crate::api::rollout::TrafficWeights;
         // At 20%, the 5 s pause started at t(0) and it is t(10).
         let due = |steps: Vec<CanaryStep>| plan(&observed(steps, releasing(1), 4, Some(20)));
@@ -1313,8 +1340,8 @@ mod tests {
         assert_eq!(kept.status.current_step_index, Some(3));
         assert!(!kept.status_needs_traffic);
 
-        // A pause that takes no time begins, and is passed by the next plan: one weight per
-        // route write.
+        // Before a pause that takes no time, the weight step waits for its route: the
+        // pause would end at once, and the route holds one weight per write.
         let zero = due(vec![
             weight(20),
             pause(Some(5)),
@@ -1322,8 +1349,18 @@ mod tests {
             pause(Some(0)),
             weight(80),
         ]);
-        assert_eq!(zero.status.current_step_index, Some(3));
+        assert_eq!(zero.status.current_step_index, Some(2));
+        assert!(!zero.status_needs_traffic);
         assert_eq!(zero.traffic.as_ref().map(|t| t.canary_weight), Some(50));
+        // Nor after a weight step passed in the same plan: its route is about to change.
+        let two = plan(&observed(
+            vec![weight(20), weight(50), pause(None)],
+            releasing(0),
+            4,
+            Some(20),
+        ));
+        assert_eq!(two.status.current_step_index, Some(1));
+        assert!(!two.status_needs_traffic);
 
         // Without a pause after it, the weight step waits for its route as before.
         for next in [weight(80), analysis_step(), canary_scale(Some(2), None)] {
@@ -1335,6 +1372,19 @@ mod tests {
         let last = due(vec![weight(20), pause(Some(5)), weight(50)]);
         assert_eq!(last.status.current_step_index, Some(2));
         assert!(!last.status_needs_traffic);
+
+        // Reached without a pause (its pods just became available): the same.
+        let ready = plan(&observed(
+            vec![weight(20), pause(Some(5)), weight(50), pause(None)],
+            releasing(0),
+            4,
+            Some(0),
+        ));
+        assert_eq!(ready.order, WriteOrder::TrafficFirst);
+        assert!(ready.status_needs_traffic);
+        assert!(!ready.stepped_by_clock);
+        assert_eq!(ready.status.current_step_index, Some(1));
+        assert_eq!(ready.traffic.as_ref().map(|t| t.canary_weight), Some(20));
 
         // Canary pods not yet available for the weight: the step waits for them.
         let steps = vec![weight(20), pause(Some(5)), weight(100), pause(None)];
@@ -2189,7 +2239,7 @@ mod tests {
                     if handled(&plan.status) != handled(&o.status) {
                         prop_assert!(plan.traffic.as_ref().is_some_and(|t| t.canary_weight == 0), "turn {}: an abort's traffic first towards a canary", n);
                     } else {
-                        prop_assert!(plan.stepped_by_clock, "turn {}: traffic first without a new abort or a timed pause", n);
+                        prop_assert!(plan.stepped_by_clock || plan.status_needs_traffic, "turn {}: traffic first without a new abort, a timed pause or a weight written", n);
                         // The operator stops after the route write: the status as it was and
                         // the route as written plan what the recorded status would have.
                         let (after_lost, after_kept) = next_plans(&o, &plan);
@@ -2268,8 +2318,39 @@ mod tests {
             if plan.order != WriteOrder::TrafficFirst {
                 return Ok(());
             }
-            prop_assert!(plan.stepped_by_clock);
+            prop_assert!(plan.stepped_by_clock || plan.status_needs_traffic);
             prop_assert_eq!(plan.status.handled_intents.clone().unwrap_or_default(), o.status.handled_intents.clone().unwrap_or_default());
+            let (after_lost, after_kept) = next_plans(&o, &plan);
+            prop_assert_eq!(&after_lost.traffic, &after_kept.traffic);
+            prop_assert_eq!(after_lost.status.current_step_index, after_kept.status.current_step_index);
+            prop_assert_eq!(after_lost.status.aborted_at, after_kept.status.aborted_at);
+        }
+
+        /// A release standing at a weight step with a pause after it, the route anywhere:
+        /// when the plan counts the step done by its own route write, the operator stopping
+        /// between that write and the status changes nothing. The next plan, from the status
+        /// as it was and the route as written, is the one the recorded status would have given.
+        #[test]
+        fn a_weight_written_before_its_status_loses_nothing_with_the_status(
+            before in proptest::collection::vec(arb_step(), 0..4),
+            at in 0..=100i32,
+            pause_seconds in proptest::option::of(0..60u64),
+            after in proptest::collection::vec(arb_step(), 0..4),
+            available in 0..6i32,
+            observed_weight in proptest::option::of(0..=100i32),
+            elapsed in 0..90i64,
+        ) {
+            let index = before.len();
+            let steps: Vec<_> = before.into_iter().chain([weight(at), pause(pause_seconds)]).chain(after).collect();
+            let mut o = observed(steps, releasing(index as i32), available, observed_weight);
+            o.now = t(elapsed);
+            let plan = plan(&o);
+            if !plan.status_needs_traffic {
+                return Ok(());
+            }
+            prop_assert_eq!(plan.order, WriteOrder::TrafficFirst);
+            prop_assert_eq!(plan.status.current_step_index, Some(index as i32 + 1));
+            prop_assert_eq!(plan.traffic.as_ref().map(|t| t.canary_weight), Some(at));
             let (after_lost, after_kept) = next_plans(&o, &plan);
             prop_assert_eq!(&after_lost.traffic, &after_kept.traffic);
             prop_assert_eq!(after_lost.status.current_step_index, after_kept.status.current_step_index);

@@ -196,7 +196,11 @@ pub enum WriteOrder {
     ///   is in status and the clock only goes on, so the same pauses are passed again, and the
     ///   weight they lead to is the one already written. A measurement taken in the same
     ///   reconcile is then lost and taken again (it did not fail: the step would not have
-    ///   moved).
+    ///   moved);
+    /// - a weight step counted done by the plan's own route write
+    ///   ([`Plan::status_needs_traffic`]), after no step passed by a decision (a promote, an
+    ///   analysis verdict): the status as it was stands at that step or at steps before it
+    ///   the next plan passes again, and it completes the weight step from the route it reads.
     TrafficFirst,
 }
 

@@ -84,8 +84,8 @@ fn passes_may_wait(o: &Observed, plan: &Plan) -> bool {
 }
 
 /// Traffic first (see [`WriteOrder::TrafficFirst`]) for a person's abort whose traffic
-/// writes send no weight to a canary, and for a step past timed pauses that ran out; status
-/// first otherwise. An abort by analysis or by a budget is not a request that waits in
+/// writes send no weight to a canary, for a step past timed pauses that ran out, and for a
+/// weight step the plan counts done by its own route write; status first otherwise. An abort by analysis or by a budget is not a request that waits in
 /// status, so a crash after its traffic write would lose the decision: it keeps the status
 /// first. So does a step that also handles a request (a promote), starts or ends a release,
 /// or promotes: those are not all decided again the same way.
@@ -100,7 +100,7 @@ fn write_order(o: &Observed, plan: &Plan) -> WriteOrder {
         TrafficWrite::Route { canary_weight, .. } => *canary_weight == 0,
         TrafficWrite::Selector { .. } | TrafficWrite::Release(_) => true,
     });
-    let timed_step = plan.stepped_by_clock
+    let timed_step = (plan.stepped_by_clock || plan.status_needs_traffic)
         && handled(&plan.status) == handled(&o.status)
         && plan.status.aborted_at.is_none()
         && plan.status.canary_revision == o.status.canary_revision
