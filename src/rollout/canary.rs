@@ -46,7 +46,8 @@ struct Planner<'a> {
     /// this plan writes, might not pass again: a weight step (passed on the route as it was),
     /// a pause passed by a promote, an analysis step passed on its verdict.
     passed_unrepeatably: bool,
-    /// A weight step counted done by this plan's own route write (see [`Planner::own_write_passes`]).
+    /// A weight step counted done by this plan's own route write
+    /// ([`Planner::own_write_passes`]).
     passed_by_own_write: bool,
 }
 

@@ -198,9 +198,10 @@ pub enum WriteOrder {
     ///   reconcile is then lost and taken again (it did not fail: the step would not have
     ///   moved);
     /// - a weight step counted done by the plan's own route write
-    ///   ([`Plan::status_needs_traffic`]), after no step passed by a decision (a promote, an
-    ///   analysis verdict): the status as it was stands at that step or at steps before it
-    ///   the next plan passes again, and it completes the weight step from the route it reads.
+    ///   ([`Plan::status_needs_traffic`]), after no step passed in the plan but timed pauses
+    ///   that ran out and canary scales: the status as it was stands at that step or at such
+    ///   steps before it, which the next plan passes again, and it completes the weight step
+    ///   from the route it reads.
     TrafficFirst,
 }
 

@@ -85,10 +85,11 @@ fn passes_may_wait(o: &Observed, plan: &Plan) -> bool {
 
 /// Traffic first (see [`WriteOrder::TrafficFirst`]) for a person's abort whose traffic
 /// writes send no weight to a canary, for a step past timed pauses that ran out, and for a
-/// weight step the plan counts done by its own route write; status first otherwise. An abort by analysis or by a budget is not a request that waits in
-/// status, so a crash after its traffic write would lose the decision: it keeps the status
-/// first. So does a step that also handles a request (a promote), starts or ends a release,
-/// or promotes: those are not all decided again the same way.
+/// weight step the plan counts done by its own route write; status first otherwise. An abort
+/// by analysis or by a budget is not a request that waits in status, so a crash after its
+/// traffic write would lose the decision: it keeps the status first. So does a step that also
+/// handles a request (a promote), starts or ends a release, or promotes: those are not all
+/// decided again the same way.
 fn write_order(o: &Observed, plan: &Plan) -> WriteOrder {
     if plan.traffic_writes.is_empty() {
         return WriteOrder::StatusFirst;
